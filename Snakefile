@@ -1,0 +1,30 @@
+# factft: QA finetuning on well-known vs little-known facts (Ghosal et al., ICML 2024).
+# Each stage lives in rules/<stage>.smk; config lookups go through rules/common.smk.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# A --configfile replaces the paper grid rather than merging into it (the demo must not
+# inherit the 7B models and hub datasets).
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/synthetic.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
+include: "rules/figures.smk"
+include: "rules/simulation.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

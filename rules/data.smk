@@ -1,0 +1,1 @@
+# rules/data.smk: filled by its stage

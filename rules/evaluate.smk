@@ -1,0 +1,1 @@
+# rules/evaluate.smk: filled by its stage

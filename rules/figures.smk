@@ -1,0 +1,1 @@
+# rules/figures.smk: filled by its stage

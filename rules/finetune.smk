@@ -1,0 +1,1 @@
+# rules/finetune.smk: filled by its stage

@@ -1,0 +1,1 @@
+# rules/synthetic.smk: filled by its stage

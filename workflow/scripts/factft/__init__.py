@@ -1,0 +1,1 @@
+"""factft: the library behind the workflow's rules (one module per concern)."""

@@ -1,0 +1,42 @@
+"""Route a rule's output to its log file and show user errors as one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from factft.errors import FactftError
+
+log = logging.getLogger("factft")
+
+
+@contextlib.contextmanager
+def to_log(path: str | Path):
+    """Send logging, stdout and stderr to `path` for the body of the block.
+
+    A FactftError ends the job with its message alone (in the log and on stderr, where
+    Snakemake shows it); any other exception keeps its traceback in the log.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", buffering=1) as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        real_stderr = sys.stderr
+        try:
+            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                yield
+        except FactftError as error:
+            log.error("%s", error)
+            print(f"factft: {error}", file=real_stderr)
+            raise SystemExit(1) from None
+        except BaseException:
+            log.exception("failed")
+            raise
+        finally:
+            root.removeHandler(handler)
