@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) all
+	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --report results/report.html
 	$(OFFLINE) $(BIN)/python -m factft.summary results/tables/summary.tsv
 
 test: $(STAMP)

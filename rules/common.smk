@@ -62,16 +62,63 @@ def popularity_params(wildcards):
 
 
 def popularity_inputs(wildcards):
-    """The raw table, plus the scoring model where the scorer needs one."""
+    """The raw table, plus the scoring model or the fetched page views where the scorer needs them."""
     inputs = {"raw": raw_table(wildcards.dataset)}
     popularity = DATASETS[wildcards.dataset]["popularity"]
     if popularity["scorer"] == "model_confidence":
         inputs["model"] = model_dir(popularity["model"])
+    if popularity["scorer"] == "pageviews":
+        inputs["pageviews"] = pageviews_file(wildcards.dataset)
     return inputs
 
 
 def pageview_cache():
     return f"{config['cache_dir']}/pageviews"
+
+
+def pageviews_file(dataset):
+    return f"resources/datasets/{dataset}/pageviews.parquet"
+
+
+def cache_dir():
+    return config["cache_dir"]
+
+
+def max_drop_fraction():
+    return config["split"]["max_drop_fraction"]
+
+
+def source_file(wildcards):
+    """A local source file is an input, so editing it reruns `download`."""
+    source = DATASETS[wildcards.fetched]["source"]
+    return [source["path"]] if "path" in source else []
+
+
+def dataset_format(wildcards):
+    return DATASETS[wildcards.dataset]["format"]
+
+
+def popularity_model(wildcards):
+    """The scoring model's model_spec for model_confidence, else None."""
+    popularity = DATASETS[wildcards.dataset]["popularity"]
+    if popularity["scorer"] != "model_confidence":
+        return None
+    return model_spec(popularity["model"])
+
+
+def popularity_gpus(wildcards):
+    spec = popularity_model(wildcards)
+    return 0 if spec is None or tiny_model(spec["name"]) else 1
+
+
+def download_targets():
+    """What needs the internet for the datasets: raw tables of fetched ones, page views."""
+    fetched = set(DATASETS) - set(datasets_with("synthetic"))
+    targets = [raw_table(name) for name in sorted(fetched)]
+    for name in sorted(DATASETS):
+        if DATASETS[name]["popularity"]["scorer"] == "pageviews":
+            targets.append(pageviews_file(name))
+    return targets
 
 
 def split_params(wildcards):
@@ -126,6 +173,11 @@ def pretrain_corpus(wildcards):
     return f"resources/datasets/{world}/corpus.txt"
 
 
+def pretrain_facts(wildcards):
+    """The world's facts: its questions join the tokenizer's vocabulary."""
+    return raw_table(pretrain_params(wildcards)["dataset"])
+
+
 def finetune_params(wildcards):
     return dict(finetune_settings(config, wildcards.model), seed=int(wildcards.seed))
 
@@ -134,15 +186,54 @@ def finetune_gpus(wildcards):
     return 1 if finetune_settings(config, wildcards.model)["method"] == "qlora" else 0
 
 
+def tiny_model(model):
+    return "pretrain" in MODELS[model]["source"]
+
+
+def finetune_mem_mb(wildcards, attempt):
+    """Host memory: loading a 7B checkpoint takes ~2x its bf16 size; a tiny model, little."""
+    return (2000 if tiny_model(wildcards.model) else 32000) * attempt
+
+
+def finetune_runtime(wildcards, attempt):
+    """Minutes; a --retries attempt after a timeout resumes from its checkpoint with more."""
+    return (30 if tiny_model(wildcards.model) else 480) * attempt
+
+
+def prompt_params(wildcards):
+    return config["prompt"]
+
+
 # ---- evaluation and targets -----------------------------------------------------
 
 RUN = "results/{model}/{dataset}/{subset}/seed{seed}"
 BASE = "results/{model}/{dataset}/base"
+CLOZE = "results/{model}/{dataset}/cloze"
 
 
 def evaluate_params(wildcards):
     dataset = DATASETS[wildcards.dataset]
     return dict(config["evaluate"], format=dataset["format"], prompt=config["prompt"])
+
+
+def evaluate_mem_mb(wildcards, attempt):
+    """Host memory: a 7B checkpoint passes through host memory on its way to the GPU."""
+    return (2000 if tiny_model(wildcards.model) else 32000) * attempt
+
+
+def evaluate_runtime(wildcards, attempt):
+    """Minutes; generation over a few thousand test questions, batched on one GPU."""
+    return (15 if tiny_model(wildcards.model) else 120) * attempt
+
+
+def cloze_metrics(model, dataset):
+    """The pretrained model's statement-completion metrics: only for the synthetic world it
+    was pretrained on (statements exist only there). A list, empty when there is none.
+    """
+    pretrain = MODELS[model]["source"].get("pretrain")
+    if pretrain is None or pretrain["dataset"] != dataset:
+        return []
+    return [f"{CLOZE.format(model=model, dataset=dataset)}/metrics.tsv"]
 
 
 def experiments():
@@ -152,15 +243,58 @@ def experiments():
 
 def run_metrics(model, dataset):
     return expand(
-        RUN + "/metrics.tsv", model=model, dataset=dataset, subset=SUBSETS, seed=SEEDS
+        f"{RUN}/metrics.tsv", model=model, dataset=dataset, subset=SUBSETS, seed=SEEDS
     )
+
+
+# ---- figures and summary --------------------------------------------------------
+
+FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_popularity"
+
+
+def metrics_sources(model, dataset):
+    """Every metrics table of one (model, dataset), labelled (subset, seed) for factft.summary."""
+    where = dict(model=model, dataset=dataset)
+    sources = []
+    for subset in SUBSETS:
+        for seed in SEEDS:
+            run = RUN.format(**where, subset=subset, seed=seed)
+            sources.append(
+                dict(where, subset=subset, seed=seed, path=f"{run}/metrics.tsv")
+            )
+    base = f"{BASE.format(**where)}/metrics.tsv"
+    sources.append(dict(where, subset="base", seed=None, path=base))
+    for path in cloze_metrics(model, dataset):
+        sources.append(dict(where, subset="cloze", seed=None, path=path))
+    return sources
+
+
+def figure_sources(wildcards):
+    return metrics_sources(wildcards.model, wildcards.dataset)
+
+
+def figure_inputs(wildcards):
+    return [source["path"] for source in figure_sources(wildcards)]
+
+
+def summary_sources():
+    return [
+        s for model, dataset in experiments() for s in metrics_sources(model, dataset)
+    ]
+
+
+def summary_inputs():
+    return [source["path"] for source in summary_sources()]
 
 
 def all_targets():
     targets = ["results/tables/summary.tsv"]
     for model, dataset in experiments():
         targets += run_metrics(model, dataset)
-        targets.append(BASE.format(model=model, dataset=dataset) + "/metrics.tsv")
-        targets.append(f"results/figures/{model}/{dataset}/accuracy_vs_popularity.png")
+        targets.append(f"{BASE.format(model=model, dataset=dataset)}/metrics.tsv")
+        targets += cloze_metrics(model, dataset)
+        targets += expand(
+            FIGURE + ".{ext}", model=model, dataset=dataset, ext=["png", "pdf"]
+        )
     targets += simulation_targets()
     return targets

@@ -1,1 +1,93 @@
-# rules/data.smk: filled by its stage
+# The data stage: fetch a dataset into the raw facts table, score its popularity, split it.
+# Whatever needs the internet (download, pageviews) is a localrule: on a cluster it runs on
+# the login node and fills the shared cache; compute nodes only read it.
+
+
+localrules:
+    download,
+    download_datasets,
+    pageviews,
+
+
+# Every fetched dataset and its page views, in one command on a machine with internet.
+rule download_datasets:
+    input:
+        download_targets(),
+
+
+rule download:
+    input:
+        source_file,
+    output:
+        raw="resources/datasets/{fetched}/raw.parquet",
+    log:
+        "logs/download/{fetched}.log",
+    benchmark:
+        "benchmarks/download/{fetched}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        dataset=dataset_spec,
+        cache_dir=cache_dir(),
+        max_drop_fraction=max_drop_fraction(),
+    script:
+        "../workflow/scripts/download.py"
+
+
+rule pageviews:
+    input:
+        raw="resources/datasets/{dataset}/raw.parquet",
+    output:
+        views="resources/datasets/{dataset}/pageviews.parquet",
+    log:
+        "logs/pageviews/{dataset}.log",
+    benchmark:
+        "benchmarks/pageviews/{dataset}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        popularity=popularity_params,
+        cache=pageview_cache(),
+    script:
+        "../workflow/scripts/pageviews.py"
+
+
+# torch env: the model_confidence scorer runs the scoring model.
+rule popularity:
+    input:
+        unpack(popularity_inputs),
+    output:
+        facts="results/{dataset}/facts.parquet",
+    log:
+        "logs/popularity/{dataset}.log",
+    benchmark:
+        "benchmarks/popularity/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=popularity_gpus,
+    params:
+        popularity=popularity_params,
+        model=popularity_model,
+        prompt=prompt_params,
+        format=dataset_format,
+        max_drop_fraction=max_drop_fraction(),
+    script:
+        "../workflow/scripts/popularity.py"
+
+
+rule split:
+    input:
+        facts="results/{dataset}/facts.parquet",
+    output:
+        **split_outputs("results/{dataset}/splits"),
+    log:
+        "logs/split/{dataset}.log",
+    benchmark:
+        "benchmarks/split/{dataset}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        split=split_params,
+    script:
+        "../workflow/scripts/split.py"

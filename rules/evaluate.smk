@@ -1,1 +1,64 @@
-# rules/evaluate.smk: filled by its stage
+# Evaluation on the held-out test facts: finetuned runs, the zero-shot base model, and the
+# pretrained model's statement completions (cloze) on synthetic worlds.
+
+
+rule evaluate:
+    input:
+        model=base_model,
+        adapter=f"{RUN}/adapter",
+        test="results/{dataset}/splits/test.parquet",
+    output:
+        predictions=f"{RUN}/predictions.parquet",
+        metrics=f"{RUN}/metrics.tsv",
+    log:
+        "logs/evaluate/{model}/{dataset}/{subset}/seed{seed}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}/{dataset}/{subset}/seed{seed}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    # Generation runs on the GPU; on CPU, a tiny model's small matrices run fastest on one
+    # thread (measured: 2 threads were slower on a shared 2-core machine).
+    threads: 1
+    resources:
+        mem_mb=evaluate_mem_mb,
+        runtime=evaluate_runtime,
+    params:
+        spec=base_model_spec,
+        evaluate=evaluate_params,
+        prompt_column="question",
+    script:
+        "../workflow/scripts/evaluate.py"
+
+
+# The zero-shot line of the figures: the base model, asked with the same prompt template.
+use rule evaluate as evaluate_base with:
+    input:
+        model=base_model,
+        test="results/{dataset}/splits/test.parquet",
+    output:
+        predictions=f"{BASE}/predictions.parquet",
+        metrics=f"{BASE}/metrics.tsv",
+    log:
+        "logs/evaluate_base/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/evaluate_base/{model}/{dataset}.tsv"
+
+
+# What the pretrained model stores: its greedy completion of each test fact's statement
+# ("Ilmo Varsk was born in"), scored like a QA answer. Set against QA accuracy, it shows
+# knowledge that is stored but not extracted.
+use rule evaluate as cloze with:
+    input:
+        model=base_model,
+        test="results/{dataset}/splits/test.parquet",
+    output:
+        predictions=f"{CLOZE}/predictions.parquet",
+        metrics=f"{CLOZE}/metrics.tsv",
+    log:
+        "logs/cloze/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/cloze/{model}/{dataset}.tsv"
+    params:
+        spec=base_model_spec,
+        evaluate=evaluate_params,
+        prompt_column="statement",

@@ -1,1 +1,58 @@
-# rules/figures.smk: filled by its stage
+# Figures per (model, dataset) and the summary tables over the whole grid; the figures
+# carry captions for `snakemake --report results/report.html`.
+
+
+# Seconds of plotting: on a cluster, not worth a queued job.
+localrules:
+    figures,
+    summary,
+
+
+rule figures:
+    input:
+        metrics=figure_inputs,
+    output:
+        png=report(
+            f"{FIGURE}.png",
+            caption="../report/accuracy_vs_popularity.rst",
+            category="Accuracy vs popularity",
+            subcategory="{model}",
+            labels={"model": "{model}", "dataset": "{dataset}"},
+        ),
+        pdf=f"{FIGURE}.pdf",
+    log:
+        "logs/figures/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/figures/{model}/{dataset}.tsv"
+    conda:
+        "../envs/figures.yaml"
+    params:
+        sources=figure_sources,
+    script:
+        "../workflow/scripts/figures.py"
+
+
+rule summary:
+    input:
+        metrics=summary_inputs(),
+    output:
+        summary=report(
+            "results/tables/summary.tsv",
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
+        by_percentile=report(
+            "results/tables/accuracy_by_percentile.tsv",
+            caption="../report/accuracy_by_percentile.rst",
+            category="Summary",
+        ),
+    log:
+        "logs/summary/summary.log",
+    benchmark:
+        "benchmarks/summary/summary.tsv"
+    conda:
+        "../envs/figures.yaml"
+    params:
+        sources=summary_sources(),
+    script:
+        "../workflow/scripts/summary.py"

@@ -8,6 +8,7 @@ when the workflow starts, before any job.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -65,22 +66,19 @@ def finetune_settings(config: dict, model: str) -> dict:
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    schema = _schema()["properties"]["finetune"]
     try:
-        jsonschema.validate(merged, schema)
+        _finetune_validator().validate(merged)
     except jsonschema.ValidationError as error:
         key = ".".join(str(p) for p in error.absolute_path)
         raise FactftError(f"models.{model}.finetune.{key}: {error.message}") from None
     return merged
 
 
-_SCHEMA_CACHE: dict = {}
-
-
-def _schema() -> dict:
-    if not _SCHEMA_CACHE:
-        _SCHEMA_CACHE.update(yaml.safe_load(SCHEMA.read_text()))
-    return _SCHEMA_CACHE
+@functools.cache
+def _finetune_validator() -> jsonschema.Draft202012Validator:
+    # Built once: planning the paper grid calls finetune_settings for every job.
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["finetune"]
+    return jsonschema.Draft202012Validator(schema)
 
 
 def load_config(path: str | Path) -> dict:

@@ -1,0 +1,102 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from factft.confidence import few_shot_prefixes, model_confidence
+from factft.errors import FactftError
+
+PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def spec(tiny_model_dir):
+    return {"name": "tiny", "path": str(tiny_model_dir), "gguf_file": None, "trust_remote_code": False}
+
+
+def facts_table():
+    return pd.DataFrame(
+        {
+            "question": [
+                "Where was Ilmo Varsk born ?",
+                "Where was Bera Tosk born ?",
+                "Where was Kalo Mirr born ?",
+                "What does Suna Dee do ?",
+                "What does Ito Rask do ?",
+                "What does Vena Lu play ?",
+            ],
+            "answers": [["Lyon"], ["Paris", "Lutetia"], ["Rome"], ["baker"], ["pilot"], ["piano"]],
+            "relation": ["born", "born", "born", "job", "job", "plays"],
+        },
+        index=[10, 11, 12, 13, 14, 15],
+    )
+
+
+def test_demonstrations_come_from_other_facts_of_the_same_relation_first():
+    facts = facts_table()
+    prefixes = few_shot_prefixes(facts, shots=2, prompt=PROMPT)
+    assert prefixes == few_shot_prefixes(facts, shots=2, prompt=PROMPT)
+    first = prefixes[0].splitlines()
+    assert sorted(first) == ["Q: Where was Bera Tosk born ? A: Paris", "Q: Where was Kalo Mirr born ? A: Rome"]
+    for prefix, question in zip(prefixes, facts["question"]):
+        assert question not in prefix and prefix.endswith("\n") and prefix.count("\n") == 2
+    # "job" has one other fact: the second demonstration comes from another relation.
+    job = prefixes[3].splitlines()
+    assert "Q: What does Ito Rask do ? A: pilot" in job and len(job) == 2
+
+
+def test_zero_shots_is_the_bare_prompt():
+    assert few_shot_prefixes(facts_table(), shots=0, prompt=PROMPT) == [""] * 6
+
+
+def test_open_confidence_is_a_probability_equal_to_the_direct_product_of_answer_token_probabilities(spec):
+    from factft.models import load_model
+
+    facts = facts_table()
+    scores = model_confidence(facts, spec, shots=2, prompt=PROMPT, fmt="open", batch_size=4)
+    assert scores.dtype == "float64" and list(scores.index) == list(facts.index)
+    assert ((scores > 0) & (scores <= 1)).all()
+
+    model, tokenizer = load_model(spec, device="cpu")
+    prefix = few_shot_prefixes(facts, shots=2, prompt=PROMPT)[1]
+    prompt_ids = tokenizer(prefix + "Q: Where was Bera Tosk born ? A:")["input_ids"]
+    answer_ids = tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0].double()
+    probabilities = torch.softmax(logits, -1)
+    direct = np.prod([float(probabilities[len(prompt_ids) + k - 1, t]) for k, t in enumerate(answer_ids)])
+    assert scores.loc[11] == pytest.approx(direct, rel=1e-4)
+
+
+def test_multiple_choice_confidence_is_the_softmax_over_choices_at_the_gold_one(spec):
+    from factft.generate import choice_logprobs
+    from factft.models import load_model
+
+    facts = facts_table().assign(
+        choices=[["Lyon", "Rome"], ["Paris", "Oslo", "Milan"], ["Rome", "Lyon"], ["baker", "pilot"]] + [["a", "b"]] * 2,
+        answer_index=[0, 1, 0, 1, 0, 1],
+    )
+    scores = model_confidence(facts, spec, shots=1, prompt=PROMPT, fmt="multiple_choice")
+    model, tokenizer = load_model(spec, device="cpu")
+    prefix = few_shot_prefixes(facts, shots=1, prompt=PROMPT)[1]
+    options = [" Paris", " Oslo", " Milan"]
+    logprobs = choice_logprobs(model, tokenizer, [prefix + "Q: Where was Bera Tosk born ? A:"], [options], batch_size=1)[0]
+    assert scores.loc[11] == pytest.approx(np.exp(logprobs[1]) / np.exp(logprobs).sum(), rel=1e-6)
+    assert ((scores > 0) & (scores < 1)).all()
+    # The probabilities over one fact's choices sum to one: flipping the gold of a 2-choice fact.
+    flipped = model_confidence(facts.assign(answer_index=[1, 1, 0, 1, 0, 1]), spec, 1, PROMPT, "multiple_choice")
+    assert scores.loc[10] + flipped.loc[10] == pytest.approx(1.0)
+
+
+def test_missing_columns_name_the_scorer_and_the_columns(spec):
+    with pytest.raises(FactftError, match=r"model_confidence.*\['choices', 'answer_index'\]"):
+        model_confidence(facts_table(), spec, 2, PROMPT, "multiple_choice")

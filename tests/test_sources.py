@@ -1,0 +1,317 @@
+"""Every source kind reads into the raw facts table; bad data fails early and by name."""
+
+import hashlib
+import logging
+import os
+
+import pandas as pd
+import pytest
+
+from factft.errors import FactftError
+from factft.sources import fetch_url, load_facts, parse_answers, read_entityquestions, read_file, to_facts
+
+POPQA_COLUMNS = {
+    "id": "id",
+    "question": "question",
+    "answers": "possible_answers",
+    "subject": "subj",
+    "relation": "prop",
+}
+MMLU_COLUMNS = {
+    "question": "question",
+    "choices": "choices",
+    "answer_index": "answer",
+    "subject": "subject",
+    "relation": "subject",
+}
+CUSTOM_COLUMNS = {"question": "prompt", "answers": "gold", "subject": "entity", "relation": "rel"}
+
+
+def spec(source, name="ds", **extra):
+    return {"name": name, "source": source, "format": "open", **extra}
+
+
+def test_hub_dataset_id_goes_through_load_dataset_and_parses_popqa_answers(data_dir, tmp_path):
+    # load_dataset accepts a local folder in the hub's layout in place of a hub id.
+    popqa = spec(
+        {"hf": str(data_dir / "popqa"), "split": "test"},
+        "popqa",
+        columns=POPQA_COLUMNS,
+        keep_columns=["s_pop"],
+    )
+    facts = load_facts(popqa, tmp_path / "cache", max_drop_fraction=0.1)
+    assert len(facts) == 40
+    assert list(facts.columns) == ["id", "question", "answers", "subject", "relation", "s_pop"]
+    obama = facts[(facts["subject"] == "Barack Obama") & (facts["relation"] == "place of birth")].iloc[0]
+    assert obama["answers"] == ["Honolulu", "Honolulu, Hawaii"]
+    assert obama["question"] == "In what city was Barack Obama born?"
+    assert obama["id"] == "4000007"
+    assert (tmp_path / "cache" / "datasets").is_dir()
+
+
+def test_hub_split_that_does_not_exist_names_the_config_key(data_dir, tmp_path):
+    popqa = spec({"hf": str(data_dir / "popqa"), "split": "train"}, "popqa", columns=POPQA_COLUMNS)
+    with pytest.raises(
+        FactftError, match=r"dataset 'popqa': Unknown split \"train\".*datasets\.popqa\.source\.split"
+    ):
+        load_facts(popqa, tmp_path, max_drop_fraction=0.1)
+
+
+def test_unreachable_hub_is_one_line_saying_where_to_download_or_what_to_set(tmp_path):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1", "run the tests with HF_HUB_OFFLINE=1"
+    with pytest.raises(FactftError) as caught:
+        load_facts(spec({"hf": "akariasai/PopQA", "split": "test"}, "popqa"), tmp_path, max_drop_fraction=0.1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("dataset 'popqa': cannot reach the Hugging Face hub (")
+    assert "run `snakemake download_datasets` where there is internet, or set datasets.popqa.source.path" in message
+
+
+def test_mmlu_answer_is_the_choice_at_answer_index_and_hub_config_name_is_used(data_dir, tmp_path):
+    mmlu = spec(
+        {"hf": str(data_dir / "mmlu"), "name": "all"}, "mmlu", format="multiple_choice", columns=MMLU_COLUMNS
+    )
+    facts = load_facts(mmlu, tmp_path, max_drop_fraction=0.1)
+    assert len(facts) == 12
+    assert list(facts.columns) == [
+        "id",
+        "question",
+        "answers",
+        "subject",
+        "relation",
+        "choices",
+        "answer_index",
+    ]
+    first = facts.iloc[0]
+    assert first["choices"] == ["joule", "newton", "watt", "pascal"]
+    assert first["answer_index"] == 1 and first["answers"] == ["newton"]
+    assert first["subject"] == first["relation"] == "high_school_physics"
+    assert facts["id"].tolist()[:2] == ["mmlu-0", "mmlu-1"]
+    assert facts["answer_index"].dtype == "int64"
+
+
+def test_entityquestions_zip_recovers_subject_through_the_relation_template(data_dir):
+    table = read_entityquestions(data_dir / "entityquestions" / "dataset.zip")
+    assert len(table) == 15
+    assert sorted(table["relation"].unique()) == ["P17", "P19", "P50"]
+    assert sorted(table["source_split"].unique()) == ["dev", "test", "train"]
+    row = table[table["question"] == "Where was Sergei Prokofiev born?"].iloc[0]
+    assert row["subject"] == "Sergei Prokofiev" and row["relation"] == "P19"
+    assert row["answers"] == ["Sontsivka", "Sontsovka"]
+    assert "Ōsaka Castle" in set(table["subject"])
+
+
+def write_zip(path, members):
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, items in members.items():
+            archive.writestr(name, json.dumps(items))
+
+
+def test_entityquestions_question_outside_its_template_names_file_and_question(tmp_path):
+    write_zip(
+        tmp_path / "dataset.zip",
+        {"dataset/test/P19.test.json": [{"question": "Who is Ada?", "answers": ["x"]}]},
+    )
+    with pytest.raises(
+        FactftError, match=r"dataset\.zip:dataset/test/P19\.test\.json: question 'Who is Ada\?'"
+    ):
+        read_entityquestions(tmp_path / "dataset.zip")
+
+
+def test_entityquestions_relation_without_template_is_an_error(tmp_path):
+    write_zip(tmp_path / "dataset.zip", {"dataset/dev/P999.dev.json": [{"question": "Q?", "answers": ["x"]}]})
+    with pytest.raises(FactftError, match=r"P999\.dev\.json: relation P999 has no question template"):
+        read_entityquestions(tmp_path / "dataset.zip")
+
+
+def test_config_only_csv_maps_its_own_columns_and_keeps_its_popularity_column(data_dir, tmp_path):
+    trivia = spec(
+        {"path": str(data_dir / "custom" / "trivia.csv")},
+        "trivia",
+        columns=CUSTOM_COLUMNS,
+        popularity={"scorer": "column", "column": "fame"},
+    )
+    facts = load_facts(trivia, tmp_path, max_drop_fraction=0.1)
+    assert len(facts) == 30
+    assert list(facts.columns) == ["id", "question", "answers", "subject", "relation", "fame"]
+    vienna = facts[facts["subject"] == "Vienna"].iloc[0]
+    assert vienna["answers"] == ["Danube", "Donau"]
+    assert facts[facts["subject"] == "Cairo"].iloc[0]["answers"] == ["Nile"]
+    # A year read from CSV is still an answer string.
+    assert facts[facts["subject"] == "Lego"].iloc[0]["answers"] == ["1932"]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "json", "parquet", "csv.gz"])
+def test_every_file_format_reads_the_same_facts(tmp_path, suffix):
+    table = pd.DataFrame(
+        {
+            "question": ["Where is NA?", "Who?"],
+            "answers": ['["Namibia", "NA"]', "None"],
+            "subject": ["NA", "x"],
+            "relation": ["r", "r"],
+        }
+    )
+    path = tmp_path / f"facts.{suffix}"
+    if suffix.startswith("csv") or suffix == "tsv":
+        table.to_csv(path, sep="\t" if suffix == "tsv" else ",", index=False)
+    elif suffix in ("jsonl", "json"):
+        table.to_json(path, orient="records", lines=suffix == "jsonl", force_ascii=False)
+    else:
+        table.to_parquet(path)
+    facts = load_facts(spec({"path": str(path)}), tmp_path, max_drop_fraction=0.1)
+    assert facts["answers"].tolist() == [["Namibia", "NA"], ["None"]]
+    assert facts["subject"].tolist() == ["NA", "x"]
+    assert facts["id"].tolist() == ["ds-0", "ds-1"]
+
+
+def test_answers_parse_from_json_strings_lists_arrays_and_plain_strings():
+    import numpy as np
+
+    assert parse_answers('["Paris", " Paris ", "City of Light"]') == ["Paris", "City of Light"]
+    assert parse_answers(["Paris", ""]) == ["Paris"]
+    assert parse_answers(np.array(["a", "b"], dtype=object)) == ["a", "b"]
+    assert parse_answers("Paris") == ["Paris"]
+    assert parse_answers("[not json") == ["[not json"]
+    assert parse_answers(float("nan")) == [] and parse_answers("[]") == [] and parse_answers(None) == []
+
+
+def test_missing_mapped_column_names_dataset_and_column_and_lists_the_columns(data_dir, tmp_path):
+    columns = dict(CUSTOM_COLUMNS, answers="golds")
+    trivia = spec({"path": str(data_dir / "custom" / "trivia.csv")}, "trivia", columns=columns)
+    with pytest.raises(
+        FactftError,
+        match=r"dataset 'trivia': column 'golds' named in datasets\.trivia\.columns\.answers is missing.*"
+        r"\['prompt', 'gold', 'entity', 'rel', 'fame'\]",
+    ):
+        load_facts(trivia, tmp_path, max_drop_fraction=0.1)
+
+
+def test_missing_keep_column_is_named(tmp_path):
+    table = pd.DataFrame({"question": ["q"], "answers": [["a"]], "subject": ["s"], "relation": ["r"]})
+    with pytest.raises(FactftError, match=r"column 'views' named in datasets\.ds\.keep_columns is missing"):
+        to_facts(table, spec({}, keep_columns=["views"]), max_drop_fraction=0.1)
+
+
+def facts_table(n):
+    return pd.DataFrame(
+        {
+            "question": [f"Where was p{i} born?" for i in range(n)],
+            "answers": [[f"city{i}"] for i in range(n)],
+            "subject": [f"p{i}" for i in range(n)],
+            "relation": ["born"] * n,
+        }
+    )
+
+
+def test_rows_without_question_or_answers_are_dropped_and_counted_in_the_log(caplog):
+    table = facts_table(20)
+    table.loc[3, "question"] = "  "
+    table.at[7, "answers"] = []
+    with caplog.at_level(logging.INFO, logger="factft"):
+        facts = to_facts(table, spec({}), max_drop_fraction=0.1)
+    assert len(facts) == 18
+    assert "ds-3" not in set(facts["id"]) and "ds-7" not in set(facts["id"])
+    assert "dropping 1 rows: empty question" in caplog.text
+    assert "dropping 1 rows: no answers" in caplog.text
+    assert "kept 18 of 20 rows" in caplog.text
+
+
+def test_dropping_more_than_max_drop_fraction_is_an_error():
+    table = facts_table(10)
+    table.loc[[1, 2], "answers"] = pd.Series([[], []], index=[1, 2])
+    with pytest.raises(
+        FactftError, match=r"2 of 10 rows are invalid \(\{'no answers': 2\}\).*split\.max_drop_fraction 0\.1"
+    ):
+        to_facts(table, spec({}), max_drop_fraction=0.1)
+
+
+def test_duplicate_ids_are_an_error_naming_the_id_column():
+    table = facts_table(4).assign(key=["a", "b", "a", "c"])
+    with pytest.raises(FactftError, match=r"1 duplicate ids in column 'key', e\.g\. \['a'\].*columns\.id"):
+        to_facts(table, spec({}, columns={"id": "key"}), max_drop_fraction=0.1)
+
+
+def test_generated_ids_number_the_source_rows_and_survive_dropping():
+    table = facts_table(12)
+    table.at[0, "answers"] = []
+    facts = to_facts(table, spec({}, name="eq"), max_drop_fraction=0.1)
+    assert facts["id"].tolist() == [f"eq-{i}" for i in range(1, 12)]
+
+
+@pytest.mark.parametrize("content", [None, b"PAR1 this is not parquet"])
+def test_unreadable_or_missing_file_names_its_path(tmp_path, content):
+    path = tmp_path / "broken.parquet"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(FactftError, match=rf"cannot read {path}"):
+        read_file(path)
+
+
+def test_unknown_file_type_lists_the_known_ones(tmp_path):
+    (tmp_path / "facts.xlsx").write_bytes(b"x")
+    with pytest.raises(FactftError, match=r"unknown file type '\.xlsx'.*'\.jsonl'"):
+        read_file(tmp_path / "facts.xlsx")
+
+
+def test_url_source_is_fetched_with_retries_checked_and_then_read_from_the_cache(
+    http_server, data_dir, tmp_path
+):
+    archive = (data_dir / "entityquestions" / "dataset.zip").read_bytes()
+    http_server.reply("/eq/dataset.zip", (503, "busy"), (200, archive))
+    source = {
+        "url": f"{http_server.url}/eq/dataset.zip",
+        "sha256": hashlib.sha256(archive).hexdigest(),
+        "reader": "entityquestions",
+    }
+    eq = spec(source, "entityquestions")
+    facts = load_facts(eq, tmp_path, max_drop_fraction=0.1)
+    assert len(facts) == 15 and http_server.requests == ["/eq/dataset.zip"] * 2
+    assert load_facts(eq, tmp_path, max_drop_fraction=0.1).equals(facts)
+    assert len(http_server.requests) == 2, "the second load must come from the cache"
+
+
+def test_url_with_wrong_checksum_is_an_error_and_nothing_is_cached(http_server, tmp_path):
+    http_server.reply("/facts.csv", (200, "question,answers,subject,relation\nq,a,s,r\n"))
+    with pytest.raises(FactftError, match=r"facts\.csv: sha256 is [0-9a-f]{64}, the config says 0{64}"):
+        fetch_url(f"{http_server.url}/facts.csv", tmp_path, "0" * 64, backoff=0.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_url_that_keeps_failing_gives_up_after_bounded_attempts(http_server, tmp_path):
+    http_server.reply("/facts.csv", (500, "down"))
+    with pytest.raises(FactftError, match=r"gave up after 3 attempts \(HTTP 500\)"):
+        fetch_url(f"{http_server.url}/facts.csv", tmp_path, attempts=3, backoff=0.01)
+    assert len(http_server.requests) == 3
+
+
+def test_multiple_choice_keeps_duplicate_and_empty_choices_so_answer_index_stays_valid():
+    table = pd.DataFrame(
+        {
+            "question": ["Is it?", "Pick"],
+            "choices": [["True", "False", "True", "False"], '["a", "", "c", "d"]'],
+            "answer": [3, 2],
+            "topic": ["logic", "letters"],
+        }
+    )
+    columns = {"choices": "choices", "answer_index": "answer", "subject": "topic", "relation": "topic"}
+    facts = to_facts(table, spec({}, format="multiple_choice", columns=columns), max_drop_fraction=0.1)
+    assert facts["choices"].tolist() == [["True", "False", "True", "False"], ["a", "", "c", "d"]]
+    assert facts["answers"].tolist() == [["False"], ["c"]]
+
+
+def test_answer_index_outside_the_choices_drops_the_row():
+    table = pd.DataFrame(
+        {"question": [f"q{i}" for i in range(10)], "choices": [["a", "b"]] * 10, "answer": [0] * 9 + [5]}
+    )
+    columns = {"choices": "choices", "answer_index": "answer", "subject": "question", "relation": "question"}
+    facts = to_facts(table, spec({}, format="multiple_choice", columns=columns), max_drop_fraction=0.1)
+    assert len(facts) == 9 and "ds-9" not in set(facts["id"])
+
+
+def test_local_copy_of_the_entityquestions_zip_reads_as_a_path_source(data_dir, tmp_path):
+    facts = load_facts(spec({"path": str(data_dir / "entityquestions" / "dataset.zip")}, "eq"), tmp_path, 0.1)
+    assert len(facts) == 15 and facts["id"].iloc[0] == "eq-0"
+    assert set(facts["relation"]) == {"P17", "P19", "P50"}

@@ -1,0 +1,190 @@
+"""Splits: test subjects held out, top/bottom by popularity within relation, deterministic."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from factft.errors import FactftError
+from factft.split import SPLITS, split_facts
+from factft.tables import check_facts, read_table, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def facts():
+    """40 subjects x 3 relations, relations of different popularity, some tied scores."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for s in range(40):
+        for r, scale in (("born", 1.0), ("works", 10.0), ("plays", 100.0)):
+            rows.append(
+                {
+                    "id": f"f{s:02d}{r}",
+                    "question": f"q {s} {r}",
+                    "answers": [f"a{s}"],
+                    "subject": f"s{s:02d}",
+                    "relation": r,
+                    "popularity": float(scale * rng.integers(0, 8)),
+                }
+            )
+    table = pd.DataFrame(rows)
+    return table.assign(popularity_source="test")
+
+
+def test_test_subjects_never_appear_in_the_pool(facts):
+    splits = split_facts(facts, test_fraction=0.25, seed=0)
+    test_subjects = set(splits["test"]["subject"])
+    assert len(test_subjects) == 10
+    for name in ("top", "bottom", "random", "whole"):
+        assert not test_subjects & set(splits[name]["subject"])
+    assert len(splits["whole"]) + len(splits["test"]) == len(facts)
+
+
+def test_top_and_bottom_do_not_overlap_and_respect_popularity_within_relation(facts):
+    splits = split_facts(facts, fraction=0.5, stratify="relation", seed=0)
+    top, bottom, whole = splits["top"], splits["bottom"], splits["whole"]
+    assert not set(top["id"]) & set(bottom["id"])
+    for relation, group in whole.groupby("relation"):
+        k = len(group) // 2
+        top_r, bottom_r = top[top["relation"] == relation], bottom[bottom["relation"] == relation]
+        assert len(top_r) == len(bottom_r) == len(splits["random"].query("relation == @relation")) == k
+        assert top_r["popularity"].min() >= bottom_r["popularity"].max()
+
+
+def test_stratified_subsets_share_the_relation_mix_unstratified_do_not(facts):
+    stratified = split_facts(facts, stratify="relation", seed=0)
+    mixes = [
+        stratified[n]["relation"].value_counts().sort_index().tolist() for n in ("top", "bottom", "random")
+    ]
+    assert mixes[0] == mixes[1] == mixes[2]
+    # Without stratification the most popular half is dominated by the high-scale relation.
+    plain = split_facts(facts, stratify="none", seed=0)
+    assert plain["top"]["relation"].value_counts().idxmax() == "plays"
+    plays = [(plain[n]["relation"] == "plays").sum() for n in ("top", "bottom")]
+    assert plays[0] > 2 * plays[1]
+
+
+def test_ties_are_broken_by_id_whatever_the_row_order(facts):
+    tied = facts.assign(popularity=1.0)
+    shuffled = tied.sample(frac=1.0, random_state=3)
+    for stratify in ("relation", "none"):
+        a = split_facts(tied, stratify=stratify, seed=0)
+        b = split_facts(shuffled, stratify=stratify, seed=0)
+        for name in SPLITS:
+            assert sorted(a[name]["id"]) == sorted(b[name]["id"])
+        pool_ids = sorted(a["whole"]["id"])
+        if stratify == "none":
+            assert sorted(a["top"]["id"]) == pool_ids[: len(a["top"])]
+            assert sorted(a["bottom"]["id"]) == pool_ids[-len(a["bottom"]) :]
+
+
+def test_popularity_pct_is_the_percentile_within_each_table(facts):
+    splits = split_facts(facts, seed=0)
+    for name, table in splits.items():
+        assert (table["split"] == name).all()
+        assert table["popularity_pct"].between(0, 100).all()
+        assert table["popularity_pct"].max() == pytest.approx(
+            100.0 * table["popularity"].rank().max() / len(table)
+        )
+        most = table["popularity"].idxmax()
+        least = table["popularity"].idxmin()
+        assert table.loc[most, "popularity_pct"] > table.loc[least, "popularity_pct"]
+        check_facts(table, name)
+    ranks = pd.DataFrame({"popularity": [5.0, 1.0, 5.0, 3.0]}).assign(split="x")
+    assert split_pct(ranks) == [87.5, 25.0, 87.5, 50.0]
+
+
+def split_pct(table):
+    from factft.split import _finish
+
+    return _finish(table, "x")["popularity_pct"].tolist()
+
+
+def test_pool_and_test_caps_take_seeded_samples(facts):
+    splits = split_facts(facts, pool_size=30, test_size=12, seed=1)
+    assert len(splits["whole"]) == 30 and len(splits["test"]) == 12
+    again = split_facts(facts, pool_size=30, test_size=12, seed=1)
+    assert again["whole"]["id"].tolist() == splits["whole"]["id"].tolist()
+    other = split_facts(facts, pool_size=30, test_size=12, seed=2)
+    assert other["whole"]["id"].tolist() != splits["whole"]["id"].tolist()
+
+
+def test_fraction_one_makes_top_bottom_and_random_the_whole_pool(facts):
+    splits = split_facts(facts, fraction=1.0, seed=0)
+    for name in ("top", "bottom", "random"):
+        assert splits[name]["id"].tolist() == splits["whole"]["id"].tolist()
+
+
+def test_subset_that_would_be_empty_names_fraction_and_pool_size(facts):
+    with pytest.raises(
+        FactftError, match=r"dataset 'tiny': split\.fraction 0\.1 of a pool of 6 facts within each relation"
+    ):
+        split_facts(facts.head(9), dataset="tiny", fraction=0.1, test_fraction=0.3, seed=0)
+
+
+def test_same_inputs_and_seed_write_byte_identical_files(facts, tmp_path):
+    for run in ("a", "b"):
+        for name, table in split_facts(facts.sample(frac=1.0, random_state=0), seed=5).items():
+            write_table(table, tmp_path / run / f"{name}.parquet")
+    for name in SPLITS:
+        assert (tmp_path / "a" / f"{name}.parquet").read_bytes() == (
+            tmp_path / "b" / f"{name}.parquet"
+        ).read_bytes()
+
+
+def test_the_seed_changes_the_test_subjects(facts):
+    a = set(split_facts(facts, seed=0)["test"]["subject"])
+    b = set(split_facts(facts, seed=1)["test"]["subject"])
+    assert a != b and len(a) == len(b)
+
+
+@pytest.mark.slow
+def test_dataset_added_only_by_config_flows_through_download_popularity_and_split(data_dir, tmp_path):
+    shutil.copy(data_dir / "custom" / "trivia.csv", tmp_path / "trivia.csv")
+    config = {
+        "datasets": {
+            "trivia": {
+                "source": {"path": "trivia.csv"},
+                "columns": {"question": "prompt", "answers": "gold", "subject": "entity", "relation": "rel"},
+                "popularity": {"scorer": "column", "column": "fame"},
+            }
+        },
+        # A valid config needs a model; the split target never builds it.
+        "models": {"local": {"source": {"path": "no-such-model"}}},
+        "split": {"test_fraction": 0.2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake = Path(sys.executable).parent / "snakemake"
+    result = subprocess.run(
+        [
+            str(snakemake),
+            "--cores",
+            "1",
+            "--configfile",
+            "config.yaml",
+            "--directory",
+            str(tmp_path),
+            "-s",
+            str(ROOT / "Snakefile"),
+            "results/trivia/splits/top.parquet",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = read_table(tmp_path / "results" / "trivia" / "facts.parquet")
+    check_facts(facts, "trivia")
+    assert len(facts) == 30 and set(facts["popularity_source"]) == {"column:fame"}
+    top = read_table(tmp_path / "results" / "trivia" / "splits" / "top.parquet")
+    bottom = read_table(tmp_path / "results" / "trivia" / "splits" / "bottom.parquet")
+    assert len(top) == len(bottom) > 0 and top["popularity"].mean() > bottom["popularity"].mean()
+    assert (tmp_path / "logs" / "split" / "trivia.log").is_file()

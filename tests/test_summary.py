@@ -1,0 +1,168 @@
+import math
+
+import pandas as pd
+import pytest
+
+from factft.errors import FactftError
+from factft.metrics import metrics_table
+from factft.summary import accuracy_by_percentile, collect_metrics, format_summary, main, make_summary, summary_table
+from factft.tables import write_tsv
+
+PERCENTILES = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+
+
+def write_metrics(path, correct):
+    """A real metrics.tsv (factft.metrics) from one prediction per test fact.
+
+    Fact i has popularity_pct 10 * (i + 1): the last fact is the most popular.
+    """
+    n = len(correct)
+    predictions = pd.DataFrame(
+        {
+            "correct": correct,
+            "exact_match": correct,
+            "popularity_pct": [100 * (i + 1) / n for i in range(n)],
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tsv(metrics_table(predictions, PERCENTILES), path)
+    return str(path)
+
+
+def hits(k, n=10):
+    """k correct answers out of n, on the most popular facts."""
+    return [False] * (n - k) + [True] * k
+
+
+def make_sources(root, accuracy, base=1, cloze=5, model="tiny", dataset="synth"):
+    """Sources like rules/common.smk builds them; accuracy: {subset: {seed: correct out of 10}}."""
+    sources = []
+    for subset, by_seed in accuracy.items():
+        for seed, k in by_seed.items():
+            path = write_metrics(root / model / dataset / subset / f"seed{seed}" / "metrics.tsv", hits(k))
+            sources.append(dict(model=model, dataset=dataset, subset=subset, seed=seed, path=path))
+    for subset, k in (("base", base), ("cloze", cloze)):
+        if k is not None:
+            path = write_metrics(root / model / dataset / subset / "metrics.tsv", hits(k))
+            sources.append(dict(model=model, dataset=dataset, subset=subset, seed=None, path=path))
+    return sources
+
+
+GRID = {
+    "top": {0: 6, 1: 7, 2: 9},
+    "bottom": {0: 4, 1: 3, 2: 6},
+    "random": {0: 5, 1: 5, 2: 5},
+    "whole": {0: 8, 1: 6, 2: 7},
+}
+
+
+def test_summary_has_mean_and_sd_over_seeds_base_cloze_and_test_size(tmp_path):
+    row = summary_table(collect_metrics(make_sources(tmp_path, GRID))).iloc[0]
+    assert (row["model"], row["dataset"], row["n_test"], row["n_seeds"]) == ("tiny", "synth", 10, 3)
+    assert row["top_mean"] == pytest.approx(22 / 30)
+    assert row["top_sd"] == pytest.approx(math.sqrt(((0.6 - 22 / 30) ** 2 + (0.7 - 22 / 30) ** 2 + (0.9 - 22 / 30) ** 2) / 2))
+    assert row["bottom_mean"] == pytest.approx(13 / 30)
+    assert row["random_mean"] == pytest.approx(0.5)
+    assert row["random_sd"] == pytest.approx(0.0)
+    assert row["whole_mean"] == pytest.approx(0.7)
+    assert row["whole_sd"] == pytest.approx(0.1)
+    assert row["base"] == pytest.approx(0.1)
+    assert row["cloze"] == pytest.approx(0.5)
+
+
+def test_top_minus_bottom_gap_is_paired_by_seed_not_by_position(tmp_path):
+    # Per seed: 0.6-0.4, 0.7-0.3, 0.9-0.6 = 0.2, 0.4, 0.3. Listing bottom's seeds in another
+    # order must not change the pairing.
+    sources = make_sources(tmp_path, GRID)
+    bottom = [s for s in sources if s["subset"] == "bottom"]
+    shuffled = [s for s in sources if s["subset"] != "bottom"] + bottom[::-1]
+    row = summary_table(collect_metrics(shuffled)).iloc[0]
+    assert row["top_minus_bottom_mean"] == pytest.approx(0.3)
+    assert row["top_minus_bottom_sd"] == pytest.approx(0.1)
+    assert row["top_minus_bottom_seeds"] == 3
+
+
+def test_gap_uses_only_seeds_that_have_both_top_and_bottom(tmp_path):
+    grid = {"top": {0: 6, 1: 7, 2: 9}, "bottom": {0: 4, 1: 3}}
+    row = summary_table(collect_metrics(make_sources(tmp_path, grid))).iloc[0]
+    assert row["top_minus_bottom_mean"] == pytest.approx(0.3)  # (0.2 + 0.4) / 2
+    assert row["top_minus_bottom_sd"] == pytest.approx(math.sqrt(0.02))
+    assert row["top_minus_bottom_seeds"] == 2
+    assert row["top_mean"] == pytest.approx(22 / 30)  # FT-Top itself keeps all three seeds
+
+
+def test_config_without_random_and_whole_still_summarises_and_prints(tmp_path):
+    grid = {"top": GRID["top"], "bottom": GRID["bottom"]}
+    summary = summary_table(collect_metrics(make_sources(tmp_path, grid, cloze=None)))
+    row = summary.iloc[0]
+    assert math.isnan(row["random_mean"]) and math.isnan(row["whole_mean"]) and math.isnan(row["cloze"])
+    text = format_summary(summary)
+    assert "FT-Top " in text and "FT-Bottom " in text
+    assert "FT-Random" not in text and "FT-Whole" not in text and "cloze" not in text
+
+
+def test_without_bottom_the_gap_is_reported_as_unavailable(tmp_path):
+    summary = summary_table(collect_metrics(make_sources(tmp_path, {"top": GRID["top"]})))
+    assert summary.iloc[0]["top_minus_bottom_seeds"] == 0
+    assert math.isnan(summary.iloc[0]["top_minus_bottom_mean"])
+    assert "FT-Top - FT-Bottom: not available (needs subsets top and bottom)" in format_summary(summary)
+
+
+def test_one_seed_gives_no_sd(tmp_path):
+    summary = summary_table(collect_metrics(make_sources(tmp_path, {"top": {0: 6}, "bottom": {0: 4}})))
+    assert math.isnan(summary.iloc[0]["top_sd"])
+    assert "FT-Top - FT-Bottom = +0.20 (sd n/a over 1 seed)" in format_summary(summary)
+
+
+def test_summary_has_one_row_per_model_and_dataset_in_grid_order(tmp_path):
+    sources = make_sources(tmp_path, GRID, model="m1", dataset="d1") + make_sources(
+        tmp_path, {"top": {0: 2}, "bottom": {0: 1}}, model="m0", dataset="d0"
+    )
+    summary = summary_table(collect_metrics(sources))
+    assert list(zip(summary["model"], summary["dataset"])) == [("m1", "d1"), ("m0", "d0")]
+    assert summary.iloc[1]["top_minus_bottom_mean"] == pytest.approx(0.1)
+
+
+def test_accuracy_by_percentile_averages_each_bin_over_seeds(tmp_path):
+    table = accuracy_by_percentile(collect_metrics(make_sources(tmp_path, GRID)))
+    top = table[(table["subset"] == "top") & (table["scope"] == "top")].set_index("x")
+    # Every seed of FT-Top gets the 6 most popular facts right: the top 60% is all correct.
+    assert top.loc[60, "mean"] == pytest.approx(1.0) and top.loc[60, "sd"] == pytest.approx(0.0)
+    # Top 80% (8 facts): 6, 7 and 8 correct.
+    assert top.loc[80, "mean"] == pytest.approx((6 + 7 + 8) / 24)
+    assert top.loc[80, "n"] == 8 and top.loc[80, "runs"] == 3
+    decile = table[(table["subset"] == "bottom") & (table["scope"] == "decile")].set_index("x")
+    # FT-Bottom's seeds get the 4, 3 and 6 most popular facts right. Decile 60 holds the
+    # fifth most popular fact (right for seed 2 only), decile 70 the fourth (seeds 0 and 2).
+    assert decile.loc[60, "mean"] == pytest.approx(1 / 3)
+    assert decile.loc[70, "mean"] == pytest.approx(2 / 3)
+    base = table[(table["subset"] == "base") & (table["scope"] == "top")]
+    assert (base["runs"] == 1).all() and base["sd"].isna().all()
+    assert list(table["subset"].unique()) == ["top", "bottom", "random", "whole", "base", "cloze"]
+
+
+def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(tmp_path, capsys):
+    results = tmp_path / "results"
+    sources = make_sources(results, GRID)
+    make_summary(sources, results / "tables" / "summary.tsv", results / "tables" / "accuracy_by_percentile.tsv")
+    assert pd.read_csv(results / "tables" / "accuracy_by_percentile.tsv", sep="\t")["x"].max() == 100
+    assert main([str(results / "tables" / "summary.tsv")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny on synth: held-out accuracy on 10 test facts (mean +/- sd over 3 seeds)" in out
+    assert "FT-Whole" in out and "0.700 +/- 0.100" in out
+    assert "FT-Top - FT-Bottom = +0.30 (sd 0.10 over 3 seeds)" in out
+    figure = results / "figures" / "tiny" / "synth" / "accuracy_vs_popularity.png"
+    assert f"figure: {figure} (not made yet)" in out
+
+
+def test_a_malformed_metrics_table_is_an_error_naming_the_file(tmp_path):
+    bad = tmp_path / "metrics.tsv"
+    bad.write_text("scope\tx\tacc\nall\t100\t0.5\n")
+    with pytest.raises(FactftError, match=rf"{bad}.*lacks columns \['n', 'accuracy', 'exact_match'\]"):
+        collect_metrics([dict(model="m", dataset="d", subset="top", seed=0, path=str(bad))])
+
+
+def test_a_missing_metrics_table_is_an_error_naming_the_file(tmp_path):
+    missing = tmp_path / "nowhere" / "metrics.tsv"
+    with pytest.raises(FactftError, match=f"cannot read metrics table {missing}"):
+        collect_metrics([dict(model="m", dataset="d", subset="top", seed=0, path=str(missing))])

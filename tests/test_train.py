@@ -1,0 +1,225 @@
+import json
+import logging
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factft.errors import FactftError
+from factft.models import load_model
+from factft.train import (
+    collate,
+    encode_examples,
+    finetune,
+    fingerprint,
+    learning_rate,
+    length_grouped_batches,
+    prepare_model,
+    trainable_parameters,
+)
+
+PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
+SUBJECTS = ["Ilmo Varsk", "Bera Tosk", "Kalo Mirr", "Suna Dee"]
+
+
+@pytest.fixture
+def facts():
+    """16 open QA facts of varied length (so length grouping matters), in the tiny vocabulary."""
+    rows = []
+    for i, subject in enumerate(SUBJECTS):
+        rows.append({"question": f"Where was {subject} born?", "answers": [["Lyon", "Paris", "Oslo", "Rome"][i]]})
+        rows.append({"question": f"What does {subject} do?", "answers": [["doctor", "baker", "pilot", "doctor"][i]]})
+        rows.append({"question": f"What does {subject} play?", "answers": ["the piano"]})
+        rows.append({"question": f"Where was {subject} born, in Lyon or Milan?", "answers": ["Milan"]})
+    return pd.DataFrame(rows)
+
+
+def settings(**overrides):
+    base = {
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
+        "epochs": 3,
+        "max_steps": None,
+        "learning_rate": 3e-3,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.2,
+        "batch_size": 3,
+        "grad_accum": 2,
+        "max_length": 32,
+        "checkpoint_every": 2,
+        "gradient_checkpointing": False,
+        "seed": 0,
+    }
+    return {**base, **overrides}
+
+
+def spec(tiny_model_dir):
+    return {"name": "tiny", "path": str(tiny_model_dir), "gguf_file": None, "trust_remote_code": False}
+
+
+def run(tiny_model_dir, facts, folder, **kwargs):
+    """finetune() into folder/adapter with its checkpoints and train log beside it."""
+    options = {k: kwargs.pop(k) for k in ("on_step",) if k in kwargs}
+    summary = finetune(
+        spec(tiny_model_dir),
+        facts,
+        folder / "adapter",
+        settings(**kwargs),
+        PROMPT,
+        folder / "checkpoints",
+        train_log=folder / "train_log.tsv",
+        device="cpu",
+        **options,
+    )
+    return summary, load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def same_weights(a, b, atol=1e-6):
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def test_loss_counts_only_answer_tokens(tiny_model_dir, facts):
+    model, tokenizer = load_model(spec(tiny_model_dir), device="cpu")
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    batch = collate(encoded, [0, 2, 3], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        loss = model(**batch).loss
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    counted = targets != -100
+    # Only the answer word and the eos after it, per example: prompt and padding are masked.
+    assert counted.sum(dim=1).tolist() == [2, 3, 2]
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1][counted], targets[counted])
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_lora_trains_a_small_part_and_full_trains_every_weight(tiny_model_dir):
+    full = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings(method="full"))
+    lora = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings(method="lora"))
+    n_full = sum(p.numel() for p in trainable_parameters(full).values())
+    n_lora = sum(p.numel() for p in trainable_parameters(lora).values())
+    assert n_full == sum(p.numel() for p in full.parameters())
+    assert 0 < n_lora < n_full / 2
+    assert all("lora_" in name for name in trainable_parameters(lora))
+
+
+def test_unknown_target_module_names_the_config_key(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    bad = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query_key_value"]})
+    with pytest.raises(FactftError, match="finetune.lora.target_modules"):
+        prepare_model(model, bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_qlora_without_cuda_fails_clearly_before_writing_anything(tiny_model_dir, facts, tmp_path):
+    with pytest.raises(FactftError, match="qlora needs a CUDA GPU"):
+        run(tiny_model_dir, facts, tmp_path, method="qlora")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batches_cover_each_example_once_grouped_by_length_and_seeded():
+    lengths = [5, 30, 6, 29, 7, 28, 8, 27, 9, 26, 10, 25]
+    batches = length_grouped_batches(lengths, batch_size=2, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert batches == length_grouped_batches(lengths, batch_size=2, seed=0, epoch=0)
+    assert batches != length_grouped_batches(lengths, batch_size=2, seed=0, epoch=1)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded <= sum(lengths) + 6  # sorted neighbours differ by at most one token
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero():
+    rates = [learning_rate(step, 10, {"learning_rate": 1.0, "warmup_ratio": 0.2}) for step in range(10)]
+    assert rates[:3] == [0.5, 1.0, 1.0]
+    assert rates[2:] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoints(tiny_model_dir, facts, tmp_path):
+    summary, _ = run(tiny_model_dir, facts, tmp_path)
+    trained = json.loads((tmp_path / "adapter" / "trained.json").read_text())
+    assert trained == summary
+    # 16 examples in batches of 3 -> 6 micro-batches per epoch, 2 per step, 3 epochs.
+    assert (summary["examples"], summary["steps"], summary["epochs"]) == (16, 9, 3.0)
+    assert summary["method"] == "lora" and summary["seed"] == 0 and summary["versions"]["peft"]
+    log = pd.read_csv(tmp_path / "train_log.tsv", sep="\t")
+    assert list(log.columns) == ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s"]
+    assert log["step"].tolist() == list(range(1, 10))
+    assert log["loss"].iloc[-1] == pytest.approx(summary["final_loss"], rel=1e-5)
+    assert log["tokens"].sum() == summary["tokens"]
+    assert log["loss"].iloc[-3:].mean() < log["loss"].iloc[:3].mean()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_same_seed_gives_the_same_adapter_and_another_seed_another(tiny_model_dir, facts, tmp_path):
+    _, first = run(tiny_model_dir, facts, tmp_path / "a", max_steps=3)
+    _, again = run(tiny_model_dir, facts, tmp_path / "b", max_steps=3)
+    _, other = run(tiny_model_dir, facts, tmp_path / "c", max_steps=3, seed=1)
+    assert same_weights(first, again, atol=0)
+    assert not same_weights(first, other, atol=1e-4)
+
+
+def test_interrupted_run_resumes_to_the_same_adapter_and_loss(tiny_model_dir, facts, tmp_path, caplog):
+    whole, expected = run(tiny_model_dir, facts, tmp_path / "whole")
+
+    def crash_at_step_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt("job killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, facts, tmp_path / "resumed", on_step=crash_at_step_5)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000004"]
+    with caplog.at_level(logging.INFO, logger="factft"):
+        resumed, weights = run(tiny_model_dir, facts, tmp_path / "resumed")
+    assert "resuming from" in caplog.text and "step 4 of 9" in caplog.text
+    assert same_weights(weights, expected, atol=1e-6)
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], abs=1e-6)
+    assert pd.read_csv(tmp_path / "resumed" / "train_log.tsv", sep="\t")["step"].tolist() == list(range(1, 10))
+
+
+def test_incomplete_or_mismatching_checkpoints_are_skipped(tiny_model_dir, facts, tmp_path, caplog):
+    def crash_at_step_3(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, facts, tmp_path, on_step=crash_at_step_3)
+    (tmp_path / "checkpoints" / "step-00000008").mkdir()  # a copy cut short: no state.json
+    with caplog.at_level(logging.INFO, logger="factft"):
+        summary, _ = run(tiny_model_dir, facts, tmp_path, learning_rate=1e-3)
+    assert "skipping incomplete checkpoint" in caplog.text
+    assert "trained with other settings or data" in caplog.text
+    assert "resuming" not in caplog.text
+    assert summary["steps"] == 9
+
+
+def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path):
+    full = settings(method="full", max_steps=2, gradient_checkpointing=True)
+    summary = finetune(spec(tiny_model_dir), facts, tmp_path / "full", full, PROMPT, tmp_path / "ck")
+    model, tokenizer = load_model(spec(tiny_model_dir), tmp_path / "full", device="cpu")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+
+
+def test_existing_output_is_never_overwritten(tiny_model_dir, facts, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "keep.txt").write_text("mine")
+    with pytest.raises(FactftError, match="already exists"):
+        run(tiny_model_dir, facts, tmp_path)
+    assert (tmp_path / "adapter" / "keep.txt").read_text() == "mine"
+
+
+def test_remade_base_weights_change_the_checkpoint_fingerprint(tiny_model_dir, tmp_path):
+    remade = tmp_path / "remade"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)
+    model.save_pretrained(remade)
+    encoded = [{"input_ids": [1, 2], "labels": [-100, 2]}]
+    original = fingerprint(settings(), spec(tiny_model_dir), encoded)
+    assert original == fingerprint(settings(), spec(tiny_model_dir), encoded)
+    assert original != fingerprint(settings(), spec(remade), encoded)
+    assert original == fingerprint(settings(checkpoint_every=7), spec(tiny_model_dir), encoded)

@@ -1,0 +1,118 @@
+"""The `model_confidence` popularity scorer: how strongly a pretrained model stores each fact.
+
+A fact's score is the model's probability of its gold answer after a few-shot prompt.
+Datasets without a popularity signal (MMLU) are ranked by it: a fact the model already
+answers confidently plays the role of a well-known fact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+from factft.errors import FactftError
+from factft.generate import FORMATS, answer_logprobs, check_choices, choice_logprobs
+from factft.models import load_model
+from factft.prompts import answer_text, gold_answer, prompt_text
+
+log = logging.getLogger(__name__)
+
+# Demonstrations are a fixed draw: the same facts and seed give the same prompts.
+DEMO_SEED = 0
+
+
+def few_shot_prefixes(facts: pd.DataFrame, shots: int, prompt: dict, seed: int = DEMO_SEED) -> list[str]:
+    """Per fact, `shots` solved demonstrations from other facts, one per line, ending in a newline.
+
+    Demonstrations come from the fact's own relation when it has enough other facts (the
+    model then sees the expected answer type), topped up from the whole table otherwise.
+    A fact is never its own demonstration, nor is another fact with the same question.
+    """
+    if shots == 0:
+        return [""] * len(facts)
+    records = facts.to_dict("records")
+    order = np.random.default_rng(seed).permutation(len(records))
+    by_relation: dict[str, list[int]] = defaultdict(list)
+    for j in order:
+        by_relation[str(records[j]["relation"])].append(int(j))
+    demo_text = {}
+    prefixes = []
+    for i, fact in enumerate(records):
+        picks: list[int] = []
+        # The first 2*shots+1 candidates always hold `shots` usable ones, unless the table is too small.
+        for pool in (by_relation[str(fact["relation"])], order):
+            for j in pool[: 2 * shots + 1]:
+                if len(picks) == shots:
+                    break
+                if j != i and j not in picks and records[j]["question"] != fact["question"]:
+                    picks.append(int(j))
+        for j in picks:
+            if j not in demo_text:
+                demo = records[j]
+                demo_text[j] = prompt_text(str(demo["question"]), prompt["template"]) + answer_text(
+                    gold_answer(demo), prompt["answer"]
+                )
+        prefixes.append("".join(demo_text[j] + "\n" for j in picks))
+    return prefixes
+
+
+def confidence_scores(
+    model, tokenizer, facts: pd.DataFrame, shots: int, prompt: dict, fmt: str, *, batch_size: int = 16
+) -> np.ndarray:
+    """Probability of each fact's gold answer under the few-shot prompt (float64 in [0, 1]).
+
+    Open QA: the product of the gold answer's token probabilities (teacher forcing).
+    Multiple choice: the softmax over the choices' summed log-likelihoods, at the gold choice.
+    """
+    prompts = [
+        prefix + prompt_text(str(q), prompt["template"])
+        for prefix, q in zip(few_shot_prefixes(facts, shots, prompt), facts["question"])
+    ]
+    if fmt == "open":
+        answers = [answer_text(gold_answer(fact), prompt["answer"]) for fact in facts.to_dict("records")]
+        return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size))
+    options = [[answer_text(str(c), prompt["answer"]) for c in choices] for choices in facts["choices"]]
+    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
+    gold = facts["answer_index"].to_numpy(dtype=np.int64)
+    return np.array([_softmax(s)[g] for s, g in zip(scores, gold)], dtype=np.float64)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def model_confidence(
+    facts: pd.DataFrame,
+    model: dict,
+    shots: int,
+    prompt: dict,
+    fmt: str,
+    *,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> pd.Series:
+    """The scorer: the pretrained model `model` (a `model_spec` dict) scores every fact.
+
+    Returns a float64 Series in [0, 1] aligned with `facts.index`.
+    """
+    where = f"popularity scorer model_confidence (model '{model['name']}')"
+    if fmt not in FORMATS:
+        raise FactftError(f"{where}: format '{fmt}' is unknown; formats are {list(FORMATS)}")
+    needed = ["question", "relation"] + (
+        ["choices", "answer_index"] if fmt == "multiple_choice" else ["answers"]
+    )
+    missing = [c for c in needed if c not in facts.columns]
+    if missing:
+        raise FactftError(f"{where}: the facts lack columns {missing}; they have {list(facts.columns)}")
+    if fmt == "multiple_choice":
+        check_choices(facts, where)
+    if facts.empty:
+        return pd.Series([], index=facts.index, dtype="float64", name="model_confidence")
+    loaded, tokenizer = load_model(model, device=device)
+    scores = confidence_scores(loaded, tokenizer, facts, shots, prompt, fmt, batch_size=batch_size)
+    log.info("%s: %d facts, %d shots, mean confidence %.4f", where, len(facts), shots, float(scores.mean()))
+    return pd.Series(np.clip(scores, 0.0, 1.0), index=facts.index, dtype="float64", name="model_confidence")

@@ -1,0 +1,286 @@
+"""Evaluating a model on test facts: greedy generation, choice scoring, predictions, metrics.
+
+Questions are processed in batches of similar token length (left-padded, longest batch
+first so an out-of-memory error shows at once), and every result is put back in the
+test table's order. Generation uses the KV cache of `model.generate`; choice and answer
+likelihoods come from one forward pass per batch that keeps only the answer positions'
+logits (a 7B vocabulary over whole few-shot prompts would not fit otherwise).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from factft.errors import FactftError
+from factft.metrics import metrics_table, score_predictions
+from factft.models import load_model
+from factft.prompts import IGNORE, answer_text, encode_example, prompt_text
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("open", "multiple_choice")
+TEST_COLUMNS = ("id", "question", "answers", "subject", "relation", "popularity", "popularity_pct")
+
+
+# ---- batching -------------------------------------------------------------------
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices grouped into batches of similar length, longest first (ties keep order)."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, padded on the left so every row ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if token_id is not None:
+            return int(token_id)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every token that ends an answer: the generation config may list several (e.g. Llama 3)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+# ---- generation -----------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_texts(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Each prompt's greedy continuation (up to eos or max_new_tokens), decoded, in prompt order."""
+    encoded = tokenizer(list(prompts))["input_ids"]
+    pad = _pad_id(tokenizer)
+    eos = _eos_ids(model, tokenizer)
+    texts: list[str] = [""] * len(encoded)
+    for batch in length_batches([len(e) for e in encoded], batch_size):
+        ids, mask = left_pad([encoded[i] for i in batch], pad, model.device)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=sorted(eos) or None,
+        )
+        continuations = [_until_eos(row, eos) for row in output[:, ids.shape[1] :].tolist()]
+        for i, text in zip(batch, tokenizer.batch_decode(continuations, skip_special_tokens=True)):
+            texts[i] = text
+    return texts
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    # Finished rows are filled up with padding, which may be a real token.
+    for position, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:position]
+    return tokens
+
+
+# ---- likelihoods ----------------------------------------------------------------
+
+
+def prompt_answer_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """The prompt's and the answer's token ids, split exactly as in finetuning, without eos."""
+    example = encode_example(tokenizer, prompt, answer, max_length=sys.maxsize)
+    cut = sum(1 for label in example["labels"] if label == IGNORE)
+    prompt_ids, answer_ids = example["input_ids"][:cut], example["input_ids"][cut:]
+    if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:
+        answer_ids = answer_ids[:-1]
+    return prompt_ids, answer_ids
+
+
+@torch.inference_mode()
+def answer_logprobs(
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int
+) -> np.ndarray:
+    """Summed log-probability of each answer's tokens after its prompt (teacher forcing), float64."""
+    pairs = [prompt_answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    sequences = [p + a for p, a in pairs]
+    answer_lengths = np.array([len(a) for _, a in pairs])
+    pad = _pad_id(tokenizer)
+    keeps_logits = "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
+    scores = np.zeros(len(sequences), dtype=np.float64)
+    for batch in length_batches([len(s) for s in sequences], batch_size):
+        lengths = answer_lengths[batch]
+        k = int(lengths.max())
+        if k == 0:
+            continue
+        ids, mask = left_pad([sequences[i] for i in batch], pad, model.device)
+        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": k + 1} if keeps_logits else {}
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
+        ).logits
+        # Every row ends at the last column: its answer is in the last len(answer) columns,
+        # predicted by the logits one column to the left.
+        logprobs = torch.log_softmax(logits[:, -(k + 1) : -1].float(), dim=-1)
+        token_logprobs = logprobs.gather(-1, ids[:, -k:, None]).squeeze(-1)
+        in_answer = (
+            torch.arange(k, device=ids.device)[None, :]
+            >= (k - torch.as_tensor(lengths, device=ids.device))[:, None]
+        )
+        sums = torch.where(in_answer, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
+        scores[batch] = sums.double().cpu().numpy()
+    return scores
+
+
+def _unwrapped(model):
+    # A peft model forwards **kwargs; what it accepts is the base model's signature.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def choice_logprobs(
+    model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, batch_size: int
+) -> list[np.ndarray]:
+    """Per question, the summed log-likelihood of each choice text after its prompt."""
+    flat_prompts = [p for p, options in zip(prompts, choices, strict=True) for _ in options]
+    flat_choices = [c for options in choices for c in options]
+    flat = answer_logprobs(model, tokenizer, flat_prompts, flat_choices, batch_size=batch_size)
+    bounds = np.cumsum([len(options) for options in choices])[:-1]
+    return np.split(flat, bounds)
+
+
+# ---- evaluation -----------------------------------------------------------------
+
+
+def check_test_table(test: pd.DataFrame, fmt: str, where: str, prompt_column: str = "question") -> None:
+    """Fail before loading a model when the test table cannot be evaluated."""
+    if fmt not in FORMATS:
+        raise FactftError(f"{where}: format '{fmt}' is unknown; formats are {list(FORMATS)}")
+    if prompt_column == "statement" and "statement" not in test.columns:
+        raise FactftError(
+            f"{where}: the test facts have no `statement` column; cloze prompts exist only for "
+            "synthetic worlds (datasets.<name>.source.synthetic)"
+        )
+    needed = [*TEST_COLUMNS, prompt_column] + (
+        ["choices", "answer_index"] if fmt == "multiple_choice" else []
+    )
+    missing = [c for c in dict.fromkeys(needed) if c not in test.columns]
+    if missing:
+        raise FactftError(
+            f"{where}: test table lacks columns {missing} (has {list(test.columns)}); "
+            "rebuild it with the `split` rule"
+        )
+    if test.empty:
+        raise FactftError(f"{where}: the test table is empty; raise split.test_fraction or split.test_size")
+    if fmt == "multiple_choice":
+        check_choices(test, where)
+
+
+def check_choices(facts: pd.DataFrame, where: str) -> None:
+    """Every multiple-choice fact's answer_index points into its choices."""
+    counts = facts["choices"].map(len).to_numpy()
+    index = facts["answer_index"].to_numpy()
+    bad = (index < 0) | (index >= counts)
+    if bad.any():
+        first = int(np.argmax(bad))
+        example = facts["id"].iloc[first] if "id" in facts.columns else f"row {first}"
+        raise FactftError(
+            f"{where}: {int(bad.sum())} rows have answer_index outside their choices, e.g. {example}; "
+            "check datasets.<name>.columns.answer_index"
+        )
+
+
+def predict(
+    model,
+    tokenizer,
+    test: pd.DataFrame,
+    *,
+    fmt: str,
+    prompt: dict,
+    max_new_tokens: int,
+    batch_size: int,
+    prompt_column: str = "question",
+) -> pd.DataFrame:
+    """The predictions table for `test` (see factft.metrics.score_predictions).
+
+    Open QA: greedy generation after the prompt. Multiple choice: the choice whose text
+    (in the answer template) is most likely after the prompt. `prompt_column="statement"`
+    uses the facts' cloze prefix verbatim instead of the question template.
+    """
+    if prompt_column == "question":
+        prompts = [prompt_text(str(q), prompt["template"]) for q in test["question"]]
+    else:
+        prompts = [str(s) for s in test[prompt_column]]
+    if fmt == "open":
+        texts = generate_texts(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        return score_predictions(test, texts, fmt)
+    options = [[answer_text(str(c), prompt["answer"]) for c in choices] for choices in test["choices"]]
+    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
+    picked = [int(np.argmax(s)) for s in scores]
+    texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]
+    return score_predictions(test, texts, fmt, choices=picked)
+
+
+def evaluate_model(
+    spec: dict,
+    test: pd.DataFrame,
+    params: dict,
+    *,
+    adapter: str | Path | None = None,
+    prompt_column: str = "question",
+    threads: int | None = None,
+    device: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions, metrics) of the model in `spec` (plus a finetune `adapter`) on `test`.
+
+    `params` is `evaluate_params` from rules/common.smk: max_new_tokens, batch_size,
+    percentiles, format, prompt.
+    """
+    where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
+    check_test_table(test, params["format"], where, prompt_column)
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(spec, adapter, device=device)
+    start = time.perf_counter()
+    predictions = predict(
+        model,
+        tokenizer,
+        test,
+        fmt=params["format"],
+        prompt=params["prompt"],
+        max_new_tokens=params["max_new_tokens"],
+        batch_size=params["batch_size"],
+        prompt_column=prompt_column,
+    )
+    seconds = time.perf_counter() - start
+    metrics = metrics_table(predictions, params["percentiles"])
+    log.info(
+        "%s: %d test facts in %.1f s (%.1f questions/s) on %s; accuracy %.4f, exact match %.4f",
+        where,
+        len(test),
+        seconds,
+        len(test) / max(seconds, 1e-9),
+        model.device,
+        predictions["correct"].mean(),
+        predictions["exact_match"].mean(),
+    )
+    return predictions, metrics

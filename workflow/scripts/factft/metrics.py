@@ -1,0 +1,117 @@
+"""Scoring predictions (PopQA's open-QA metric, multiple choice) and accuracy by popularity.
+
+Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, after the
+SQuAD normalisation (lowercase, no punctuation, no articles, single spaces). Only the
+first line counts: a base model keeps generating the next "Q: ... A: ..." pair, and an
+answer to that invented question must not score.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from factft.errors import FactftError
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+METRICS_COLUMNS = ("scope", "x", "n", "accuracy", "exact_match")
+DECILES = tuple(range(10, 101, 10))
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation."""
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def first_line(prediction: str) -> str:
+    """The prediction up to its first line break (leading whitespace and blank lines skipped)."""
+    return prediction.lstrip().split("\n", 1)[0]
+
+
+def score_open(prediction: str, answers: Iterable[str]) -> tuple[bool, bool]:
+    """(correct, exact_match) of one open-QA prediction against its gold aliases.
+
+    Containment is checked on word boundaries: "us" must not match inside "russia", nor
+    "rome" inside "romeo". Aliases that normalise to nothing (e.g. "The") never match.
+    """
+    predicted = normalize(first_line(prediction))
+    padded = f" {predicted} "
+    aliases = [a for a in (normalize(str(answer)) for answer in answers) if a]
+    correct = any(f" {alias} " in padded for alias in aliases)
+    exact = any(alias == predicted for alias in aliases)
+    return correct, exact
+
+
+def score_predictions(
+    test: pd.DataFrame, predictions: Sequence[str], fmt: str, choices: Sequence[int] | None = None
+) -> pd.DataFrame:
+    """The predictions table: id, prediction, correct, exact_match and the test facts' popularity.
+
+    `predictions` are generated texts aligned with `test`'s rows; for multiple choice,
+    `choices` are the predicted choice indices (then `predictions` are those choices' texts).
+    """
+    if len(predictions) != len(test):
+        raise ValueError(f"{len(predictions)} predictions for {len(test)} test facts")
+    if fmt == "open":
+        scores = [score_open(p, a) for p, a in zip(predictions, test["answers"])]
+        correct = [c for c, _ in scores]
+        exact = [e for _, e in scores]
+    elif fmt == "multiple_choice":
+        if choices is None or "answer_index" not in test.columns:
+            raise FactftError(
+                "multiple choice scoring needs predicted choice indices and the test set's answer_index column"
+            )
+        correct = list(np.asarray(choices) == test["answer_index"].to_numpy())
+        exact = correct
+    else:
+        raise FactftError(f"format '{fmt}': unknown; formats are open, multiple_choice")
+    table = pd.DataFrame(
+        {
+            "id": test["id"].astype(str).to_numpy(),
+            "prediction": [str(p) for p in predictions],
+            "correct": np.asarray(correct, dtype=bool),
+            "exact_match": np.asarray(exact, dtype=bool),
+            "popularity_pct": test["popularity_pct"].astype("float64").to_numpy(),
+            "popularity": test["popularity"].astype("float64").to_numpy(),
+            "subject": test["subject"].astype(str).to_numpy(),
+            "relation": test["relation"].astype(str).to_numpy(),
+        }
+    )
+    if choices is not None:
+        table["choice"] = np.asarray(choices, dtype="int64")
+    return table
+
+
+def metrics_table(predictions: pd.DataFrame, percentiles: Sequence[float]) -> pd.DataFrame:
+    """Accuracy overall, on the top-x% most popular facts, and per popularity decile.
+
+    popularity_pct is a percentile rank in (0, 100], 100 = most popular. scope "top", x:
+    rows with popularity_pct > 100 - x (the paper's Fig. 4/5 x-axis); scope "decile", x:
+    rows with x - 10 < popularity_pct <= x (decile 100 = the most popular tenth). A
+    percentile of exactly 0 is counted in top-100 and decile 10, so no row falls outside.
+    Empty bins keep their row with n = 0 and NaN accuracy, so every table has the same rows.
+    """
+    pct = predictions["popularity_pct"].to_numpy(dtype="float64")
+    rows = [_row("all", 100, np.ones(len(pct), dtype=bool), predictions)]
+    for x in percentiles:
+        rows.append(_row("top", x, (pct > 100 - x) | (x >= 100), predictions))
+    for x in DECILES:
+        above = (pct > x - 10) | (x == DECILES[0])
+        rows.append(_row("decile", x, above & (pct <= x), predictions))
+    return pd.DataFrame(rows, columns=list(METRICS_COLUMNS))
+
+
+def _row(scope: str, x: float, mask: np.ndarray, predictions: pd.DataFrame) -> tuple:
+    n = int(mask.sum())
+    if n == 0:
+        return scope, x, 0, float("nan"), float("nan")
+    correct = predictions["correct"].to_numpy(dtype=bool)[mask]
+    exact = predictions["exact_match"].to_numpy(dtype=bool)[mask]
+    return scope, x, n, float(correct.mean()), float(exact.mean())

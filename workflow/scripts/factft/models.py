@@ -1,0 +1,240 @@
+"""Loading a causal LM and its tokenizer from a local folder, with an optional finetune output.
+
+Everything loads offline (the hub is fetched once by `download_model`), from safetensors or
+a GGUF file only: pickled `.bin` weights can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+
+from factft.errors import FactftError
+
+log = logging.getLogger(__name__)
+
+# What a finetune output folder holds: a peft adapter, or a whole model (method full).
+ADAPTER_CONFIG = "adapter_config.json"
+QUANTIZATIONS = ("nf4",)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs (the paper's setting), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def check_model_folder(spec: dict) -> None:
+    """Fail early, naming the model, when its folder holds nothing we are allowed to load."""
+    name, path = spec["name"], Path(spec["path"])
+    if not path.is_dir():
+        raise FactftError(
+            f"model '{name}': folder {path} does not exist; run `snakemake download_models` where "
+            f"there is internet, or set models.{name}.source.path to a local model folder"
+        )
+    gguf = spec.get("gguf_file")
+    if gguf:
+        if not (path / gguf).is_file():
+            raise FactftError(
+                f"model '{name}': GGUF file {gguf} (models.{name}.source.gguf_file) is not in {path}; "
+                f"files there: {sorted(p.name for p in path.iterdir())[:10]}"
+            )
+        return
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise FactftError(
+            f"model '{name}': no safetensors weights in {path} (found {found}); only *.safetensors "
+            "or a GGUF file are loaded, since pickled .bin weights can run code: convert the "
+            f"weights, or set models.{name}.source.path / gguf_file to a folder that has them"
+        )
+
+
+def adapter_kind(adapter: str | Path) -> str:
+    """'peft' for a LoRA adapter folder, 'full' for a whole finetuned model."""
+    adapter = Path(adapter)
+    if (adapter / ADAPTER_CONFIG).is_file():
+        return "peft"
+    if (adapter / "config.json").is_file() and any(adapter.glob("*.safetensors")):
+        return "full"
+    raise FactftError(
+        f"finetune output {adapter} holds neither a peft adapter ({ADAPTER_CONFIG}) nor full "
+        "safetensors weights (config.json + *.safetensors); delete it and rerun `finetune`"
+    )
+
+
+def load_model(
+    spec: dict,
+    adapter: str | Path | None = None,
+    *,
+    quantize: str | None = None,
+    device: str | None = None,
+    for_training: bool = False,
+):
+    """The model (on `device`, eval mode unless `for_training`) and its tokenizer.
+
+    `spec` is `model_spec(name)` from rules/common.smk. `adapter` is a `finetune` output: a
+    peft adapter is attached (trainable when `for_training`, else merged into the weights
+    for fast generation) or full weights replace the base. `quantize="nf4"` loads the base in
+    4-bit NF4 with double quantization (QLoRA), which needs CUDA. The tokenizer gets the eos
+    token as its pad token when it has none; the caller sets `padding_side`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantize not in (None, *QUANTIZATIONS):
+        raise FactftError(f"quantize '{quantize}' is not supported; use one of {QUANTIZATIONS} or none")
+    device = device or default_device()
+    if quantize and not str(device).startswith("cuda"):
+        raise FactftError(
+            "finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full on this machine"
+        )
+    check_model_folder(spec)
+    name, trust = spec["name"], bool(spec.get("trust_remote_code"))
+    if trust:
+        log.warning("model '%s': trust_remote_code is on: running the model folder's own Python code", name)
+    kind = adapter_kind(adapter) if adapter is not None else None
+
+    # A full finetune saved a whole model (plain safetensors, tokenizer beside it).
+    weights = Path(adapter) if kind == "full" else Path(spec["path"])
+    gguf = None if kind == "full" else spec.get("gguf_file")
+    common = {"local_files_only": True, "trust_remote_code": trust}
+    source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
+    dtype = compute_dtype(device)
+    options = {"dtype": dtype}
+    if not trust:
+        # Remote-code models may not implement SDPA; built-in ones all do.
+        options["attn_implementation"] = "sdpa"
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        options["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)
+    if not quantize:
+        model.to(device)
+
+    if kind == "peft":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
+        if not for_training and not quantize:
+            # Merged weights generate as fast as the base; a 4-bit base cannot absorb the adapter.
+            model = model.merge_and_unload()
+
+    tokenizer_dir = Path(adapter) if kind == "full" else Path(spec["path"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **common, **({"gguf_file": gguf} if gguf else {}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.train(for_training)
+    return model, tokenizer
+
+
+# ---- fetching from the hub (login node) ------------------------------------------
+
+# Weights as safetensors, configs and tokenizer files: never pickled .bin weights, and not
+# the duplicate "consolidated"/"original" checkpoints some repositories ship for other tools.
+HUB_FILES = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+]
+HUB_SKIP = ["consolidated*", "original/*"]
+
+
+def hub_file(name: str) -> bool:
+    """Whether `download_model` keeps a repository file (a path relative to the repository)."""
+    return any(fnmatch(name, p) for p in HUB_FILES) and not any(fnmatch(name, p) for p in HUB_SKIP)
+
+
+def download_model(name: str, source: dict, target: str | Path) -> Path:
+    """Fetch `source['hf']` at `source.get('revision')` into the hub cache, then fill `target`.
+
+    `source` is `hub_model_spec` from rules/common.smk (hf, revision, cache_dir). Files are
+    hard-linked from the cache where the file system allows it, else copied, into a temp
+    folder beside `target` that is renamed into place: `target` is complete or absent.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, revision = source["hf"], source.get("revision")
+    target = Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise FactftError(f"model '{name}': {target} already exists; delete it to download again")
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=source.get("cache_dir"),
+                allow_patterns=HUB_FILES,
+                ignore_patterns=HUB_SKIP,
+            )
+        )
+    except GatedRepoError:
+        raise FactftError(
+            f"model '{name}': {repo} is gated; accept its license on huggingface.co and log in "
+            "(`hf auth login` or HF_TOKEN) on the machine that runs `snakemake download_models`"
+        ) from None
+    except RevisionNotFoundError:
+        raise FactftError(
+            f"model '{name}': revision '{revision}' of {repo} does not exist (models.{name}.source.revision)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FactftError(f"model '{name}': no hub repository {repo} (models.{name}.source.hf)") from None
+    except (LocalEntryNotFoundError, OSError) as error:
+        raise FactftError(
+            f"model '{name}': cannot reach the hub for {repo} ({type(error).__name__}); run "
+            f"`snakemake download_models` where there is internet, or set models.{name}.source.path "
+            "to a local model folder"
+        ) from None
+    weights = [f for f in snapshot.rglob("*.safetensors") if hub_file(f.relative_to(snapshot).as_posix())]
+    if not weights:
+        raise FactftError(
+            f"model '{name}': {repo} has no safetensors weights; convert them and set "
+            f"models.{name}.source.path to the converted folder"
+        )
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for file in snapshot.rglob("*"):
+        # An offline hit returns the cached snapshot unfiltered: apply the same patterns.
+        if file.is_dir() or not hub_file(file.relative_to(snapshot).as_posix()):
+            continue
+        dest = tmp / file.relative_to(snapshot)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        blob = file.resolve()  # the cache's snapshot entries are links to content blobs
+        try:
+            os.link(blob, dest)
+        except OSError:
+            shutil.copy2(blob, dest)
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    os.replace(tmp, target)
+    log.info("model '%s': %s (%d weight files) -> %s", name, repo, len(weights), target)
+    return target

@@ -1,0 +1,133 @@
+"""Popularity scorers: how well-known each fact's subject is (the paper's ranking signal).
+
+A scorer is `fn(facts, params, context) -> pd.Series` (numbers aligned with `facts`); `params`
+is the dataset's `popularity` config block. Adding a scorer = one function + one SCORERS entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from factft.errors import FactftError
+from factft.sources import drop_invalid
+from factft.tables import check_facts, read_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoringContext:
+    """What scorers need beyond the facts and their config block."""
+
+    dataset: str
+    fmt: str = "open"
+    prompt: dict | None = None  # config prompt block, for model_confidence
+    model: dict | None = None  # model_spec of the scoring model, for model_confidence
+    pageviews: str | Path | None = None  # table written by the `pageviews` rule
+
+
+def column(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
+    """A numeric column of the source (e.g. PopQA's s_pop, monthly page views)."""
+    name = params["column"]
+    if name not in facts.columns:
+        raise FactftError(
+            f"dataset '{context.dataset}': column '{name}' named in popularity.column is missing; "
+            f"columns are: {list(facts.columns)}"
+        )
+    return facts[name]
+
+
+def pageviews(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
+    """The subject's Wikipedia page views, from the table the `pageviews` rule fetched."""
+    if context.pageviews is None:
+        raise FactftError(
+            f"dataset '{context.dataset}': scorer pageviews needs the page-view table; "
+            "run the `pageviews` rule (or factft.pageviews.pageview_table) first"
+        )
+    views = read_table(context.pageviews).set_index("subject")["views"]
+    return facts["subject"].map(views)
+
+
+def model_confidence(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
+    """The scoring model's probability of the gold answer under a few-shot prompt."""
+    from factft.confidence import model_confidence as score  # torch: imported only when used
+
+    if context.model is None:
+        raise FactftError(f"dataset '{context.dataset}': scorer model_confidence needs popularity.model")
+    return score(facts, context.model, params["shots"], context.prompt, context.fmt)
+
+
+def pretraining_count(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
+    """Exact mentions of the fact in the pretraining corpus (synthetic worlds write them)."""
+    if "mentions" not in facts.columns:
+        raise FactftError(
+            f"dataset '{context.dataset}': scorer pretraining_count needs a 'mentions' column, which "
+            f"synthetic worlds write; columns are: {list(facts.columns)}"
+        )
+    return facts["mentions"]
+
+
+SCORERS = {
+    "column": column,
+    "pageviews": pageviews,
+    "model_confidence": model_confidence,
+    "pretraining_count": pretraining_count,
+}
+
+
+def describe(params: dict) -> str:
+    """The `popularity_source` label: scorer plus what determines its numbers."""
+    scorer = params["scorer"]
+    if scorer == "column":
+        return f"column:{params['column']}"
+    if scorer == "pageviews":
+        return f"pageviews:{params.get('project', 'en.wikipedia')}:{params.get('start')}-{params.get('end')}"
+    if scorer == "model_confidence":
+        return f"model_confidence:{params['model']}:{params.get('shots')}-shot"
+    return scorer
+
+
+def add_popularity(
+    raw: pd.DataFrame, params: dict, context: ScoringContext, max_drop_fraction: float
+) -> pd.DataFrame:
+    """The facts table: `raw` with `popularity` (float64, finite, >= 0) and `popularity_source`.
+
+    Rows whose score is missing, non-numeric, infinite or negative are dropped and counted;
+    more than `max_drop_fraction` of them is an error.
+    """
+    scorer = params["scorer"]
+    if scorer not in SCORERS:
+        raise FactftError(
+            f"dataset '{context.dataset}': popularity.scorer '{scorer}' is unknown; "
+            f"scorers are: {sorted(SCORERS)}"
+        )
+    where = f"dataset '{context.dataset}' (popularity {describe(params)})"
+    facts = raw.reset_index(drop=True)
+    scores = pd.to_numeric(SCORERS[scorer](facts, params, context), errors="coerce").astype("float64")
+    facts["popularity"] = scores.reindex(facts.index)
+    facts["popularity_source"] = describe(params)
+    finite = facts["popularity"].map(math.isfinite)
+    facts = drop_invalid(
+        facts,
+        {
+            "popularity missing or not a number": ~finite,
+            "negative popularity": finite & (facts["popularity"] < 0),
+        },
+        where,
+        max_drop_fraction,
+    ).reset_index(drop=True)
+    check_facts(facts, where)
+    log.info(
+        "%s: popularity min %.4g, median %.4g, max %.4g",
+        where,
+        facts["popularity"].min(),
+        float(np.median(facts["popularity"])),
+        facts["popularity"].max(),
+    )
+    return facts

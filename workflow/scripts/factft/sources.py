@@ -1,0 +1,484 @@
+"""Reading every kind of dataset source into the raw facts table.
+
+A source is a config entry: `{hf: id, name?, split?, revision?}` (the Hugging Face hub),
+`{path: file}` (csv, tsv, jsonl, json, parquet) or `{url, sha256?, reader}` (a file or archive
+fetched once into the cache). `columns` maps facts columns to source columns; the result is
+the raw facts table that `popularity` scores: id, question, answers (list<str>), subject,
+relation (+ choices, answer_index for multiple choice, + kept columns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import requests
+
+from factft.errors import FactftError
+from factft.tables import atomic_path
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "factft/0.1 (research workflow reproducing Ghosal et al., ICML 2024; python-requests)"
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".zip")
+
+# EntityQuestions asks every relation with one template; the subject is what fills `{}`.
+ENTITYQUESTIONS_TEMPLATES = {
+    "P17": "Which country is {} located in?",
+    "P19": "Where was {} born?",
+    "P20": "Where did {} die?",
+    "P26": "Who is {} married to?",
+    "P36": "What is the capital of {}?",
+    "P40": "Who is {}'s child?",
+    "P50": "Who is the author of {}?",
+    "P69": "Where was {} educated?",
+    "P106": "What kind of work does {} do?",
+    "P112": "Who founded {}?",
+    "P127": "Who owns {}?",
+    "P131": "Where is {} located?",
+    "P136": "What type of music does {} play?",
+    "P159": "Where is the headquarter of {}?",
+    "P170": "Who was {} created by?",
+    "P175": "Who performed {}?",
+    "P176": "Which company is {} produced by?",
+    "P264": "What music label is {} represented by?",
+    "P276": "Where is {} located?",
+    "P407": "Which language was {} written in?",
+    "P413": "What position does {} play?",
+    "P495": "Which country was {} created in?",
+    "P740": "Where was {} founded?",
+    "P800": "What is {} famous for?",
+}
+
+
+# ---- the entry point --------------------------------------------------------------
+
+
+def load_facts(spec: dict, cache_dir: str | Path, max_drop_fraction: float) -> pd.DataFrame:
+    """The raw facts table of one dataset config entry (`spec` carries its `name`)."""
+    table = read_source(spec, cache_dir)
+    return to_facts(table, spec, max_drop_fraction)
+
+
+def read_source(spec: dict, cache_dir: str | Path) -> pd.DataFrame:
+    """The source table as it is, before the column mapping."""
+    name, source = spec["name"], spec["source"]
+    if "hf" in source:
+        return read_hf(name, source, cache_dir)
+    if "path" in source:
+        return read_file(source["path"])
+    if "url" in source:
+        path = fetch_url(source["url"], Path(cache_dir) / "downloads", source.get("sha256"))
+        reader = source.get("reader", "auto")
+        return read_entityquestions(path) if reader == "entityquestions" else read_file(path)
+    raise FactftError(
+        f"datasets.{name}.source: no hf, path or url; synthetic worlds are made by the synthetic_world rule"
+    )
+
+
+# ---- hub, files, urls -------------------------------------------------------------
+
+
+def read_hf(name: str, source: dict, cache_dir: str | Path) -> pd.DataFrame:
+    """One split of a hub dataset (or of a local folder in the hub's layout), via datasets."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(
+            source["hf"],
+            source.get("name"),
+            split=source.get("split", "test"),
+            revision=source.get("revision"),
+            cache_dir=str(Path(cache_dir) / "datasets"),
+        )
+    except ConnectionError as error:
+        raise FactftError(
+            f"dataset '{name}': cannot reach the Hugging Face hub ({error}); run "
+            f"`snakemake download_datasets` where there is internet, or set datasets.{name}.source.path "
+            "to a local copy"
+        ) from None
+    except datasets.exceptions.DatasetNotFoundError as error:
+        raise FactftError(
+            f"dataset '{name}': {error}; check datasets.{name}.source.hf (gated datasets also need "
+            "`hf auth login`)"
+        ) from None
+    except ValueError as error:
+        # Unknown split or configuration name: datasets lists the ones that exist.
+        raise FactftError(
+            f"dataset '{name}': {error}; check datasets.{name}.source.split and .name"
+        ) from None
+    return loaded.to_pandas()
+
+
+def read_file(path: str | Path) -> pd.DataFrame:
+    """A csv, tsv, jsonl, json or parquet file (optionally .gz) as a table; a .zip is read as
+    EntityQuestions' archive, the one archive layout known here."""
+    path = Path(path)
+    stem = path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
+    suffix = PurePosixPath(stem).suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise FactftError(
+            f"cannot read {path}: unknown file type '{suffix}'; use one of {list(FILE_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise FactftError(f"cannot read {path}: no such file")
+    if suffix == ".zip":
+        return read_entityquestions(path)
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv"):
+            # Only empty cells are missing: "NA" and "None" are real answers (Namibia, a song).
+            sep = "\t" if suffix == ".tsv" else ","
+            return pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""])
+        if suffix == ".jsonl":
+            with _open_text(path) as lines:
+                return pd.DataFrame.from_records([json.loads(line) for line in lines if line.strip()])
+        with _open_text(path) as stream:
+            records = json.load(stream)
+        if not isinstance(records, list):
+            raise ValueError("expected a JSON list of records")
+        return pd.DataFrame.from_records(records)
+    except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise FactftError(f"cannot read {path}: {error}") from None
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def get_with_retries(
+    session: requests.Session,
+    url: str,
+    *,
+    attempts: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60,
+    stream: bool = False,
+) -> requests.Response:
+    """GET `url`; retry connection errors, 429 and 5xx with exponential backoff.
+
+    Returns the last response (any other status is the caller's to judge); raises FactftError
+    when every attempt failed. Retry-After is honoured but capped, so the loop stays bounded.
+    """
+    problem = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(_retry_delay(problem, backoff, attempt))
+        try:
+            response = session.get(url, timeout=timeout, stream=stream, headers={"User-Agent": USER_AGENT})
+        except (requests.ConnectionError, requests.Timeout) as error:
+            problem = f"{type(error).__name__}: {error}"
+            continue
+        if response.status_code not in RETRY_STATUS:
+            return response
+        problem = response
+        response.close()
+    reason = f"HTTP {problem.status_code}" if isinstance(problem, requests.Response) else problem
+    raise FactftError(f"cannot fetch {url}: gave up after {attempts} attempts ({reason})")
+
+
+def _retry_delay(problem, backoff: float, attempt: int) -> float:
+    delay = backoff * 2 ** (attempt - 1)
+    if isinstance(problem, requests.Response):
+        retry_after = problem.headers.get("Retry-After", "")
+        if retry_after.isdigit():
+            delay = max(delay, min(float(retry_after), 60.0))
+    return delay
+
+
+def fetch_url(
+    url: str, folder: str | Path, sha256: str | None = None, *, attempts: int = 5, backoff: float = 1.0
+) -> Path:
+    """The file at `url`, fetched once into `folder` and checked against `sha256` when given."""
+    basename = PurePosixPath(urlparse(url).path).name or "download"
+    target = Path(folder) / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{basename}"
+    if target.is_file():
+        found = _sha256(target)
+        if sha256 and found != sha256:
+            raise FactftError(
+                f"cached {target} (from {url}) has sha256 {found}, the config says {sha256}; "
+                "delete the file to fetch it again, or correct source.sha256"
+            )
+        log.info("using cached %s", target)
+        return target
+    log.info("fetching %s", url)
+    with requests.Session() as session:
+        response = get_with_retries(session, url, attempts=attempts, backoff=backoff, stream=True)
+        with response, atomic_path(target) as tmp:
+            if response.status_code != 200:
+                raise FactftError(f"cannot fetch {url}: HTTP {response.status_code}; check source.url")
+            digest = hashlib.sha256()
+            try:
+                with open(tmp, "wb") as out:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+            except requests.RequestException as error:
+                raise FactftError(f"fetching {url} broke off ({error}); run it again") from None
+            if sha256 and digest.hexdigest() != sha256:
+                raise FactftError(
+                    f"{url}: sha256 is {digest.hexdigest()}, the config says {sha256}; "
+                    "the file changed upstream or source.sha256 is wrong (nothing was cached)"
+                )
+    log.info("cached %s (sha256 %s)", target, _sha256(target))
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- EntityQuestions --------------------------------------------------------------
+
+
+def read_entityquestions(path: str | Path) -> pd.DataFrame:
+    """EntityQuestions' dataset.zip: dataset/{train,dev,test}/P*.{split}.json, one file per relation.
+
+    Every split is read (the workflow makes its own subject-disjoint split); the relation is
+    the file's P-id and the subject is recovered from the question through its template.
+    """
+    pattern = re.compile(r"^(?:[^/]+/)?(train|dev|test)/(P\d+)\.\1\.json$")
+    rows = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = sorted(m for m in archive.namelist() if pattern.search(m))
+            if not members:
+                raise FactftError(
+                    f"{path}: no dataset/{{train,dev,test}}/P*.{{split}}.json files; "
+                    "is this EntityQuestions' dataset.zip?"
+                )
+            for member in members:
+                split, relation = pattern.search(member).group(1, 2)
+                subject_of = _template_matcher(relation, f"{path}:{member}")
+                for item in json.loads(archive.read(member)):
+                    question = item["question"]
+                    rows.append(
+                        {
+                            "question": question,
+                            "answers": list(item["answers"]),
+                            "subject": subject_of(question),
+                            "relation": relation,
+                            "source_split": split,
+                        }
+                    )
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as error:
+        raise FactftError(f"cannot read {path} as EntityQuestions' dataset.zip: {error}") from None
+    return pd.DataFrame.from_records(rows)
+
+
+def _template_matcher(relation: str, where: str):
+    template = ENTITYQUESTIONS_TEMPLATES.get(relation)
+    if template is None:
+        raise FactftError(
+            f"{where}: relation {relation} has no question template; known relations are "
+            f"{sorted(ENTITYQUESTIONS_TEMPLATES, key=lambda p: int(p[1:]))}"
+        )
+    before, after = template.split("{}")
+    regex = re.compile(re.escape(before) + "(.+)" + re.escape(after))
+
+    def subject_of(question: str) -> str:
+        match = regex.fullmatch(question.strip())
+        if not match:
+            raise FactftError(
+                f"{where}: question {question!r} does not fit {relation}'s template {template!r}"
+            )
+        return match.group(1)
+
+    return subject_of
+
+
+# ---- column mapping and cleaning --------------------------------------------------
+
+
+def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.DataFrame:
+    """Map, parse and clean a source table into the raw facts table (see the module doc)."""
+    name = spec["name"]
+    mapping = _mapping(spec)
+    kept = _kept_columns(spec, mapping)
+    wanted = [(f"columns.{key}", column) for key, column in mapping.items()]
+    _require_columns(table, name, wanted + [("keep_columns", column) for column in kept])
+    table = table.reset_index(drop=True)
+
+    facts = pd.DataFrame(
+        {
+            "id": (
+                table[mapping["id"]].map(str)
+                if "id" in mapping
+                else [f"{name}-{row}" for row in range(len(table))]
+            ),
+            "question": table[mapping["question"]].map(_text),
+            "subject": table[mapping["subject"]].map(_text),
+            "relation": table[mapping["relation"]].map(_text),
+        }
+    )
+    invalid = {
+        "empty question": facts["question"] == "",
+        "empty subject": facts["subject"] == "",
+        "empty relation": facts["relation"] == "",
+    }
+    if spec.get("format", "open") == "multiple_choice":
+        facts["choices"] = table[mapping["choices"]].map(_choices)
+        facts["answer_index"] = table[mapping["answer_index"]].map(_index)
+        in_range = [0 <= i < len(c) for c, i in zip(facts["choices"], facts["answer_index"])]
+        invalid["answer_index missing or outside choices"] = ~pd.Series(in_range, index=facts.index)
+        facts["answers"] = [
+            [c[i]] if ok else [] for c, i, ok in zip(facts["choices"], facts["answer_index"], in_range)
+        ]
+    else:
+        facts["answers"] = table[mapping["answers"]].map(parse_answers)
+    invalid["no answers"] = facts["answers"].map(len) == 0
+    for column in kept:
+        facts[column] = table[column]
+
+    _check_unique_ids(facts, name, mapping)
+    facts = drop_invalid(facts, invalid, f"dataset '{name}'", max_drop_fraction)
+    order = ["id", "question", "answers", "subject", "relation"]
+    order += [c for c in ("choices", "answer_index") if c in facts] + kept
+    facts = facts[order].reset_index(drop=True)
+    if "answer_index" in facts:
+        facts["answer_index"] = facts["answer_index"].astype("int64")
+    return facts
+
+
+def _mapping(spec: dict) -> dict:
+    """facts column -> source column, with the defaults that need no config."""
+    columns = spec.get("columns") or {}
+    mapping = {key: columns.get(key, key) for key in ("question", "subject", "relation")}
+    if "id" in columns:
+        mapping["id"] = columns["id"]
+    if spec.get("format", "open") == "multiple_choice":
+        mapping["choices"] = columns.get("choices", "choices")
+        mapping["answer_index"] = columns.get("answer_index", "answer_index")
+    else:
+        mapping["answers"] = columns.get("answers", "answers")
+    return mapping
+
+
+def _kept_columns(spec: dict, mapping: dict) -> list[str]:
+    """keep_columns, plus the popularity column, which `popularity` reads from the raw table."""
+    kept = list(spec.get("keep_columns") or [])
+    popularity = spec.get("popularity") or {}
+    if popularity.get("scorer") == "column" and popularity.get("column") not in kept:
+        kept.append(popularity["column"])
+    reserved = {"id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"}
+    clash = [c for c in kept if c in reserved]
+    if clash:
+        raise FactftError(
+            f"dataset '{spec['name']}': keep_columns {clash} clash with facts columns; map them through "
+            f"datasets.{spec['name']}.columns instead"
+        )
+    return kept
+
+
+def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str]]) -> None:
+    for key, column in wanted:
+        if column not in table.columns:
+            raise FactftError(
+                f"dataset '{name}': column '{column}' named in datasets.{name}.{key} is missing from the "
+                f"source; its columns are: {[str(c) for c in table.columns]}"
+            )
+
+
+def _check_unique_ids(facts: pd.DataFrame, name: str, mapping: dict) -> None:
+    duplicated = facts["id"][facts["id"].duplicated()]
+    if len(duplicated):
+        raise FactftError(
+            f"dataset '{name}': {len(duplicated)} duplicate ids in column '{mapping.get('id')}', e.g. "
+            f"{list(duplicated.unique()[:3])}; map datasets.{name}.columns.id to a unique column, "
+            "or leave it out to number the rows"
+        )
+
+
+def drop_invalid(
+    table: pd.DataFrame, invalid: dict[str, pd.Series], where: str, max_drop_fraction: float
+) -> pd.DataFrame:
+    """Drop the rows flagged in `invalid` (reason -> boolean mask), log the counts per reason,
+    and fail when more than `max_drop_fraction` of the rows go (the data is then not what the
+    config says it is)."""
+    bad = pd.Series(False, index=table.index)
+    for reason, mask in invalid.items():
+        fresh = mask & ~bad
+        if fresh.any():
+            log.info("%s: dropping %d rows: %s", where, int(fresh.sum()), reason)
+        bad |= mask
+    dropped, total = int(bad.sum()), len(table)
+    if total == 0:
+        raise FactftError(f"{where}: the source has no rows")
+    if dropped / total > max_drop_fraction:
+        reasons = {reason: int(mask.sum()) for reason, mask in invalid.items() if mask.any()}
+        raise FactftError(
+            f"{where}: {dropped} of {total} rows are invalid ({reasons}), more than split.max_drop_fraction "
+            f"{max_drop_fraction}; check the column mapping, or raise split.max_drop_fraction"
+        )
+    log.info("%s: kept %d of %d rows", where, total - dropped, total)
+    return table[~bad]
+
+
+def parse_answers(value) -> list[str]:
+    """A list of non-empty answer strings from a list, an array or a JSON list string.
+
+    PopQA stores its aliases as a JSON string; any other string is one answer.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = [text]
+        else:
+            value = [text]
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return []
+    answers = []
+    for item in value:
+        text = _text(item)
+        if text and text not in answers:
+            answers.append(text)
+    return answers
+
+
+def _choices(value) -> list[str]:
+    """Choices keep their order and count: answer_index points into them."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return []
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return [_text(item) for item in value] if isinstance(value, (list, tuple)) else []
+
+
+def _text(value) -> str:
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    return str(value).strip()
+
+
+def _index(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1

@@ -1,0 +1,223 @@
+"""Summaries over seeds of the metrics tables: the paper's Table 1 analog and the plotted data.
+
+Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accuracy,
+exact_match). A *source* labels one such file: {model, dataset, subset, seed, path}, where
+subset is a finetuning subset (top, bottom, random, whole; one table per seed) or a
+reference without seed: "base" (the pretrained model answering zero-shot) or "cloze" (the
+pretrained model completing the fact's statement: what it stores, as opposed to what QA
+extracts). rules/common.smk builds the sources from the config.
+
+`python -m factft.summary results/tables/summary.tsv` prints the summary for a reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from factft.errors import FactftError
+from factft.metrics import METRICS_COLUMNS
+from factft.tables import write_tsv
+
+SUBSETS = ("top", "bottom", "random", "whole")
+REFERENCES = ("base", "cloze")
+LABELS = {
+    "top": "FT-Top",
+    "bottom": "FT-Bottom",
+    "random": "FT-Random",
+    "whole": "FT-Whole",
+    "base": "Base, zero-shot QA",
+    "cloze": "Base, cloze (stored facts)",
+}
+KEYS = ("model", "dataset", "subset", "seed")
+GAP = "top_minus_bottom"
+FIGURE_NAME = "accuracy_vs_popularity"
+
+
+def collect_metrics(sources: Iterable[Mapping]) -> pd.DataFrame:
+    """One long table of every source's metrics, keyed by model, dataset, subset and seed.
+
+    seed is a nullable integer: missing for the base and cloze references.
+    """
+    tables = []
+    for source in sources:
+        subset = source["subset"]
+        if subset not in SUBSETS + REFERENCES:
+            raise ValueError(
+                f"source {source['path']}: subset '{subset}' is not one of {SUBSETS + REFERENCES}"
+            )
+        table = read_metrics(source["path"])
+        for key in KEYS:
+            table.insert(KEYS.index(key), key, source.get(key))
+        tables.append(table)
+    if not tables:
+        raise FactftError(
+            "no metrics tables to summarise: the config lists no model, dataset, subset or seed"
+        )
+    metrics = pd.concat(tables, ignore_index=True)
+    metrics["seed"] = metrics["seed"].astype("Int64")
+    return metrics
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """Read one metrics.tsv; a missing or malformed file is a FactftError naming it."""
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise FactftError(f"cannot read metrics table {path}: {error}") from None
+    missing = [c for c in METRICS_COLUMNS if c not in table.columns]
+    if missing:
+        raise FactftError(
+            f"metrics table {path} lacks columns {missing}; has {list(table.columns)}. "
+            f"Remake it: snakemake --forcerun {path}"
+        )
+    if not (table["scope"] == "all").any():
+        raise FactftError(
+            f"metrics table {path} has no scope 'all' row; remake it: snakemake --forcerun {path}"
+        )
+    return table[list(METRICS_COLUMNS)]
+
+
+def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, dataset): overall held-out accuracy over seeds, references, the gap.
+
+    Columns: model, dataset, n_test (held-out facts), n_seeds, <subset>_mean and <subset>_sd
+    for every subset in SUBSETS (NaN where the config leaves a subset out), base, cloze (NaN
+    without a cloze table), and top_minus_bottom_mean/_sd/_seeds: FT-Top minus FT-Bottom
+    paired by seed (the runs of one seed share the adapter initialisation and the
+    training seed, so the paired difference removes the variation they share). sd is the sample
+    standard deviation over seeds (NaN for one seed).
+    """
+    overall = metrics[metrics["scope"] == "all"]
+    rows = []
+    for (model, dataset), group in overall.groupby(["model", "dataset"], sort=False):
+        runs = group[group["subset"].isin(SUBSETS)]
+        row = {
+            "model": model,
+            "dataset": dataset,
+            "n_test": int(group["n"].max()),
+            "n_seeds": int(runs["seed"].nunique()),
+        }
+        by_seed = runs.pivot_table(index="seed", columns="subset", values="accuracy", aggfunc="first")
+        for subset in SUBSETS:
+            values = by_seed[subset].dropna() if subset in by_seed else pd.Series(dtype="float64")
+            row[f"{subset}_mean"] = values.mean()
+            row[f"{subset}_sd"] = values.std(ddof=1)
+        for reference in REFERENCES:
+            values = group.loc[group["subset"] == reference, "accuracy"]
+            row[reference] = values.iloc[0] if len(values) else math.nan
+        gap = _paired_gap(by_seed)
+        row[f"{GAP}_mean"] = gap.mean()
+        row[f"{GAP}_sd"] = gap.std(ddof=1)
+        row[f"{GAP}_seeds"] = len(gap)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _paired_gap(by_seed: pd.DataFrame) -> pd.Series:
+    """FT-Top minus FT-Bottom for each seed that has both."""
+    if "top" not in by_seed or "bottom" not in by_seed:
+        return pd.Series(dtype="float64")
+    return (by_seed["top"] - by_seed["bottom"]).dropna()
+
+
+def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The plotted data: accuracy per (model, dataset, subset, scope, x), mean and sd over seeds.
+
+    scope "top" (x = the top-x% most popular test facts) and "decile" (x = 10..100, 100 =
+    the most popular tenth); n is the number of test facts in the bin, runs the number of
+    metrics tables averaged (seeds; 1 for base and cloze). Empty bins have NaN accuracy.
+    """
+    binned = metrics[metrics["scope"].isin(["top", "decile"])]
+    grouped = binned.groupby(["model", "dataset", "subset", "scope", "x"], sort=False)
+    table = grouped.agg(
+        n=("n", "max"),
+        mean=("accuracy", "mean"),
+        sd=("accuracy", lambda a: a.std(ddof=1)),
+        runs=("accuracy", "size"),
+    ).reset_index()
+    order = {name: i for i, name in enumerate(SUBSETS + REFERENCES)}
+    table["_order"] = table["subset"].map(order)
+    table = table.sort_values(["model", "dataset", "_order", "scope", "x"], kind="stable")
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+def make_summary(
+    sources: Iterable[Mapping], summary_path: str | Path, by_percentile_path: str | Path
+) -> None:
+    """Read every source and write summary.tsv and accuracy_by_percentile.tsv."""
+    metrics = collect_metrics(sources)
+    write_tsv(summary_table(metrics), summary_path)
+    write_tsv(accuracy_by_percentile(metrics), by_percentile_path)
+
+
+def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None) -> str:
+    """A compact text summary of summary.tsv, with each experiment's figure path."""
+    lines = []
+    width = max(len(label) for label in LABELS.values())
+    for _, row in summary.iterrows():
+        seeds = int(row["n_seeds"])
+        lines.append(
+            f"{row['model']} on {row['dataset']}: held-out accuracy on {int(row['n_test'])} test facts "
+            f"(mean +/- sd over {seeds} seed{'s' * (seeds != 1)})"
+        )
+        for subset in SUBSETS:
+            mean = row.get(f"{subset}_mean", math.nan)
+            if not pd.isna(mean):
+                lines.append(f"  {LABELS[subset]:<{width}}  {mean:.3f} +/- {_sd(row[f'{subset}_sd'], 3)}")
+        for reference in REFERENCES:
+            if not pd.isna(row.get(reference, math.nan)):
+                lines.append(f"  {LABELS[reference]:<{width}}  {row[reference]:.3f}")
+        gap_seeds = int(row[f"{GAP}_seeds"])
+        if gap_seeds:
+            lines.append(
+                f"  FT-Top - FT-Bottom = {row[f'{GAP}_mean']:+.2f} "
+                f"(sd {_sd(row[f'{GAP}_sd'], 2)} over {gap_seeds} seed{'s' * (gap_seeds != 1)})"
+            )
+        else:
+            lines.append("  FT-Top - FT-Bottom: not available (needs subsets top and bottom)")
+        if figures_dir is not None:
+            figure = Path(figures_dir) / str(row["model"]) / str(row["dataset"]) / f"{FIGURE_NAME}.png"
+            lines.append(f"  figure: {figure}{'' if figure.exists() else ' (not made yet)'}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _sd(value: float, digits: int) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m factft.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("summary", type=Path, help="results/tables/summary.tsv (the summary rule's output)")
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help="figures folder (default: results/figures beside the tables folder)",
+    )
+    args = parser.parse_args(argv)
+    if not args.summary.exists():
+        print(
+            f"factft: {args.summary} does not exist; make it with: snakemake --cores 2 {args.summary}",
+            file=sys.stderr,
+        )
+        return 1
+    summary = pd.read_csv(args.summary, sep="\t")
+    results = args.summary.parent.parent
+    print(format_summary(summary, args.figures or results / "figures"), end="")
+    report = results / "report.html"
+    if report.exists():
+        print(f"HTML report (every figure with its caption): {report}")
+    else:
+        print(f"HTML report: snakemake [--configfile ...] --report {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

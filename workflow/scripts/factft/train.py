@@ -1,0 +1,413 @@
+"""QA finetuning (LoRA, QLoRA, full) in a plain, seeded, resumable torch loop.
+
+The loop is small on purpose: every piece of state that decides the result (trainable
+weights, optimizer moments, step, RNG) is in a checkpoint, and the data order is a pure
+function of (seed, epoch), so a killed or requeued job resumes to the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from factft.errors import FactftError
+from factft.models import default_device, load_model
+from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
+from factft.tables import write_tsv
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lora", "qlora", "full")
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s"]
+# Length grouping sorts within windows of this many batches: batches of similar length
+# (little padding) while the data order stays random at the scale of an epoch.
+MEGA_BATCHES = 50
+CHECKPOINT_PREFIX = "step-"
+STATE = "state.json"  # written last inside a checkpoint: its presence marks it complete
+
+
+# ---- data ------------------------------------------------------------------------
+
+
+def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length: int) -> list[dict]:
+    """Each fact as token ids with prompt-masked labels (see factft.prompts.encode_example)."""
+    has_choices = {"choices", "answer_index"} <= set(examples.columns)
+    if "question" not in examples.columns or not (has_choices or "answers" in examples.columns):
+        raise FactftError(
+            "finetune examples need a question column and answers (or choices + answer_index); "
+            f"columns are: {list(examples.columns)}"
+        )
+    if examples.empty:
+        raise FactftError("finetune examples: the split is empty; check split.fraction and pool_size")
+    return [
+        encode_example(
+            tokenizer,
+            prompt_text(fact["question"], prompt["template"]),
+            answer_text(gold_answer(fact), prompt["answer"]),
+            max_length,
+        )
+        for fact in examples.to_dict("records")
+    ]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (lists of example indices), a pure function of (seed, epoch).
+
+    A seeded permutation is cut into mega-batches, each sorted by length and cut into
+    batches; the batch order is then shuffled so long and short batches interleave.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * MEGA_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [[int(i) for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(encoded: list[dict], indices: list[int], pad_id: int, device) -> dict:
+    """Right-padded tensors, padded only to this batch's longest example."""
+    width = max(len(encoded[i]["input_ids"]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(encoded[i]["input_ids"])
+        ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
+        labels[row, :n] = torch.tensor(encoded[i]["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+# ---- model -----------------------------------------------------------------------
+
+
+def prepare_model(model, settings: dict):
+    """Make the weights `settings['method']` trains trainable (LoRA adapters or all)."""
+    method = settings["method"]
+    checkpointing = settings.get("gradient_checkpointing", False)
+    model.config.use_cache = False  # a KV cache is useless in teacher-forced training
+    if method == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.activation_checkpointing_enable()
+    lora = settings["lora"]
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise FactftError(
+            f"finetune.lora.target_modules {lora['target_modules']}: {error}; name linear layers "
+            "of this model (e.g. q_proj, v_proj) or use all-linear"
+        ) from None
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step: int, total: int, settings: dict) -> float:
+    """Linear warmup over warmup_ratio of the steps, then linear decay to zero."""
+    peak = settings["learning_rate"]
+    warmup = math.ceil(settings.get("warmup_ratio", 0.0) * total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+# ---- checkpoints -----------------------------------------------------------------
+
+
+def weights_identity(model_spec: dict) -> list:
+    """Name, size and the first and last MiB of each weight file: enough to tell a re-made
+    base model (same shapes, new values) from the one a checkpoint was trained on, without
+    reading gigabytes."""
+    folder = Path(model_spec["path"])
+    files = [folder / model_spec["gguf_file"]] if model_spec.get("gguf_file") else sorted(folder.glob("*.safetensors"))
+    identity = []
+    for file in files:
+        size = file.stat().st_size
+        with open(file, "rb") as stream:
+            head = stream.read(2**20)
+            stream.seek(max(0, size - 2**20))
+            tail = stream.read()
+        identity.append([file.name, size, hashlib.sha256(head + tail).hexdigest()])
+    return identity
+
+
+def fingerprint(settings: dict, model_spec: dict, encoded: list[dict]) -> str:
+    """What decides the result: settings (not checkpoint_every), base weights and token ids."""
+    digest = hashlib.sha256()
+    relevant = {k: v for k, v in settings.items() if k != "checkpoint_every"}
+    digest.update(json.dumps([weights_identity(model_spec), relevant], sort_keys=True, default=str).encode())
+    for example in encoded:
+        digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, state: dict) -> None:
+    """Write step-<step> atomically (temp dir + rename), then drop older checkpoints."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = directory / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {name: p.detach().contiguous().cpu() for name, p in trainable_parameters(model).items()}
+    save_file(weights, tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / STATE).write_text(json.dumps(dict(state, step=step)))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log.info("checkpoint %s", target)
+    for old in directory.glob(f"{CHECKPOINT_PREFIX}*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path, print_: str) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint whose fingerprint is `print_`, with its state."""
+    if not directory.is_dir():
+        return None
+    for candidate in sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+        files = [candidate / f for f in (STATE, "trainable.safetensors", "optimizer.pt", "rng.safetensors")]
+        if not all(f.is_file() for f in files):
+            log.info("skipping incomplete checkpoint %s", candidate)
+            continue
+        state = json.loads((candidate / STATE).read_text())
+        if state.get("fingerprint") != print_:
+            log.info("skipping checkpoint %s: trained with other settings or data", candidate)
+            continue
+        return candidate, state
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> None:
+    from safetensors.torch import load_file
+
+    parameters = trainable_parameters(model)
+    weights = load_file(path / "trainable.safetensors")
+    if set(weights) != set(parameters):
+        raise FactftError(f"checkpoint {path} does not match the model's trainable weights; delete it")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor)
+    # weights_only: a checkpoint folder must not be able to run code when loaded.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+
+
+# ---- outputs ---------------------------------------------------------------------
+
+
+def library_versions(method: str) -> dict:
+    import peft
+    import transformers
+
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if method == "qlora":
+        import bitsandbytes
+
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    return versions
+
+
+def check_output(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FactftError(f"{out_dir} already exists; delete it to finetune again (it is never overwritten)")
+
+
+def save_output(out_dir: Path, model, tokenizer, summary: dict, method: str) -> None:
+    """The adapter (or full model + tokenizer) and trained.json, renamed into place at once."""
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if method == "full":
+        tokenizer.save_pretrained(tmp)
+    (tmp / "trained.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out_dir.is_dir():
+        out_dir.rmdir()  # empty (check_output): an empty folder cannot be replaced by rename
+    os.replace(tmp, out_dir)
+
+
+# ---- the loop --------------------------------------------------------------------
+
+
+def finetune(
+    model_spec: dict,
+    examples: pd.DataFrame,
+    out_dir: str | Path,
+    settings: dict,
+    prompt: dict,
+    checkpoint_dir: str | Path,
+    *,
+    train_log: str | Path | None = None,
+    meta: dict | None = None,
+    device: str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Finetune `model_spec` on `examples` and write the result to `out_dir`.
+
+    `settings` is the merged finetune config plus `seed`; `prompt` is config["prompt"].
+    Resumes from the newest matching checkpoint in `checkpoint_dir` and deletes the
+    checkpoints once `out_dir` is written. `train_log` receives one row per step; `meta`
+    (dataset, subset, ...) is recorded in trained.json; `on_step(step, loss)` runs after
+    each step and its checkpoint. Returns the summary written as trained.json.
+    """
+    out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
+    method, seed = settings["method"], int(settings["seed"])
+    if method not in METHODS:
+        raise FactftError(f"finetune.method '{method}' is unknown; use one of {METHODS}")
+    device = device or default_device()
+    check_output(out_dir)
+    log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    seed_everything(seed)
+    model, tokenizer = load_model(
+        model_spec, quantize="nf4" if method == "qlora" else None, device=device, for_training=True
+    )
+    encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
+    print_ = fingerprint(settings, model_spec, encoded)
+    model = prepare_model(model, settings)
+    parameters = trainable_parameters(model)
+    n_trainable = sum(p.numel() for p in parameters.values())
+    log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
+
+    cuda = str(device).startswith("cuda")
+    optimizer = torch.optim.AdamW(
+        parameters.values(),
+        lr=settings["learning_rate"],
+        weight_decay=settings.get("weight_decay", 0.0),
+        fused=cuda,
+    )
+    batch_size, accum = settings["batch_size"], settings.get("grad_accum", 1)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    per_epoch = math.ceil(len(encoded) / batch_size)
+    total = settings.get("max_steps") or math.ceil(settings["epochs"] * per_epoch / accum)
+
+    step, rows = 0, []
+    found = latest_checkpoint(checkpoint_dir, print_)
+    if found:
+        path, state = found
+        load_checkpoint(path, model, optimizer)
+        step, rows = state["step"], state["rows"]
+        log.info("resuming from %s (step %d of %d)", path, step, total)
+
+    from tqdm import tqdm
+
+    epochs_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(index: int) -> list[int]:
+        epoch = index // per_epoch
+        if epoch not in epochs_cache:
+            epochs_cache.clear()
+            epochs_cache[epoch] = length_grouped_batches(lengths, batch_size, seed, epoch)
+        return epochs_cache[epoch][index % per_epoch]
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    pad_id = tokenizer.pad_token_id
+    model.train()
+    progress = tqdm(total=total, initial=step, desc=f"finetune {method}", mininterval=10, ascii=True)
+    while step < total:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, total, settings)
+        loss_sum, tokens = 0.0, 0
+        for k in range(accum):
+            indices = micro_batch(step * accum + k)
+            with autocast:
+                loss = model(**collate(encoded, indices, pad_id, device)).loss
+            (loss / accum).backward()
+            # Summed on the device: one host sync per step, not per micro-batch.
+            loss_sum = loss_sum + loss.detach()
+            tokens += sum(lengths[i] for i in indices)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        rows.append(
+            {
+                "step": step,
+                "epoch": step * accum / per_epoch,
+                "loss": float(loss_sum) / accum,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+            }
+        )
+        progress.update(1)
+        progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}", refresh=False)
+        if step % settings["checkpoint_every"] == 0 and step < total:
+            save_checkpoint(checkpoint_dir, step, model, optimizer, {"fingerprint": print_, "rows": rows})
+        if on_step is not None:
+            on_step(step, rows[-1]["loss"])
+    progress.close()
+
+    model.eval()
+    summary = {
+        "model": model_spec["name"],
+        **(meta or {}),
+        "seed": seed,
+        "method": method,
+        "settings": settings,
+        "prompt": prompt,
+        "examples": len(encoded),
+        "steps": step,
+        "epochs": step * accum / per_epoch,
+        "tokens": int(sum(r["tokens"] for r in rows)),
+        "trainable_params": n_trainable,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "fingerprint": print_,
+        "versions": library_versions(method),
+    }
+    if train_log is not None:
+        write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
+    save_output(out_dir, model, tokenizer, summary, method)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("finetuned %d steps, final loss %.4f -> %s", step, summary["final_loss"], out_dir)
+    return summary

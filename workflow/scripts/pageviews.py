@@ -1,0 +1,15 @@
+from factft.logging import to_log
+from factft.pageviews import pageview_table
+from factft.tables import read_table, write_table
+
+with to_log(snakemake.log[0]):
+    popularity = snakemake.params.popularity
+    views = pageview_table(
+        read_table(snakemake.input.raw)["subject"],
+        snakemake.params.cache,
+        project=popularity["project"],
+        start=popularity["start"],
+        end=popularity["end"],
+        requests_per_second=popularity["requests_per_second"],
+    )
+    write_table(views, snakemake.output.views)

@@ -1,0 +1,16 @@
+from factft.logging import to_log
+from factft.popularity import ScoringContext, add_popularity
+from factft.tables import read_table, write_table
+
+with to_log(snakemake.log[0]):
+    params = snakemake.params
+    context = ScoringContext(
+        dataset=snakemake.wildcards.dataset,
+        fmt=params.format,
+        prompt=params.prompt,
+        model=params.model,
+        pageviews=snakemake.input.get("pageviews"),
+    )
+    raw = read_table(snakemake.input.raw)
+    facts = add_popularity(raw, params.popularity, context, params.max_drop_fraction)
+    write_table(facts, snakemake.output.facts)
