@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 CORES ?= 2
 
-.PHONY: demo test lint fmt bench-plan bench-gpu clean-demo
+.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,12 @@ fmt: $(STAMP)
 
 bench-plan: $(STAMP)
 	$(BIN)/python bench/plan_paper_grid.py
+
+# Finetuning/evaluation throughput, plain transformers + peft against factft (docs/benchmarks.md).
+# bench-gpu needs a CUDA torch in .venv (and bitsandbytes for QLoRA); on a lent GPU machine
+# without .venv, bench/gpu_check.sh is the one command.
+bench-cpu: $(STAMP)
+	$(OFFLINE) $(BIN)/python bench/speed.py --device cpu
+
+bench-gpu: $(STAMP)
+	$(OFFLINE) $(BIN)/python bench/speed.py --device cuda

@@ -4,6 +4,8 @@ from snakemake.exceptions import WorkflowError
 
 from factft.config import check_config, finetune_settings
 from factft.errors import FactftError
+from factft.simulation import BASE as SIM_BASE
+from factft.simulation import point_settings, point_value, sweep_points
 
 try:
     check_config(config)
@@ -287,6 +289,117 @@ def summary_inputs():
     return [source["path"] for source in summary_sources()]
 
 
+# ---- attention analysis (the paper's Fig. 3, rules attention, attention_figures) ----
+
+ATTENTION_FIGURE = "results/figures/{model}/{dataset}/attention"
+# The heatmap shows one question under FT-Top and FT-Bottom (else the first two subsets).
+HEATMAP_SUBSETS = [s for s in ("top", "bottom") if s in SUBSETS] or SUBSETS[:2]
+
+
+def attention_params(wildcards):
+    return dict(
+        questions=config["evaluate"]["attention_questions"],
+        batch_size=config["evaluate"]["batch_size"],
+        prompt=config["prompt"],
+        max_drop_fraction=max_drop_fraction(),
+    )
+
+
+def attention_gpus(wildcards):
+    return 0 if tiny_model(wildcards.model) else 1
+
+
+def attention_sources(wildcards):
+    """Every per-layer attention table of one (model, dataset), labelled (subset, seed)."""
+    where = dict(model=wildcards.model, dataset=wildcards.dataset)
+    sources = []
+    for subset in SUBSETS:
+        for seed in SEEDS:
+            run = RUN.format(**where, subset=subset, seed=seed)
+            sources.append(dict(subset=subset, seed=seed, path=f"{run}/attention.tsv"))
+    return sources
+
+
+def attention_inputs(wildcards):
+    return [source["path"] for source in attention_sources(wildcards)]
+
+
+def attention_examples(wildcards):
+    """The heatmap's tables at the first seed: {subset: path}."""
+    where = dict(model=wildcards.model, dataset=wildcards.dataset, seed=SEEDS[0])
+    return {
+        s: f"{RUN.format(**where, subset=s)}/attention_example.tsv"
+        for s in HEATMAP_SUBSETS
+    }
+
+
+def attention_example_inputs(wildcards):
+    return list(attention_examples(wildcards).values())
+
+
+def attention_targets(model, dataset):
+    """Fig. 3's figures, for open QA only: a multiple-choice dataset's `subject` is a topic
+    that its questions do not contain."""
+    if DATASETS[dataset]["format"] != "open":
+        return []
+    return [
+        f"{ATTENTION_FIGURE.format(model=model, dataset=dataset)}_{kind}.png"
+        for kind in ("by_layer", "heatmap")
+    ]
+
+
+# ---- simulation (the one-layer theory model, rules/simulation.smk) ----------------
+
+SIMULATION = config["simulation"]
+SIM_RUN = "results/simulation/{sweep}/{point}/seed{seed}"
+SIM_FIGURES = "results/figures/simulation"
+
+
+def simulation_sweeps():
+    """{sweep: [point, ...]}, the base point first; empty when no sweeps are configured."""
+    return sweep_points(SIMULATION)
+
+
+def simulation_settings(wildcards):
+    return point_settings(SIMULATION, wildcards.sweep, wildcards.point)
+
+
+def simulation_value(wildcards):
+    return point_value(SIMULATION, wildcards.sweep, wildcards.point)
+
+
+def simulation_runs(sweep, table):
+    """One table (accuracy, salience, attention) of every point and seed of a sweep."""
+    return [
+        f"{SIM_RUN}/{table}.parquet".format(sweep=sweep, point=point, seed=seed)
+        for point in simulation_sweeps()[sweep]
+        for seed in SIMULATION["seeds"]
+    ]
+
+
+def simulation_accuracy(wildcards):
+    return simulation_runs(wildcards.sweep, "accuracy")
+
+
+def simulation_base_runs(table):
+    """The base point's table of every seed (mechanism plots); none without sweeps."""
+    return simulation_runs(SIM_BASE, table) if simulation_sweeps() else []
+
+
+def simulation_targets():
+    """Every simulation figure and table; none when the config has no sweeps."""
+    sweeps = [sweep for sweep in simulation_sweeps() if sweep != SIM_BASE]
+    if not sweeps:
+        return []
+    names = ["subsets", "salience_vs_mentions", "attention_through_finetuning"]
+    names += [f"gap_vs_{sweep}" for sweep in sweeps]
+    figures = expand(f"{SIM_FIGURES}/{{name}}.{{ext}}", name=names, ext=["png", "pdf"])
+    tables = expand(
+        "results/simulation/{sweep}/gap_summary.tsv", sweep=[SIM_BASE, *sweeps]
+    )
+    return figures + tables
+
+
 def all_targets():
     targets = ["results/tables/summary.tsv"]
     for model, dataset in experiments():
@@ -296,5 +409,6 @@ def all_targets():
         targets += expand(
             FIGURE + ".{ext}", model=model, dataset=dataset, ext=["png", "pdf"]
         )
+        targets += attention_targets(model, dataset)
     targets += simulation_targets()
     return targets

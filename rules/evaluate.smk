@@ -62,3 +62,32 @@ use rule evaluate as cloze with:
         spec=base_model_spec,
         evaluate=evaluate_params,
         prompt_column="statement",
+
+
+# Where a finetuned model looks when it answers (the paper's Fig. 3): the last prompt
+# position's attention on the subject's and the relation's tokens, per layer. The model is
+# switched to eager attention for this rule only (SDPA returns no weights).
+rule attention:
+    input:
+        model=base_model,
+        adapter=f"{RUN}/adapter",
+        test="results/{dataset}/splits/test.parquet",
+    output:
+        layers=f"{RUN}/attention.tsv",
+        example=f"{RUN}/attention_example.tsv",
+    log:
+        "logs/attention/{model}/{dataset}/{subset}/seed{seed}.log",
+    benchmark:
+        "benchmarks/attention/{model}/{dataset}/{subset}/seed{seed}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=attention_gpus,
+        mem_mb=evaluate_mem_mb,
+        runtime=evaluate_runtime,
+    params:
+        spec=base_model_spec,
+        attention=attention_params,
+    script:
+        "../workflow/scripts/attention.py"

@@ -56,3 +56,40 @@ rule summary:
         sources=summary_sources(),
     script:
         "../workflow/scripts/summary.py"
+
+
+localrules:
+    attention_figures,
+
+
+# The paper's Fig. 3: attention on the subject per layer (a), one question's heatmap (b).
+rule attention_figures:
+    input:
+        layers=attention_inputs,
+        examples=attention_example_inputs,
+    output:
+        by_layer=report(
+            f"{ATTENTION_FIGURE}_by_layer.png",
+            caption="../report/attention_by_layer.rst",
+            category="Attention",
+            subcategory="{model}",
+            labels={"model": "{model}", "dataset": "{dataset}", "figure": "by layer"},
+        ),
+        heatmap=report(
+            f"{ATTENTION_FIGURE}_heatmap.png",
+            caption="../report/attention_heatmap.rst",
+            category="Attention",
+            subcategory="{model}",
+            labels={"model": "{model}", "dataset": "{dataset}", "figure": "heatmap"},
+        ),
+    log:
+        "logs/attention_figures/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/attention_figures/{model}/{dataset}.tsv"
+    conda:
+        "../envs/figures.yaml"
+    params:
+        sources=attention_sources,
+        examples=attention_examples,
+    script:
+        "../workflow/scripts/attention_figures.py"

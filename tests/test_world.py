@@ -9,7 +9,9 @@ from factft.errors import FactftError
 from factft.tables import read_table
 from factft.world import RELATIONS, generate_world, read_corpus, subject_mentions, write_world
 
-SMALL = dict(subjects=60, relations=3, answers_per_relation=10, zipf=1.0, mentions=3000, min_mentions=2, seed=0)
+SMALL = dict(
+    subjects=60, relations=3, answers_per_relation=10, zipf=1.0, mentions=3000, min_mentions=2, seed=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,15 @@ def test_world_is_deterministic_for_a_seed_and_differs_across_seeds(world):
 def test_raw_table_meets_the_facts_contract_after_a_round_trip(world, tmp_path):
     write_world(world, tmp_path / "raw.parquet", tmp_path / "corpus.txt")
     facts = read_table(tmp_path / "raw.parquet")
-    assert list(facts.columns) == ["id", "question", "answers", "subject", "relation", "mentions", "statement"]
+    assert list(facts.columns) == [
+        "id",
+        "question",
+        "answers",
+        "subject",
+        "relation",
+        "mentions",
+        "statement",
+    ]
     assert facts["id"].is_unique
     assert len(facts) == SMALL["subjects"] * SMALL["relations"]
     assert str(facts["mentions"].dtype) == "int64"
@@ -97,7 +107,9 @@ def test_answers_are_skewed_so_a_most_common_guess_exists():
 
 
 def test_answer_pools_beyond_the_built_in_words_are_filled_with_made_up_single_words():
-    facts = generate_world(**dict(SMALL, subjects=400, relations=2, answers_per_relation=40, answer_zipf=0.0)).facts
+    facts = generate_world(
+        **dict(SMALL, subjects=400, relations=2, answers_per_relation=40, answer_zipf=0.0)
+    ).facts
     for _, answers in facts.groupby("relation")["answers"]:
         distinct = set(answers.str[0])
         assert len(distinct) == 40

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on this machine, for CI: munge, slurmctld and slurmd from
-# Debian's packages, two fake GPUs, everything (config, state, logs, pid files) under one
+# Debian's packages, two fake GPUs; state, logs, pid files and fake devices under one
 # scratch folder. Every subcommand can run twice in a row.
 #
 #   cluster.sh install   apt-get the daemons (skipped when present)
@@ -150,7 +150,7 @@ stop() {
         pid=$(cat "$pidfile")
         kill "$pid"
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+        kill -0 "$pid" 2>/dev/null && { kill -9 "$pid" 2>/dev/null || true; }
         rm -f "$pidfile"
     done
     say "stopped"

@@ -2,9 +2,11 @@
 
 Questions are processed in batches of similar token length (left-padded, longest batch
 first so an out-of-memory error shows at once), and every result is put back in the
-test table's order. Generation uses the KV cache of `model.generate`; choice and answer
-likelihoods come from one forward pass per batch that keeps only the answer positions'
-logits (a 7B vocabulary over whole few-shot prompts would not fit otherwise).
+test table's order. After a batch runs out of GPU memory, it and every later batch are
+halved until they fit, so a batch size that suits a large GPU is safe on a small one. Generation uses the KV cache
+of `model.generate` (optionally a static one, which transformers compiles on CUDA);
+choice and answer likelihoods come from one forward pass per batch that keeps only the
+answer positions' logits (a 7B vocabulary over whole few-shot prompts would not fit otherwise).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,27 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Row indices grouped into batches of similar length, longest first (ties keep order)."""
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def in_batches(batches: Sequence[np.ndarray], run: Callable[[np.ndarray], None]) -> None:
+    """run(batch) for every batch, in order. When one runs out of GPU memory, every batch
+    from then on is cut to half its size (and again, down to single rows)."""
+    pending = list(reversed(batches))
+    limit = None
+    while pending:
+        batch = pending.pop()
+        if limit is not None and len(batch) > limit:
+            pending += [batch[limit:], batch[:limit]]
+            continue
+        try:
+            run(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            limit = len(batch) // 2
+            log.warning("out of GPU memory with a batch of %d; continuing with batches of %d", len(batch), limit)
+            pending.append(batch)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,14 +93,27 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @torch.inference_mode()
 def generate_texts(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    static_cache: bool = False,
 ) -> list[str]:
-    """Each prompt's greedy continuation (up to eos or max_new_tokens), decoded, in prompt order."""
+    """Each prompt's greedy continuation (up to eos or max_new_tokens), decoded, in prompt order.
+
+    `static_cache` preallocates the KV cache, which transformers then compiles the decoding
+    step for on CUDA (CUDA graphs: no per-kernel launch cost). Longest batch first, the
+    first batch's cache fits every later one, so the compiled step is reused.
+    """
     encoded = tokenizer(list(prompts))["input_ids"]
     pad = _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     texts: list[str] = [""] * len(encoded)
-    for batch in length_batches([len(e) for e in encoded], batch_size):
+    cache = {"cache_implementation": "static"} if static_cache else {}
+
+    def run(batch: np.ndarray) -> None:
         ids, mask = left_pad([encoded[i] for i in batch], pad, model.device)
         output = model.generate(
             input_ids=ids,
@@ -86,10 +122,13 @@ def generate_texts(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=sorted(eos) or None,
+            **cache,
         )
         continuations = [_until_eos(row, eos) for row in output[:, ids.shape[1] :].tolist()]
         for i, text in zip(batch, tokenizer.batch_decode(continuations, skip_special_tokens=True)):
             texts[i] = text
+
+    in_batches(length_batches([len(e) for e in encoded], batch_size), run)
     return texts
 
 
@@ -123,13 +162,14 @@ def answer_logprobs(
     sequences = [p + a for p, a in pairs]
     answer_lengths = np.array([len(a) for _, a in pairs])
     pad = _pad_id(tokenizer)
-    keeps_logits = "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
+    keeps_logits = accepts_logits_to_keep(model)
     scores = np.zeros(len(sequences), dtype=np.float64)
-    for batch in length_batches([len(s) for s in sequences], batch_size):
+
+    def run(batch: np.ndarray) -> None:
         lengths = answer_lengths[batch]
         k = int(lengths.max())
         if k == 0:
-            continue
+            return
         ids, mask = left_pad([sequences[i] for i in batch], pad, model.device)
         # Positions count real tokens only, so a left-padded row sees the same positions as alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -147,12 +187,16 @@ def answer_logprobs(
         )
         sums = torch.where(in_answer, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
         scores[batch] = sums.double().cpu().numpy()
+
+    in_batches(length_batches([len(s) for s in sequences], batch_size), run)
     return scores
 
 
-def _unwrapped(model):
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model can compute logits at chosen positions only (built-in models can)."""
     # A peft model forwards **kwargs; what it accepts is the base model's signature.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def choice_logprobs(
@@ -217,6 +261,7 @@ def predict(
     max_new_tokens: int,
     batch_size: int,
     prompt_column: str = "question",
+    static_cache: bool = False,
 ) -> pd.DataFrame:
     """The predictions table for `test` (see factft.metrics.score_predictions).
 
@@ -230,7 +275,12 @@ def predict(
         prompts = [str(s) for s in test[prompt_column]]
     if fmt == "open":
         texts = generate_texts(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            static_cache=static_cache,
         )
         return score_predictions(test, texts, fmt)
     options = [[answer_text(str(c), prompt["answer"]) for c in choices] for choices in test["choices"]]
@@ -253,7 +303,8 @@ def evaluate_model(
     """(predictions, metrics) of the model in `spec` (plus a finetune `adapter`) on `test`.
 
     `params` is `evaluate_params` from rules/common.smk: max_new_tokens, batch_size,
-    percentiles, format, prompt.
+    percentiles, format, prompt, and optionally static_cache (used on CUDA only: on a CPU
+    nothing compiles it and it only costs memory).
     """
     where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
     check_test_table(test, params["format"], where, prompt_column)
@@ -270,6 +321,7 @@ def evaluate_model(
         max_new_tokens=params["max_new_tokens"],
         batch_size=params["batch_size"],
         prompt_column=prompt_column,
+        static_cache=bool(params.get("static_cache")) and model.device.type == "cuda",
     )
     seconds = time.perf_counter() - start
     metrics = metrics_table(predictions, params["percentiles"])

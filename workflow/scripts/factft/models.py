@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from factft.errors import FactftError
+from factft.tables import atomic_dir, check_new_dir
 
 log = logging.getLogger(__name__)
 
 # What a finetune output folder holds: a peft adapter, or a whole model (method full).
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 QUANTIZATIONS = ("nf4",)
 
 
@@ -61,6 +63,13 @@ def adapter_kind(adapter: str | Path) -> str:
     """'peft' for a LoRA adapter folder, 'full' for a whole finetuned model."""
     adapter = Path(adapter)
     if (adapter / ADAPTER_CONFIG).is_file():
+        if not (adapter / ADAPTER_WEIGHTS).is_file():
+            # peft would fall back to a pickled adapter_model.bin.
+            raise FactftError(
+                f"finetune output {adapter} has no {ADAPTER_WEIGHTS} (found "
+                f"{sorted(p.name for p in adapter.iterdir())[:10]}); only safetensors weights are "
+                "loaded, since pickled .bin weights can run code: delete it and rerun `finetune`"
+            )
         return "peft"
     if (adapter / "config.json").is_file() and any(adapter.glob("*.safetensors")):
         return "full"
@@ -185,8 +194,7 @@ def download_model(name: str, source: dict, target: str | Path) -> Path:
 
     repo, revision = source["hf"], source.get("revision")
     target = Path(target)
-    if target.exists() and any(target.iterdir()):
-        raise FactftError(f"model '{name}': {target} already exists; delete it to download again")
+    check_new_dir(target)
     try:
         snapshot = Path(
             snapshot_download(
@@ -220,21 +228,17 @@ def download_model(name: str, source: dict, target: str | Path) -> Path:
             f"model '{name}': {repo} has no safetensors weights; convert them and set "
             f"models.{name}.source.path to the converted folder"
         )
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for file in snapshot.rglob("*"):
-        # An offline hit returns the cached snapshot unfiltered: apply the same patterns.
-        if file.is_dir() or not hub_file(file.relative_to(snapshot).as_posix()):
-            continue
-        dest = tmp / file.relative_to(snapshot)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        blob = file.resolve()  # the cache's snapshot entries are links to content blobs
-        try:
-            os.link(blob, dest)
-        except OSError:
-            shutil.copy2(blob, dest)
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        for file in snapshot.rglob("*"):
+            # An offline hit returns the cached snapshot unfiltered: apply the same patterns.
+            if file.is_dir() or not hub_file(file.relative_to(snapshot).as_posix()):
+                continue
+            dest = tmp / file.relative_to(snapshot)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            blob = file.resolve()  # the cache's snapshot entries are links to content blobs
+            try:
+                os.link(blob, dest)
+            except OSError:
+                shutil.copy2(blob, dest)
     log.info("model '%s': %s (%d weight files) -> %s", name, repo, len(weights), target)
     return target

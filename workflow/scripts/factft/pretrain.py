@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from factft.errors import FactftError
+from factft.tables import atomic_dir, check_new_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +112,21 @@ def encode_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str], seq_len
     return ids
 
 
+def pack(sequences: list[list[int]], order: list[int], seq_len: int) -> list[list[int]]:
+    """Whole statements, taken in `order`, filled greedily into windows of <= seq_len tokens.
+
+    A statement is never cut, so each one still starts at its bos, as the cloze and QA
+    prompts the model is later asked do.
+    """
+    windows, window = [], []
+    for k in order:
+        if window and len(window) + len(sequences[k]) > seq_len:
+            windows.append(window)
+            window = []
+        window = window + sequences[k]
+    return windows + [window] if window else windows
+
+
 def train_lm(
     model: LlamaForCausalLM,
     sequences: list[list[int]],
@@ -121,34 +134,39 @@ def train_lm(
     epochs: int,
     batch_size: int,
     learning_rate: float,
+    seq_len: int,
     seed: int,
-) -> list[float]:
-    """Next-token training, one statement per row (padded per batch): AdamW, linear decay.
+) -> tuple[list[float], int]:
+    """Next-token training on packed windows of statements: AdamW, linear decay to zero.
 
-    A statement per row (rather than packed windows) puts every statement right after bos,
-    as in the cloze and QA prompts the model is later asked. Returns mean loss per epoch.
+    Packing (batch_size windows of seq_len tokens per step, as in LM pretraining) rather
+    than one statement per row matters for the science: with 7x more, smaller steps the
+    tiny model memorises facts seen once per epoch, and the popularity gradient of stored
+    knowledge that the experiment needs fades (demo world, 6 epochs: cloze accuracy 0.76,
+    bottom half 0.58, one statement per row; 0.47-0.55, bottom half 0.29-0.35, packed).
+    Returns the mean loss per epoch and the number of steps.
     """
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(sequences) / batch_size)
-    total = epochs * steps_per_epoch
+    plan = [
+        pack(sequences, torch.randperm(len(sequences), generator=generator).tolist(), seq_len)
+        for _ in range(epochs)
+    ]
+    total = sum(math.ceil(len(windows) / batch_size) for windows in plan)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     log.info(
-        "pretraining: %d statements, %d epochs x %d steps = %d steps",
+        "pretraining: %d statements in %d windows, %d epochs, %d steps",
         len(sequences),
+        len(plan[0]),
         epochs,
-        steps_per_epoch,
         total,
     )
     model.train()
     losses, step, start = [], 0, time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(sequences), generator=generator).tolist()
-        epoch_loss = 0.0
-        for first in range(0, len(order), batch_size):
-            input_ids, attention, labels = _batch(
-                [sequences[k] for k in order[first : first + batch_size]], pad_id
-            )
+    for epoch, windows in enumerate(plan, start=1):
+        epoch_losses = []
+        for first in range(0, len(windows), batch_size):
+            input_ids, attention, labels = _batch(windows[first : first + batch_size], pad_id)
             loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,15 +174,15 @@ def train_lm(
             optimizer.step()
             schedule.step()
             step += 1
-            epoch_loss += loss.item()
-            if step % 100 == 0:
+            epoch_losses.append(loss.item())
+            if step % 50 == 0:
                 log.info("step %d/%d loss %.4f lr %.2e", step, total, loss.item(), schedule.get_last_lr()[0])
-        losses.append(epoch_loss / steps_per_epoch)
+        losses.append(sum(epoch_losses) / len(epoch_losses))
         log.info(
             "epoch %d/%d mean loss %.4f (%.0f s)", epoch, epochs, losses[-1], time.perf_counter() - start
         )
     model.eval()
-    return losses
+    return losses, step
 
 
 def _batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,9 +219,7 @@ def pretrain(
     `dataset` only labels the run in the log and in pretrain.json. Returns the summary
     that pretrain.json holds (settings, steps, loss per epoch, seconds).
     """
-    output = Path(output)
-    if output.exists():
-        raise FactftError(f"{output} exists; remove it to pretrain again (it is never overwritten)")
+    check_new_dir(output)  # before minutes of training, not after
     if threads:
         torch.set_num_threads(threads)
     settings = dict(
@@ -216,11 +232,13 @@ def pretrain(
     sequences = encode_corpus(tokenizer, corpus, seq_len)
     model = build_model(tokenizer, hidden_size, layers, heads, intermediate_size, seq_len, seed)
     log.info("vocabulary %d, parameters %d", len(tokenizer), sum(p.numel() for p in model.parameters()))
-    losses = train_lm(model, sequences, tokenizer.pad_token_id, epochs, batch_size, learning_rate, seed)
+    losses, steps = train_lm(
+        model, sequences, tokenizer.pad_token_id, epochs, batch_size, learning_rate, seq_len, seed
+    )
     summary = dict(
         settings,
         vocab_size=len(tokenizer),
-        steps=epochs * math.ceil(len(sequences) / batch_size),
+        steps=steps,
         loss_per_epoch=losses,
         seconds=round(time.perf_counter() - start, 1),
     )
@@ -230,15 +248,13 @@ def pretrain(
 
 def save_model(model, tokenizer, output: str | Path, summary: dict | None = None) -> None:
     """Write model, tokenizer (and pretrain.json) into a temp folder beside `output`, then rename."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if summary is not None:
             (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
-        os.rename(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # transformers writes model.safetensors private (0600); a shared model cache needs
+        # it readable like the other files.
+        mode = (tmp / "config.json").stat().st_mode & 0o777
+        for path in tmp.iterdir():
+            path.chmod(mode)

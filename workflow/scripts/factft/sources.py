@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 USER_AGENT = "factft/0.1 (research workflow reproducing Ghosal et al., ICML 2024; python-requests)"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".zip")
+# A drop reason of its own: the answers column holds something else (a dict, a bool), not just nothing.
+MISSHAPED = "answers not a list or a string"
 
 # EntityQuestions asks every relation with one template; the subject is what fills `{}`.
 ENTITYQUESTIONS_TEMPLATES = {
@@ -149,7 +151,9 @@ def read_file(path: str | Path) -> pd.DataFrame:
         if not isinstance(records, list):
             raise ValueError("expected a JSON list of records")
         return pd.DataFrame.from_records(records)
-    except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
+        raise FactftError(f"cannot read {path}: it is not UTF-8 text ({error}); save it as UTF-8") from None
+    except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError) as error:
         raise FactftError(f"cannot read {path}: {error}") from None
 
 
@@ -344,8 +348,11 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
             [c[i]] if ok else [] for c, i, ok in zip(facts["choices"], facts["answer_index"], in_range)
         ]
     else:
-        facts["answers"] = table[mapping["answers"]].map(parse_answers)
-    invalid["no answers"] = facts["answers"].map(len) == 0
+        answers = table[mapping["answers"]]
+        facts["answers"] = answers.map(parse_answers)
+        invalid[MISSHAPED] = ~answers.map(_answers_shaped)
+    empty = facts["answers"].map(len) == 0
+    invalid["no answers"] = empty & ~invalid[MISSHAPED] if MISSHAPED in invalid else empty
     for column in kept:
         facts[column] = table[column]
 
@@ -423,8 +430,13 @@ def drop_invalid(
     dropped, total = int(bad.sum()), len(table)
     if total == 0:
         raise FactftError(f"{where}: the source has no rows")
+    reasons = {reason: int(mask.sum()) for reason, mask in invalid.items() if mask.any()}
+    if dropped == total:
+        raise FactftError(
+            f"{where}: all {total} rows are invalid ({reasons}), nothing is left; check the column "
+            "mapping and the source's values"
+        )
     if dropped / total > max_drop_fraction:
-        reasons = {reason: int(mask.sum()) for reason, mask in invalid.items() if mask.any()}
         raise FactftError(
             f"{where}: {dropped} of {total} rows are invalid ({reasons}), more than split.max_drop_fraction "
             f"{max_drop_fraction}; check the column mapping, or raise split.max_drop_fraction"
@@ -436,8 +448,11 @@ def drop_invalid(
 def parse_answers(value) -> list[str]:
     """A list of non-empty answer strings from a list, an array or a JSON list string.
 
-    PopQA stores its aliases as a JSON string; any other string is one answer.
+    PopQA stores its aliases as a JSON string; any other string, or a number (a year read
+    from a csv file), is one answer.
     """
+    if _number(value):
+        value = [int(value) if float(value).is_integer() else value]
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -457,6 +472,17 @@ def parse_answers(value) -> list[str]:
         if text and text not in answers:
             answers.append(text)
     return answers
+
+
+def _number(value) -> bool:
+    numeric = isinstance(value, (int, float, np.integer, np.floating))
+    return numeric and not isinstance(value, (bool, np.bool_)) and not pd.isna(value)
+
+
+def _answers_shaped(value) -> bool:
+    """Whether parse_answers can read `value` (missing counts as readable: it is just empty)."""
+    missing = value is None or (isinstance(value, float) and pd.isna(value))
+    return missing or _number(value) or isinstance(value, (str, list, tuple, np.ndarray))
 
 
 def _choices(value) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,8 +16,36 @@ import pyarrow.parquet as pq
 
 from factft.errors import FactftError
 
+log = logging.getLogger(__name__)
+
 # The facts table after `popularity` (DESIGN.md, "Data contracts").
 FACT_COLUMNS = ("id", "question", "answers", "subject", "relation", "popularity")
+TEMP_SUFFIX = ".tmp"
+
+
+def make_parent(target: Path) -> None:
+    """Create the folders above `target`; a file standing where a folder must be is a clear error."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in reversed(target.parents) if p.exists() and not p.is_dir()), target.parent)
+        raise FactftError(
+            f"cannot write {target}: {blocking} is a file where a folder is expected; move or delete "
+            "that file (it is never overwritten)"
+        ) from None
+
+
+def _umask() -> int:
+    # The only way to read the umask is to set it; it is put back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_name(target: Path) -> str:
+    """The prefix of temporaries beside `target`: hidden, named after it, so a later run can
+    recognise leftovers of a killed one (see remove_stale_temps)."""
+    return f".{target.name}."
 
 
 @contextmanager
@@ -25,8 +55,15 @@ def atomic_path(target: str | Path):
     No reader ever sees a half-written file, and a failure leaves an older `target` intact.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise FactftError(
+            f"cannot write {target}: it is a folder, where a file is expected; move or delete it "
+            "(it is never overwritten)"
+        )
+    make_parent(target)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(target), suffix=TEMP_SUFFIX, dir=target.parent)
+    # mkstemp makes the file private (0600); an output gets the permissions any new file gets.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -34,6 +71,55 @@ def atomic_path(target: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(target: str | Path):
+    """Yield an empty temporary folder beside `target`; rename it to `target` only on success.
+
+    For outputs that are folders (models, adapters, checkpoints): `target` is complete or
+    absent. It must not exist, or be an empty folder (rename replaces only those); a failure
+    removes the temporary folder and leaves `target` as it was. A folder has one writer (its
+    Snakemake job), so temporaries of `target` found here were left by a killed attempt: they
+    are deleted (a model's can be gigabytes).
+    """
+    target = Path(target)
+    check_new_dir(target)
+    make_parent(target)
+    remove_stale_temps(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(target), suffix=TEMP_SUFFIX, dir=target.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes the folder private (0700)
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def check_new_dir(target: str | Path) -> None:
+    """Fail, before any work, when a folder output exists with content (or as a file)."""
+    target = Path(target)
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        what = "a folder that is not empty" if target.is_dir() else "a file, where a folder is expected"
+        raise FactftError(
+            f"cannot write {target}: it already exists as {what}; delete it to make it again "
+            "(it is never overwritten)"
+        )
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*") -> None:
+    """Delete temporaries (of outputs called `name`) that a killed job left in `folder`.
+
+    Only for outputs that a single job writes (a Snakemake output, a job's checkpoints):
+    a shared cache may hold another process's temporary that is still being written.
+    """
+    for stale in Path(folder).glob(f"{temp_name(Path(name))}*{TEMP_SUFFIX}"):
+        log.info("removing %s, left by an interrupted run", stale)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -5,19 +5,19 @@ reads the sequence [subject s, relation token r] and answers from the last posit
 
     att_i    = softmax_i( phi(r)^T W_KQ phi(x_i) )      x = (s, r)
     out      = sum_i att_i W_V phi(x_i)
-    logit(a) = phi(a)^T out                            (cross entropy over every answer)
+    logit(a) = phi(a)^T out                            (cross entropy over the candidate answers)
 
-Only W_KQ and W_V train. Pretraining states facts as (s, r_pre_k) -> a with subjects drawn
-Zipf(zipf), so popular subjects' facts are seen far more often and stored more strongly: their
-salience S(s, r, a) = phi(a)^T W_V phi(s) is higher. QA finetuning asks the same facts through a
-new token r_qa_k per relation, on one subset of a train pool of subjects (top, bottom, random,
-whole by pretraining mentions); testing asks the facts of held-out subjects (seen in pretraining,
-never finetuned) in the QA format. Answers of a relation follow a skewed pool, so a generic
-relation-only guess exists: the model can lower its loss either by attending to the subject
-(useful when the subject's facts are salient) or to the relation token (a plausible guess).
+Only W_KQ and W_V train, from zero, by plain SGD. Pretraining states facts as (s, r_pre_k) -> a
+with subjects drawn Zipf(zipf), so popular subjects' facts are seen far more often and stored
+more strongly: their salience S(s, r, a) = phi(a)^T W_V phi(s) is higher. QA finetuning asks the
+same kind of facts through another token r_qa_k per relation (cosine qa_similarity with r_pre_k),
+on one subset of a train pool of subjects (top, bottom, random, whole by pretraining mentions);
+testing asks the facts of held-out subjects (seen in pretraining, never finetuned) in the QA
+format. Answers of a relation follow a skewed pool, so a generic relation-only guess exists:
+the model can lower its loss either by attending to the subject (useful when the subject's
+facts are salient) or to the relation token, whose value can hold the plausible guess.
 
-Settings are one flat dict (the `simulation.settings` block of the config; the schema supplies
-defaults). A sweep varies one setting over a list of values; each (sweep, point, seed) is one job.
+Settings are one flat dict (a point of factft.simulation's sweeps; the schema supplies defaults).
 """
 
 from __future__ import annotations
@@ -32,77 +32,12 @@ import torch
 from torch import nn
 
 from factft.errors import FactftError
+from factft.simulation import BASE, check_settings, dimension, vocabulary_size
 
 log = logging.getLogger(__name__)
 
 SUBSETS = ("top", "bottom", "random", "whole")
-BASE = "base"  # the sweep name of the single base point (Fig. 2a, mechanism plots)
-BASE_POINT = "default"
 EMBEDDINGS = ("gaussian", "orthogonal")
-
-
-# ---- sweeps -----------------------------------------------------------------------
-
-
-def point_name(value) -> str:
-    """A sweep value as a path component (the `point` wildcard)."""
-    return str(value)
-
-
-def sweep_points(simulation: dict) -> dict[str, list[str]]:
-    """Every sweep and its point names; nothing at all when the config has no sweeps."""
-    sweeps = simulation.get("sweeps") or {}
-    if not sweeps:
-        return {}
-    return {BASE: [BASE_POINT], **{name: [point_name(v) for v in values] for name, values in sweeps.items()}}
-
-
-def point_settings(simulation: dict, sweep: str, point: str) -> dict:
-    """The base settings with the sweep's parameter set to the point's value."""
-    settings = dict(simulation["settings"])
-    if sweep == BASE:
-        return settings
-    values = {point_name(v): v for v in simulation["sweeps"][sweep]}
-    if point not in values:
-        raise FactftError(f"simulation.sweeps.{sweep}: no value named '{point}'; values are {list(values)}")
-    settings[sweep] = values[point]
-    return settings
-
-
-def check_simulation(simulation: dict) -> None:
-    """Check every point of every sweep before any job starts (FactftError naming the key)."""
-    for sweep, points in sweep_points(simulation).items():
-        for point in points:
-            where = "simulation.settings" if sweep == BASE else f"simulation.sweeps.{sweep} = {point}"
-            check_settings(point_settings(simulation, sweep, point), where)
-
-
-def check_settings(settings: dict, where: str = "simulation.settings") -> None:
-    """Settings that the schema cannot tie together."""
-    if settings["embedding"] == "orthogonal" and settings["dim"] < vocabulary_size(settings):
-        raise FactftError(
-            f"{where}: orthogonal embeddings need dim >= the {vocabulary_size(settings)} tokens "
-            f"(subjects + 2 x relations + relations x answers_per_relation); dim is {settings['dim']}: "
-            "raise dim or use embedding: gaussian"
-        )
-    guaranteed = settings["min_mentions"] * settings["subjects"] * settings["relations"]
-    budget = settings["pretrain_steps"] * settings["batch_size"]
-    if guaranteed > budget:
-        raise FactftError(
-            f"{where}: min_mentions x subjects x relations = {guaranteed} statements exceed the "
-            f"pretraining budget pretrain_steps x batch_size = {budget}; raise pretrain_steps or lower min_mentions"
-        )
-    n_test = round(settings["test_fraction"] * settings["subjects"])
-    n_subset = int(settings["fraction"] * (settings["subjects"] - n_test))
-    if n_test < 1 or n_subset < 1:
-        raise FactftError(
-            f"{where}: {settings['subjects']} subjects leave {n_test} test subjects and {n_subset} per "
-            "finetuning subset; raise subjects or change test_fraction / fraction"
-        )
-
-
-def vocabulary_size(settings: dict) -> int:
-    return settings["subjects"] + settings["relations"] * (2 + settings["answers_per_relation"])
 
 
 # ---- the world --------------------------------------------------------------------
@@ -149,6 +84,7 @@ class World:
 
 
 def zipf_weights(n: int, exponent: float) -> torch.Tensor:
+    """P(rank i) proportional to i^-exponent, i = 1..n."""
     weights = torch.arange(1, n + 1, dtype=torch.float64) ** -exponent
     return weights / weights.sum()
 
@@ -168,7 +104,12 @@ def make_world(settings: dict, seed: int) -> World:
     """Embeddings, one answer per (subject, relation), and the Zipf pretraining stream."""
     generator = torch.Generator().manual_seed(seed)
     n, relations, pool = settings["subjects"], settings["relations"], settings["answers_per_relation"]
-    embeddings = make_embeddings(vocabulary_size(settings), settings["dim"], settings["embedding"], generator)
+    embeddings = make_embeddings(vocabulary_size(settings), dimension(settings), settings["embedding"], generator)
+    # A QA prompt shares some meaning with the statement of the same relation ("X was born in"
+    # vs "Where was X born?"): its token has cosine qa_similarity with the statement token.
+    pre, qa = n + torch.arange(relations), n + relations + torch.arange(relations)
+    c = settings["qa_similarity"]
+    embeddings[qa] = c * embeddings[pre] + (1 - c**2) ** 0.5 * embeddings[qa]
     in_pool = torch.multinomial(
         zipf_weights(pool, settings["answer_zipf"]), n * relations, replacement=True, generator=generator
     ).view(n, relations)
@@ -249,7 +190,7 @@ class OneLayerAttention(nn.Module):
         return fact_salience(self.w_v, self.phi[subjects], self.phi_answers[answers])
 
     @torch.no_grad()
-    def salience_margin(self, world: "World", subjects: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+    def salience_margin(self, world: World, subjects: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
         """Salience of the true answer minus the best other answer of the relation's pool.
 
         Positive: the subject's value alone would answer correctly, i.e. the fact is stored.
@@ -275,9 +216,8 @@ def respond(model: OneLayerAttention, world: World, subjects, relations, qa: boo
     return logits, attention
 
 
-def pretrain(world: World, settings: dict, seed: int) -> OneLayerAttention:
+def pretrain(world: World, settings: dict) -> OneLayerAttention:
     """Train on the statement stream in order, one batch per step."""
-    torch.manual_seed(seed)
     model = OneLayerAttention(world.embeddings, world.answer_tokens)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["pretrain_learning_rate"])
     for batch in world.stream.split(settings["batch_size"]):
@@ -358,18 +298,18 @@ def finetune(
 # ---- one sweep point --------------------------------------------------------------
 
 
-def simulate(settings: dict, seed: int) -> dict[str, pd.DataFrame]:
+def simulate(settings: dict, seed: int, sweep: str = BASE, value=None) -> dict[str, pd.DataFrame]:
     """Pretrain once, finetune a copy on each subset, test on held-out subjects.
 
-    Returns three tables: `accuracy` (one row per subset: held-out QA accuracy overall and on
-    the more/less mentioned half of test subjects, share of generic answers, the pretrained
-    model's own accuracy on the test facts), `salience` (one row per fact after pretraining),
-    `attention` (subject attention and accuracy through finetuning, per subset and step).
+    Returns three tables, each tagged with sweep, value and seed: `accuracy` (one row per
+    subset: held-out QA accuracy overall and on the more / less mentioned half of the test
+    subjects, generic answers, subject attention, and what the pretrained model stores),
+    `salience` (one row per fact after pretraining) and `attention` (subject attention and
+    accuracy through finetuning, per subset and recorded step).
     """
     check_settings(settings)
-    torch.manual_seed(seed)
     world = make_world(settings, seed)
-    pretrained = pretrain(world, settings, seed)
+    pretrained = pretrain(world, settings)
     splits = split_subjects(world, settings, seed)
     test = splits["test"]
     test_s, test_r = facts_of(world, test)
@@ -422,8 +362,9 @@ def simulate(settings: dict, seed: int) -> dict[str, pd.DataFrame]:
             "role": role[all_s.numpy()],
         }
     )
-    return {
-        "accuracy": pd.DataFrame(accuracy).assign(seed=seed),
-        "salience": salience.assign(seed=seed),
-        "attention": pd.concat(attention, ignore_index=True).assign(seed=seed),
+    tables = {
+        "accuracy": pd.DataFrame(accuracy),
+        "salience": salience,
+        "attention": pd.concat(attention, ignore_index=True),
     }
+    return {name: table.assign(sweep=sweep, value=value, seed=seed) for name, table in tables.items()}

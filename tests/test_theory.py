@@ -1,0 +1,197 @@
+"""The one-layer theory model (factft.theory), its sweeps (factft.simulation) and tables/figures."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from snakemake.utils import validate
+
+from factft.config import SCHEMA, load_config
+from factft.errors import FactftError
+from factft.simulation import BASE, BASE_POINT, check_simulation, point_settings, point_value, sweep_points
+from factft.theory import fact_salience, make_world, simulate, split_subjects
+from factft.theory_plots import plot_attention, plot_gap, plot_salience, plot_subsets, save, sweep_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "subjects": 12,
+    "relations": 2,
+    "answers_per_relation": 4,
+    "answer_zipf": 1.0,
+    "zipf": 1.0,
+    "min_mentions": 1,
+    "embedding": "orthogonal",
+    "dim": None,
+    "qa_similarity": 0.5,
+    "candidates": "relation",
+    "pretrain_steps": 20,
+    "pretrain_learning_rate": 10.0,
+    "finetune_steps": 10,
+    "finetune_learning_rate": 1.0,
+    "batch_size": 8,
+    "test_fraction": 0.25,
+    "fraction": 0.5,
+    "record_every": 5,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: a second thread only adds synchronisation, badly so on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def demo_config():
+    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+
+
+def test_salience_is_answer_embedding_times_value_matrix_times_subject_embedding():
+    w_v = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # phi(a)^T W_V phi(s) picks W_V[a, s]: row = answer direction, column = subject direction.
+    subjects = torch.stack([e1, e2, e1 + e2])
+    answers = torch.stack([e2, e1, e2])
+    assert fact_salience(w_v, subjects, answers).tolist() == [3.0, 2.0, 7.0]
+
+
+def test_the_same_seed_gives_identical_tables_and_another_seed_does_not():
+    first, again, other = simulate(TINY, 3), simulate(TINY, 3), simulate(TINY, 4)
+    for name in ("accuracy", "salience", "attention"):
+        pd.testing.assert_frame_equal(first[name], again[name])
+    assert not first["salience"]["salience"].equals(other["salience"]["salience"])
+
+
+def test_a_tiny_sweep_point_reports_every_subset_fact_and_recorded_step():
+    tables = simulate(TINY, 0, sweep="zipf", value=1.0)
+    accuracy, salience, attention = tables["accuracy"], tables["salience"], tables["attention"]
+    assert list(accuracy["subset"]) == ["top", "bottom", "random", "whole"]
+    assert accuracy["accuracy"].between(0, 1).all()
+    assert (accuracy["sweep"] == "zipf").all() and (accuracy["value"] == 1.0).all()
+    assert len(salience) == TINY["subjects"] * TINY["relations"]
+    assert sorted(attention["step"].unique()) == [0, 5, 10]
+    # Finetuning starts from the same pretrained model for every subset.
+    start = attention[attention["step"] == 0]
+    assert start["test_accuracy"].nunique() == 1
+
+
+def test_test_subjects_are_never_finetuned_and_top_is_more_mentioned_than_bottom():
+    settings = dict(TINY, subjects=40, pretrain_steps=40)
+    world = make_world(settings, seed=0)
+    splits = split_subjects(world, settings, seed=0)
+    for subset in ("top", "bottom", "random", "whole"):
+        assert not set(splits[subset]) & set(splits["test"])
+    assert world.mentions[splits["top"]].min() >= world.mentions[splits["bottom"]].max()
+    assert len(splits["top"]) == len(splits["bottom"]) == len(splits["random"])
+
+
+def test_schema_accepts_the_demo_block_and_fills_defaults_for_a_bare_one(tmp_path):
+    demo = demo_config()
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    config = load_config(path)
+    check_simulation(config["simulation"])
+    assert set(config["simulation"]["settings"]) == set(TINY)
+
+    bare = copy.deepcopy(demo)
+    bare["simulation"] = {"sweeps": {"zipf": [1.0, 2.0]}}
+    validate(bare, str(SCHEMA))
+    assert bare["simulation"]["seeds"] == [0, 1, 2]
+    assert set(bare["simulation"]["settings"]) == set(TINY)
+
+
+def test_an_unknown_setting_or_sweep_is_rejected_by_name():
+    config = demo_config()
+    config["simulation"]["settings"]["zipff"] = 1.0
+    with pytest.raises(Exception, match="zipff"):
+        validate(config, str(SCHEMA))
+    config = demo_config()
+    config["simulation"]["sweeps"]["batch_size"] = [8, 16]
+    with pytest.raises(Exception, match="batch_size"):
+        validate(config, str(SCHEMA))
+
+
+def test_a_point_changes_only_its_swept_setting_and_no_sweeps_means_no_points():
+    simulation = {"seeds": [0], "settings": dict(TINY), "sweeps": {"zipf": [0.5, 2.0]}}
+    assert sweep_points(simulation) == {BASE: [BASE_POINT], "zipf": ["0.5", "2.0"]}
+    settings = point_settings(simulation, "zipf", "2.0")
+    assert settings == dict(TINY, zipf=2.0)
+    assert point_value(simulation, BASE, BASE_POINT) is None
+    assert sweep_points(dict(simulation, sweeps={})) == {}
+    with pytest.raises(FactftError, match="values are"):
+        point_value(simulation, "zipf", "3.0")
+
+
+def test_orthogonal_embeddings_with_too_few_dimensions_fail_before_any_training():
+    simulation = {"seeds": [0], "settings": dict(TINY, dim=8), "sweeps": {"zipf": [1.0]}}
+    with pytest.raises(FactftError, match="dim"):
+        check_simulation(simulation)
+    simulation["sweeps"] = {"pretrain_steps": [1]}
+    simulation["settings"]["dim"] = None
+    with pytest.raises(FactftError, match="pretrain_steps = 1"):
+        check_simulation(simulation)
+
+
+def test_gap_is_top_minus_bottom_per_seed_and_summary_counts_seeds_where_top_wins():
+    rows = []
+    for value, seed, top, bottom in [(1.0, 0, 0.8, 0.5), (1.0, 1, 0.6, 0.7), (2.0, 0, 0.9, 0.4)]:
+        for subset, accuracy in [("top", top), ("bottom", bottom), ("random", 0.6), ("whole", 0.6)]:
+            rows.append(
+                {"sweep": "zipf", "value": value, "seed": seed, "subset": subset,
+                 "accuracy": accuracy, "accuracy_head": accuracy}
+            )
+    tables = sweep_tables([pd.DataFrame(rows)])
+    gap = tables["gap"].set_index(["value", "seed"])["gap"]
+    assert gap.loc[(1.0, 0)] == pytest.approx(0.3) and gap.loc[(1.0, 1)] == pytest.approx(-0.1)
+    summary = tables["gap_summary"].set_index("value")
+    assert summary.loc[1.0, "gap"] == pytest.approx(0.1)
+    assert summary.loc[1.0, "seeds_top_above"] == 1 and summary.loc[2.0, "seeds"] == 1
+
+
+def test_base_point_tables_and_every_figure_are_written(tmp_path):
+    runs = [simulate(TINY, seed) for seed in (0, 1)]
+    tables = sweep_tables([run["accuracy"] for run in runs])
+    assert len(tables["gap_summary"]) == 1 and tables["gap_summary"]["seeds"].item() == 2
+    salience = pd.concat([run["salience"] for run in runs])
+    attention = pd.concat([run["attention"] for run in runs])
+    gap = tables["gap"].assign(value=[1.0, 2.0])
+    figures = {
+        "subsets": plot_subsets(tables["accuracy"]),
+        "gap": plot_gap(gap, "zipf"),
+        "salience": plot_salience(salience),
+        "attention": plot_attention(attention),
+    }
+    for name, figure in figures.items():
+        save(figure, [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"])
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        assert (tmp_path / f"{name}.pdf").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
+    config = demo_config()
+    config["simulation"] = {"seeds": [0], "settings": TINY, "sweeps": {"zipf": [1.5]}}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    target = "results/figures/simulation/gap_vs_zipf.png"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(configfile),
+         "--directory", str(tmp_path), "--cores", "1", "--quiet", "progress", "--", target],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / target).stat().st_size > 0
+    summary = pd.read_csv(tmp_path / "results/simulation/zipf/gap_summary.tsv", sep="\t")
+    assert list(summary["value"]) == [1.5]
+    assert np.isfinite(summary["gap"]).all()

@@ -1,0 +1,12 @@
+from factft.attention import make_attention_figures
+from factft.logging import to_log
+
+with to_log(snakemake.log[0]):
+    make_attention_figures(
+        snakemake.params.sources,
+        snakemake.params.examples,
+        snakemake.wildcards.model,
+        snakemake.wildcards.dataset,
+        snakemake.output.by_layer,
+        snakemake.output.heatmap,
+    )

@@ -1,0 +1,433 @@
+"""Where a finetuned model looks when it answers: attention from the last prompt position.
+
+The paper's Fig. 3: at the last prompt position, where the answer's first token is
+predicted, a model finetuned on well-known facts (FT-Top) puts more attention on the
+subject's tokens than one finetuned on little-known facts (FT-Bottom), which leans on the
+relation words and answers generically. Per test question, layer and head we take the
+weights of the last position's attention row and summarise two parts of the prompt: the
+subject's tokens and the question's other words (the relation, for contrast). For each
+part: the largest weight on one of its tokens (`*_max`, the paper's measure) and the
+summed weight on all of them (`*_mass`). Heads are averaged, then questions.
+
+The subject's tokens are found through the tokenizer's offset mapping (the subject's
+character span in the prompt -> the tokens overlapping it), so the same code serves a
+word-level tiny model and a 7B model's BPE or SentencePiece tokenizer. Attention weights
+need the eager attention implementation: SDPA and flash kernels never materialise them.
+
+torch and the model code are imported where the analysis runs, matplotlib where the
+figures are drawn: the `attention_figures` rule runs in the figures env, without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from factft.errors import FactftError
+from factft.prompts import prompt_text
+
+log = logging.getLogger(__name__)
+
+TEST_COLUMNS = ("id", "question", "subject", "popularity")
+LAYER_COLUMNS = ("layer", "subject_max", "subject_mass", "relation_max", "relation_mass", "questions")
+EXAMPLE_COLUMNS = ("id", "question", "answer", "layer", "position", "token", "part", "weight")
+# The sample of test questions is the same for every run of a dataset, so FT-Top and
+# FT-Bottom are compared on the same questions.
+SAMPLE_SEED = 0
+
+
+# ---- where the subject is -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt's tokens and which positions hold the subject and the relation words."""
+
+    prompt: str
+    input_ids: list[int]
+    tokens: list[str]  # each token's text in the prompt (special tokens by name), for figures
+    subject: list[int]
+    relation: list[int]  # the question's other tokens with a letter or digit
+
+
+def subject_span(question: str, subject: str) -> tuple[int, int] | None:
+    """The subject's character span in the question: as written, else ignoring case
+    (PopQA's `subj` and its question differ in case now and then); None when absent."""
+    if not subject:
+        return None
+    start = question.find(subject)
+    if start >= 0:
+        return start, start + len(subject)
+    match = re.search(re.escape(subject), question, flags=re.IGNORECASE)
+    return match.span() if match else None
+
+
+def prompt_tokens(tokenizer, question: str, subject: str, template: str, where: str = "attention") -> PromptTokens:
+    """Tokenize the question's prompt and locate the subject's and the relation's tokens.
+
+    The subject is searched in the question, never in the template's own text (a few-shot
+    template names other subjects), and a token belongs to it when its characters overlap
+    the subject's span: a BPE token carrying the leading space (" France") counts.
+    """
+    span = subject_span(question, subject)
+    if span is None:
+        raise FactftError(
+            f"{where}: the subject {subject!r} does not occur in the question {question!r}; the "
+            "attention analysis finds the subject's tokens by its text, so datasets.<name>.columns.subject "
+            "must name the subject as the question writes it"
+        )
+    # prompt_text replaces every {question}: the first one is where the offsets point.
+    start = template.index("{question}")
+    prompt = prompt_text(question, template)
+    subject_chars = (start + span[0], start + span[1])
+    question_chars = (start, start + len(question))
+    try:
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise FactftError(
+            f"{where}: the model's tokenizer is a slow (Python) tokenizer without offset mappings; "
+            "the attention analysis needs a fast tokenizer (tokenizer.json)"
+        ) from None
+    ids = list(encoded["input_ids"])
+    subject_positions, relation_positions, tokens = [], [], []
+    for position, (first, last) in enumerate(encoded["offset_mapping"]):
+        text = prompt[first:last]
+        tokens.append(text if last > first else tokenizer.convert_ids_to_tokens(ids[position]))
+        if last <= first:
+            continue  # special tokens (bos) cover no characters
+        if _overlaps((first, last), subject_chars):
+            subject_positions.append(position)
+        elif _overlaps((first, last), question_chars) and any(c.isalnum() for c in text):
+            relation_positions.append(position)
+    if not subject_positions:
+        raise FactftError(f"{where}: no token of {prompt!r} covers the subject {subject!r}")
+    return PromptTokens(prompt, ids, tokens, subject_positions, relation_positions)
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and a[1] > b[0]
+
+
+def select_questions(test: pd.DataFrame, limit: int, max_drop_fraction: float, where: str) -> pd.DataFrame:
+    """Up to `limit` test facts whose subject occurs in their question (a seeded sample, in
+    test-table order). Facts without it are dropped when they are at most
+    `max_drop_fraction` of the test set, else the analysis cannot stand for the dataset."""
+    missing = [c for c in TEST_COLUMNS if c not in test.columns]
+    if missing:
+        raise FactftError(f"{where}: test table lacks columns {missing}; rebuild it with the `split` rule")
+    found = np.array([subject_span(str(q), str(s)) is not None for q, s in zip(test["question"], test["subject"])])
+    lost = int((~found).sum())
+    if lost and (not found.any() or lost / len(test) > max_drop_fraction):
+        example = test[~found].iloc[0]
+        raise FactftError(
+            f"{where}: the subject does not occur in the question for {lost} of {len(test)} test facts, "
+            f"e.g. {example['id']}: subject {example['subject']!r}, question {example['question']!r}; "
+            "the attention analysis needs the subject written in the question (check "
+            "datasets.<name>.columns.subject; multiple-choice topics are not subjects), or raise "
+            "split.max_drop_fraction to skip such facts"
+        )
+    if lost:
+        log.warning("%s: %d of %d test facts skipped: their subject is not in the question", where, lost, len(test))
+    kept = test[found]
+    if len(kept) > limit:
+        kept = kept.sample(n=limit, random_state=SAMPLE_SEED).sort_index()
+    return kept.reset_index(drop=True)
+
+
+def example_index(questions: pd.DataFrame) -> int:
+    """The question of the heatmap: the most popular one analysed (ties: the smallest id)."""
+    order = questions.assign(_id=questions["id"].astype(str)).sort_values(
+        ["popularity", "_id"], ascending=[False, True], kind="stable"
+    )
+    return int(order.index[0])
+
+
+# ---- attention weights ----------------------------------------------------------
+
+
+def use_eager_attention(model, where: str) -> None:
+    """Switch a loaded model to eager attention, the one implementation that returns weights."""
+    model.set_attn_implementation("eager")
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        raise FactftError(
+            f"{where}: the model cannot switch to eager attention (its own code may not support it), "
+            "so it returns no attention weights"
+        )
+
+
+def last_position_attention(
+    model, prompts: Sequence[PromptTokens], *, pad_id: int, batch_size: int
+) -> list[np.ndarray]:
+    """Per prompt, its last position's attention weights over its own tokens: an array
+    (layers, heads, tokens), float32. Batches are left-padded, so the last column is every
+    row's last position; position ids count real tokens only, as for an unpadded prompt."""
+    import inspect
+
+    import torch
+
+    from factft.generate import left_pad, length_batches
+
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    weights: list[np.ndarray | None] = [None] * len(prompts)
+    with torch.inference_mode():
+        for batch in length_batches([len(p.input_ids) for p in prompts], batch_size):
+            ids, mask = left_pad([prompts[i].input_ids for i in batch], pad_id, model.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            output = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                output_attentions=True,
+                # The logits are not needed: one position's keeps a 7B vocabulary small.
+                **({"logits_to_keep": 1} if keeps_logits else {}),
+            )
+            if not output.attentions or any(a is None for a in output.attentions):
+                raise FactftError("the model returned no attention weights; it needs eager attention")
+            last = torch.stack([a[:, :, -1, :] for a in output.attentions], dim=1).float().cpu().numpy()
+            for row, i in enumerate(batch):
+                weights[i] = last[row, :, :, last.shape[-1] - len(prompts[i].input_ids) :]
+    return weights
+
+
+def part_statistics(weights: np.ndarray, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(max, mass) per layer of one prompt's (layers, heads, tokens) weights on `positions`,
+    averaged over heads; NaN when there are no such positions."""
+    if not len(positions):
+        nan = np.full(weights.shape[0], np.nan)
+        return nan, nan
+    part = weights[:, :, list(positions)]
+    return part.max(-1).mean(-1), part.sum(-1).mean(-1)
+
+
+def attention_by_layer(weights: Sequence[np.ndarray], prompts: Sequence[PromptTokens]) -> pd.DataFrame:
+    """One row per layer (1 = the first transformer layer): the statistics averaged over questions."""
+    stats = {name: [] for name in LAYER_COLUMNS[1:-1]}
+    for w, p in zip(weights, prompts, strict=True):
+        for part in ("subject", "relation"):
+            top, mass = part_statistics(w, getattr(p, part))
+            stats[f"{part}_max"].append(top)
+            stats[f"{part}_mass"].append(mass)
+    layers = weights[0].shape[0]
+    table = pd.DataFrame({"layer": np.arange(1, layers + 1)})
+    for name, rows in stats.items():
+        rows = np.vstack(rows)
+        # A question whose words are all subject has no relation tokens: it counts for the subject only.
+        table[name] = np.nanmean(rows, axis=0) if not np.isnan(rows).all() else np.nan
+    table["questions"] = len(weights)
+    return table
+
+
+def attention_example(weights: np.ndarray, prompt: PromptTokens, fact: Mapping) -> pd.DataFrame:
+    """The heatmap's data for one question: head-mean weight per (layer, token), long format."""
+    parts = np.full(len(prompt.input_ids), "other", dtype=object)
+    parts[prompt.relation] = "relation"
+    parts[prompt.subject] = "subject"
+    head_mean = weights.mean(axis=1)
+    layers, positions = np.meshgrid(np.arange(head_mean.shape[0]), np.arange(head_mean.shape[1]), indexing="ij")
+    answers = fact.get("answers")
+    return pd.DataFrame(
+        {
+            "id": str(fact["id"]),
+            "question": str(fact["question"]),
+            "answer": str(answers[0]) if answers is not None and len(answers) else "",
+            "layer": layers.ravel() + 1,
+            "position": positions.ravel(),
+            # Escaped: a few-shot template's line breaks stay visible and the TSV stays one line per row.
+            "token": [_visible(prompt.tokens[p]) for p in positions.ravel()],
+            "part": parts[positions.ravel()],
+            "weight": head_mean.ravel(),
+        }
+    )
+
+
+def _visible(token: str) -> str:
+    return token.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def analyse_attention(
+    spec: dict,
+    test: pd.DataFrame,
+    params: dict,
+    *,
+    adapter: str | Path | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-layer statistics, the example question's heatmap data) of a model on `test`.
+
+    `spec` is `model_spec(name)` and `params` is `attention_params` from rules/common.smk:
+    questions (the cap), batch_size, prompt, max_drop_fraction.
+    """
+    from factft.models import load_model
+
+    where = f"attention of model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
+    questions = select_questions(test, params["questions"], params["max_drop_fraction"], where)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(spec, adapter, device=device)
+    use_eager_attention(model, where)
+    template = params["prompt"]["template"]
+    prompts = [
+        prompt_tokens(tokenizer, str(q), str(s), template, f"{where}, test fact {i}")
+        for q, s, i in zip(questions["question"], questions["subject"], questions["id"])
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    weights = last_position_attention(model, prompts, pad_id=pad_id, batch_size=params["batch_size"])
+    by_layer = attention_by_layer(weights, prompts)
+    chosen = example_index(questions)
+    example = attention_example(weights[chosen], prompts[chosen], questions.loc[chosen])
+    log.info(
+        "%s: %d questions, %d layers; subject max %.4f (last layer %.4f), relation max %.4f",
+        where,
+        len(questions),
+        len(by_layer),
+        by_layer["subject_max"].mean(),
+        by_layer["subject_max"].iloc[-1],
+        by_layer["relation_max"].mean(),
+    )
+    return by_layer, example
+
+
+# ---- figures --------------------------------------------------------------------
+
+PARTS = {"subject_max": "the subject's tokens", "relation_max": "the relation's words"}
+
+
+def read_attention(sources: Iterable[Mapping]) -> pd.DataFrame:
+    """The per-layer tables of `sources` (dicts with subset, seed, path), labelled."""
+    tables = []
+    for source in sources:
+        path = Path(source["path"])
+        if not path.is_file():
+            raise FactftError(f"attention table {path} is missing; run the `attention` rule for it")
+        tables.append(pd.read_csv(path, sep="\t").assign(subset=source["subset"], seed=source["seed"]))
+    if not tables:
+        raise FactftError("no attention tables to plot: the config has no subsets or seeds")
+    return pd.concat(tables, ignore_index=True)
+
+
+def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
+    """Fig. 3a: per layer, the head-mean max attention on the subject (left) and on the
+    relation's words (right), one line per subset: mean over seeds, band +/- 1 sd."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from factft.plots import STYLES
+    from factft.summary import LABELS, SUBSETS
+
+    subsets = [s for s in SUBSETS if (data["subset"] == s).any()]
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
+        figure = Figure(figsize=(11, 4.6), layout="constrained")
+        axes = figure.subplots(1, 2, sharey=True)
+        for ax, (column, part) in zip(axes, PARTS.items()):
+            for subset in subsets:
+                rows = data[data["subset"] == subset].groupby("layer")[column].agg(["mean", "std"]).reset_index()
+                style = STYLES[subset]
+                ax.plot(rows["layer"], rows["mean"], linewidth=2, markersize=5, **style)
+                spread = rows["std"].fillna(0)
+                if (spread > 0).any():
+                    ax.fill_between(
+                        rows["layer"],
+                        rows["mean"] - spread,
+                        rows["mean"] + spread,
+                        color=style["color"],
+                        alpha=0.2,
+                        linewidth=0,
+                    )
+            ax.set_xlabel("layer")
+            ax.set_title(f"Max attention on {part}")
+            if data["layer"].max() <= 16:
+                ax.set_xticks(sorted(data["layer"].unique()))
+            ax.set_xlim(data["layer"].min() - 0.3, data["layer"].max() + 0.3)
+        axes[0].set_ylabel("attention from the last prompt position\n(max over the part's tokens, mean over heads)")
+        axes[0].set_ylim(bottom=0)
+        seeds = data.groupby("subset")["seed"].nunique().max()
+        questions = int(data["questions"].max())
+        band = f"mean over {seeds} seeds, bands: ± 1 sd" if seeds > 1 else "1 seed (no band)"
+        figure.suptitle(f"{model} on {dataset}: where the finetuned model looks when it answers", fontweight="bold")
+        figure.legend(
+            handles=[Line2D([], [], label=LABELS[s], **STYLES[s]) for s in subsets],
+            loc="outside lower center",
+            ncol=len(subsets),
+            frameon=False,
+            title=f"{questions} held-out questions; {band}",
+            title_fontsize="small",
+        )
+    return figure
+
+
+def plot_attention_heatmaps(examples: Mapping[str, pd.DataFrame], model: str, dataset: str):
+    """Fig. 3b: one question's attention from the last position (layers x prompt tokens,
+    mean over heads), one panel per subset, on one colour scale; subject tokens in bold red."""
+    import seaborn as sns
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+
+    from factft.summary import LABELS
+
+    first = next(iter(examples.values()))
+    tokens = first[first["layer"] == first["layer"].min()].sort_values("position")
+    layers = int(first["layer"].max())
+    top = max(float(e["weight"].max()) for e in examples.values())
+    # A square-root scale: the first token often soaks up most attention (an attention sink)
+    # and would leave every other cell dark on a linear scale.
+    norm = PowerNorm(gamma=0.5, vmin=0, vmax=top)
+    width = min(36.0, 2.0 + len(examples) * (1.0 + 0.24 * len(tokens)))
+    height = 3.4 + 0.28 * layers
+    with sns.axes_style("white"):
+        figure = Figure(figsize=(width, height), layout="constrained")
+        axes = np.atleast_1d(figure.subplots(1, len(examples), sharey=True))
+        for ax, (subset, example) in zip(axes, examples.items()):
+            grid = example.pivot(index="layer", columns="position", values="weight").sort_index()
+            image = ax.imshow(grid.to_numpy(), origin="lower", aspect="auto", cmap="magma", norm=norm)
+            ax.set_xticks(range(len(tokens)), list(tokens["token"]), rotation=90, fontsize=8)
+            for label, part in zip(ax.get_xticklabels(), tokens["part"]):
+                if part == "subject":
+                    label.set_color("tab:red")
+                    label.set_fontweight("bold")
+            ticks = range(0, layers, 1 if layers <= 16 else 4)
+            ax.set_yticks(ticks, [t + 1 for t in ticks])
+            ax.set_title(LABELS.get(subset, subset))
+            ax.set_xlabel("prompt token")
+        axes[0].set_ylabel("layer")
+        figure.colorbar(image, ax=list(axes), label="attention weight\n(mean over heads)")
+        figure.suptitle(
+            f"{model} on {dataset}: {first['question'].iloc[0]}  (gold: {first['answer'].iloc[0]})",
+            fontweight="bold",
+        )
+    return figure
+
+
+def make_attention_figures(
+    sources: Iterable[Mapping],
+    examples: Mapping[str, str | Path],
+    model: str,
+    dataset: str,
+    by_layer_path: str | Path,
+    heatmap_path: str | Path,
+) -> None:
+    """Read the attention tables of one (model, dataset) and write both figures.
+    `examples` maps a subset to its example table (one seed)."""
+    from factft.plots import save_figure
+
+    data = read_attention(sources)
+    tables = {}
+    for subset, path in examples.items():
+        if not Path(path).is_file():
+            raise FactftError(f"attention example {path} is missing; run the `attention` rule for it")
+        # Tokens are text: "NA" or "1990" must not turn into a missing value or a number.
+        tables[subset] = pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"token": str})
+    if not tables:
+        raise FactftError(f"no attention example for model '{model}' on dataset '{dataset}' to plot")
+    save_figure(plot_attention_by_layer(data, model, dataset), by_layer_path)
+    save_figure(plot_attention_heatmaps(tables, model, dataset), heatmap_path)
