@@ -167,12 +167,16 @@ _ONSETS = ("", *_words("b br d dr f g gr h k kr l m n p r s st t tr v z"))
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _CODAS = ("", "", "l", "m", "n", "r", "s", "sk", "rt", "nd", "k")
 
-# Words per name part: ceil(sqrt(NAME_POOL * subjects)). At 1.0 nearly every First x Last
-# pair is a subject, so each word is shared by ~sqrt(subjects) of them. Measured on the
-# demo settings (6 pretraining epochs, 3 worlds): cloze accuracy 0.47-0.55, top half by
-# mentions 0.65-0.74, bottom half 0.29-0.35 (the generic guess alone: 0.25). At 2.0 the
-# tail is stored better (0.60, bottom 0.40); with a word per subject everything is (0.999).
-NAME_POOL = 1.0
+# Words per name part: ceil(sqrt(name_pool * subjects)). At 1000 (the default) names are
+# nearly unique word pairs; at 1 every word is shared by ~sqrt(subjects) subjects. Measured on
+# the demo world (seed 0, hidden 128, 2 layers, LoRA r 8 for 5 epochs):
+#   name_pool 1, 6 pretraining epochs: cloze 0.56, but QA finetuning never learns to extract:
+#     FT-Top 0.25 = FT-Bottom 0.25 = the generic guess (a 2-layer model cannot bind two
+#     shared words into a subject from the QA position);
+#   name_pool 100, 6 epochs: cloze 0.56, FT-Top 0.41 vs FT-Bottom 0.36;
+#   name_pool 1000, 6 epochs: cloze 0.81 (even the tail is stored), FT-Top 0.66 vs 0.64;
+#   name_pool 1000, 3 epochs: cloze 0.46, FT-Top 0.39-0.41 vs FT-Bottom 0.32-0.34 (3 seeds).
+NAME_POOL = 1000.0
 
 # Answer skew: P(k-th most common answer of a relation) ~ k^-ANSWER_ZIPF.
 ANSWER_ZIPF = 1.0
@@ -193,12 +197,13 @@ def generate_world(
     min_mentions: int = 1,
     seed: int = 0,
     answer_zipf: float = ANSWER_ZIPF,
+    name_pool: float = NAME_POOL,
 ) -> World:
     """A seeded world: `subjects` made-up people, each with one answer per relation.
 
     Subject mention counts follow rank^-zipf and sum to `mentions`; each subject's count is
     spread evenly over its relations with every fact stated at least `min_mentions` times.
-    Names are "First Last" pairs over shared word pools (see NAME_POOL).
+    Names are "First Last" pairs over word pools of a size set by `name_pool` (see NAME_POOL).
     """
     _check(subjects, relations, answers_per_relation, zipf, mentions, min_mentions, answer_zipf)
     rng = np.random.default_rng(seed)
@@ -207,7 +212,7 @@ def generate_world(
         w for r in chosen for w in (r.question + " " + r.statement).split()
     }
     pools = [_answer_pool(r, answers_per_relation, rng, taken) for r in chosen]
-    subject_names = _names(subjects, rng, taken)
+    subject_names = _names(subjects, rng, taken, name_pool)
 
     per_subject = subject_mentions(subjects, zipf, mentions, relations * min_mentions)
     per_fact = _spread(per_subject, relations, rng)
@@ -299,14 +304,14 @@ def _spread(per_subject: np.ndarray, relations: int, rng: np.random.Generator) -
     return per_fact
 
 
-def _names(subjects: int, rng: np.random.Generator, taken: set[str]) -> list[str]:
+def _names(subjects: int, rng: np.random.Generator, taken: set[str], name_pool: float) -> list[str]:
     """Distinct "First Last" names whose words are shared among subjects, as in real names.
 
     A rare subject's words then mostly occur in other subjects' statements, so storing its
     facts takes the word pair, not a word of its own that pretraining only ever sees in
     them: that is what makes rare facts weakly stored.
     """
-    size = math.ceil(math.sqrt(NAME_POOL * subjects))
+    size = math.ceil(math.sqrt(name_pool * subjects))
     first, last = _made_up_words(size, rng, taken), _made_up_words(size, rng, taken)
     pairs = rng.choice(size * size, size=subjects, replace=False)
     return [f"{first[p // size]} {last[p % size]}" for p in pairs]

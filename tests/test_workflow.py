@@ -1,0 +1,45 @@
+"""Snakemake conventions hold for both shipped configs: formatted, lint-clean, log and benchmark on every rule."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RULE_FILES = [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]
+
+
+def test_snakefiles_are_snakefmt_formatted():
+    run = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", *map(str, RULE_FILES)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("config", [None, "config/demo.yaml"])
+def test_snakemake_lint_finds_nothing(config):
+    extra = ["--configfile", config] if config else []
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", *extra], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "Congratulations" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def rules_with_bodies():
+    for path in RULE_FILES:
+        text = path.read_text()
+        for match in re.finditer(r"^(?:rule|use rule) (\w+).*?(?=^(?:rule|use rule|localrules|def |\Z))", text, re.S | re.M):
+            yield path.name, match[1], match[0]
+
+
+@pytest.mark.parametrize("where,rule,body", list(rules_with_bodies()), ids=lambda v: v if isinstance(v, str) and len(v) < 40 else "")
+def test_every_job_rule_has_log_and_benchmark(where, rule, body):
+    if "output:" not in body and not body.startswith("use rule"):
+        pytest.skip(f"{rule} is a target rule (inputs only)")
+    if body.startswith("use rule"):
+        assert "log:" in body and "benchmark:" in body, f"{where}: {rule} inherits its parent's log path"
+    else:
+        for key in ("log:", "benchmark:", "conda:"):
+            assert key in body, f"{where}: rule {rule} has no {key}"
