@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 CORES ?= 2
 
-.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu clean-demo
+.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
