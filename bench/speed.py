@@ -49,6 +49,7 @@ from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
     encode_examples,
     length_grouped_batches,
+    lora_config,
     make_optimizer,
     prepare_model,
     seed_everything,
@@ -223,21 +224,13 @@ class CountingCollator:
 
 def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device: str, workdir: str):
     """transformers Trainer + peft, defaults apart from what both paths share."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
     seed_everything(0)
     if settings["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = settings["lora"]
-    config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, lora_config(settings["lora"]))
     args = TrainingArguments(
         output_dir=workdir,
         per_device_train_batch_size=settings["batch_size"],

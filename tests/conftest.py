@@ -114,3 +114,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Use with pytest.mark.usefixtures("one_thread") in modules that run tiny models."""
+    import torch
+
+    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,13 +9,7 @@ from factft.errors import FactftError
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -28,13 +28,7 @@ PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
 SUBJECTS = ["Ilmo Varsk", "Bera Tosk", "Kalo Mirr", "Suna Dee", "Ito Rask", "Vena Lu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -38,13 +38,7 @@ def peaked_copy(tiny_model_dir, folder):
     return {"name": "tiny", "path": str(folder), "gguf_file": None, "trust_remote_code": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: thread start-up costs more than the work, badly so on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

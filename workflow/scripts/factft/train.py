@@ -136,6 +136,19 @@ def batch_loss(model, batch: dict) -> torch.Tensor:
 # ---- model -----------------------------------------------------------------------
 
 
+def lora_config(lora: dict):
+    """peft's LoraConfig from the config's finetune.lora block."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+
+
 def prepare_model(model, settings: dict):
     """Make the weights `settings['method']` trains trainable (LoRA adapters or all)."""
     method = settings["method"]
@@ -147,7 +160,7 @@ def prepare_model(model, settings: dict):
         if checkpointing:
             enable_checkpointing(model)
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(
@@ -157,19 +170,12 @@ def prepare_model(model, settings: dict):
         )
     elif checkpointing:
         enable_checkpointing(model)
-    lora = settings["lora"]
-    config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(settings["lora"])
     try:
         return get_peft_model(model, config)
     except ValueError as error:
         raise FactftError(
-            f"finetune.lora.target_modules {lora['target_modules']}: {error}; name linear layers "
+            f"finetune.lora.target_modules {settings['lora']['target_modules']}: {error}; name linear layers "
             "of this model (e.g. q_proj, v_proj) or use all-linear"
         ) from None
 
