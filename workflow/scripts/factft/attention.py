@@ -322,7 +322,7 @@ def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from factft.plots import STYLES
+    from factft.plots import STYLES, draw_mean_and_band
     from factft.summary import LABELS, SUBSETS
 
     subsets = [s for s in SUBSETS if (data["subset"] == s).any()]
@@ -332,18 +332,7 @@ def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
         for ax, (column, part) in zip(axes, PARTS.items()):
             for subset in subsets:
                 rows = data[data["subset"] == subset].groupby("layer")[column].agg(["mean", "std"]).reset_index()
-                style = STYLES[subset]
-                ax.plot(rows["layer"], rows["mean"], linewidth=2, markersize=5, **style)
-                spread = rows["std"].fillna(0)
-                if (spread > 0).any():
-                    ax.fill_between(
-                        rows["layer"],
-                        rows["mean"] - spread,
-                        rows["mean"] + spread,
-                        color=style["color"],
-                        alpha=0.2,
-                        linewidth=0,
-                    )
+                draw_mean_and_band(ax, rows["layer"], rows["mean"], rows["std"], subset)
             ax.set_xlabel("layer")
             ax.set_title(f"Max attention on {part}")
             if data["layer"].max() <= 16:

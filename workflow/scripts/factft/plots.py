@@ -72,20 +72,17 @@ def plot_accuracy_vs_popularity(data: pd.DataFrame, model: str, dataset: str) ->
 
 
 def _draw(ax, rows: pd.DataFrame, subset: str) -> None:
-    if rows.empty:
-        return
+    if not rows.empty:
+        draw_mean_and_band(ax, rows["x"], rows["mean"], rows["sd"], subset, label=LABELS[subset])
+
+
+def draw_mean_and_band(ax, x, mean, sd, subset: str, label: str | None = None) -> None:
+    """One subset's line in its fixed style, with a +/- sd band over seeds when there is spread."""
     style = STYLES[subset]
-    ax.plot(rows["x"], rows["mean"], label=LABELS[subset], linewidth=2, markersize=5, **style)
-    spread = rows["sd"].fillna(0)
+    ax.plot(x, mean, label=label, linewidth=2, markersize=5, **style)
+    spread = sd.fillna(0)
     if (spread > 0).any():
-        ax.fill_between(
-            rows["x"],
-            rows["mean"] - spread,
-            rows["mean"] + spread,
-            color=style["color"],
-            alpha=0.2,
-            linewidth=0,
-        )
+        ax.fill_between(x, mean - spread, mean + spread, color=style["color"], alpha=0.2, linewidth=0)
 
 
 def _data_note(data: pd.DataFrame) -> str:
