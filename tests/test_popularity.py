@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from factft.errors import FactftError
-from factft.pageviews import article_title, pageview_table
+from factft.pageviews import article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.tables import check_facts, write_table
 
@@ -91,7 +91,7 @@ def route(title):
 
 def fetch(server, subjects, cache, **extra):
     return pageview_table(
-        subjects,
+        [article_title(s) for s in subjects],
         cache,
         start="20230101",
         end="20230103",
@@ -107,8 +107,8 @@ def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp
     http_server.reply(route("Hallstatt"), (200, daily(1, 2, 3)))
     table = fetch(http_server, ["Ada Lovelace", "Hallstatt", "Ada Lovelace"], tmp_path)
     assert table.to_dict("records") == [
-        {"subject": "Ada Lovelace", "article": "Ada_Lovelace", "views": 60},
-        {"subject": "Hallstatt", "article": "Hallstatt", "views": 6},
+        {"article": "Ada_Lovelace", "views": 60},
+        {"article": "Hallstatt", "views": 6},
     ]
     assert len(http_server.requests) == 2
     again = fetch(http_server, ["Hallstatt", "Ada Lovelace"], tmp_path)
@@ -153,10 +153,38 @@ def test_reversed_date_range_is_an_error_before_any_request(http_server, tmp_pat
     assert http_server.requests == []
 
 
+PAGEVIEWS = {"scorer": "pageviews", "project": "en.wikipedia", "start": "20230101", "end": "20231231"}
+
+
 def test_pageviews_scorer_maps_subjects_through_the_fetched_table(tmp_path):
-    table = pd.DataFrame({"subject": [f"Person {i}" for i in range(5)], "views": [0, 10, 20, 30, 40]})
+    table = pd.DataFrame({"article": [f"Person_{i}" for i in range(5)], "views": [0, 10, 20, 30, 40]})
     write_table(table, tmp_path / "pageviews.parquet")
-    params = {"scorer": "pageviews", "project": "en.wikipedia", "start": "20230101", "end": "20231231"}
-    facts = add_popularity(raw(), params, ScoringContext("eq", pageviews=tmp_path / "pageviews.parquet"), 0.1)
+    facts = add_popularity(raw(), PAGEVIEWS, ScoringContext("eq", pageviews=tmp_path / "pageviews.parquet"), 0.1)
     assert facts["popularity"].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0] * 2
     assert set(facts["popularity_source"]) == {"pageviews:en.wikipedia:20230101-20231231"}
+
+
+def test_a_title_column_names_the_article_when_the_subject_is_not_its_title(http_server, tmp_path):
+    # PopQA's subject "Mercury" is the planet's fact, whose article is Mercury_(planet).
+    facts = raw(4).assign(subject=["Mercury"] * 4, s_wiki_title=["Mercury (planet)"] * 2 + ["Freddie Mercury", None])
+    params = {**PAGEVIEWS, "title_column": "s_wiki_title"}
+    http_server.reply(route("Mercury_(planet)"), (200, daily(5)))
+    http_server.reply(route("Freddie_Mercury"), (200, daily(9)))
+    table = pageview_table(
+        fact_articles(facts, params, "popqa"), tmp_path, start="20230101", end="20230103",
+        base_url=http_server.url, requests_per_second=1000,
+    )  # fmt: skip
+    assert table.to_dict("records") == [
+        {"article": "", "views": 0},
+        {"article": "Freddie_Mercury", "views": 9},
+        {"article": "Mercury_(planet)", "views": 5},
+    ]
+    assert len(http_server.requests) == 2  # no request for the fact without a title
+    write_table(table, tmp_path / "pageviews.parquet")
+    scored = add_popularity(facts, params, ScoringContext("popqa", pageviews=tmp_path / "pageviews.parquet"), 0.5)
+    assert scored["popularity"].tolist() == [5.0, 5.0, 9.0, 0.0]
+
+
+def test_a_missing_title_column_is_named_with_the_dataset(tmp_path):
+    with pytest.raises(FactftError, match=r"dataset 'popqa': column 's_wiki_title' named in popularity\.title_column"):
+        fact_articles(raw(), {**PAGEVIEWS, "title_column": "s_wiki_title"}, "popqa")

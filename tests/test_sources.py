@@ -193,6 +193,21 @@ def test_missing_keep_column_is_named(tmp_path):
     table = pd.DataFrame({"question": ["q"], "answers": [["a"]], "subject": ["s"], "relation": ["r"]})
     with pytest.raises(FactftError, match=r"column 'views' named in datasets\.ds\.keep_columns is missing"):
         to_facts(table, spec({}, keep_columns=["views"]), max_drop_fraction=0.1)
+    pageviews = {"scorer": "pageviews", "title_column": "wiki_title"}
+    with pytest.raises(FactftError, match=r"column 'wiki_title' named in datasets\.ds\.popularity\.title_column"):
+        to_facts(table, spec({}, popularity=pageviews), max_drop_fraction=0.1)
+
+
+def test_the_column_a_scorer_reads_is_kept_without_being_listed(data_dir, tmp_path):
+    popqa = spec(
+        {"hf": str(data_dir / "popqa"), "split": "test"},
+        "popqa",
+        columns=POPQA_COLUMNS,
+        popularity={"scorer": "pageviews", "title_column": "s_wiki_title"},
+    )
+    facts = load_facts(popqa, tmp_path / "cache", max_drop_fraction=0.1)
+    assert list(facts.columns) == ["id", "question", "answers", "subject", "relation", "s_wiki_title"]
+    assert "Barack Obama" in set(facts["s_wiki_title"])
 
 
 def facts_table(n):

@@ -18,6 +18,7 @@ from factft.train import (
     length_grouped_batches,
     prepare_model,
     trainable_parameters,
+    weights_dtype,
 )
 
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
@@ -202,6 +203,20 @@ def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path
     assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+
+
+@pytest.mark.parametrize(
+    ("method", "device", "dtype"),
+    [
+        ("full", "cuda", torch.float32),  # fp32 master weights: bf16 ones would drop small AdamW updates
+        ("lora", "cuda", torch.bfloat16),  # frozen base in bf16; peft makes the adapters fp32
+        ("qlora", "cuda", torch.bfloat16),
+        ("full", "cpu", torch.float32),
+        ("lora", "cpu", torch.float32),
+    ],
+)
+def test_full_finetunes_keep_fp32_master_weights(method, device, dtype):
+    assert weights_dtype(method, device) == dtype
 
 
 def test_existing_output_is_never_overwritten(tiny_model_dir, facts, tmp_path):

@@ -1,11 +1,11 @@
 from factft.logging import to_log
-from factft.pageviews import pageview_table
+from factft.pageviews import fact_articles, pageview_table
 from factft.tables import read_table, write_table
 
 with to_log(snakemake.log[0]):
     popularity = snakemake.params.popularity
     views = pageview_table(
-        read_table(snakemake.input.raw)["subject"],
+        fact_articles(read_table(snakemake.input.raw), popularity, snakemake.wildcards.dataset),
         snakemake.params.cache,
         project=popularity["project"],
         start=popularity["start"],

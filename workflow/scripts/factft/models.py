@@ -86,14 +86,16 @@ def load_model(
     quantize: str | None = None,
     device: str | None = None,
     for_training: bool = False,
+    dtype: torch.dtype | None = None,
 ):
     """The model (on `device`, eval mode unless `for_training`) and its tokenizer.
 
     `spec` is `model_spec(name)` from rules/common.smk. `adapter` is a `finetune` output: a
     peft adapter is attached (trainable when `for_training`, else merged into the weights
     for fast generation) or full weights replace the base. `quantize="nf4"` loads the base in
-    4-bit NF4 with double quantization (QLoRA), which needs CUDA. The tokenizer gets the eos
-    token as its pad token when it has none; the caller sets `padding_side`.
+    4-bit NF4 with double quantization (QLoRA), which needs CUDA. `dtype` is the weights'
+    dtype (default: compute_dtype(device)). The tokenizer gets the eos token as its pad token
+    when it has none; the caller sets `padding_side`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,8 +117,7 @@ def load_model(
     gguf = None if kind == "full" else spec.get("gguf_file")
     common = {"local_files_only": True, "trust_remote_code": trust}
     source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
-    dtype = compute_dtype(device)
-    options = {"dtype": dtype}
+    options = {"dtype": dtype or compute_dtype(device)}
     if not trust:
         # Remote-code models may not implement SDPA; built-in ones all do.
         options["attn_implementation"] = "sdpa"
@@ -127,7 +128,7 @@ def load_model(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=compute_dtype(device),
         )
         options["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)

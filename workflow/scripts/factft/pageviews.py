@@ -28,14 +28,33 @@ API = "https://wikimedia.org/api/rest_v1/metrics/pageviews/per-article"
 MISSING_STATUS = frozenset({400, 404})
 
 
-def article_title(subject: str) -> str:
-    """The Wikipedia title for a subject name: underscores for spaces, first letter upper case."""
-    title = subject.strip().replace(" ", "_")
+def article_title(name: str) -> str:
+    """The Wikipedia title for a name: underscores for spaces, first letter upper case."""
+    title = name.strip().replace(" ", "_")
     return title[:1].upper() + title[1:]
 
 
+def fact_articles(facts: pd.DataFrame, params: dict, dataset: str) -> pd.Series:
+    """Each fact's article: its `title_column` (e.g. PopQA's s_wiki_title) when the config
+    names one, else its subject's name, which misses subjects whose article title differs."""
+    column = params.get("title_column")
+    if column is None:
+        return facts["subject"].map(article_title)
+    if column not in facts.columns:
+        raise FactftError(
+            f"dataset '{dataset}': column '{column}' named in popularity.title_column is missing from "
+            f"the raw table (columns: {list(facts.columns)}); rerun `download` for this dataset"
+        )
+    titles = facts[column].map(lambda t: article_title(t) if isinstance(t, str) else "")
+    if (titles == "").any():
+        log.warning(
+            "dataset '%s': %d facts without a title in %s count 0 views", dataset, int((titles == "").sum()), column
+        )
+    return titles
+
+
 def pageview_table(
-    subjects,
+    articles,
     cache_dir: str | Path,
     *,
     project: str = "en.wikipedia",
@@ -47,22 +66,23 @@ def pageview_table(
     backoff: float = 1.0,
     timeout: float = 30,
 ) -> pd.DataFrame:
-    """Columns subject, article, views (int64): each distinct subject's summed daily views.
+    """Columns article, views (int64): each distinct article's summed daily views.
 
-    Missing articles count 0 views. Subjects already in the cache cost no request.
+    Missing articles (and empty titles) count 0 views. Articles in the cache cost no request.
     """
     _check_range(start, end)
     folder = Path(cache_dir) / project / f"{start}-{end}"
-    subjects = sorted(set(subjects))
-    views, missing, fetched = {}, 0, 0
+    articles = sorted(set(articles))
+    views, missing, fetched = {"": 0}, 0, 0
     interval = 1.0 / requests_per_second
     last_request = float("-inf")
     with requests.Session() as session:
-        for subject in subjects:
-            article = article_title(subject)
+        for article in articles:
+            if article in views:
+                continue
             cached = _cache_file(folder, article)
             if cached.is_file():
-                views[subject] = json.loads(cached.read_text())["views"]
+                views[article] = json.loads(cached.read_text())["views"]
                 continue
             # Wikimedia asks clients to keep a modest request rate.
             time.sleep(max(0.0, last_request + interval - time.monotonic()))
@@ -78,19 +98,19 @@ def pageview_table(
             fetched += 1
             with atomic_path(cached) as tmp:
                 tmp.write_text(json.dumps({"article": article, "views": total}))
-            views[subject] = total
+            views[article] = total
     log.info(
-        "pageviews %s %s-%s: %d subjects, %d fetched (%d without an article), %d from the cache",
+        "pageviews %s %s-%s: %d articles, %d fetched (%d without an article), %d from the cache",
         project,
         start,
         end,
-        len(subjects),
+        len(articles),
         fetched,
         missing,
-        len(subjects) - fetched,
+        len(articles) - fetched,
     )
-    table = pd.DataFrame({"subject": subjects, "article": [article_title(s) for s in subjects]})
-    table["views"] = pd.Series([views[s] for s in subjects], dtype="int64")
+    table = pd.DataFrame({"article": articles})
+    table["views"] = pd.Series([views[a] for a in articles], dtype="int64")
     return table
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
+from factft.pageviews import fact_articles
 from factft.sources import drop_invalid
 from factft.tables import check_facts, read_table
 
@@ -50,8 +51,8 @@ def pageviews(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.
             f"dataset '{context.dataset}': scorer pageviews needs the page-view table; "
             "run the `pageviews` rule (or factft.pageviews.pageview_table) first"
         )
-    views = read_table(context.pageviews).set_index("subject")["views"]
-    return facts["subject"].map(views)
+    views = read_table(context.pageviews).set_index("article")["views"]
+    return fact_articles(facts, params, context.dataset).map(views)
 
 
 def model_confidence(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:

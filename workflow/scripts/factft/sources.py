@@ -317,9 +317,10 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     """Map, parse and clean a source table into the raw facts table (see the module doc)."""
     name = spec["name"]
     mapping = _mapping(spec)
-    kept = _kept_columns(spec, mapping)
+    read = _kept_columns(spec)
     wanted = [(f"columns.{key}", column) for key, column in mapping.items()]
-    _require_columns(table, name, wanted + [("keep_columns", column) for column in kept])
+    _require_columns(table, name, wanted + read)
+    kept = [column for _, column in read]
     table = table.reset_index(drop=True)
 
     facts = pd.DataFrame(
@@ -380,14 +381,19 @@ def _mapping(spec: dict) -> dict:
     return mapping
 
 
-def _kept_columns(spec: dict, mapping: dict) -> list[str]:
-    """keep_columns, plus the popularity column, which `popularity` reads from the raw table."""
-    kept = list(spec.get("keep_columns") or [])
+# The source column a scorer reads from the raw table, by the popularity key that names it.
+SCORER_COLUMN = {"column": "column", "pageviews": "title_column"}
+
+
+def _kept_columns(spec: dict) -> list[tuple[str, str]]:
+    """(config key, column) of keep_columns, plus the column the popularity scorer reads."""
+    kept = [("keep_columns", column) for column in spec.get("keep_columns") or []]
     popularity = spec.get("popularity") or {}
-    if popularity.get("scorer") == "column" and popularity.get("column") not in kept:
-        kept.append(popularity["column"])
+    key = SCORER_COLUMN.get(popularity.get("scorer"))
+    if key and popularity.get(key) and popularity[key] not in [column for _, column in kept]:
+        kept.append((f"popularity.{key}", popularity[key]))
     reserved = {"id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"}
-    clash = [c for c in kept if c in reserved]
+    clash = [column for _, column in kept if column in reserved]
     if clash:
         raise FactftError(
             f"dataset '{spec['name']}': keep_columns {clash} clash with facts columns; map them through "

@@ -25,7 +25,7 @@ import torch
 
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
-from factft.models import default_device, load_model
+from factft.models import compute_dtype, default_device, load_model
 from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
 from factft.tables import atomic_dir, check_new_dir, remove_stale_temps, write_tsv
 
@@ -178,6 +178,14 @@ def prepare_model(model, settings: dict):
             f"finetune.lora.target_modules {settings['lora']['target_modules']}: {error}; name linear layers "
             "of this model (e.g. q_proj, v_proj) or use all-linear"
         ) from None
+
+
+def weights_dtype(method: str, device) -> torch.dtype:
+    """The trained weights' dtype: fp32 master weights for a full finetune (bf16 autocast does
+    the arithmetic on a GPU), since a bf16 weight (8 significant bits) drops any update below
+    1/256 of its size, which is most AdamW steps at finetuning learning rates. LoRA and QLoRA
+    keep the frozen base in the compute dtype; peft creates its adapters in fp32."""
+    return torch.float32 if method == "full" else compute_dtype(device)
 
 
 def enable_checkpointing(model) -> None:
@@ -410,9 +418,11 @@ def library_versions(method: str) -> dict:
 def save_output(out_dir: Path, model, tokenizer, summary: dict, method: str) -> None:
     """The adapter (or full model + tokenizer) and trained.json, renamed into place at once."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
         if method == "full":
+            # Saved in the compute dtype, as evaluation loads it: half the disk of fp32 on a GPU.
+            model.to(compute_dtype(next(model.parameters()).device))
             tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         (tmp / "trained.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -451,7 +461,11 @@ def finetune(
     log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
     seed_everything(seed)
     model, tokenizer = load_model(
-        model_spec, quantize="nf4" if method == "qlora" else None, device=device, for_training=True
+        model_spec,
+        quantize="nf4" if method == "qlora" else None,
+        device=device,
+        for_training=True,
+        dtype=weights_dtype(method, device),
     )
     encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
     print_ = fingerprint(settings, model_spec, encoded)

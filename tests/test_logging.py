@@ -1,0 +1,14 @@
+import pytest
+
+from factft.errors import FactftError
+from factft.logging import to_log
+
+
+def test_a_user_error_is_one_line_on_stderr_and_exit_status_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        with to_log(tmp_path / "job.log"):
+            raise FactftError("dataset 'popqa': column 'subj' is missing")
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "factft: dataset 'popqa': column 'subj' is missing\n"
+    text = (tmp_path / "job.log").read_text()
+    assert "column 'subj' is missing" in text and "Traceback" not in text
