@@ -1,5 +1,6 @@
 """Splits: test subjects held out, top/bottom by popularity within relation, deterministic."""
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,13 @@ def test_pool_and_test_caps_take_seeded_samples(facts):
     assert again["whole"]["id"].tolist() == splits["whole"]["id"].tolist()
     other = split_facts(facts, pool_size=30, test_size=12, seed=2)
     assert other["whole"]["id"].tolist() != splits["whole"]["id"].tolist()
+
+
+def test_a_cap_above_the_dataset_size_keeps_every_fact_and_says_so(facts, caplog):
+    with caplog.at_level(logging.INFO, logger="factft"):
+        capped = split_facts(facts, dataset="small", pool_size=10**6, seed=1)
+    assert capped["whole"]["id"].tolist() == split_facts(facts, seed=1)["whole"]["id"].tolist()
+    assert f"dataset 'small': split.pool_size 1000000: all {len(capped['whole'])} facts kept" in caplog.text
 
 
 def test_fraction_one_makes_top_bottom_and_random_the_whole_pool(facts):

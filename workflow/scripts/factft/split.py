@@ -56,8 +56,8 @@ def split_facts(
     n_test = min(max(1, round(test_fraction * len(subjects))), len(subjects) - 1)
     test_subjects = set(subject_rng.permutation(subjects)[:n_test])
     in_test = facts["subject"].isin(test_subjects)
-    test = _cap(facts[in_test], test_size, test_rng)
-    pool = _cap(facts[~in_test], pool_size, pool_rng)
+    test = _cap(facts[in_test], test_size, test_rng, f"dataset '{dataset}': split.test_size")
+    pool = _cap(facts[~in_test], pool_size, pool_rng, f"dataset '{dataset}': split.pool_size")
 
     groups = [g for _, g in pool.groupby("relation", sort=True)] if stratify == "relation" else [pool]
     counts = [math.floor(fraction * len(g) + 1e-9) for g in groups]
@@ -94,10 +94,15 @@ def split_facts(
     return {name: _finish(tables[name], name) for name in SPLITS}
 
 
-def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator) -> pd.DataFrame:
+def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: str) -> pd.DataFrame:
     """A seeded sample of `size` rows (all rows when size is None or larger), in the facts' order."""
-    if size is None or len(table) <= size:
+    if size is None:
         return table
+    if len(table) <= size:
+        # One cap serves every dataset, so a cap above a small dataset's size is no mistake.
+        log.info("%s %d: all %d facts kept", key, size, len(table))
+        return table
+    log.info("%s %d: a seeded sample of %d of %d facts", key, size, size, len(table))
     by_id = table.sort_values("id", kind="stable").index
     return table.loc[sorted(by_id[rng.choice(len(by_id), size=size, replace=False)])]
 
