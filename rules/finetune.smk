@@ -44,7 +44,7 @@ rule finetune:
         "../envs/torch.yaml"
     threads: 4
     resources:
-        gpu=finetune_gpus,
+        gpu=model_gpus,
         mem_mb=finetune_mem_mb,
         runtime=finetune_runtime,
     params:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,23 @@ def finetuned(adapter: str = "results/tiny/synth/top/seed1/adapter", *, model: s
     return action
 
 
+def without_module(name: str, action: Callable[[Tree], None]) -> Callable[[Tree], None]:
+    """`action` on a machine where `import name` fails (a None entry in sys.modules does that)."""
+
+    def run(tree: Tree) -> None:
+        saved = {k: v for k, v in sys.modules.items() if k == name or k.startswith(name + ".")}
+        for key in saved:
+            del sys.modules[key]
+        sys.modules[name] = None
+        try:
+            action(tree)
+        finally:
+            del sys.modules[name]
+            sys.modules.update(saved)
+
+    return run
+
+
 def model_folder(*files: str) -> Callable[[Tree], None]:
     """Loading a model from a folder holding only `files` of the tiny model (a pytorch_model.bin
     is its weights, pickled) for evaluate, popularity or finetune."""
@@ -313,8 +331,8 @@ CATALOGUE = [
      "all 12 rows are invalid ({'negative popularity': 12}), nothing is left"),
     ("data-truncated-parquet", corrupt_table, "cannot read table elsewhere/facts.parquet: "),
     # environment
-    ("env-qlora-without-cuda", finetuned(method="qlora"),
-     "finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full on this machine"),
+    ("env-qlora-without-bitsandbytes", without_module("bitsandbytes", finetuned(method="qlora")),
+     "finetune.method qlora needs bitsandbytes (4-bit NF4 base): pip install 'factft[qlora]'"),
     ("env-model-folder-without-weights", model_folder("config.json", "tokenizer.json"),
      "model 'tiny': no safetensors weights in "),
     ("env-model-folder-with-only-pickled-weights", model_folder("config.json", "pytorch_model.bin"),

@@ -56,12 +56,6 @@ def test_missing_gguf_file_is_named(tiny_model_dir):
         load_model(spec_for(tiny_model_dir, gguf_file="missing.gguf"), device="cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
-def test_nf4_quantization_without_cuda_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(FactftError, match="qlora needs a CUDA GPU.*use lora or full"):
-        load_model(spec_for(tiny_model_dir), quantize="nf4")
-
-
 def test_peft_adapter_is_merged_for_evaluation_and_trainable_for_training(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 

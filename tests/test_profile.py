@@ -33,10 +33,11 @@ class PlannedJob:
     resources: dict[str, str]
 
 
-def dry_run(profile: str, configfile: str, workdir: Path, *extra: str) -> tuple[str, list[PlannedJob]]:
+def dry_run(profile: str | None, configfile: str, workdir: Path, *extra: str) -> tuple[str, list[PlannedJob]]:
     """`snakemake --profile <profile> -n all` from the repository root, in an empty workdir."""
+    profile_args = ["--profile", profile] if profile else []
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", profile, "--configfile", configfile,
+        [sys.executable, "-m", "snakemake", *profile_args, "--configfile", configfile,
          "--directory", str(workdir), "--dry-run", *extra, "all"],
         cwd=REPO,
         env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
@@ -105,6 +106,15 @@ def test_gpu_jobs_ask_for_one_gpu_and_cpu_jobs_for_none(grid):
             assert gpus == "0", job
         elif job.rule == "popularity":
             assert gpus == ("1" if dataset in scored_by_a_7b_model else "0"), job
+
+
+@pytest.mark.parametrize(("configfile", "gpus"), [("config/config.yaml", "1"), ("config/demo.yaml", "0")])
+def test_without_the_profile_7b_jobs_still_hold_a_gpu_and_the_tiny_model_none(tmp_path, configfile, gpus):
+    # On a GPU workstation, `--resources gpu=1` then runs the 7B jobs one at a time.
+    _, jobs = dry_run(None, configfile, tmp_path, "--cores", "2")
+    model_jobs = [job for job in jobs if job.rule in GPU_RULES | {"attention"}]
+    assert {job.rule for job in model_jobs} >= {"finetune", "evaluate", "evaluate_base"}
+    assert {job.resources.get("gpu", "0") for job in model_jobs} == {gpus}
 
 
 def test_rules_that_need_the_internet_run_on_the_login_node_and_gpu_rules_do_not(grid):

@@ -113,11 +113,34 @@ def test_unknown_target_module_names_the_config_key(tiny_model_dir):
         prepare_model(model, bad)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
-def test_qlora_without_cuda_fails_clearly_before_writing_anything(tiny_model_dir, facts, tmp_path):
-    with pytest.raises(FactftError, match="qlora needs a CUDA GPU"):
-        run(tiny_model_dir, facts, tmp_path, method="qlora")
-    assert list(tmp_path.iterdir()) == []
+def test_qlora_trains_adapters_over_a_4bit_base_and_evaluates_exactly_the_trained_model(
+    tiny_model_dir, facts, tmp_path
+):
+    from bitsandbytes.nn import Linear4bit
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    summary, _ = run(tiny_model_dir, facts, tmp_path, method="qlora", max_steps=4, learning_rate=3e-2, lora=lora)
+    assert summary["method"] == "qlora" and summary["versions"]["bitsandbytes"]
+    trained, _ = load_model(spec(tiny_model_dir), tmp_path / "adapter", quantize="nf4", device="cpu")
+    layer = trained.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, Linear4bit)  # what the adapter was trained over
+    # Train mode (no dropout here): bitsandbytes computes as in training; its CPU inference
+    # path repacks the weights with bf16 scales.
+    trained.train()
+
+    # Evaluation rebuilds that NF4-rounded base and merges the adapter into it: plain linear
+    # layers, the trained model's outputs. Merging into the original weights would not be.
+    merged, tokenizer = load_model(spec(tiny_model_dir), tmp_path / "adapter", device="cpu")
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from peft import PeftModel
+
+    naive = PeftModel.from_pretrained(naive, str(tmp_path / "adapter")).merge_and_unload()
+    batch = tokenizer(["Q: Where was Bera Tosk born? A:", "Q: What does Suna Dee do? A:"], return_tensors="pt")
+    with torch.no_grad():
+        expected, found, off = (m(**batch).logits for m in (trained, merged, naive))
+    assert torch.allclose(found, expected, atol=1e-5)
+    assert (off - expected).abs().max() > 100 * (found - expected).abs().max()
 
 
 def test_batches_cover_each_example_once_grouped_by_length_and_seeded():
@@ -160,19 +183,20 @@ def test_same_seed_gives_the_same_adapter_and_another_seed_another(tiny_model_di
     assert not same_weights(first, other, atol=1e-4)
 
 
-def test_interrupted_run_resumes_to_the_same_adapter_and_loss(tiny_model_dir, facts, tmp_path, caplog):
-    whole, expected = run(tiny_model_dir, facts, tmp_path / "whole")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_interrupted_run_resumes_to_the_same_adapter_and_loss(tiny_model_dir, facts, tmp_path, caplog, method):
+    whole, expected = run(tiny_model_dir, facts, tmp_path / "whole", method=method)
 
     def crash_at_step_5(step, loss):
         if step == 5:
             raise KeyboardInterrupt("job killed")
 
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_model_dir, facts, tmp_path / "resumed", on_step=crash_at_step_5)
+        run(tiny_model_dir, facts, tmp_path / "resumed", on_step=crash_at_step_5, method=method)
     assert not (tmp_path / "resumed" / "adapter").exists()
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000004"]
     with caplog.at_level(logging.INFO, logger="factft"):
-        resumed, weights = run(tiny_model_dir, facts, tmp_path / "resumed")
+        resumed, weights = run(tiny_model_dir, facts, tmp_path / "resumed", method=method)
     assert "resuming from" in caplog.text and "step 4 of 9" in caplog.text
     assert same_weights(weights, expected, atol=1e-6)
     assert resumed["final_loss"] == pytest.approx(whole["final_loss"], abs=1e-6)

@@ -6,6 +6,7 @@ a GGUF file only: pickled `.bin` weights can run arbitrary code when loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -59,6 +60,25 @@ def check_model_folder(spec: dict) -> None:
         )
 
 
+def trained_quantization(adapter: str | Path) -> str | None:
+    """The quantization of the base an adapter was trained on ("nf4" for QLoRA), from the
+    trained.json that factft's finetune writes beside it; None for other adapters."""
+    record = Path(adapter) / "trained.json"
+    if not record.is_file():
+        return None
+    return "nf4" if json.loads(record.read_text()).get("method") == "qlora" else None
+
+
+def require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FactftError(
+            "finetune.method qlora needs bitsandbytes (4-bit NF4 base): pip install 'factft[qlora]' "
+            "(envs/torch.yaml has it), or use method lora or full"
+        ) from None
+
+
 def adapter_kind(adapter: str | Path) -> str:
     """'peft' for a LoRA adapter folder, 'full' for a whole finetuned model."""
     adapter = Path(adapter)
@@ -93,24 +113,29 @@ def load_model(
     `spec` is `model_spec(name)` from rules/common.smk. `adapter` is a `finetune` output: a
     peft adapter is attached (trainable when `for_training`, else merged into the weights
     for fast generation) or full weights replace the base. `quantize="nf4"` loads the base in
-    4-bit NF4 with double quantization (QLoRA), which needs CUDA. `dtype` is the weights'
-    dtype (default: compute_dtype(device)). The tokenizer gets the eos token as its pad token
-    when it has none; the caller sets `padding_side`.
+    4-bit NF4 with double quantization (QLoRA; bitsandbytes, on CUDA or CPU). `dtype` is the
+    weights' dtype (default: compute_dtype(device)). The tokenizer gets the eos token as its
+    pad token when it has none; the caller sets `padding_side`.
+
+    A QLoRA adapter was trained on the NF4-rounded base, not on the original weights: for
+    evaluation that base is rebuilt (quantized, then dequantized to the compute dtype) and the
+    adapter merged into it, which is exactly the trained model and generates at full speed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quantize not in (None, *QUANTIZATIONS):
         raise FactftError(f"quantize '{quantize}' is not supported; use one of {QUANTIZATIONS} or none")
     device = device or default_device()
-    if quantize and not str(device).startswith("cuda"):
-        raise FactftError(
-            "finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full on this machine"
-        )
     check_model_folder(spec)
     name, trust = spec["name"], bool(spec.get("trust_remote_code"))
     if trust:
         log.warning("model '%s': trust_remote_code is on: running the model folder's own Python code", name)
     kind = adapter_kind(adapter) if adapter is not None else None
+    # For evaluation, a QLoRA adapter's base is rebuilt as it was trained (see above).
+    rebuilt = None if for_training or quantize or kind != "peft" else trained_quantization(adapter)
+    quantize = quantize or rebuilt
+    if quantize:
+        require_bitsandbytes()
 
     # A full finetune saved a whole model (plain safetensors, tokenizer beside it).
     weights = Path(adapter) if kind == "full" else Path(spec["path"])
@@ -132,14 +157,16 @@ def load_model(
         )
         options["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)
-    if not quantize:
+    if rebuilt:
+        model = model.dequantize(dtype=compute_dtype(device))
+    elif not quantize:
         model.to(device)
 
     if kind == "peft":
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
-        if not for_training and not quantize:
+        if not for_training and (rebuilt or not quantize):
             # Merged weights generate as fast as the base; a 4-bit base cannot absorb the adapter.
             model = model.merge_and_unload()
 
