@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from factft.errors import FactftError
-from factft.split import SPLITS, split_facts
+from factft.split import SPLITS, percentiles, split_facts
 from factft.tables import check_facts, read_table, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_stratified_subsets_share_the_relation_mix_unstratified_do_not(facts):
     assert plays[0] > 2 * plays[1]
 
 
-def test_ties_are_broken_by_id_whatever_the_row_order(facts):
+def test_ties_are_broken_by_the_seed_whatever_the_row_order(facts):
     tied = facts.assign(popularity=1.0)
     shuffled = tied.sample(frac=1.0, random_state=3)
     for stratify in ("relation", "none"):
@@ -80,32 +80,36 @@ def test_ties_are_broken_by_id_whatever_the_row_order(facts):
         b = split_facts(shuffled, stratify=stratify, seed=0)
         for name in SPLITS:
             assert sorted(a[name]["id"]) == sorted(b[name]["id"])
-        pool_ids = sorted(a["whole"]["id"])
+            pct = [t.set_index("id")["popularity_pct"].sort_index() for t in (a[name], b[name])]
+            assert pct[0].equals(pct[1])
+        assert not set(a["top"]["id"]) & set(a["bottom"]["id"])
         if stratify == "none":
-            assert sorted(a["top"]["id"]) == pool_ids[: len(a["top"])]
-            assert sorted(a["bottom"]["id"]) == pool_ids[-len(a["bottom"]) :]
+            # Among ties, top is the head of the same seeded order that ranks the percentiles.
+            whole = a["whole"].sort_values("popularity_pct", ascending=False)["id"].tolist()
+            assert set(a["top"]["id"]) == set(whole[: len(a["top"])])
 
 
 def test_popularity_pct_is_the_percentile_within_each_table(facts):
     splits = split_facts(facts, seed=0)
     for name, table in splits.items():
         assert (table["split"] == name).all()
-        assert table["popularity_pct"].between(0, 100).all()
-        assert table["popularity_pct"].max() == pytest.approx(
-            100.0 * table["popularity"].rank().max() / len(table)
-        )
-        most = table["popularity"].idxmax()
-        least = table["popularity"].idxmin()
-        assert table.loc[most, "popularity_pct"] > table.loc[least, "popularity_pct"]
+        # Each fact its own rank: the top x% is x% of the facts, whatever the ties.
+        n = len(table)
+        assert sorted(table["popularity_pct"]) == pytest.approx([100.0 * (i + 1) / n for i in range(n)])
+        by_pct = table.sort_values("popularity_pct")["popularity"]
+        assert by_pct.is_monotonic_increasing
         check_facts(table, name)
-    ranks = pd.DataFrame({"popularity": [5.0, 1.0, 5.0, 3.0]}).assign(split="x")
-    assert split_pct(ranks) == [87.5, 25.0, 87.5, 50.0]
 
 
-def split_pct(table):
-    from factft.split import _finish
-
-    return _finish(table, "x")["popularity_pct"].tolist()
+def test_tied_popularity_is_ordered_by_a_seeded_hash_of_the_id_not_by_row_order():
+    table = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "popularity": [5.0, 1.0, 5.0, 3.0, 5.0]})
+    pct = dict(zip(table["id"], percentiles(table, seed=0)))
+    assert (pct["b"], pct["d"]) == (20.0, 40.0)
+    assert sorted(pct[i] for i in "ace") == [60.0, 80.0, 100.0]
+    shuffled = table.iloc[[4, 2, 0, 3, 1]]
+    assert dict(zip(shuffled["id"], percentiles(shuffled, seed=0))) == pct
+    orders = {tuple(sorted("ace", key=dict(zip(table["id"], percentiles(table, seed))).get)) for seed in range(8)}
+    assert len(orders) > 1  # another seed, another order among the ties
 
 
 def test_pool_and_test_caps_take_seeded_samples(facts):

@@ -7,6 +7,7 @@ every relation, so top, bottom and random differ in popularity, not in relation 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 
@@ -71,9 +72,9 @@ def split_facts(
     for group, k in zip(groups, counts):
         if k == 0:
             continue
-        # Ties in popularity are broken by id, so the order of the input rows never matters;
-        # bottom takes the same order from the other end, so top and bottom never share a tie.
-        ranked = group.sort_values(["popularity", "id"], ascending=[False, True], kind="stable").index
+        # The percentile order breaks ties (seeded, never by row order); bottom takes the same
+        # order from the other end, so top and bottom never share a fact.
+        ranked = group.index[np.argsort(-percentiles(group, seed))]
         chosen["top"].append(ranked[:k])
         chosen["bottom"].append(ranked[::-1][:k])
         by_id = group.sort_values("id", kind="stable").index
@@ -91,7 +92,7 @@ def split_facts(
     tables = {name: facts.loc[sorted(np.concatenate(rows))] for name, rows in chosen.items()}
     tables["whole"] = pool
     tables["test"] = test
-    return {name: _finish(tables[name], name) for name in SPLITS}
+    return {name: _finish(tables[name], name, seed) for name in SPLITS}
 
 
 def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: str) -> pd.DataFrame:
@@ -107,11 +108,22 @@ def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: s
     return table.loc[sorted(by_id[rng.choice(len(by_id), size=size, replace=False)])]
 
 
-def _finish(table: pd.DataFrame, name: str) -> pd.DataFrame:
+def _finish(table: pd.DataFrame, name: str, seed: int) -> pd.DataFrame:
     table = table.sort_index().reset_index(drop=True)
     table["split"] = name
-    # Percentile within this table: 100 = most popular, ties share their average rank.
-    table["popularity_pct"] = (100.0 * table["popularity"].rank(method="average") / len(table)).astype(
-        "float64"
-    )
+    table["popularity_pct"] = percentiles(table, seed)
     return table
+
+
+def percentiles(table: pd.DataFrame, seed: int) -> np.ndarray:
+    """Percentile rank of each fact's popularity within `table`, in (0, 100], 100 = most popular.
+
+    Equal popularities (mention counts and page views tie often) are ordered by a seeded hash
+    of the id, so the top x% holds x% of the facts, every decile is a tenth of them, and the
+    order depends on the facts and the seed, never on the rows' order.
+    """
+    tie_break = [hashlib.sha256(f"{seed}:{fact}".encode()).hexdigest() for fact in table["id"]]
+    order = np.lexsort((tie_break, table["popularity"].to_numpy()))  # last key sorts first
+    rank = np.empty(len(table), dtype="float64")
+    rank[order] = np.arange(1, len(table) + 1)
+    return 100.0 * rank / max(len(table), 1)
