@@ -124,7 +124,9 @@ def download_targets():
 
 
 def split_params(wildcards):
-    return dict(config["split"], dataset=wildcards.dataset)
+    """The split block, with the dataset's own caps (datasets.<name>.split) over it."""
+    own = DATASETS[wildcards.dataset].get("split", {})
+    return dict(config["split"], **own, dataset=wildcards.dataset)
 
 
 SPLITS = ("top", "bottom", "random", "whole", "test")

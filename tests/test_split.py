@@ -166,6 +166,7 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
                 "source": {"path": "trivia.csv"},
                 "columns": {"question": "prompt", "answers": "gold", "subject": "entity", "relation": "rel"},
                 "popularity": {"scorer": "column", "column": "fame"},
+                "split": {"pool_size": 12},  # this dataset's cap, over the top-level block
             }
         },
         # A valid config needs a model; the split target never builds it.
@@ -199,4 +200,5 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
     top = read_table(tmp_path / "results" / "trivia" / "splits" / "top.parquet")
     bottom = read_table(tmp_path / "results" / "trivia" / "splits" / "bottom.parquet")
     assert len(top) == len(bottom) > 0 and top["popularity"].mean() > bottom["popularity"].mean()
-    assert (tmp_path / "logs" / "split" / "trivia.log").is_file()
+    assert len(read_table(tmp_path / "results" / "trivia" / "splits" / "whole.parquet")) == 12
+    assert "split.pool_size 12: a seeded sample of 12" in (tmp_path / "logs" / "split" / "trivia.log").read_text()
