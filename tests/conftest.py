@@ -116,6 +116,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def peaked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its weights scaled up, saved like `pretrain` saves one.
+
+    At its initial scale a random model's next-token distribution is almost flat and greedy
+    decoding repeats one token for every prompt, which would make generation tests vacuous.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("peaked_model")
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Use with pytest.mark.usefixtures("one_thread") in modules that run tiny models."""

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from factft.generate import generate_texts, in_batches
 from factft.models import load_model
@@ -157,16 +156,9 @@ def test_packed_finetune_trains_the_same_adapter_with_the_same_losses(tiny_model
 
 
 @pytest.fixture(scope="module")
-def peaked(tiny_model_dir, tmp_path_factory):
-    """The tiny model with larger weights: distinct, confident greedy answers per prompt."""
-    folder = tmp_path_factory.mktemp("peaked-fastpath")
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return load_model(spec(folder), device="cpu")
+def peaked(peaked_model_dir):
+    """Distinct, confident greedy answers per prompt."""
+    return load_model(spec(peaked_model_dir), device="cpu")
 
 
 def test_static_cache_generation_equals_dynamic_cache_generation(peaked):

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from factft.errors import FactftError
 from factft.generate import (
@@ -23,27 +23,12 @@ from conftest import SMOLLM2_GGUF, smollm2_folder
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
 
 
-def peaked_copy(tiny_model_dir, folder):
-    """The shared tiny model with weights scaled up, saved like `pretrain` saves one.
-
-    At its initial scale a random model's next-token distribution is almost flat and greedy
-    decoding repeats one token for every prompt, which would make order tests vacuous.
-    """
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return {"name": "tiny", "path": str(folder), "gguf_file": None, "trust_remote_code": False}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir, tmp_path_factory):
-    spec = peaked_copy(tiny_model_dir, tmp_path_factory.mktemp("peaked"))
+def tiny(peaked_model_dir):
+    spec = {"name": "tiny", "path": str(peaked_model_dir), "gguf_file": None, "trust_remote_code": False}
     model, tokenizer = load_model(spec, device="cpu")
     return spec, model, tokenizer
 
