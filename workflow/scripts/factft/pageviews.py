@@ -73,12 +73,13 @@ def pageview_table(
     _check_range(start, end)
     folder = Path(cache_dir) / project / f"{start}-{end}"
     articles = sorted(set(articles))
-    views, missing, fetched = {"": 0}, 0, 0
+    views, missing, fetched = {}, 0, 0
     interval = 1.0 / requests_per_second
     last_request = float("-inf")
     with requests.Session() as session:
         for article in articles:
-            if article in views:
+            if not article:  # facts without a title (fact_articles warned)
+                views[article] = 0
                 continue
             cached = _cache_file(folder, article)
             if cached.is_file():
