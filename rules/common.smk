@@ -259,14 +259,22 @@ FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_popularity"
 
 
 def metrics_sources(model, dataset):
-    """Every metrics table of one (model, dataset), labelled (subset, seed) for factft.summary."""
+    """Every metrics table of one (model, dataset), labelled (subset, seed) for factft.summary;
+    a finetuned run's source names its predictions too.
+    """
     where = dict(model=model, dataset=dataset)
     sources = []
     for subset in SUBSETS:
         for seed in SEEDS:
             run = RUN.format(**where, subset=subset, seed=seed)
             sources.append(
-                dict(where, subset=subset, seed=seed, path=f"{run}/metrics.tsv")
+                dict(
+                    where,
+                    subset=subset,
+                    seed=seed,
+                    path=f"{run}/metrics.tsv",
+                    predictions=f"{run}/predictions.parquet",
+                )
             )
     base = f"{BASE.format(**where)}/metrics.tsv"
     sources.append(dict(where, subset="base", seed=None, path=base))
@@ -289,8 +297,18 @@ def summary_sources():
     ]
 
 
+def summary_tests():
+    """Each dataset's test split: the gold answers' relation-guess rate, the reference."""
+    return {dataset: f"results/{dataset}/splits/test.parquet" for dataset in DATASETS}
+
+
 def summary_inputs():
-    return [source["path"] for source in summary_sources()]
+    sources = summary_sources()
+    return dict(
+        metrics=[source["path"] for source in sources],
+        predictions=[s["predictions"] for s in sources if "predictions" in s],
+        tests=list(summary_tests().values()),
+    )
 
 
 # ---- attention analysis (the paper's Fig. 3, rules attention, attention_figures) ----

@@ -11,6 +11,7 @@ localrules:
 rule figures:
     input:
         metrics=figure_inputs,
+        test="results/{dataset}/splits/test.parquet",
     output:
         png=report(
             f"{FIGURE}.png",
@@ -34,7 +35,7 @@ rule figures:
 
 rule summary:
     input:
-        metrics=summary_inputs(),
+        **summary_inputs(),
     output:
         summary=report(
             "results/tables/summary.tsv",
@@ -54,6 +55,7 @@ rule summary:
         "../envs/figures.yaml"
     params:
         sources=summary_sources(),
+        tests=summary_tests(),
     script:
         "../workflow/scripts/summary.py"
 

@@ -5,7 +5,15 @@ import pandas as pd
 import pytest
 
 from factft.errors import FactftError
-from factft.metrics import first_line, metrics_table, normalize, score_open, score_predictions
+from factft.metrics import (
+    first_line,
+    gold_metrics,
+    metrics_table,
+    normalize,
+    relation_guess,
+    score_open,
+    score_predictions,
+)
 
 
 def test_normalize_lowercases_and_drops_punctuation_articles_and_extra_spaces():
@@ -88,8 +96,9 @@ def _hand_made_predictions():
 
 def test_metrics_give_exact_accuracy_for_all_top_percentiles_and_deciles():
     metrics = metrics_table(_hand_made_predictions(), [10, 30, 50, 100])
-    assert list(metrics.columns) == ["scope", "x", "n", "accuracy", "exact_match"]
-    by = {(s, x): (n, a, e) for s, x, n, a, e in metrics.itertuples(index=False)}
+    assert list(metrics.columns) == ["scope", "x", "n", "accuracy", "exact_match", "relation_guess"]
+    assert metrics["relation_guess"].isna().all()  # the hand-made predictions have no such column
+    by = {(s, x): (n, a, e) for s, x, n, a, e, _ in metrics.itertuples(index=False)}
     assert by[("all", 100)] == (10, 0.5, 0.1)
     assert by[("top", 10)] == (1, 1.0, 1.0)
     assert by[("top", 30)] == (3, 1.0, pytest.approx(1 / 3))
@@ -109,3 +118,41 @@ def test_a_bin_with_no_facts_keeps_its_row_with_zero_n():
     assert metrics.loc[("decile", 10), "n"] == 1
     assert metrics.loc[("top", 100), "n"] == 2
     assert metrics.loc[("top", 10), "accuracy"] == 0.0
+
+
+def test_relation_guess_flags_the_commonest_answer_of_each_relation():
+    # born_in: "lyon" 3 of 4; capital_of: a tie of two answers goes to the one sorting first.
+    answers = ["lyon", "lyon", "paris", "lyon", "rome", "oslo"]
+    relations = ["born_in"] * 4 + ["capital_of"] * 2
+    assert list(relation_guess(answers, relations)) == [True, True, False, True, False, True]
+    assert relation_guess(["london"] * 3, ["born_in"] * 3).all()
+    assert len(relation_guess([], [])) == 0
+    with pytest.raises(ValueError, match="2 answers for 1 relations"):
+        relation_guess(["a", "b"], ["r"])
+
+
+def test_open_predictions_are_flagged_by_their_normalised_first_line():
+    # "The Paris." and " paris" are one answer (the commonest); what follows line one is ignored.
+    table = score_predictions(_test_facts(), ["The Paris.", " paris\nQ: Who", "Paris", " Lyon"], "open")
+    assert list(table["relation_guess"]) == [True, True, True, False]
+    metrics = metrics_table(table, [50]).set_index(["scope", "x"])
+    assert metrics.loc[("all", 100), "relation_guess"] == 0.75
+    assert metrics.loc[("top", 50), "relation_guess"] == 1.0  # the two most popular facts
+
+
+def test_multiple_choice_predictions_are_flagged_by_choice_position():
+    # Different choice texts but one letter (position 1) for three of four questions.
+    facts = _test_facts(choices=[["a", "b"]] * 4, answer_index=[1, 0, 1, 1])
+    table = score_predictions(facts, ["b", "four", "1914", "x"], "multiple_choice", choices=[1, 1, 0, 1])
+    assert list(table["relation_guess"]) == [True, True, False, True]
+
+
+def test_gold_metrics_are_a_perfect_model_whose_guess_share_is_the_reference():
+    facts = _test_facts()
+    facts["answers"] = [["Lyon", "Lugdunum"], ["lyon"], ["Rome", "Roma"], ["Oslo"]]
+    gold = gold_metrics(facts, [50]).set_index(["scope", "x"])
+    assert gold.loc[("all", 100), "accuracy"] == 1.0
+    assert gold.loc[("all", 100), "relation_guess"] == 0.5  # "lyon" twice, as first aliases
+    assert gold.loc[("top", 50), "relation_guess"] == 1.0
+    choice = _test_facts(choices=[["a", "b", "c"]] * 4, answer_index=[2, 2, 2, 0])
+    assert gold_metrics(choice, []).set_index("scope").loc["all", "relation_guess"] == 0.75

@@ -4,13 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
 from factft.errors import FactftError
+from factft.metrics import gold_metrics
 from factft.plots import STYLES, make_figures, plot_accuracy_vs_popularity
 from factft.summary import accuracy_by_percentile, collect_metrics
-from test_summary import GRID, make_sources
+from factft.tables import read_table
+from test_summary import GRID, make_sources, write_test
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +46,9 @@ def test_pdf_is_byte_identical_for_the_same_metrics(tmp_path):
     assert (tmp_path / "1.pdf").read_bytes() == (tmp_path / "2.pdf").read_bytes()
 
 
-def test_figure_has_both_panels_every_line_in_its_subset_colour_and_a_legend_entry(tmp_path):
+def test_figure_has_its_panels_every_line_in_its_subset_colour_and_a_legend_entry(tmp_path):
     figure = figure_for(make_sources(tmp_path, GRID))
-    cumulative, deciles = figure.axes
+    cumulative, deciles, _ = figure.axes
     assert cumulative.get_xlabel() == "held-out facts: the top x% most popular"
     assert "decile" in deciles.get_xlabel() and cumulative.get_ylabel() == "held-out accuracy"
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
@@ -58,6 +61,24 @@ def test_figure_has_both_panels_every_line_in_its_subset_colour_and_a_legend_ent
     top_deciles = [line for line in deciles.get_lines() if line.get_label() == "FT-Top"][0]
     assert list(top_deciles.get_xdata()) == sorted(top_deciles.get_xdata())
     assert [t.get_text() for t in deciles.get_xticklabels()][0] == "0–10%"
+
+
+def test_guess_panel_shows_each_subsets_guessing_per_decile_against_the_gold_answers(tmp_path):
+    # make_sources' wrong answers are all "London": per decile, a miss is a guess.
+    sources = make_sources(tmp_path, GRID)
+    test = write_test(tmp_path / "test.parquet")
+    gold = gold_metrics(read_table(test), percentiles=())
+    figure = plot_accuracy_vs_popularity(accuracy_by_percentile(collect_metrics(sources)), "tiny", "synth", gold)
+    guess = figure.axes[2]
+    assert "commonest answer" in guess.get_ylabel()
+    lines = {line.get_label(): line for line in guess.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"FT-Top", "FT-Bottom", "FT-Random", "FT-Whole", "Gold answers"}
+    # The least popular decile (plotted rightmost): every FT-Bottom seed misses it, so all guess.
+    assert lines["FT-Bottom"].get_ydata()[-1] == pytest.approx(1.0)
+    assert list(lines["Gold answers"].get_ydata()) == [0.0] * 9 + [1.0]  # the tie goes to "a0"
+    assert "Gold answers" in [t.get_text() for t in figure.legends[0].get_texts()]
+    make_figures(sources, "tiny", "synth", [tmp_path / "with_gold.png"], test)
+    assert (tmp_path / "with_gold.png").stat().st_size > 10_000
 
 
 def test_missing_subsets_keep_the_colours_of_the_full_grid(tmp_path):
@@ -74,8 +95,9 @@ def test_missing_subsets_keep_the_colours_of_the_full_grid(tmp_path):
 
 @pytest.mark.slow
 def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tmp_path):
-    """The rules on the demo config, with metrics tables standing in for the evaluate stage."""
+    """The rules on the demo config, with metrics and predictions standing in for the evaluate stage."""
     make_sources(tmp_path / "results", GRID)
+    write_test(tmp_path / "results/synth/splits/test.parquet")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     snakemake = [shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"]
     common = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(REPO / "config" / "demo.yaml")]
@@ -87,8 +109,9 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_popularity.png").stat().st_size > 10_000
-    summary = (tmp_path / "results/tables/summary.tsv").read_text()
-    assert summary.splitlines()[1].startswith("tiny\tsynth\t10\t3\t")
+    summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
+    assert (summary["model"], summary["dataset"], summary["n_test"], summary["n_seeds"]) == ("tiny", "synth", 10, 3)
+    assert summary["gold_guess"] == pytest.approx(0.1)
     # The report of just these targets: the other stages (attention, simulation) never ran here.
     report = subprocess.run(
         snakemake + targets + common + ["--report", "results/report.html"], env=env, capture_output=True, text=True

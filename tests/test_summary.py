@@ -1,31 +1,68 @@
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from factft.errors import FactftError
-from factft.metrics import metrics_table
-from factft.summary import accuracy_by_percentile, collect_metrics, format_summary, main, make_summary, summary_table
-from factft.tables import write_tsv
+from factft.metrics import metrics_table, relation_guess
+from factft.summary import (
+    accuracy_by_percentile,
+    collect_metrics,
+    format_summary,
+    gap_confidence_interval,
+    main,
+    make_summary,
+    summary_table,
+)
+from factft.tables import write_table, write_tsv
 
 PERCENTILES = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
 
-def write_metrics(path, correct):
-    """A real metrics.tsv (factft.metrics) from one prediction per test fact.
-
-    Fact i has popularity_pct 10 * (i + 1): the last fact is the most popular.
+def run_predictions(correct):
+    """A predictions table (factft.metrics) for one prediction per test fact: a correct fact
+    answers its own gold "a<i>", every wrong one the same stock answer "London"; one
+    relation. Fact i has popularity_pct 10 * (i + 1): the last fact is the most popular.
     """
     n = len(correct)
-    predictions = pd.DataFrame(
+    answers = [f"a{i}" if ok else "london" for i, ok in enumerate(correct)]
+    return pd.DataFrame(
         {
+            "id": [f"f{i}" for i in range(n)],
+            "prediction": answers,
             "correct": correct,
             "exact_match": correct,
+            "relation_guess": relation_guess(answers, ["born_in"] * n),
+            "popularity_pct": [100 * (i + 1) / n for i in range(n)],
+            "relation": "born_in",
+        }
+    )
+
+
+def write_metrics(path, correct):
+    """A real metrics.tsv (factft.metrics.metrics_table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tsv(metrics_table(run_predictions(correct), PERCENTILES), path)
+    return str(path)
+
+
+def write_predictions(path, correct):
+    write_table(run_predictions(correct), path)
+    return str(path)
+
+
+def write_test(path, n=10):
+    """A test split whose gold answers are all different (gold guess rate 1 / n)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    test = pd.DataFrame(
+        {
+            "answers": [[f"a{i}", "alias"] for i in range(n)],
+            "relation": "born_in",
             "popularity_pct": [100 * (i + 1) / n for i in range(n)],
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tsv(metrics_table(predictions, PERCENTILES), path)
+    write_table(test, path)
     return str(path)
 
 
@@ -39,8 +76,12 @@ def make_sources(root, accuracy, base=1, cloze=5, model="tiny", dataset="synth")
     sources = []
     for subset, by_seed in accuracy.items():
         for seed, k in by_seed.items():
-            path = write_metrics(root / model / dataset / subset / f"seed{seed}" / "metrics.tsv", hits(k))
-            sources.append(dict(model=model, dataset=dataset, subset=subset, seed=seed, path=path))
+            run = root / model / dataset / subset / f"seed{seed}"
+            path = write_metrics(run / "metrics.tsv", hits(k))
+            predictions = write_predictions(run / "predictions.parquet", hits(k))
+            sources.append(
+                dict(model=model, dataset=dataset, subset=subset, seed=seed, path=path, predictions=predictions)
+            )
     for subset, k in (("base", base), ("cloze", cloze)):
         if k is not None:
             path = write_metrics(root / model / dataset / subset / "metrics.tsv", hits(k))
@@ -136,6 +177,8 @@ def test_accuracy_by_percentile_averages_each_bin_over_seeds(tmp_path):
     # fifth most popular fact (right for seed 2 only), decile 70 the fourth (seeds 0 and 2).
     assert decile.loc[60, "mean"] == pytest.approx(1 / 3)
     assert decile.loc[70, "mean"] == pytest.approx(2 / 3)
+    # A miss is a guess here (every wrong answer is "London"): decile 60 is a miss for two seeds.
+    assert decile.loc[60, "guess_mean"] == pytest.approx(2 / 3)
     base = table[(table["subset"] == "base") & (table["scope"] == "top")]
     assert (base["runs"] == 1).all() and base["sd"].isna().all()
     assert list(table["subset"].unique()) == ["top", "bottom", "random", "whole", "base", "cloze"]
@@ -144,13 +187,16 @@ def test_accuracy_by_percentile_averages_each_bin_over_seeds(tmp_path):
 def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(tmp_path, capsys):
     results = tmp_path / "results"
     sources = make_sources(results, GRID)
-    make_summary(sources, results / "tables" / "summary.tsv", results / "tables" / "accuracy_by_percentile.tsv")
+    tests = {"synth": write_test(results / "synth" / "splits" / "test.parquet")}
+    make_summary(sources, tests, results / "tables" / "summary.tsv", results / "tables" / "accuracy_by_percentile.tsv")
     assert pd.read_csv(results / "tables" / "accuracy_by_percentile.tsv", sep="\t")["x"].max() == 100
     assert main([str(results / "tables" / "summary.tsv")]) == 0
     out = capsys.readouterr().out
     assert "tiny on synth: held-out accuracy on 10 test facts (mean +/- sd over 3 seeds)" in out
     assert "FT-Whole" in out and "0.700 +/- 0.100" in out
-    assert "FT-Top - FT-Bottom = +0.30 (sd 0.10 over 3 seeds)" in out
+    assert "FT-Top - FT-Bottom = +0.30 (sd 0.10 over 3 seeds; 95% CI over test questions +0." in out
+    assert "answered with the relation's commonest answer: FT-Top 0.27, FT-Bottom 0.57" in out
+    assert "(gold answers 0.10)" in out
     figure = results / "figures" / "tiny" / "synth" / "accuracy_vs_popularity.png"
     assert f"figure: {figure} (not made yet)" in out
 
@@ -166,3 +212,80 @@ def test_a_missing_metrics_table_is_an_error_naming_the_file(tmp_path):
     missing = tmp_path / "nowhere" / "metrics.tsv"
     with pytest.raises(FactftError, match=f"cannot read metrics table {missing}"):
         collect_metrics([dict(model="m", dataset="d", subset="top", seed=0, path=str(missing))])
+
+
+def test_guess_rates_are_means_over_seeds_with_the_gold_answers_as_reference(tmp_path):
+    # Wrong answers are all "London": FT-Top's seeds miss 4, 3, 1 of 10 (rates 0.4, 0.3 and
+    # 0.1, where one miss ties with the distinct right answers), FT-Bottom's 6, 7, 4.
+    row = summary_table(collect_metrics(make_sources(tmp_path, GRID)), {"synth": 0.1}).iloc[0]
+    assert row["top_guess"] == pytest.approx(0.8 / 3)
+    assert row["bottom_guess"] == pytest.approx(1.7 / 3)
+    assert row["random_guess"] == pytest.approx(0.5)
+    assert row["gold_guess"] == pytest.approx(0.1)
+
+
+def test_gold_guess_is_read_from_each_datasets_test_split(tmp_path):
+    sources = make_sources(tmp_path, GRID)
+    make_summary(sources, {"synth": write_test(tmp_path / "test.parquet")}, tmp_path / "s.tsv", tmp_path / "p.tsv")
+    summary = pd.read_csv(tmp_path / "s.tsv", sep="\t")
+    assert summary.iloc[0]["gold_guess"] == pytest.approx(0.1)
+    # The interval sits beside the gap it qualifies.
+    columns = list(summary.columns)
+    assert columns[columns.index("top_minus_bottom_seeds") + 1 :][:2] == [
+        "top_minus_bottom_ci_low",
+        "top_minus_bottom_ci_high",
+    ]
+
+
+def test_results_of_an_older_workflow_still_summarise_with_nan_where_data_is_missing(tmp_path):
+    # Metrics tables without relation_guess and runs without predictions: accuracy as before.
+    sources = [dict(s, predictions=None) for s in make_sources(tmp_path, GRID)]
+    for source in sources:
+        table = pd.read_csv(source["path"], sep="\t")
+        table.drop(columns="relation_guess").to_csv(source["path"], sep="\t", index=False)
+    make_summary(sources, {}, tmp_path / "summary.tsv", tmp_path / "by_percentile.tsv")
+    row = pd.read_csv(tmp_path / "summary.tsv", sep="\t").iloc[0]
+    assert row["top_mean"] == pytest.approx(22 / 30)
+    assert math.isnan(row["top_guess"]) and math.isnan(row["gold_guess"])
+    assert math.isnan(row["top_minus_bottom_ci_low"])
+
+
+def correct_table(correct, ids=None):
+    ids = ids if ids is not None else [f"q{i}" for i in range(len(correct))]
+    return pd.DataFrame({"id": ids, "correct": correct})
+
+
+def test_gap_interval_is_a_point_when_every_question_agrees():
+    n = 50
+    same = (correct_table([True] * n), correct_table([True] * n))
+    assert gap_confidence_interval([same]) == (0.0, 0.0)
+    apart = (correct_table([True] * n), correct_table([False] * n))
+    assert gap_confidence_interval([apart, apart]) == (1.0, 1.0)
+
+
+def test_gap_interval_brackets_the_gap_with_the_width_of_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    n = 4000
+    top = correct_table(rng.random(n) < 0.45)
+    bottom = correct_table(rng.random(n) < 0.35)
+    low, high = gap_confidence_interval([(top, bottom)])
+    difference = top["correct"].astype(float) - bottom["correct"].astype(float)
+    gap, standard_error = difference.mean(), difference.std() / np.sqrt(n)
+    assert low < gap < high
+    assert (high - low) == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
+    assert gap_confidence_interval([(top, bottom)]) == (low, high)  # seeded: the same draws
+
+
+def test_gap_interval_pairs_questions_by_id_not_by_row_order():
+    rng = np.random.default_rng(2)
+    top = correct_table(rng.random(300) < 0.5)
+    bottom = correct_table(rng.random(300) < 0.4)
+    shuffled = bottom.sample(frac=1.0, random_state=3)
+    assert gap_confidence_interval([(top, shuffled)]) == gap_confidence_interval([(top, bottom)])
+
+
+def test_gap_interval_refuses_predictions_of_different_questions():
+    top = correct_table([True, False], ids=["q0", "q1"])
+    bottom = correct_table([True, False], ids=["q0", "q9"])
+    with pytest.raises(FactftError, match="cover different test questions"):
+        gap_confidence_interval([(top, bottom)])

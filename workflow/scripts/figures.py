@@ -7,4 +7,5 @@ with to_log(snakemake.log[0]):
         snakemake.wildcards.model,
         snakemake.wildcards.dataset,
         [snakemake.output.png, snakemake.output.pdf],
+        snakemake.input.test,
     )

@@ -4,6 +4,15 @@ Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, a
 SQuAD normalisation (lowercase, no punctuation, no articles, single spaces). Only the
 first line counts: a base model keeps generating the next "Q: ... A: ..." pair, and an
 answer to that invented question must not score.
+
+Each prediction is also flagged `relation_guess` when it is the commonest answer of its
+relation in the run: the paper's mechanism seen in the answers. A model that learned to
+ignore the subject answers from the relation alone, so its answers to one relation collapse
+onto a few values ("Where was X born?" -> "London" for every X). The share of such answers
+needs no attention maps, so it works for every model and dataset; the gold answers' own
+share (gold_metrics) is the reference: what a perfect model would show. Open QA
+compares normalised first lines, multiple choice the choice positions (a collapsed model
+picks one letter whatever the question).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from factft.errors import FactftError
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-METRICS_COLUMNS = ("scope", "x", "n", "accuracy", "exact_match")
+METRICS_COLUMNS = ("scope", "x", "n", "accuracy", "exact_match", "relation_guess")
 DECILES = tuple(range(10, 101, 10))
 
 
@@ -49,10 +58,27 @@ def score_open(prediction: str, answers: Iterable[str]) -> tuple[bool, bool]:
     return correct, exact
 
 
+def relation_guess(answers: Sequence, relations: Sequence) -> np.ndarray:
+    """Per question, whether its answer is the commonest answer of its relation.
+
+    The commonest answer of a relation is the one given most often (a tie goes to the answer
+    that sorts first), so the share of True is the sum over relations of the commonest
+    answer's count over the number of questions.
+    """
+    if len(answers) != len(relations):
+        raise ValueError(f"{len(answers)} answers for {len(relations)} relations")
+    table = pd.DataFrame({"relation": np.asarray(relations), "answer": np.asarray(answers)})
+    counts = table.value_counts(["relation", "answer"]).rename("count").reset_index()
+    counts = counts.sort_values(["relation", "count", "answer"], ascending=[True, False, True])
+    commonest = counts.drop_duplicates("relation").set_index("relation")["answer"]
+    return (table["answer"] == table["relation"].map(commonest)).to_numpy(dtype=bool)
+
+
 def score_predictions(
     test: pd.DataFrame, predictions: Sequence[str], fmt: str, choices: Sequence[int] | None = None
 ) -> pd.DataFrame:
-    """The predictions table: id, prediction, correct, exact_match and the test facts' popularity.
+    """The predictions table: id, prediction, correct, exact_match, the test facts' popularity,
+    subject and relation, and relation_guess.
 
     `predictions` are generated texts aligned with `test`'s rows; for multiple choice,
     `choices` are the predicted choice indices (then `predictions` are those choices' texts).
@@ -63,6 +89,7 @@ def score_predictions(
         scores = [score_open(p, a) for p, a in zip(predictions, test["answers"])]
         correct = [c for c, _ in scores]
         exact = [e for _, e in scores]
+        answers = [normalize(first_line(p)) for p in predictions]
     elif fmt == "multiple_choice":
         if choices is None or "answer_index" not in test.columns:
             raise FactftError(
@@ -70,6 +97,7 @@ def score_predictions(
             )
         correct = list(np.asarray(choices) == test["answer_index"].to_numpy())
         exact = correct
+        answers = np.asarray(choices, dtype="int64")
     else:
         raise FactftError(f"format '{fmt}': unknown; formats are open, multiple_choice")
     table = pd.DataFrame(
@@ -82,6 +110,7 @@ def score_predictions(
             "popularity": test["popularity"].astype("float64").to_numpy(),
             "subject": test["subject"].astype(str).to_numpy(),
             "relation": test["relation"].astype(str).to_numpy(),
+            "relation_guess": relation_guess(answers, test["relation"].astype(str).to_numpy()),
         }
     )
     if choices is not None:
@@ -90,13 +119,15 @@ def score_predictions(
 
 
 def metrics_table(predictions: pd.DataFrame, percentiles: Sequence[float]) -> pd.DataFrame:
-    """Accuracy overall, on the top-x% most popular facts, and per popularity decile.
+    """Accuracy (and the relation_guess share) overall, on the top-x% most popular facts,
+    and per popularity decile.
 
     popularity_pct is a percentile rank in (0, 100], 100 = most popular. scope "top", x:
     rows with popularity_pct > 100 - x (the paper's Fig. 4/5 x-axis); scope "decile", x:
     rows with x - 10 < popularity_pct <= x (decile 100 = the most popular tenth). A
     percentile of exactly 0 is counted in top-100 and decile 10, so no row falls outside.
     Empty bins keep their row with n = 0 and NaN accuracy, so every table has the same rows.
+    relation_guess is NaN where `predictions` has no such column.
     """
     pct = predictions["popularity_pct"].to_numpy(dtype="float64")
     rows = [_row("all", 100, np.ones(len(pct), dtype=bool), predictions)]
@@ -111,7 +142,29 @@ def metrics_table(predictions: pd.DataFrame, percentiles: Sequence[float]) -> pd
 def _row(scope: str, x: float, mask: np.ndarray, predictions: pd.DataFrame) -> tuple:
     n = int(mask.sum())
     if n == 0:
-        return scope, x, 0, float("nan"), float("nan")
-    correct = predictions["correct"].to_numpy(dtype=bool)[mask]
-    exact = predictions["exact_match"].to_numpy(dtype=bool)[mask]
-    return scope, x, n, float(correct.mean()), float(exact.mean())
+        return scope, x, 0, float("nan"), float("nan"), float("nan")
+
+    def share(column: str) -> float:
+        return float(predictions[column].to_numpy(dtype=bool)[mask].mean())
+
+    guess = share("relation_guess") if "relation_guess" in predictions.columns else float("nan")
+    return scope, x, n, share("correct"), share("exact_match"), guess
+
+
+def gold_metrics(test: pd.DataFrame, percentiles: Sequence[float]) -> pd.DataFrame:
+    """metrics_table of a perfect model on `test`: it answers every fact's gold answer (the
+    first alias, or answer_index), so its relation_guess is the reference for a model's.
+    """
+    if "answer_index" in test.columns:
+        gold = test["answer_index"].to_numpy(dtype="int64")
+    else:
+        gold = [normalize(str(aliases[0])) for aliases in test["answers"]]
+    perfect = pd.DataFrame(
+        {
+            "correct": True,
+            "exact_match": True,
+            "relation_guess": relation_guess(gold, test["relation"].astype(str).to_numpy()),
+            "popularity_pct": test["popularity_pct"].astype("float64").to_numpy(),
+        }
+    )
+    return metrics_table(perfect, percentiles)

@@ -1,10 +1,12 @@
 """Accuracy vs fact popularity per (model, dataset): the paper's Fig. 4/5, plus the tail.
 
 Left panel: accuracy on the top-x% most popular held-out facts (cumulative, the paper's
-x-axis). Right panel: accuracy per popularity decile, where the rare tail is not averaged
-away. Both panels put the most popular facts on the left. The finetuned subsets are lines
-(mean over seeds) with a +/- 1 sd band; the base model answering zero-shot is dashed, its
-cloze accuracy (what it stores) dotted.
+x-axis). Middle: accuracy per popularity decile, where the rare tail is not averaged away.
+Right: per decile, the share of questions answered with the relation's commonest answer
+(factft.metrics.relation_guess), the finetuned models' guessing against the gold answers'
+own share. Every panel puts the most popular facts on the left. The finetuned subsets are
+lines (mean over seeds) with a +/- 1 sd band; the base model answering zero-shot is dashed,
+its cloze accuracy (what it stores) dotted.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from factft.errors import FactftError
+from factft.metrics import gold_metrics
 from factft.summary import LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics
-from factft.tables import atomic_path
+from factft.tables import atomic_path, read_table
 
 # One colour and marker per subset in every figure (seaborn's colourblind palette; the
 # markers keep lines apart in greyscale print).
@@ -31,22 +34,41 @@ STYLES = {
     "whole": dict(color=_PALETTE[4], marker="D", linestyle="-"),
     "base": dict(color=_PALETTE[7], marker="", linestyle="--"),
     "cloze": dict(color="0.15", marker="", linestyle=":"),
+    "gold": dict(color="0.5", marker="", linestyle="-."),
 }
+GOLD_LABEL = "Gold answers"
 
 
-def plot_accuracy_vs_popularity(data: pd.DataFrame, model: str, dataset: str) -> Figure:
-    """The two-panel figure from one (model, dataset)'s rows of accuracy_by_percentile."""
+def plot_accuracy_vs_popularity(
+    data: pd.DataFrame, model: str, dataset: str, gold: pd.DataFrame | None = None
+) -> Figure:
+    """The three-panel figure from one (model, dataset)'s rows of accuracy_by_percentile;
+    `gold` (factft.metrics.gold_metrics of the test split) draws the guessing reference.
+    """
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
-        figure = Figure(figsize=(11, 4.8), layout="constrained")
-        top_ax, decile_ax = figure.subplots(1, 2, sharey=True)
+        figure = Figure(figsize=(16, 4.8), layout="constrained")
+        top_ax, decile_ax, guess_ax = figure.subplots(1, 3)
+        decile_ax.sharey(top_ax)
         top = data[data["scope"] == "top"]
-        # Decile x holds popularity percentiles (x - 10, x]; plotted at 110 - x, the most
-        # popular tenth sits at 10, under the left panel's top-10% point.
-        deciles = data[data["scope"] == "decile"].assign(x=lambda d: 110 - d["x"])
+        deciles = data[data["scope"] == "decile"].assign(x=lambda d: _decile_position(d["x"]))
         for ax, panel in ((top_ax, top), (decile_ax, deciles)):
             for subset in SUBSETS + REFERENCES:
                 _draw(ax, panel[panel["subset"] == subset].sort_values("x"), subset)
             ax.set_xlim(panel["x"].min() - 3, panel["x"].max() + 3)
+        for subset in SUBSETS:
+            rows = deciles[deciles["subset"] == subset].sort_values("x")
+            if not rows.empty:
+                draw_mean_and_band(
+                    guess_ax, rows["x"], rows["guess_mean"], rows["guess_sd"], subset, label=LABELS[subset]
+                )
+        if gold is not None:
+            reference = gold[gold["scope"] == "decile"].assign(x=lambda d: _decile_position(d["x"]))
+            reference = reference.sort_values("x")
+            guess_ax.plot(
+                reference["x"], reference["relation_guess"], label=GOLD_LABEL, linewidth=2, **STYLES["gold"]
+            )
+        guess_ax.set_xlim(deciles["x"].min() - 3, deciles["x"].max() + 3)
+        guess_ax.set_ylim(0, 1.02)
         top_ax.set_xticks(sorted(top["x"].unique()))
         top_ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}%")
         top_ax.set_xlabel("held-out facts: the top x% most popular")
@@ -54,21 +76,34 @@ def plot_accuracy_vs_popularity(data: pd.DataFrame, model: str, dataset: str) ->
         top_ax.set_title("Top-x% most popular (cumulative, as in the paper's Fig. 4/5)")
         positions = sorted(deciles["x"].unique())
         labels = [f"{p - 10:g}–{p:g}%" for p in positions]
-        decile_ax.set_xticks(positions, labels, rotation=30, ha="right", rotation_mode="anchor")
+        for ax in (decile_ax, guess_ax):
+            ax.set_xticks(positions, labels, rotation=30, ha="right", rotation_mode="anchor")
         decile_ax.set_xlabel("held-out facts: popularity decile (% from the most popular)")
+        guess_ax.set_xlabel("held-out facts: popularity decile")
         decile_ax.set_title("Per popularity decile (the rare tail on the right)")
+        guess_ax.set_ylabel("share answered with\nthe relation's commonest answer")
+        guess_ax.set_title("Guessing from the relation, per decile")
         top_ax.set_ylim(bottom=0)
         figure.suptitle(f"{model} on {dataset}: held-out accuracy vs. fact popularity", fontweight="bold")
         present = [s for s in SUBSETS + REFERENCES if (data["subset"] == s).any()]
+        handles = [Line2D([], [], label=LABELS[s], **STYLES[s]) for s in present]
+        if gold is not None:
+            handles.append(Line2D([], [], label=GOLD_LABEL, **STYLES["gold"]))
         figure.legend(
-            handles=[Line2D([], [], label=LABELS[s], **STYLES[s]) for s in present],
+            handles=handles,
             loc="outside lower center",
-            ncol=len(present),
+            ncol=len(handles),
             frameon=False,
             title=_data_note(data),
             title_fontsize="small",
         )
     return figure
+
+
+def _decile_position(x: pd.Series) -> pd.Series:
+    """Decile x holds popularity percentiles (x - 10, x]; plotted at 110 - x, the most popular
+    tenth sits at 10, under the left panel's top-10% point."""
+    return 110 - x
 
 
 def _draw(ax, rows: pd.DataFrame, subset: str) -> None:
@@ -104,13 +139,21 @@ def save_figure(figure: Figure, path: str | Path) -> None:
         figure.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
 
 
-def make_figures(sources: Iterable[Mapping], model: str, dataset: str, outputs: Iterable[str | Path]) -> None:
-    """Read one (model, dataset)'s metrics sources and write the figure to each output path."""
+def make_figures(
+    sources: Iterable[Mapping],
+    model: str,
+    dataset: str,
+    outputs: Iterable[str | Path],
+    test: str | Path | None = None,
+) -> None:
+    """Read one (model, dataset)'s metrics sources and write the figure to each output path;
+    `test`, the dataset's test split, gives the gold answers' guessing reference."""
     metrics = collect_metrics(sources)
     data = accuracy_by_percentile(metrics)
     data = data[(data["model"] == model) & (data["dataset"] == dataset)]
     if data.empty:
         raise FactftError(f"no metrics for model '{model}' on dataset '{dataset}' among the sources to plot")
-    figure = plot_accuracy_vs_popularity(data, model, dataset)
+    gold = None if test is None else gold_metrics(read_table(test), percentiles=())
+    figure = plot_accuracy_vs_popularity(data, model, dataset, gold)
     for path in outputs:
         save_figure(figure, path)

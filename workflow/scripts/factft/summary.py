@@ -5,7 +5,9 @@ exact_match). A *source* labels one such file: {model, dataset, subset, seed, pa
 subset is a finetuning subset (top, bottom, random, whole; one table per seed) or a
 reference without seed: "base" (the pretrained model answering zero-shot) or "cloze" (the
 pretrained model completing the fact's statement: what it stores, as opposed to what QA
-extracts). rules/common.smk builds the sources from the config.
+extracts). A finetuned run's source also names its per-question `predictions`, from which
+comes the gap's bootstrap interval over test questions.
+rules/common.smk builds the sources from the config.
 
 `python -m factft.summary results/tables/summary.tsv` prints the summary for a reader.
 """
@@ -18,11 +20,12 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
-from factft.metrics import METRICS_COLUMNS
-from factft.tables import write_tsv
+from factft.metrics import METRICS_COLUMNS, gold_metrics
+from factft.tables import read_table, write_tsv
 
 SUBSETS = ("top", "bottom", "random", "whole")
 REFERENCES = ("base", "cloze")
@@ -36,6 +39,8 @@ LABELS = {
 }
 KEYS = ("model", "dataset", "subset", "seed")
 GAP = "top_minus_bottom"
+# Older metrics tables lack it; read as NaN rather than forcing the evaluations to rerun.
+OPTIONAL_METRICS = ("relation_guess",)
 FIGURE_NAME = "accuracy_vs_popularity"
 
 
@@ -70,7 +75,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
         table = pd.read_csv(path, sep="\t")
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise FactftError(f"cannot read metrics table {path}: {error}") from None
-    missing = [c for c in METRICS_COLUMNS if c not in table.columns]
+    missing = [c for c in METRICS_COLUMNS if c not in table.columns and c not in OPTIONAL_METRICS]
     if missing:
         raise FactftError(
             f"metrics table {path} lacks columns {missing}; has {list(table.columns)}. "
@@ -80,10 +85,14 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
         raise FactftError(
             f"metrics table {path} has no scope 'all' row; remake it: snakemake --forcerun {path}"
         )
-    return table[list(METRICS_COLUMNS)]
+    return table.reindex(columns=list(METRICS_COLUMNS))
 
 
-def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+def summary_table(
+    metrics: pd.DataFrame,
+    gold_guess: Mapping[str, float] | None = None,
+    intervals: Mapping[tuple[str, str], tuple[float, float]] | None = None,
+) -> pd.DataFrame:
     """One row per (model, dataset): overall held-out accuracy over seeds, references, the gap.
 
     Columns: model, dataset, n_test (held-out facts), n_seeds, <subset>_mean and <subset>_sd
@@ -91,7 +100,11 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     without a cloze table), and top_minus_bottom_mean/_sd/_seeds: FT-Top minus FT-Bottom
     paired by seed (the runs of one seed share the adapter initialisation and the
     training seed, so the paired difference removes the variation they share). sd is the sample
-    standard deviation over seeds (NaN for one seed).
+    standard deviation over seeds (NaN for one seed). top_minus_bottom_ci_low/_high: the
+    gap's interval from `intervals` ((model, dataset) -> (low, high), see gap_intervals).
+    Then <subset>_guess: the share of questions answered with the relation's commonest answer
+    (factft.metrics.relation_guess), mean over seeds, and gold_guess: that share for the gold
+    answers, from `gold_guess` (dataset -> share). Missing entries give NaN.
     """
     overall = metrics[metrics["scope"] == "all"]
     rows = []
@@ -115,6 +128,10 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
         row[f"{GAP}_mean"] = gap.mean()
         row[f"{GAP}_sd"] = gap.std(ddof=1)
         row[f"{GAP}_seeds"] = len(gap)
+        row[f"{GAP}_ci_low"], row[f"{GAP}_ci_high"] = (intervals or {}).get((model, dataset), (math.nan, math.nan))
+        for subset in SUBSETS:
+            row[f"{subset}_guess"] = runs.loc[runs["subset"] == subset, "relation_guess"].mean()
+        row["gold_guess"] = (gold_guess or {}).get(dataset, math.nan)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -126,12 +143,88 @@ def _paired_gap(by_seed: pd.DataFrame) -> pd.Series:
     return (by_seed["top"] - by_seed["bottom"]).dropna()
 
 
+def gap_intervals(sources: Iterable[Mapping]) -> dict[tuple[str, str], tuple[float, float]]:
+    """(model, dataset) -> gap_confidence_interval over the predictions of every seed with
+    both FT-Top and FT-Bottom (sources without predictions are left out).
+    """
+    predictions: dict[tuple, dict] = {}
+    for source in sources:
+        if source["subset"] in ("top", "bottom") and source.get("predictions"):
+            where = predictions.setdefault((source["model"], source["dataset"]), {})
+            where[(source["subset"], source["seed"])] = source["predictions"]
+    intervals = {}
+    for experiment, paths in predictions.items():
+        pairs = [
+            (read_table(path), read_table(paths[("bottom", seed)]))
+            for (subset, seed), path in paths.items()
+            if subset == "top" and ("bottom", seed) in paths
+        ]
+        intervals[experiment] = gap_confidence_interval(pairs)
+    return intervals
+
+
+def _paired_questions(top: pd.DataFrame, bottom: pd.DataFrame) -> np.ndarray:
+    """Per question of one seed, FT-Top's correctness minus FT-Bottom's (aligned by id)."""
+    joined = top.set_index("id")["correct"].to_frame("top").join(
+        bottom.set_index("id")["correct"].rename("bottom"), how="inner"
+    ).sort_index()  # every seed's questions in one order
+    if len(joined) != len(top) or len(joined) != len(bottom):
+        raise FactftError(
+            f"FT-Top and FT-Bottom predictions cover different test questions ({len(top)} and "
+            f"{len(bottom)} rows, {len(joined)} shared ids); remake them from the same split"
+        )
+    return (joined["top"].astype("float64") - joined["bottom"].astype("float64")).to_numpy()
+
+
+def gap_confidence_interval(
+    pairs: list[tuple[pd.DataFrame, pd.DataFrame]],
+    *,
+    level: float = 0.95,
+    draws: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of FT-Top minus FT-Bottom accuracy over test questions.
+
+    `pairs` holds (top, bottom) predictions of each seed that has both. Questions are drawn
+    with replacement and the same draw scores both subsets of every seed (paired), so the
+    interval says how much the gap depends on which questions were asked, given the trained
+    models; the spread over seeds is reported beside it, not inside it (three seeds are too
+    few to resample). (NaN, NaN) without pairs.
+    """
+    if not pairs:
+        return float("nan"), float("nan")
+    per_question = np.mean([_paired_questions(top, bottom) for top, bottom in pairs], axis=0)
+    n = len(per_question)
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    # Draw in chunks: draws x n indices at once would not fit for a large test set.
+    chunk = max(1, min(draws, 2_000_000 // n))
+    means = np.concatenate(
+        [
+            per_question[rng.integers(0, n, size=(min(chunk, draws - start), n))].mean(axis=1)
+            for start in range(0, draws, chunk)
+        ]
+    )
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def gold_guess(test: pd.DataFrame) -> float:
+    """The share of a test split's gold answers that are their relation's commonest."""
+    table = gold_metrics(test, percentiles=())
+    return float(table.loc[table["scope"] == "all", "relation_guess"].iloc[0])
+
+
 def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
     """The plotted data: accuracy per (model, dataset, subset, scope, x), mean and sd over seeds.
 
     scope "top" (x = the top-x% most popular test facts) and "decile" (x = 10..100, 100 =
     the most popular tenth); n is the number of test facts in the bin, runs the number of
     metrics tables averaged (seeds; 1 for base and cloze). Empty bins have NaN accuracy.
+    guess_mean and guess_sd: the same for the share answered with the relation's commonest
+    answer (factft.metrics.relation_guess).
     """
     binned = metrics[metrics["scope"].isin(["top", "decile"])]
     grouped = binned.groupby(["model", "dataset", "subset", "scope", "x"], sort=False)
@@ -140,6 +233,8 @@ def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
         mean=("accuracy", "mean"),
         sd=("accuracy", lambda a: a.std(ddof=1)),
         runs=("accuracy", "size"),
+        guess_mean=("relation_guess", "mean"),
+        guess_sd=("relation_guess", lambda a: a.std(ddof=1)),
     ).reset_index()
     order = {name: i for i, name in enumerate(SUBSETS + REFERENCES)}
     table["_order"] = table["subset"].map(order)
@@ -148,11 +243,19 @@ def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def make_summary(
-    sources: Iterable[Mapping], summary_path: str | Path, by_percentile_path: str | Path
+    sources: Iterable[Mapping],
+    tests: Mapping[str, str | Path],
+    summary_path: str | Path,
+    by_percentile_path: str | Path,
 ) -> None:
-    """Read every source and write summary.tsv and accuracy_by_percentile.tsv."""
+    """Read every source and write summary.tsv and accuracy_by_percentile.tsv.
+
+    `tests` maps each dataset to its test split (for the gold answers' guess rate).
+    """
+    sources = list(sources)
     metrics = collect_metrics(sources)
-    write_tsv(summary_table(metrics), summary_path)
+    gold = {dataset: gold_guess(read_table(path)) for dataset, path in tests.items()}
+    write_tsv(summary_table(metrics, gold, gap_intervals(sources)), summary_path)
     write_tsv(accuracy_by_percentile(metrics), by_percentile_path)
 
 
@@ -175,12 +278,27 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
                 lines.append(f"  {LABELS[reference]:<{width}}  {row[reference]:.3f}")
         gap_seeds = int(row[f"{GAP}_seeds"])
         if gap_seeds:
+            interval = ""
+            if not pd.isna(row.get(f"{GAP}_ci_low", math.nan)):
+                interval = f"; 95% CI over test questions {row[f'{GAP}_ci_low']:+.2f} to {row[f'{GAP}_ci_high']:+.2f}"
             lines.append(
                 f"  FT-Top - FT-Bottom = {row[f'{GAP}_mean']:+.2f} "
-                f"(sd {_sd(row[f'{GAP}_sd'], 2)} over {gap_seeds} seed{'s' * (gap_seeds != 1)})"
+                f"(sd {_sd(row[f'{GAP}_sd'], 2)} over {gap_seeds} seed{'s' * (gap_seeds != 1)}{interval})"
             )
         else:
             lines.append("  FT-Top - FT-Bottom: not available (needs subsets top and bottom)")
+        guesses = [
+            f"{LABELS[subset]} {row[f'{subset}_guess']:.2f}"
+            for subset in SUBSETS
+            if not pd.isna(row.get(f"{subset}_guess", math.nan))
+        ]
+        if guesses:
+            gold = row.get("gold_guess", math.nan)
+            lines.append(
+                "  answered with the relation's commonest answer: "
+                + ", ".join(guesses)
+                + ("" if pd.isna(gold) else f" (gold answers {gold:.2f})")
+            )
         if figures_dir is not None:
             figure = Path(figures_dir) / str(row["model"]) / str(row["dataset"]) / f"{FIGURE_NAME}.png"
             lines.append(f"  figure: {figure}{'' if figure.exists() else ' (not made yet)'}")
