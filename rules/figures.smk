@@ -47,6 +47,11 @@ rule summary:
             caption="../report/accuracy_by_percentile.rst",
             category="Summary",
         ),
+        by_relation=report(
+            "results/tables/accuracy_by_relation.tsv",
+            caption="../report/accuracy_by_relation.rst",
+            category="Summary",
+        ),
     log:
         "logs/summary/summary.log",
     benchmark:

@@ -112,6 +112,8 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
     assert (summary["model"], summary["dataset"], summary["n_test"], summary["n_seeds"]) == ("tiny", "synth", 10, 3)
     assert summary["gold_guess"] == pytest.approx(0.1)
+    by_relation = pd.read_csv(tmp_path / "results/tables/accuracy_by_relation.tsv", sep="\t")
+    assert list(by_relation["subset"]) == ["top", "bottom", "random", "whole"]  # one relation
     # The report of just these targets: the other stages (attention, simulation) never ran here.
     report = subprocess.run(
         snakemake + targets + common + ["--report", "results/report.html"], env=env, capture_output=True, text=True

@@ -8,6 +8,7 @@ from factft.errors import FactftError
 from factft.metrics import metrics_table, relation_guess
 from factft.summary import (
     accuracy_by_percentile,
+    accuracy_by_relation,
     collect_metrics,
     format_summary,
     gap_confidence_interval,
@@ -188,7 +189,8 @@ def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(t
     results = tmp_path / "results"
     sources = make_sources(results, GRID)
     tests = {"synth": write_test(results / "synth" / "splits" / "test.parquet")}
-    make_summary(sources, tests, results / "tables" / "summary.tsv", results / "tables" / "accuracy_by_percentile.tsv")
+    tables = results / "tables"
+    make_summary(sources, tests, tables / "summary.tsv", tables / "accuracy_by_percentile.tsv", tables / "by_relation.tsv")
     assert pd.read_csv(results / "tables" / "accuracy_by_percentile.tsv", sep="\t")["x"].max() == 100
     assert main([str(results / "tables" / "summary.tsv")]) == 0
     out = capsys.readouterr().out
@@ -226,7 +228,8 @@ def test_guess_rates_are_means_over_seeds_with_the_gold_answers_as_reference(tmp
 
 def test_gold_guess_is_read_from_each_datasets_test_split(tmp_path):
     sources = make_sources(tmp_path, GRID)
-    make_summary(sources, {"synth": write_test(tmp_path / "test.parquet")}, tmp_path / "s.tsv", tmp_path / "p.tsv")
+    tests = {"synth": write_test(tmp_path / "test.parquet")}
+    make_summary(sources, tests, tmp_path / "s.tsv", tmp_path / "p.tsv", tmp_path / "r.tsv")
     summary = pd.read_csv(tmp_path / "s.tsv", sep="\t")
     assert summary.iloc[0]["gold_guess"] == pytest.approx(0.1)
     # The interval sits beside the gap it qualifies.
@@ -243,7 +246,7 @@ def test_results_of_an_older_workflow_still_summarise_with_nan_where_data_is_mis
     for source in sources:
         table = pd.read_csv(source["path"], sep="\t")
         table.drop(columns="relation_guess").to_csv(source["path"], sep="\t", index=False)
-    make_summary(sources, {}, tmp_path / "summary.tsv", tmp_path / "by_percentile.tsv")
+    make_summary(sources, {}, tmp_path / "summary.tsv", tmp_path / "by_percentile.tsv", tmp_path / "r.tsv")
     row = pd.read_csv(tmp_path / "summary.tsv", sep="\t").iloc[0]
     assert row["top_mean"] == pytest.approx(22 / 30)
     assert math.isnan(row["top_guess"]) and math.isnan(row["gold_guess"])
@@ -289,3 +292,35 @@ def test_gap_interval_refuses_predictions_of_different_questions():
     bottom = correct_table([True, False], ids=["q0", "q9"])
     with pytest.raises(FactftError, match="cover different test questions"):
         gap_confidence_interval([(top, bottom)])
+
+
+def relation_run(correct_a, correct_b, guess=None):
+    """Predictions of one run over two facts of relation "a" and two of "b"."""
+    table = pd.DataFrame({"relation": ["a", "a", "b", "b"], "correct": [*correct_a, *correct_b]})
+    return table if guess is None else table.assign(relation_guess=guess)
+
+
+def test_accuracy_by_relation_averages_each_relation_over_seeds_in_subset_order():
+    runs = {
+        ("bottom", 0): relation_run([False, False], [True, True], guess=[True, True, False, False]),
+        ("top", 0): relation_run([True, True], [True, False], guess=[False, False, False, False]),
+        ("top", 1): relation_run([True, False], [False, False], guess=[False, True, False, False]),
+    }
+    table = accuracy_by_relation("tiny", "synth", runs)
+    assert list(zip(table["subset"], table["relation"])) == [("top", "a"), ("top", "b"), ("bottom", "a"), ("bottom", "b")]
+    row = table.set_index(["subset", "relation"]).loc[("top", "a")]
+    assert (row["model"], row["dataset"], row["n"], row["runs"]) == ("tiny", "synth", 2, 2)
+    assert row["mean"] == pytest.approx(0.75) and row["sd"] == pytest.approx(math.sqrt(0.125))
+    assert row["guess_mean"] == pytest.approx(0.25)
+    bottom_a = table.set_index(["subset", "relation"]).loc[("bottom", "a")]
+    assert bottom_a["mean"] == 0.0 and bottom_a["guess_mean"] == 1.0 and math.isnan(bottom_a["sd"])
+
+
+def test_accuracy_by_relation_of_older_predictions_has_no_guess_and_no_runs_gives_a_header(tmp_path):
+    table = accuracy_by_relation("m", "d", {("top", 0): relation_run([True, False], [True, True])})
+    assert table["guess_mean"].isna().all() and list(table["mean"]) == [0.5, 1.0]
+    sources = [dict(s, predictions=None) for s in make_sources(tmp_path, GRID)]
+    make_summary(sources, {}, tmp_path / "s.tsv", tmp_path / "p.tsv", tmp_path / "r.tsv")
+    assert (tmp_path / "r.tsv").read_text().split("\n")[0].split("\t") == [
+        "model", "dataset", "subset", "relation", "n", "mean", "sd", "guess_mean", "runs"
+    ]

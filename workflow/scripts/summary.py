@@ -7,4 +7,5 @@ with to_log(snakemake.log[0]):
         snakemake.params.tests,
         snakemake.output.summary,
         snakemake.output.by_percentile,
+        snakemake.output.by_relation,
     )

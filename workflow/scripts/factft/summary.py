@@ -6,7 +6,7 @@ subset is a finetuning subset (top, bottom, random, whole; one table per seed) o
 reference without seed: "base" (the pretrained model answering zero-shot) or "cloze" (the
 pretrained model completing the fact's statement: what it stores, as opposed to what QA
 extracts). A finetuned run's source also names its per-question `predictions`, from which
-comes the gap's bootstrap interval over test questions.
+come the gap's bootstrap interval over test questions and the accuracy per relation.
 rules/common.smk builds the sources from the config.
 
 `python -m factft.summary results/tables/summary.tsv` prints the summary for a reader.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ GAP = "top_minus_bottom"
 # Older metrics tables lack it; read as NaN rather than forcing the evaluations to rerun.
 OPTIONAL_METRICS = ("relation_guess",)
 FIGURE_NAME = "accuracy_vs_popularity"
+BY_RELATION = ("model", "dataset", "subset", "relation", "n", "mean", "sd", "guess_mean", "runs")
 
 
 def collect_metrics(sources: Iterable[Mapping]) -> pd.DataFrame:
@@ -101,7 +102,7 @@ def summary_table(
     paired by seed (the runs of one seed share the adapter initialisation and the
     training seed, so the paired difference removes the variation they share). sd is the sample
     standard deviation over seeds (NaN for one seed). top_minus_bottom_ci_low/_high: the
-    gap's interval from `intervals` ((model, dataset) -> (low, high), see gap_intervals).
+    gap's interval from `intervals` ((model, dataset) -> (low, high), see gap_interval).
     Then <subset>_guess: the share of questions answered with the relation's commonest answer
     (factft.metrics.relation_guess), mean over seeds, and gold_guess: that share for the gold
     answers, from `gold_guess` (dataset -> share). Missing entries give NaN.
@@ -143,24 +144,58 @@ def _paired_gap(by_seed: pd.DataFrame) -> pd.Series:
     return (by_seed["top"] - by_seed["bottom"]).dropna()
 
 
-def gap_intervals(sources: Iterable[Mapping]) -> dict[tuple[str, str], tuple[float, float]]:
-    """(model, dataset) -> gap_confidence_interval over the predictions of every seed with
-    both FT-Top and FT-Bottom (sources without predictions are left out).
+def predictions_by_experiment(sources: Iterable[Mapping]) -> Iterator[tuple[tuple[str, str], dict]]:
+    """Per (model, dataset), the finetuned runs' predictions as {(subset, seed): table}.
+
+    One experiment's tables are in memory at a time; sources without predictions are left out.
     """
-    predictions: dict[tuple, dict] = {}
+    paths: dict[tuple[str, str], dict] = {}
     for source in sources:
-        if source["subset"] in ("top", "bottom") and source.get("predictions"):
-            where = predictions.setdefault((source["model"], source["dataset"]), {})
-            where[(source["subset"], source["seed"])] = source["predictions"]
-    intervals = {}
-    for experiment, paths in predictions.items():
-        pairs = [
-            (read_table(path), read_table(paths[("bottom", seed)]))
-            for (subset, seed), path in paths.items()
-            if subset == "top" and ("bottom", seed) in paths
-        ]
-        intervals[experiment] = gap_confidence_interval(pairs)
-    return intervals
+        if source["subset"] in SUBSETS and source.get("predictions"):
+            runs = paths.setdefault((source["model"], source["dataset"]), {})
+            runs[(source["subset"], source["seed"])] = source["predictions"]
+    for experiment, runs in paths.items():
+        yield experiment, {run: read_table(path) for run, path in runs.items()}
+
+
+def gap_interval(runs: Mapping[tuple[str, int], pd.DataFrame]) -> tuple[float, float]:
+    """gap_confidence_interval over every seed of `runs` with both FT-Top and FT-Bottom."""
+    pairs = [
+        (table, runs[("bottom", seed)])
+        for (subset, seed), table in runs.items()
+        if subset == "top" and ("bottom", seed) in runs
+    ]
+    return gap_confidence_interval(pairs)
+
+
+def accuracy_by_relation(model: str, dataset: str, runs: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
+    """Per subset and relation: n (test facts), accuracy mean and sd over seeds, guess_mean
+    (the share answered with the relation's commonest answer) and runs (seeds); for checking
+    that one relation does not carry the gap, and which relations a subset guesses on.
+    """
+    rows = []
+    for (subset, seed), table in runs.items():
+        guess = table["relation_guess"] if "relation_guess" in table.columns else math.nan
+        per_relation = (
+            table.assign(correct=table["correct"].astype("float64"), guess=guess)
+            .groupby("relation", sort=True)
+            .agg(n=("correct", "size"), accuracy=("correct", "mean"), guess=("guess", "mean"))
+            .reset_index()
+        )
+        rows.append(per_relation.assign(subset=subset, seed=seed))
+    if not rows:
+        return pd.DataFrame(columns=BY_RELATION)
+    grouped = pd.concat(rows, ignore_index=True).groupby(["subset", "relation"], sort=False)
+    table = grouped.agg(
+        n=("n", "max"),
+        mean=("accuracy", "mean"),
+        sd=("accuracy", lambda a: a.std(ddof=1)),
+        guess_mean=("guess", "mean"),
+        runs=("accuracy", "size"),
+    ).reset_index()
+    table["_order"] = table["subset"].map({name: i for i, name in enumerate(SUBSETS)})
+    table = table.sort_values(["_order", "relation"], kind="stable").drop(columns="_order")
+    return table.assign(model=model, dataset=dataset)[list(BY_RELATION)].reset_index(drop=True)
 
 
 def _paired_questions(top: pd.DataFrame, bottom: pd.DataFrame) -> np.ndarray:
@@ -247,16 +282,23 @@ def make_summary(
     tests: Mapping[str, str | Path],
     summary_path: str | Path,
     by_percentile_path: str | Path,
+    by_relation_path: str | Path,
 ) -> None:
-    """Read every source and write summary.tsv and accuracy_by_percentile.tsv.
-
-    `tests` maps each dataset to its test split (for the gold answers' guess rate).
+    """Read every source and write summary.tsv, accuracy_by_percentile.tsv and
+    accuracy_by_relation.tsv. `tests` maps each dataset to its test split (for the gold
+    answers' guess rate).
     """
     sources = list(sources)
     metrics = collect_metrics(sources)
     gold = {dataset: gold_guess(read_table(path)) for dataset, path in tests.items()}
-    write_tsv(summary_table(metrics, gold, gap_intervals(sources)), summary_path)
+    intervals, by_relation = {}, []
+    for (model, dataset), runs in predictions_by_experiment(sources):
+        intervals[(model, dataset)] = gap_interval(runs)
+        by_relation.append(accuracy_by_relation(model, dataset, runs))
+    write_tsv(summary_table(metrics, gold, intervals), summary_path)
     write_tsv(accuracy_by_percentile(metrics), by_percentile_path)
+    by_relation = pd.concat(by_relation, ignore_index=True) if by_relation else pd.DataFrame(columns=BY_RELATION)
+    write_tsv(by_relation, by_relation_path)
 
 
 def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None) -> str:
