@@ -126,6 +126,8 @@ def test_relation_guess_flags_the_commonest_answer_of_each_relation():
     relations = ["born_in"] * 4 + ["capital_of"] * 2
     assert list(relation_guess(answers, relations)) == [True, True, False, True, False, True]
     assert relation_guess(["london"] * 3, ["born_in"] * 3).all()
+    # Silence is no guess, however common: "" never counts, and the commonest is "lyon".
+    assert list(relation_guess(["", "", "", "lyon"], ["born_in"] * 4)) == [False, False, False, True]
     assert len(relation_guess([], [])) == 0
     with pytest.raises(ValueError, match="2 answers for 1 relations"):
         relation_guess(["a", "b"], ["r"])

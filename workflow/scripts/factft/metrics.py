@@ -63,12 +63,14 @@ def relation_guess(answers: Sequence, relations: Sequence) -> np.ndarray:
 
     The commonest answer of a relation is the one given most often (a tie goes to the answer
     that sorts first), so the share of True is the sum over relations of the commonest
-    answer's count over the number of questions.
+    answer's count over the number of questions. An empty answer is no answer, never a guess:
+    a model that stays silent is not guessing from the relation.
     """
     if len(answers) != len(relations):
         raise ValueError(f"{len(answers)} answers for {len(relations)} relations")
     table = pd.DataFrame({"relation": np.asarray(relations), "answer": np.asarray(answers)})
-    counts = table.value_counts(["relation", "answer"]).rename("count").reset_index()
+    answered = table[table["answer"].astype(str) != ""]
+    counts = answered.value_counts(["relation", "answer"]).rename("count").reset_index()
     counts = counts.sort_values(["relation", "count", "answer"], ascending=[True, False, True])
     commonest = counts.drop_duplicates("relation").set_index("relation")["answer"]
     return (table["answer"] == table["relation"].map(commonest)).to_numpy(dtype=bool)
