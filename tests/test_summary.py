@@ -14,6 +14,7 @@ from factft.summary import (
     gap_confidence_interval,
     main,
     make_summary,
+    paper_table,
     summary_table,
 )
 from factft.tables import write_table, write_tsv
@@ -324,3 +325,30 @@ def test_accuracy_by_relation_of_older_predictions_has_no_guess_and_no_runs_give
     assert (tmp_path / "r.tsv").read_text().split("\n")[0].split("\t") == [
         "model", "dataset", "subset", "relation", "n", "mean", "sd", "guess_mean", "runs"
     ]
+
+
+def test_paper_table_gives_percent_mean_and_sd_per_subset_and_the_gap_in_markdown(tmp_path):
+    summary = summary_table(collect_metrics(make_sources(tmp_path, GRID)))
+    lines = paper_table(summary, "markdown").splitlines()
+    assert lines[0] == "| Model | Dataset | FT-Top | FT-Bottom | FT-Random | FT-Whole | Top - Bottom |"
+    assert lines[2] == "| tiny | synth | 73.3 ± 15.3 | 43.3 ± 15.3 | 50.0 ± 0.0 | 70.0 ± 10.0 | +30.0 ± 10.0 |"
+
+
+def test_paper_table_in_latex_escapes_names_and_leaves_out_subsets_the_grid_lacks(tmp_path):
+    grid = {"top": {0: 6}, "bottom": {0: 4}}
+    summary = summary_table(collect_metrics(make_sources(tmp_path, grid, model="llama2_7b", dataset="pop&qa")))
+    latex = paper_table(summary, "latex")
+    assert "Model & Dataset & FT-Top & FT-Bottom & Top $-$ Bottom \\\\" in latex
+    assert "llama2\\_7b & pop\\&qa & 60.0 & 40.0 & +20.0 \\\\" in latex  # one seed: no sd
+    assert latex.startswith("\\begin{tabular}{llrrr}") and "FT-Random" not in latex
+    with pytest.raises(FactftError, match="table format 'html': unknown; formats are markdown, latex"):
+        paper_table(summary, "html")
+
+
+def test_the_cli_prints_only_the_table_when_asked(tmp_path, capsys):
+    results = tmp_path / "results"
+    tables = results / "tables"
+    make_summary(make_sources(results, GRID), {}, tables / "s.tsv", tables / "p.tsv", tables / "r.tsv")
+    assert main([str(tables / "s.tsv"), "--table", "latex"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("\\begin{tabular}") and out.endswith("\\end{tabular}\n") and "figure" not in out

@@ -42,6 +42,8 @@ GAP = "top_minus_bottom"
 # Older metrics tables lack it; read as NaN rather than forcing the evaluations to rerun.
 OPTIONAL_METRICS = ("relation_guess",)
 FIGURE_NAME = "accuracy_vs_popularity"
+TABLE_FORMATS = ("markdown", "latex")
+_LATEX_SPECIAL = str.maketrans({**{c: "\\" + c for c in "&%$#_{}"}, "\\": r"\textbackslash{}"})
 BY_RELATION = ("model", "dataset", "subset", "relation", "n", "mean", "sd", "guess_mean", "runs")
 
 
@@ -348,6 +350,35 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
     return "\n".join(lines)
 
 
+def paper_table(summary: pd.DataFrame, fmt: str) -> str:
+    """The paper's Table 1 from summary.tsv, for a paper or a lab note: held-out accuracy in %
+    (mean +/- sd over seeds) per subset the summary has, and FT-Top - FT-Bottom, one row per
+    (model, dataset). fmt: "markdown" or "latex" (booktabs; model and dataset names escaped).
+    """
+    if fmt not in TABLE_FORMATS:
+        raise FactftError(f"table format '{fmt}': unknown; formats are {', '.join(TABLE_FORMATS)}")
+    latex = fmt == "latex"
+    subsets = [s for s in SUBSETS if f"{s}_mean" in summary and summary[f"{s}_mean"].notna().any()]
+    header = ["Model", "Dataset", *(LABELS[s] for s in subsets), "Top $-$ Bottom" if latex else "Top - Bottom"]
+    rows = []
+    for _, row in summary.iterrows():
+        names = [str(row["model"]), str(row["dataset"])]
+        cells = [name.translate(_LATEX_SPECIAL) if latex else name for name in names]
+        for name in [*subsets, GAP]:
+            mean, sd = row[f"{name}_mean"], row[f"{name}_sd"]
+            cell = "n/a" if pd.isna(mean) else f"{100 * mean:{'+' if name == GAP else ''}.1f}"
+            if not (pd.isna(mean) or pd.isna(sd)):
+                cell += f" $\\pm$ {100 * sd:.1f}" if latex else f" ± {100 * sd:.1f}"
+            cells.append(cell)
+        rows.append(cells)
+    if not latex:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+    lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule", " & ".join(header) + r" \\"]
+    lines += [r"\midrule", *(" & ".join(cells) + r" \\" for cells in rows), r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
 def _sd(value: float, digits: int) -> str:
     return "n/a" if pd.isna(value) else f"{value:.{digits}f}"
 
@@ -361,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="figures folder (default: results/figures beside the tables folder)",
     )
+    parser.add_argument(
+        "--table",
+        choices=TABLE_FORMATS,
+        help="print only the paper's Table 1 (accuracy in %%, mean +/- sd over seeds) in this format",
+    )
     args = parser.parse_args(argv)
     if not args.summary.exists():
         print(
@@ -369,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     summary = pd.read_csv(args.summary, sep="\t")
+    if args.table:
+        print(paper_table(summary, args.table), end="")
+        return 0
     results = args.summary.parent.parent
     print(format_summary(summary, args.figures or results / "figures"), end="")
     report = results / "report.html"
