@@ -12,3 +12,13 @@ def test_a_user_error_is_one_line_on_stderr_and_exit_status_1(tmp_path, capsys):
     assert capsys.readouterr().err == "factft: dataset 'popqa': column 'subj' is missing\n"
     text = (tmp_path / "job.log").read_text()
     assert "column 'subj' is missing" in text and "Traceback" not in text
+
+
+def test_the_bitsandbytes_cpu_kernel_warning_stays_out_of_job_logs(tmp_path):
+    import logging
+
+    with to_log(tmp_path / "job.log"):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        logging.getLogger("factft.train").warning("a warning of ours")
+    text = (tmp_path / "job.log").read_text()
+    assert "gemm_4bit_forward" not in text and "a warning of ours" in text

@@ -10,6 +10,10 @@ from pathlib import Path
 from factft.errors import FactftError
 
 log = logging.getLogger("factft")
+# bitsandbytes warns at import, in every job that imports peft, when the optional `kernels`
+# package is absent: its CPU 4-bit kernels then fall back to plain torch, which only QLoRA
+# on a CPU (the tests) uses. A false alarm in every LoRA log; its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
