@@ -302,11 +302,15 @@ def summary_tests():
     return {dataset: f"results/{dataset}/splits/test.parquet" for dataset in DATASETS}
 
 
+def grid_metrics():
+    """Every metrics table of the grid: runs, base and cloze references."""
+    return [source["path"] for source in summary_sources()]
+
+
 def summary_inputs():
-    sources = summary_sources()
     return dict(
-        metrics=[source["path"] for source in sources],
-        predictions=[s["predictions"] for s in sources if "predictions" in s],
+        metrics=grid_metrics(),
+        predictions=[s["predictions"] for s in summary_sources() if "predictions" in s],
         tests=list(summary_tests().values()),
     )
 
@@ -418,8 +422,11 @@ def simulation_targets():
     return figures + tables
 
 
+OVERVIEW = "results/figures/overview"
+
+
 def all_targets():
-    targets = ["results/tables/summary.tsv"]
+    targets = ["results/tables/summary.tsv", f"{OVERVIEW}.png", f"{OVERVIEW}.pdf"]
     for model, dataset in experiments():
         targets += run_metrics(model, dataset)
         targets.append(f"{BASE.format(model=model, dataset=dataset)}/metrics.tsv")

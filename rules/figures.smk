@@ -6,6 +6,7 @@
 localrules:
     figures,
     summary,
+    overview,
 
 
 rule figures:
@@ -63,6 +64,29 @@ rule summary:
         tests=summary_tests(),
     script:
         "../workflow/scripts/summary.py"
+
+
+# The whole grid at a glance: the paper's Table 1 as a figure.
+rule overview:
+    input:
+        metrics=grid_metrics(),
+    output:
+        png=report(
+            f"{OVERVIEW}.png",
+            caption="../report/overview.rst",
+            category="Summary",
+        ),
+        pdf=f"{OVERVIEW}.pdf",
+    log:
+        "logs/overview/overview.log",
+    benchmark:
+        "benchmarks/overview/overview.tsv"
+    conda:
+        "../envs/figures.yaml"
+    params:
+        sources=summary_sources(),
+    script:
+        "../workflow/scripts/overview.py"
 
 
 localrules:

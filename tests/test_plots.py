@@ -10,7 +10,7 @@ from matplotlib.colors import to_hex
 
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
-from factft.plots import STYLES, make_figures, plot_accuracy_vs_popularity
+from factft.plots import STYLES, make_figures, make_overview, plot_accuracy_vs_popularity, plot_overview
 from factft.summary import accuracy_by_percentile, collect_metrics
 from factft.tables import read_table
 from test_summary import GRID, make_sources, write_test
@@ -101,10 +101,14 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     snakemake = [shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"]
     common = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(REPO / "config" / "demo.yaml")]
-    targets = ["results/tables/summary.tsv", "results/figures/tiny/synth/accuracy_vs_popularity.pdf"]
+    targets = [
+        "results/tables/summary.tsv",
+        "results/figures/tiny/synth/accuracy_vs_popularity.pdf",
+        "results/figures/overview.png",
+    ]
     run = subprocess.run(
         # Targets first: --configfile and --allowed-rules take every argument up to the next flag.
-        snakemake + targets + common + ["--cores", "1", "--allowed-rules", "figures", "summary"],
+        snakemake + targets + common + ["--cores", "1", "--allowed-rules", "figures", "summary", "overview"],
         env=env, capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -129,3 +133,20 @@ def test_plotting_an_experiment_without_metrics_is_an_error_naming_it(tmp_path):
     with pytest.raises(FactftError, match="no metrics for model 'other' on dataset 'synth'"):
         make_figures(make_sources(tmp_path, GRID), "other", "synth", [tmp_path / "x.png"])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_overview_has_a_panel_per_dataset_a_bar_per_subset_and_the_gap_per_model(tmp_path):
+    sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa") + make_sources(
+        tmp_path, {"top": {0: 5, 1: 7}, "bottom": {0: 4, 1: 4}}, model="m1", dataset="mmlu"
+    )
+    figure = plot_overview(collect_metrics(sources))
+    popqa, mmlu = figure.axes
+    assert (popqa.get_title(), mmlu.get_title()) == ("popqa", "mmlu")
+    heights = sorted(round(bar.get_height(), 4) for bar in popqa.patches if bar.get_height() > 0)
+    assert heights == sorted(round(h, 4) for h in (22 / 30, 13 / 30, 0.5, 0.7))  # means over seeds
+    assert [t.get_text() for t in popqa.texts] == ["Δ +0.30"]
+    assert [t.get_text() for t in mmlu.texts] == ["Δ +0.20"]  # (0.1 + 0.3) / 2
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["FT-Top", "FT-Bottom", "FT-Random", "FT-Whole"]
+    make_overview(sources, [tmp_path / "overview.png"])
+    assert (tmp_path / "overview.png").stat().st_size > 10_000

@@ -202,6 +202,7 @@ def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(t
     assert "(gold answers 0.10)" in out
     figure = results / "figures" / "tiny" / "synth" / "accuracy_vs_popularity.png"
     assert f"figure: {figure} (not made yet)" in out
+    assert f"the whole grid at a glance: {results / 'figures' / 'overview.png'} (not made yet)" in out
 
 
 def test_a_malformed_metrics_table_is_an_error_naming_the_file(tmp_path):

@@ -1,4 +1,5 @@
-"""Accuracy vs fact popularity per (model, dataset): the paper's Fig. 4/5, plus the tail.
+"""Accuracy vs fact popularity per (model, dataset): the paper's Fig. 4/5, plus the tail;
+and the overview of the whole grid (plot_overview).
 
 Left panel: accuracy on the top-x% most popular held-out facts (cumulative, the paper's
 x-axis). Middle: accuracy per popularity decile, where the rare tail is not averaged away.
@@ -155,5 +156,59 @@ def make_figures(
         raise FactftError(f"no metrics for model '{model}' on dataset '{dataset}' among the sources to plot")
     gold = None if test is None else gold_metrics(read_table(test), percentiles=())
     figure = plot_accuracy_vs_popularity(data, model, dataset, gold)
+    for path in outputs:
+        save_figure(figure, path)
+
+
+def plot_overview(metrics: pd.DataFrame) -> Figure:
+    """The whole grid at a glance (the paper's Table 1 as a figure): one panel per dataset,
+    per model a bar per finetuning subset (mean over seeds, +/- 1 sd) with each seed as a
+    dot, and FT-Top - FT-Bottom (mean over seeds with both) written above the model's bars.
+    """
+    overall = metrics[(metrics["scope"] == "all") & metrics["subset"].isin(SUBSETS)]
+    datasets = list(dict.fromkeys(overall["dataset"]))
+    models = list(dict.fromkeys(overall["model"]))
+    subsets = [s for s in SUBSETS if (overall["subset"] == s).any()]
+    palette = {s: STYLES[s]["color"] for s in subsets}
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
+        # Wide enough for the legend under a single panel.
+        width = max(8.0, 1.5 + len(datasets) * (1.2 + 1.8 * len(models)))
+        figure = Figure(figsize=(width, 4.6), layout="constrained")
+        axes = figure.subplots(1, len(datasets), sharey=True, squeeze=False)[0]
+        for ax, dataset in zip(axes, datasets):
+            data = overall[overall["dataset"] == dataset]
+            common = dict(data=data, x="model", y="accuracy", hue="subset", order=models, hue_order=subsets, ax=ax)
+            sns.barplot(**common, palette=palette, saturation=1, errorbar="sd", capsize=0.1, err_kws={"linewidth": 1})
+            sns.stripplot(**common, dodge=True, palette={s: "0.15" for s in subsets}, size=3, legend=False)
+            gap = data.pivot_table(index=["model", "seed"], columns="subset", values="accuracy")
+            for position, model in enumerate(models):
+                if {"top", "bottom"} <= set(gap.columns) and model in gap.index.get_level_values(0):
+                    difference = (gap.loc[model, "top"] - gap.loc[model, "bottom"]).mean()
+                    ax.annotate(
+                        f"Δ {difference:+.2f}",
+                        (position, 1.0),
+                        xycoords=("data", "axes fraction"),
+                        ha="center",
+                        va="bottom",
+                        fontsize="small",
+                    )
+            ax.set_title(dataset, pad=18)
+            ax.set_xlabel("")
+            ax.get_legend().remove()
+        axes[0].set_ylabel("held-out accuracy")
+        figure.legend(
+            handles=[Line2D([], [], label=LABELS[s], color=palette[s], linewidth=8) for s in subsets],
+            loc="outside lower center",
+            ncol=len(subsets),
+            frameon=False,
+            title="bars: mean over seeds, ± 1 sd; dots: single seeds; Δ: FT-Top − FT-Bottom, mean over seeds",
+            title_fontsize="small",
+        )
+    return figure
+
+
+def make_overview(sources: Iterable[Mapping], outputs: Iterable[str | Path]) -> None:
+    """Read every metrics source of the grid and write the overview figure to each output path."""
+    figure = plot_overview(collect_metrics(sources))
     for path in outputs:
         save_figure(figure, path)

@@ -409,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print(paper_table(summary, args.table), end="")
         return 0
     results = args.summary.parent.parent
-    print(format_summary(summary, args.figures or results / "figures"), end="")
+    figures = args.figures or results / "figures"
+    print(format_summary(summary, figures), end="")
+    overview = figures / "overview.png"
+    print(f"the whole grid at a glance: {overview}{'' if overview.exists() else ' (not made yet)'}")
     report = results / "report.html"
     if report.exists():
         print(f"HTML report (every figure with its caption): {report}")
