@@ -256,6 +256,7 @@ def run_metrics(model, dataset):
 # ---- figures and summary --------------------------------------------------------
 
 FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_popularity"
+OVERVIEW = "results/figures/overview"
 
 
 def metrics_sources(model, dataset):
@@ -420,9 +421,6 @@ def simulation_targets():
         "results/simulation/{sweep}/gap_summary.tsv", sweep=[SIM_BASE, *sweeps]
     )
     return figures + tables
-
-
-OVERVIEW = "results/figures/overview"
 
 
 def all_targets():
