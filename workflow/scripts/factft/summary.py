@@ -181,20 +181,13 @@ def accuracy_by_relation(model: str, dataset: str, runs: Mapping[tuple[str, int]
         per_relation = (
             table.assign(correct=table["correct"].astype("float64"), guess=guess)
             .groupby("relation", sort=True)
-            .agg(n=("correct", "size"), accuracy=("correct", "mean"), guess=("guess", "mean"))
+            .agg(n=("correct", "size"), accuracy=("correct", "mean"), relation_guess=("guess", "mean"))
             .reset_index()
         )
         rows.append(per_relation.assign(subset=subset, seed=seed))
     if not rows:
         return pd.DataFrame(columns=BY_RELATION)
-    grouped = pd.concat(rows, ignore_index=True).groupby(["subset", "relation"], sort=False)
-    table = grouped.agg(
-        n=("n", "max"),
-        mean=("accuracy", "mean"),
-        sd=("accuracy", lambda a: a.std(ddof=1)),
-        guess_mean=("guess", "mean"),
-        runs=("accuracy", "size"),
-    ).reset_index()
+    table = _over_runs(pd.concat(rows, ignore_index=True), ["subset", "relation"])
     table["_order"] = table["subset"].map({name: i for i, name in enumerate(SUBSETS)})
     table = table.sort_values(["_order", "relation"], kind="stable").drop(columns="_order")
     return table.assign(model=model, dataset=dataset)[list(BY_RELATION)].reset_index(drop=True)
@@ -264,19 +257,28 @@ def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
     answer (factft.metrics.relation_guess).
     """
     binned = metrics[metrics["scope"].isin(["top", "decile"])]
-    grouped = binned.groupby(["model", "dataset", "subset", "scope", "x"], sort=False)
-    table = grouped.agg(
-        n=("n", "max"),
-        mean=("accuracy", "mean"),
-        sd=("accuracy", lambda a: a.std(ddof=1)),
-        runs=("accuracy", "size"),
-        guess_mean=("relation_guess", "mean"),
-        guess_sd=("relation_guess", lambda a: a.std(ddof=1)),
-    ).reset_index()
+    table = _over_runs(binned, ["model", "dataset", "subset", "scope", "x"])
     order = {name: i for i, name in enumerate(SUBSETS + REFERENCES)}
     table["_order"] = table["subset"].map(order)
     table = table.sort_values(["model", "dataset", "_order", "scope", "x"], kind="stable")
     return table.drop(columns="_order").reset_index(drop=True)
+
+
+def _over_runs(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per `keys`, over runs (seeds): n (test facts), accuracy mean and sd, runs, and the
+    relation_guess share's mean and sd."""
+    return (
+        rows.groupby(keys, sort=False)
+        .agg(
+            n=("n", "max"),
+            mean=("accuracy", "mean"),
+            sd=("accuracy", lambda a: a.std(ddof=1)),
+            runs=("accuracy", "size"),
+            guess_mean=("relation_guess", "mean"),
+            guess_sd=("relation_guess", lambda a: a.std(ddof=1)),
+        )
+        .reset_index()
+    )
 
 
 def make_summary(
