@@ -46,6 +46,8 @@ def split_facts(
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
     )
     facts = facts.reset_index(drop=True)
+    # Hashed once here: every table's percentiles and the top/bottom order read it.
+    tie = pd.Series(tie_breaks(facts["id"], seed), index=facts.index)
 
     # Test subjects never appear in finetuning: the experiment measures extraction of facts
     # stored in pretraining, not facts taught by finetuning.
@@ -74,7 +76,7 @@ def split_facts(
             continue
         # The percentile order breaks ties (seeded, never by row order); bottom takes the same
         # order from the other end, so top and bottom never share a fact.
-        ranked = group.index[np.argsort(-percentiles(group, seed))]
+        ranked = group.index[np.argsort(-_percentiles(group["popularity"], tie[group.index]))]
         chosen["top"].append(ranked[:k])
         chosen["bottom"].append(ranked[::-1][:k])
         by_id = group.sort_values("id", kind="stable").index
@@ -92,7 +94,7 @@ def split_facts(
     tables = {name: facts.loc[sorted(np.concatenate(rows))] for name, rows in chosen.items()}
     tables["whole"] = pool
     tables["test"] = test
-    return {name: _finish(tables[name], name, seed) for name in SPLITS}
+    return {name: _finish(tables[name], name, tie) for name in SPLITS}
 
 
 def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: str) -> pd.DataFrame:
@@ -108,10 +110,12 @@ def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: s
     return table.loc[sorted(by_id[rng.choice(len(by_id), size=size, replace=False)])]
 
 
-def _finish(table: pd.DataFrame, name: str, seed: int) -> pd.DataFrame:
-    table = table.sort_index().reset_index(drop=True)
+def _finish(table: pd.DataFrame, name: str, tie: pd.Series) -> pd.DataFrame:
+    table = table.sort_index()
+    pct = _percentiles(table["popularity"], tie[table.index])
+    table = table.reset_index(drop=True)
     table["split"] = name
-    table["popularity_pct"] = percentiles(table, seed)
+    table["popularity_pct"] = pct
     return table
 
 
@@ -122,8 +126,16 @@ def percentiles(table: pd.DataFrame, seed: int) -> np.ndarray:
     of the id, so the top x% holds x% of the facts, every decile is a tenth of them, and the
     order depends on the facts and the seed, never on the rows' order.
     """
-    tie_break = [hashlib.sha256(f"{seed}:{fact}".encode()).hexdigest() for fact in table["id"]]
-    order = np.lexsort((tie_break, table["popularity"].to_numpy()))  # last key sorts first
-    rank = np.empty(len(table), dtype="float64")
-    rank[order] = np.arange(1, len(table) + 1)
-    return 100.0 * rank / max(len(table), 1)
+    return _percentiles(table["popularity"], tie_breaks(table["id"], seed))
+
+
+def tie_breaks(ids: pd.Series, seed: int) -> np.ndarray:
+    """A seeded hash of each id: the order of facts with equal popularity."""
+    return np.array([hashlib.sha256(f"{seed}:{fact}".encode()).hexdigest() for fact in ids], dtype=object)
+
+
+def _percentiles(popularity: pd.Series, tie) -> np.ndarray:
+    order = np.lexsort((np.asarray(tie), popularity.to_numpy()))  # last key sorts first
+    rank = np.empty(len(order), dtype="float64")
+    rank[order] = np.arange(1, len(order) + 1)
+    return 100.0 * rank / max(len(order), 1)
