@@ -6,6 +6,7 @@ from factft.config import check_config, finetune_settings
 from factft.errors import FactftError
 from factft.simulation import BASE as SIM_BASE
 from factft.simulation import point_settings, point_value, sweep_points
+from factft.subsets import is_sized
 
 try:
     check_config(config)
@@ -15,6 +16,11 @@ except FactftError as error:
 DATASETS = config["datasets"]
 MODELS = config["models"]
 SUBSETS = config["subsets"]
+# Sized subsets (top25, ...) sweep the amount of finetuning data; the paper's four
+# (split.fraction of the pool, and whole) are the ones the popularity and attention
+# figures compare.
+SIZED_SUBSETS = [s for s in SUBSETS if is_sized(s)]
+PAPER_SUBSETS = [s for s in SUBSETS if not is_sized(s)]
 SEEDS = config["seeds"]
 
 
@@ -39,6 +45,7 @@ wildcard_constraints:
     hub_model=alternatives(models_with("hf")),
     tiny_model=alternatives(models_with("pretrain")),
     subset=alternatives(SUBSETS),
+    sized=alternatives(SIZED_SUBSETS),
     seed=r"\d+",
 
 
@@ -127,6 +134,16 @@ def split_params(wildcards):
     """The split block, with the dataset's own caps (datasets.<name>.split) over it."""
     own = DATASETS[wildcards.dataset].get("split", {})
     return dict(config["split"], **own, dataset=wildcards.dataset)
+
+
+def sized_split_params(wildcards):
+    """What cutting a sized subset from the pool needs: the split block's selection keys."""
+    keys = ("fraction", "stratify", "seed")
+    return dict({key: config["split"][key] for key in keys}, dataset=wildcards.dataset)
+
+
+def split_fraction():
+    return config["split"]["fraction"]
 
 
 SPLITS = ("top", "bottom", "random", "whole", "test")
@@ -256,6 +273,7 @@ def run_metrics(model, dataset):
 # ---- figures and summary --------------------------------------------------------
 
 FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_popularity"
+SIZE_FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_subset_size"
 OVERVIEW = "results/figures/overview"
 
 
@@ -320,7 +338,7 @@ def summary_inputs():
 
 ATTENTION_FIGURE = "results/figures/{model}/{dataset}/attention"
 # The heatmap shows one question under FT-Top and FT-Bottom (else the first two subsets).
-HEATMAP_SUBSETS = [s for s in ("top", "bottom") if s in SUBSETS] or SUBSETS[:2]
+HEATMAP_SUBSETS = [s for s in ("top", "bottom") if s in SUBSETS] or PAPER_SUBSETS[:2]
 
 
 def attention_params(wildcards):
@@ -336,7 +354,7 @@ def attention_sources(wildcards):
     """Every per-layer attention table of one (model, dataset), labelled (subset, seed)."""
     where = dict(model=wildcards.model, dataset=wildcards.dataset)
     sources = []
-    for subset in SUBSETS:
+    for subset in PAPER_SUBSETS:
         for seed in SEEDS:
             run = RUN.format(**where, subset=subset, seed=seed)
             sources.append(dict(subset=subset, seed=seed, path=f"{run}/attention.tsv"))
@@ -362,8 +380,8 @@ def attention_example_inputs(wildcards):
 
 def attention_targets(model, dataset):
     """Fig. 3's figures, for open QA only: a multiple-choice dataset's `subject` is a topic
-    that its questions do not contain."""
-    if DATASETS[dataset]["format"] != "open":
+    that its questions do not contain. None for a grid of sized subsets only."""
+    if DATASETS[dataset]["format"] != "open" or not PAPER_SUBSETS:
         return []
     return [
         f"{ATTENTION_FIGURE.format(model=model, dataset=dataset)}_{kind}.png"
@@ -432,6 +450,10 @@ def all_targets():
         targets += expand(
             FIGURE + ".{ext}", model=model, dataset=dataset, ext=["png", "pdf"]
         )
+        if SIZED_SUBSETS:
+            targets += expand(
+                SIZE_FIGURE + ".{ext}", model=model, dataset=dataset, ext=["png", "pdf"]
+            )
         targets += attention_targets(model, dataset)
     targets += simulation_targets()
     return targets

@@ -91,3 +91,22 @@ rule split:
         split=split_params,
     script:
         "../workflow/scripts/split.py"
+
+
+# A sized subset (top25, ...) is cut from the pool by a job of its own: adding one to the
+# config leaves the split's files, and every run finetuned on them, as they are.
+rule sized_split:
+    input:
+        whole="results/{dataset}/splits/whole.parquet",
+    output:
+        "results/{dataset}/splits/{sized}.parquet",
+    log:
+        "logs/sized_split/{dataset}/{sized}.log",
+    benchmark:
+        "benchmarks/sized_split/{dataset}/{sized}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        split=sized_split_params,
+    script:
+        "../workflow/scripts/sized_split.py"

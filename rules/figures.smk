@@ -5,6 +5,7 @@
 # Seconds of plotting: on a cluster, not worth a queued job.
 localrules:
     figures,
+    size_figure,
     summary,
     overview,
 
@@ -32,6 +33,32 @@ rule figures:
         sources=figure_sources,
     script:
         "../workflow/scripts/figures.py"
+
+
+# Only with sized subsets in the config (top25, ...): accuracy against the amount of data.
+rule size_figure:
+    input:
+        metrics=figure_inputs,
+    output:
+        png=report(
+            f"{SIZE_FIGURE}.png",
+            caption="../report/accuracy_vs_subset_size.rst",
+            category="Accuracy vs subset size",
+            subcategory="{model}",
+            labels={"model": "{model}", "dataset": "{dataset}"},
+        ),
+        pdf=f"{SIZE_FIGURE}.pdf",
+    log:
+        "logs/size_figure/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/size_figure/{model}/{dataset}.tsv"
+    conda:
+        "../envs/figures.yaml"
+    params:
+        sources=figure_sources,
+        fraction=split_fraction(),
+    script:
+        "../workflow/scripts/size_figure.py"
 
 
 rule summary:

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def facts():
+    return make_facts()
+
+
+def make_facts():
     """40 subjects x 3 relations, relations of different popularity, some tied scores."""
     rng = np.random.default_rng(7)
     rows = []

@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from factft import subsets
 from factft.errors import FactftError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
@@ -24,6 +25,7 @@ SCORER_NEEDS = {"column": "column", "model_confidence": "model"}
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
     datasets, models = config["datasets"], config["models"]
+    subsets.check(config["subsets"], config["split"]["fraction"])
     synthetic = {name for name, d in datasets.items() if "synthetic" in d["source"]}
     for name, dataset in datasets.items():
         where = f"datasets.{name}"

@@ -1,5 +1,6 @@
 """Accuracy vs fact popularity per (model, dataset): the paper's Fig. 4/5, plus the tail;
-and the overview of the whole grid (plot_overview).
+accuracy vs the size of the finetuning subset (plot_accuracy_vs_subset_size, for sized
+subsets such as top25); and the overview of the whole grid (plot_overview).
 
 Left panel: accuracy on the top-x% most popular held-out facts (cumulative, the paper's
 x-axis). Middle: accuracy per popularity decile, where the rare tail is not averaged away.
@@ -20,6 +21,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from factft import subsets as subset_names
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
 from factft.summary import LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics
@@ -38,6 +40,8 @@ STYLES = {
     "gold": dict(color="0.5", marker="", linestyle="-."),
 }
 GOLD_LABEL = "Gold answers"
+# How each kind of subset picks its facts (the subset-size figure's legend).
+_SELECTION = {"top": "most popular first", "bottom": "least popular first", "random": "seeded sample"}
 
 
 def plot_accuracy_vs_popularity(
@@ -156,6 +160,78 @@ def make_figures(
         raise FactftError(f"no metrics for model '{model}' on dataset '{dataset}' among the sources to plot")
     gold = None if test is None else gold_metrics(read_table(test), percentiles=())
     figure = plot_accuracy_vs_popularity(data, model, dataset, gold)
+    for path in outputs:
+        save_figure(figure, path)
+
+
+def plot_accuracy_vs_subset_size(metrics: pd.DataFrame, model: str, dataset: str, fraction: float) -> Figure:
+    """Held-out accuracy (left) and guessing from the relation (right) against the share of
+    the pool a subset takes, one line per selection (top, bottom, random: mean over seeds,
+    +/- 1 sd band, seeds as dots). At 100% every selection is the whole pool, so the lines
+    meet at FT-Whole. The base model's zero-shot QA is dashed, its cloze accuracy dotted.
+    `fraction` is split.fraction: the share of top, bottom and random.
+    """
+    overall = metrics[(metrics["scope"] == "all") & (metrics["model"] == model) & (metrics["dataset"] == dataset)]
+    finetuned = overall[overall["subset"].map(subset_names.is_subset)]
+    if finetuned.empty:
+        raise FactftError(f"no finetuned runs of model '{model}' on dataset '{dataset}' to plot against subset size")
+    runs = finetuned.assign(
+        kind=finetuned["subset"].map(lambda name: subset_names.parse(name)[0]),
+        share=finetuned["subset"].map(lambda name: 100 * subset_names.pool_share(name, fraction)),
+    )
+    whole = runs[runs["kind"] == "whole"]
+    kinds = [k for k in ("top", "bottom", "random") if (runs["kind"] == k).any()]
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
+        figure = Figure(figsize=(12, 4.8), layout="constrained")
+        accuracy_ax, guess_ax = figure.subplots(1, 2)
+        for ax, column in ((accuracy_ax, "accuracy"), (guess_ax, "relation_guess")):
+            for kind in kinds:
+                # The whole pool ends every selection's line: at 100% they are one table.
+                rows = pd.concat([runs[runs["kind"] == kind], whole])
+                by_share = rows.groupby("share")[column].agg(["mean", "std"]).reset_index()
+                draw_mean_and_band(ax, by_share["share"], by_share["mean"], by_share["std"], kind)
+                ax.scatter(rows["share"], rows[column], s=9, color=STYLES[kind]["color"], alpha=0.6, zorder=3)
+            if not whole.empty:
+                ax.plot(100, whole[column].mean(), markersize=9, zorder=4, **STYLES["whole"])
+            ax.set_xscale("log")
+            shares = sorted(runs["share"].unique())
+            ax.set_xticks(shares, [f"{share:g}%" for share in shares])
+            ax.minorticks_off()
+            ax.set_xlabel("finetuning subset: share of the pool (log scale; 100% = FT-Whole)")
+        for reference in REFERENCES:
+            value = overall.loc[overall["subset"] == reference, "accuracy"]
+            if len(value):
+                accuracy_ax.axhline(value.iloc[0], linewidth=1.5, **STYLES[reference])
+        accuracy_ax.set_ylabel("held-out accuracy")
+        accuracy_ax.set_title("Held-out accuracy")
+        guess_ax.set_ylim(0, 1.02)
+        guess_ax.set_ylabel("share answered with\nthe relation's commonest answer")
+        guess_ax.set_title("Guessing from the relation")
+        figure.suptitle(
+            f"{model} on {dataset}: held-out accuracy vs. the amount of finetuning data", fontweight="bold"
+        )
+        present = [*kinds, *(["whole"] if not whole.empty else [])]
+        present += [r for r in REFERENCES if (overall["subset"] == r).any()]
+        handles = [
+            Line2D([], [], label=f"{LABELS[s]} ({_SELECTION[s]})" if s in _SELECTION else LABELS[s], **STYLES[s])
+            for s in present
+        ]
+        figure.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=min(len(handles), 4),
+            frameon=False,
+            title=f"{int(overall['n'].max())} held-out facts; lines: mean over seeds, bands: ± 1 sd, dots: single seeds",
+            title_fontsize="small",
+        )
+    return figure
+
+
+def make_size_figure(
+    sources: Iterable[Mapping], model: str, dataset: str, fraction: float, outputs: Iterable[str | Path]
+) -> None:
+    """Read one (model, dataset)'s metrics sources and write the subset-size figure to each path."""
+    figure = plot_accuracy_vs_subset_size(collect_metrics(sources), model, dataset, fraction)
     for path in outputs:
         save_figure(figure, path)
 

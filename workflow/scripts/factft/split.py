@@ -3,6 +3,8 @@
 top/bottom = the most/least popular `fraction` of the pool, random = a seeded `fraction`,
 whole = the pool. With stratify=relation each subset takes the same number of facts from
 every relation, so top, bottom and random differ in popularity, not in relation mix.
+A sized subset (top25, bottom10, random25: factft.subsets) is cut from the pool the same
+way by sized_subset, a job of its own, so adding one to a grid leaves the others' files alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from factft import subsets
 from factft.errors import FactftError
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,7 @@ def split_facts(
     """
     if stratify not in STRATIFY:
         raise FactftError(f"split.stratify: '{stratify}' is unknown; use one of {list(STRATIFY)}")
-    # Independent streams, so changing one cap does not reshuffle the test subjects.
-    subject_rng, pool_rng, test_rng, random_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
-    )
+    subject_rng, pool_rng, test_rng, random_rng = _streams(seed)[:4]
     facts = facts.reset_index(drop=True)
     # Hashed once here: every table's percentiles and the top/bottom order read it.
     tie = pd.Series(tie_breaks(facts["id"], seed), index=facts.index)
@@ -62,8 +62,8 @@ def split_facts(
     test = _cap(facts[in_test], test_size, test_rng, f"dataset '{dataset}': split.test_size")
     pool = _cap(facts[~in_test], pool_size, pool_rng, f"dataset '{dataset}': split.pool_size")
 
-    groups = [g for _, g in pool.groupby("relation", sort=True)] if stratify == "relation" else [pool]
-    counts = [math.floor(fraction * len(g) + 1e-9) for g in groups]
+    groups = _groups(pool, stratify)
+    counts = [_count(fraction, g) for g in groups]
     if sum(counts) == 0:
         within = " within each relation (split.stratify: relation)" if stratify == "relation" else ""
         raise FactftError(
@@ -74,12 +74,10 @@ def split_facts(
     for group, k in zip(groups, counts):
         if k == 0:
             continue
-        # The percentile order breaks ties (seeded, never by row order); bottom takes the same
-        # order from the other end, so top and bottom never share a fact.
-        ranked = group.index[np.argsort(-_percentiles(group["popularity"], tie[group.index]))]
+        ranked = _ranked(group, tie)
         chosen["top"].append(ranked[:k])
         chosen["bottom"].append(ranked[::-1][:k])
-        by_id = group.sort_values("id", kind="stable").index
+        by_id = _by_id(group)
         chosen["random"].append(by_id[random_rng.choice(len(by_id), size=k, replace=False)])
 
     log.info(
@@ -95,6 +93,71 @@ def split_facts(
     tables["whole"] = pool
     tables["test"] = test
     return {name: _finish(tables[name], name, tie) for name in SPLITS}
+
+
+def sized_subset(
+    whole: pd.DataFrame,
+    name: str,
+    *,
+    dataset: str = "facts",
+    fraction: float = 0.5,
+    stratify: str = "relation",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The sized subset `name` (top25, bottom10, random25) of the pool `whole` (split_facts'
+    table), with `split` and `popularity_pct`, selected as split_facts selects top, bottom and
+    random: top25 is the head of top's order, bottom likewise from the other end; the sized
+    random subsets are heads of one seeded order per relation of their own, so random10 lies
+    inside random25 (but not inside random, an independent draw).
+    """
+    kind, percent = subsets.parse(name)
+    if percent is None:
+        raise FactftError(f"split: '{name}' is not a sized subset (top<P>, bottom<P>, random<P>)")
+    whole = whole.reset_index(drop=True)
+    tie = pd.Series(tie_breaks(whole["id"], seed), index=whole.index)
+    sized_rng = _streams(seed)[4]
+    rows = [np.array([], dtype="int64")]
+    for group in _groups(whole, stratify):
+        if kind == "random":
+            order = _by_id(group)[sized_rng.permutation(len(group))]
+        else:
+            ranked = _ranked(group, tie)
+            order = ranked if kind == "top" else ranked[::-1]
+        rows.append(order[: _count(percent / 100, group)])
+    chosen = np.concatenate(rows)
+    if len(chosen) == 0:
+        within = " within each relation (split.stratify: relation)" if stratify == "relation" else ""
+        raise FactftError(
+            f"dataset '{dataset}': subset '{name}' ({percent}% of a pool of {len(whole)} facts{within}) "
+            "is empty; raise its percent or split.pool_size, or use more facts"
+        )
+    log.info("dataset '%s': %s takes %d of the pool's %d facts", dataset, name, len(chosen), len(whole))
+    return _finish(whole.loc[sorted(chosen)], name, tie)
+
+
+def _streams(seed: int) -> list[np.random.Generator]:
+    """Independent streams (subjects, pool cap, test cap, random, sized random), so changing
+    one cap or subset does not reshuffle the others."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+
+
+def _groups(pool: pd.DataFrame, stratify: str) -> list[pd.DataFrame]:
+    return [g for _, g in pool.groupby("relation", sort=True)] if stratify == "relation" else [pool]
+
+
+def _count(share: float, group: pd.DataFrame) -> int:
+    return math.floor(share * len(group) + 1e-9)
+
+
+def _ranked(group: pd.DataFrame, tie: pd.Series) -> pd.Index:
+    """The group's rows, most popular first. The percentile order breaks ties (seeded, never
+    by row order); bottom takes it from the other end, so top and bottom never share a fact."""
+    return group.index[np.argsort(-_percentiles(group["popularity"], tie[group.index]))]
+
+
+def _by_id(group: pd.DataFrame) -> pd.Index:
+    """The group's rows by id: the order random draws from, whatever the rows' order."""
+    return group.sort_values("id", kind="stable").index
 
 
 def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: str) -> pd.DataFrame:

@@ -2,10 +2,10 @@
 
 Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accuracy,
 exact_match). A *source* labels one such file: {model, dataset, subset, seed, path}, where
-subset is a finetuning subset (top, bottom, random, whole; one table per seed) or a
-reference without seed: "base" (the pretrained model answering zero-shot) or "cloze" (the
-pretrained model completing the fact's statement: what it stores, as opposed to what QA
-extracts). A finetuned run's source also names its per-question `predictions`, from which
+subset is a finetuning subset (top, bottom, random, whole, or a sized one such as top25:
+factft.subsets; one table per seed) or a reference without seed: "base" (the pretrained
+model answering zero-shot) or "cloze" (the pretrained model completing the fact's
+statement: what it stores, as opposed to what QA extracts). A finetuned run's source also names its per-question `predictions`, from which
 come the gap's bootstrap interval over test questions and the accuracy per relation.
 rules/common.smk builds the sources from the config.
 
@@ -23,17 +23,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from factft import subsets as subset_names
 from factft.errors import FactftError
 from factft.metrics import METRICS_COLUMNS, gold_metrics
 from factft.tables import read_table, write_tsv
 
-SUBSETS = ("top", "bottom", "random", "whole")
+SUBSETS = subset_names.KINDS  # the paper's four: summary.tsv always has their columns
 REFERENCES = ("base", "cloze")
 LABELS = {
-    "top": "FT-Top",
-    "bottom": "FT-Bottom",
-    "random": "FT-Random",
-    "whole": "FT-Whole",
+    **{name: subset_names.label(name) for name in SUBSETS},
     "base": "Base, zero-shot QA",
     "cloze": "Base, cloze (stored facts)",
 }
@@ -55,9 +53,9 @@ def collect_metrics(sources: Iterable[Mapping]) -> pd.DataFrame:
     tables = []
     for source in sources:
         subset = source["subset"]
-        if subset not in SUBSETS + REFERENCES:
+        if not (subset in REFERENCES or subset_names.is_subset(subset)):
             raise ValueError(
-                f"source {source['path']}: subset '{subset}' is not one of {SUBSETS + REFERENCES}"
+                f"source {source['path']}: subset '{subset}' is neither a finetuning subset nor one of {REFERENCES}"
             )
         table = read_metrics(source["path"])
         for key in KEYS:
@@ -99,8 +97,9 @@ def summary_table(
     """One row per (model, dataset): overall held-out accuracy over seeds, references, the gap.
 
     Columns: model, dataset, n_test (held-out facts), n_seeds, <subset>_mean and <subset>_sd
-    for every subset in SUBSETS (NaN where the config leaves a subset out), base, cloze (NaN
-    without a cloze table), and top_minus_bottom_mean/_sd/_seeds: FT-Top minus FT-Bottom
+    for the paper's four subsets (NaN where the config leaves one out) and every sized subset
+    the metrics have (top25, ...), base, cloze (NaN without a cloze table), and
+    top_minus_bottom_mean/_sd/_seeds: FT-Top minus FT-Bottom
     paired by seed (the runs of one seed share the adapter initialisation and the
     training seed, so the paired difference removes the variation they share). sd is the sample
     standard deviation over seeds (NaN for one seed). top_minus_bottom_ci_low/_high: the
@@ -110,9 +109,11 @@ def summary_table(
     answers, from `gold_guess` (dataset -> share). Missing entries give NaN.
     """
     overall = metrics[metrics["scope"] == "all"]
+    finetuned = overall["subset"].map(subset_names.is_subset)
+    subsets = subset_names.ordered([*SUBSETS, *overall.loc[finetuned, "subset"]])
     rows = []
     for (model, dataset), group in overall.groupby(["model", "dataset"], sort=False):
-        runs = group[group["subset"].isin(SUBSETS)]
+        runs = group[finetuned[group.index]]
         row = {
             "model": model,
             "dataset": dataset,
@@ -120,7 +121,7 @@ def summary_table(
             "n_seeds": int(runs["seed"].nunique()),
         }
         by_seed = runs.pivot_table(index="seed", columns="subset", values="accuracy", aggfunc="first")
-        for subset in SUBSETS:
+        for subset in subsets:
             values = by_seed[subset].dropna() if subset in by_seed else pd.Series(dtype="float64")
             row[f"{subset}_mean"] = values.mean()
             row[f"{subset}_sd"] = values.std(ddof=1)
@@ -132,7 +133,7 @@ def summary_table(
         row[f"{GAP}_sd"] = gap.std(ddof=1)
         row[f"{GAP}_seeds"] = len(gap)
         row[f"{GAP}_ci_low"], row[f"{GAP}_ci_high"] = (intervals or {}).get((model, dataset), (math.nan, math.nan))
-        for subset in SUBSETS:
+        for subset in subsets:
             row[f"{subset}_guess"] = runs.loc[runs["subset"] == subset, "relation_guess"].mean()
         row["gold_guess"] = (gold_guess or {}).get(dataset, math.nan)
         rows.append(row)
@@ -153,7 +154,7 @@ def predictions_by_experiment(sources: Iterable[Mapping]) -> Iterator[tuple[tupl
     """
     paths: dict[tuple[str, str], dict] = {}
     for source in sources:
-        if source["subset"] in SUBSETS and source.get("predictions"):
+        if subset_names.is_subset(source["subset"]) and source.get("predictions"):
             runs = paths.setdefault((source["model"], source["dataset"]), {})
             runs[(source["subset"], source["seed"])] = source["predictions"]
     for experiment, runs in paths.items():
@@ -188,7 +189,7 @@ def accuracy_by_relation(model: str, dataset: str, runs: Mapping[tuple[str, int]
     if not rows:
         return pd.DataFrame(columns=BY_RELATION)
     table = _over_runs(pd.concat(rows, ignore_index=True), ["subset", "relation"])
-    table["_order"] = table["subset"].map({name: i for i, name in enumerate(SUBSETS)})
+    table["_order"] = table["subset"].map(_reading_order(table["subset"]))
     table = table.sort_values(["_order", "relation"], kind="stable").drop(columns="_order")
     return table.assign(model=model, dataset=dataset)[list(BY_RELATION)].reset_index(drop=True)
 
@@ -258,10 +259,21 @@ def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
     """
     binned = metrics[metrics["scope"].isin(["top", "decile"])]
     table = _over_runs(binned, ["model", "dataset", "subset", "scope", "x"])
-    order = {name: i for i, name in enumerate(SUBSETS + REFERENCES)}
-    table["_order"] = table["subset"].map(order)
+    table["_order"] = table["subset"].map(_reading_order(table["subset"]))
     table = table.sort_values(["model", "dataset", "_order", "scope", "x"], kind="stable")
     return table.drop(columns="_order").reset_index(drop=True)
+
+
+def _reading_order(names: Iterable[str]) -> dict[str, int]:
+    """Position of each name: finetuning subsets in factft.subsets' order, then the references."""
+    names = set(names)
+    finetuned = subset_names.ordered(n for n in names if n not in REFERENCES)
+    return {name: i for i, name in enumerate([*finetuned, *REFERENCES])}
+
+
+def label(name: str) -> str:
+    """How figures and printed summaries name a subset or reference."""
+    return LABELS.get(name) or subset_names.label(name)
 
 
 def _over_runs(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -308,20 +320,21 @@ def make_summary(
 def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None) -> str:
     """A compact text summary of summary.tsv, with each experiment's figure path."""
     lines = []
-    width = max(len(label) for label in LABELS.values())
+    subsets = _summary_subsets(summary)
+    width = max(len(label(name)) for name in [*subsets, *REFERENCES])
     for _, row in summary.iterrows():
         seeds = int(row["n_seeds"])
         lines.append(
             f"{row['model']} on {row['dataset']}: held-out accuracy on {int(row['n_test'])} test facts "
             f"(mean +/- sd over {seeds} seed{'s' * (seeds != 1)})"
         )
-        for subset in SUBSETS:
+        for subset in subsets:
             mean = row.get(f"{subset}_mean", math.nan)
             if not pd.isna(mean):
-                lines.append(f"  {LABELS[subset]:<{width}}  {mean:.3f} +/- {_sd(row[f'{subset}_sd'], 3)}")
+                lines.append(f"  {label(subset):<{width}}  {mean:.3f} +/- {_sd(row[f'{subset}_sd'], 3)}")
         for reference in REFERENCES:
             if not pd.isna(row.get(reference, math.nan)):
-                lines.append(f"  {LABELS[reference]:<{width}}  {row[reference]:.3f}")
+                lines.append(f"  {label(reference):<{width}}  {row[reference]:.3f}")
         gap_seeds = int(row[f"{GAP}_seeds"])
         if gap_seeds:
             interval = ""
@@ -334,8 +347,8 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
         else:
             lines.append("  FT-Top - FT-Bottom: not available (needs subsets top and bottom)")
         guesses = [
-            f"{LABELS[subset]} {row[f'{subset}_guess']:.2f}"
-            for subset in SUBSETS
+            f"{label(subset)} {row[f'{subset}_guess']:.2f}"
+            for subset in subsets
             if not pd.isna(row.get(f"{subset}_guess", math.nan))
         ]
         if guesses:
@@ -360,8 +373,13 @@ def paper_table(summary: pd.DataFrame, fmt: str) -> str:
     if fmt not in TABLE_FORMATS:
         raise FactftError(f"table format '{fmt}': unknown; formats are {', '.join(TABLE_FORMATS)}")
     latex = fmt == "latex"
-    subsets = [s for s in SUBSETS if f"{s}_mean" in summary and summary[f"{s}_mean"].notna().any()]
-    header = ["Model", "Dataset", *(LABELS[s] for s in subsets), "Top $-$ Bottom" if latex else "Top - Bottom"]
+    subsets = [s for s in _summary_subsets(summary) if summary[f"{s}_mean"].notna().any()]
+    header = [
+        "Model",
+        "Dataset",
+        *(label(s).replace("%", r"\%") if latex else label(s) for s in subsets),
+        "Top $-$ Bottom" if latex else "Top - Bottom",
+    ]
     rows = []
     for _, row in summary.iterrows():
         names = [str(row["model"]), str(row["dataset"])]
@@ -379,6 +397,12 @@ def paper_table(summary: pd.DataFrame, fmt: str) -> str:
     lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule", " & ".join(header) + r" \\"]
     lines += [r"\midrule", *(" & ".join(cells) + r" \\" for cells in rows), r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def _summary_subsets(summary: pd.DataFrame) -> list[str]:
+    """The finetuning subsets a summary table has columns for, in reading order."""
+    names = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean")]
+    return subset_names.ordered(n for n in names if subset_names.is_subset(n))
 
 
 def _sd(value: float, digits: int) -> str:

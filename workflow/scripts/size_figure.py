@@ -1,0 +1,11 @@
+from factft.logging import to_log
+from factft.plots import make_size_figure
+
+with to_log(snakemake.log[0]):
+    make_size_figure(
+        snakemake.params.sources,
+        snakemake.wildcards.model,
+        snakemake.wildcards.dataset,
+        snakemake.params.fraction,
+        [snakemake.output.png, snakemake.output.pdf],
+    )
