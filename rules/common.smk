@@ -231,12 +231,30 @@ def prompt_params(wildcards):
 
 RUN = "results/{model}/{dataset}/{subset}/seed{seed}"
 BASE = "results/{model}/{dataset}/base"
+FEWSHOT = "results/{model}/{dataset}/fewshot"
 CLOZE = "results/{model}/{dataset}/cloze"
 
 
 def evaluate_params(wildcards):
-    dataset = DATASETS[wildcards.dataset]
-    return dict(config["evaluate"], format=dataset["format"], prompt=config["prompt"])
+    """What answering and scoring need. evaluate.fewshot and attention_questions stay out:
+    Snakemake reruns a job whose params change, and they concern other rules."""
+    keys = ("max_new_tokens", "batch_size", "static_cache", "percentiles")
+    return dict(
+        {key: config["evaluate"][key] for key in keys},
+        format=DATASETS[wildcards.dataset]["format"],
+        prompt=config["prompt"],
+    )
+
+
+def fewshot_shots():
+    return config["evaluate"]["fewshot"]
+
+
+def fewshot_metrics(model, dataset):
+    """The base model's k-shot metrics (evaluate.fewshot = k); a list, empty when k is 0."""
+    if not fewshot_shots():
+        return []
+    return [f"{FEWSHOT.format(model=model, dataset=dataset)}/metrics.tsv"]
 
 
 def evaluate_mem_mb(wildcards, attempt):
@@ -297,6 +315,8 @@ def metrics_sources(model, dataset):
             )
     base = f"{BASE.format(**where)}/metrics.tsv"
     sources.append(dict(where, subset="base", seed=None, path=base))
+    for path in fewshot_metrics(model, dataset):
+        sources.append(dict(where, subset="fewshot", seed=None, path=path))
     for path in cloze_metrics(model, dataset):
         sources.append(dict(where, subset="cloze", seed=None, path=path))
     return sources
@@ -446,6 +466,7 @@ def all_targets():
     for model, dataset in experiments():
         targets += run_metrics(model, dataset)
         targets.append(f"{BASE.format(model=model, dataset=dataset)}/metrics.tsv")
+        targets += fewshot_metrics(model, dataset)
         targets += cloze_metrics(model, dataset)
         targets += expand(
             FIGURE + ".{ext}", model=model, dataset=dataset, ext=["png", "pdf"]

@@ -45,6 +45,27 @@ use rule evaluate as evaluate_base with:
         "benchmarks/evaluate_base/{model}/{dataset}.tsv"
 
 
+# The in-context reference (evaluate.fewshot = k > 0): the base model answering after k
+# solved questions from the finetuning pool, which shares no subject with the test set.
+use rule evaluate as evaluate_fewshot with:
+    input:
+        model=base_model,
+        test="results/{dataset}/splits/test.parquet",
+        demos="results/{dataset}/splits/whole.parquet",
+    output:
+        predictions=f"{FEWSHOT}/predictions.parquet",
+        metrics=f"{FEWSHOT}/metrics.tsv",
+    log:
+        "logs/evaluate_fewshot/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/evaluate_fewshot/{model}/{dataset}.tsv"
+    params:
+        spec=base_model_spec,
+        evaluate=evaluate_params,
+        prompt_column="question",
+        shots=fewshot_shots(),
+
+
 # What the pretrained model stores: its greedy completion of each test fact's statement
 # ("Ilmo Varsk was born in"), scored like a QA answer. Set against QA accuracy, it shows
 # knowledge that is stored but not extracted.

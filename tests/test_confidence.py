@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from factft.confidence import few_shot_prefixes, model_confidence
+from factft.confidence import model_confidence
 from factft.errors import FactftError
+from factft.prompts import few_shot_prefixes
 
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
 

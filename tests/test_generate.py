@@ -18,6 +18,7 @@ from factft.generate import (
     prompt_answer_ids,
 )
 from factft.models import load_model
+from factft.prompts import few_shot_prefixes
 from conftest import SMOLLM2_GGUF, smollm2_folder
 
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
@@ -157,6 +158,24 @@ def test_cloze_continues_the_statement_instead_of_the_question(tiny):
     assert list(predictions["prediction"]) == expected
 
 
+def test_few_shot_evaluation_puts_pool_demonstrations_before_each_question(tiny):
+    spec, model, tokenizer = tiny
+    test, pool = make_test_table().iloc[:4], make_test_table().iloc[4:]
+    params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 4, "percentiles": [100]}
+    predictions, _ = evaluate_model(spec, test, params, shots=2, demos=pool, device="cpu")
+    prefixes = few_shot_prefixes(test, 2, PROMPT, demos=pool)
+    assert all(prefix.count("\n") == 2 for prefix in prefixes)
+    prompts = [prefix + f"Q: {q} A:" for prefix, q in zip(prefixes, test["question"])]
+    assert list(predictions["prediction"]) == generate_texts(model, tokenizer, prompts, max_new_tokens=3, batch_size=1)
+
+
+def test_a_prompt_beyond_the_models_context_is_an_error_naming_the_settings(tiny):
+    _, model, tokenizer = tiny
+    words = " ".join(["Lyon"] * model.config.max_position_embeddings)
+    with pytest.raises(FactftError, match=r"exceeds the model's context of \d+ positions; .*evaluate.fewshot"):
+        generate_texts(model, tokenizer, ["Q: short A:", words], max_new_tokens=2, batch_size=2)
+
+
 def test_missing_columns_fail_before_the_model_is_loaded():
     absent = {"name": "absent", "path": "/nonexistent", "gguf_file": None, "trust_remote_code": False}
     params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 4, "percentiles": [100]}
@@ -167,6 +186,10 @@ def test_missing_columns_fail_before_the_model_is_loaded():
     bad_choice = make_test_table(with_choices=True).assign(answer_index=5)
     with pytest.raises(FactftError, match="answer_index"):
         evaluate_model(absent, bad_choice, dict(params, format="multiple_choice"))
+    with pytest.raises(FactftError, match="2-shot: no demonstrations"):
+        evaluate_model(absent, make_test_table(), params, shots=2, demos=make_test_table().iloc[:0])
+    with pytest.raises(FactftError, match=r"2-shot: the demonstrations lack columns \['answers'\]"):
+        evaluate_model(absent, make_test_table(), params, shots=2, demos=make_test_table().drop(columns="answers"))
 
 
 def smollm2_spec() -> dict:
@@ -244,8 +267,8 @@ def test_a_real_pretrained_model_answers_well_known_questions():
 def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     """The rules on ready-made inputs: a model folder, a LoRA adapter, a test split.
 
-    evaluate_base is evaluate without the adapter, as cloze is; each job costs a Python
-    start with torch, so it is left out here.
+    evaluate_base is evaluate without the adapter, as cloze and evaluate_fewshot (with
+    demonstrations) are; each job costs a Python start with torch, so it is left out here.
     """
     import subprocess
 
@@ -264,14 +287,15 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         "subsets": ["top"],
         "datasets": {"synth": {"source": {"synthetic": {"subjects": 20}}, "popularity": {"scorer": "pretraining_count"}}},
         "models": {"tinyp": {"source": {"path": spec["path"]}}},
-        "evaluate": {"max_new_tokens": 3, "batch_size": 4},
+        "evaluate": {"max_new_tokens": 3, "batch_size": 4, "fewshot": 1},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "cloze")]
+    make_test_table().to_parquet(tmp_path / "results/synth/splits/whole.parquet")  # the demonstrations
+    targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "cloze", "fewshot")]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [str(root / ".venv/bin/snakemake"), "-s", str(root / "Snakefile"), "--configfile", "config.yaml",
-         "--cores", "1", "--allowed-rules", "evaluate", "evaluate_base", "cloze", "--", *targets],
+         "--cores", "1", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "--", *targets],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -281,3 +305,4 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         predictions = pd.read_parquet(tmp_path / target.replace("metrics.tsv", "predictions.parquet"))
         assert list(predictions["id"]) == list(make_test_table()["id"])
     assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()
+    assert "1-shot" in (tmp_path / "logs/evaluate_fewshot/tinyp/synth.log").read_text()

@@ -81,6 +81,13 @@ def test_guess_panel_shows_each_subsets_guessing_per_decile_against_the_gold_ans
     assert (tmp_path / "with_gold.png").stat().st_size > 10_000
 
 
+def test_the_few_shot_reference_is_a_line_of_its_own_between_zero_shot_and_cloze(tmp_path):
+    figure = figure_for(make_sources(tmp_path, GRID, fewshot=3))
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[-3:] == ["Base, zero-shot QA", "Base, few-shot QA", "Base, cloze (stored facts)"]
+    assert line_colours(figure)["Base, few-shot QA"] == {to_hex(STYLES["fewshot"]["color"])}
+
+
 def test_missing_subsets_keep_the_colours_of_the_full_grid(tmp_path):
     sources = make_sources(tmp_path, {"bottom": {0: 4}, "whole": {0: 8}}, cloze=None)
     figure = figure_for(sources)

@@ -17,7 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = {"finetune", "evaluate", "evaluate_base", "cloze"}
+GPU_RULES = {"finetune", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze"}
 # Rules that must never hold a GPU (others, like popularity, ask for one themselves when needed).
 CPU_RULES = {"download", "download_model", "pageviews", "synthetic_world", "pretrain", "split"}
 INTERNET_RULES = {"download", "download_model", "pageviews"}

@@ -1,7 +1,8 @@
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
+from factft.prompts import IGNORE, answer_text, encode_example, few_shot_prefixes, gold_answer, prompt_text
 
 TEMPLATE, ANSWER = "Q: {question} A:", " {answer}"
 
@@ -64,3 +65,23 @@ def test_bpe_merge_across_the_boundary_falls_back_to_separate_tokenization(bpe_t
     example = encode_example(bpe_tokenizer, prompt, "Lyon", max_length=64)
     assert example["input_ids"][: len(prompt_ids)] == prompt_ids
     assert answer_part(bpe_tokenizer, example) == bpe_tokenizer("Lyon", add_special_tokens=False)["input_ids"] + [bpe_tokenizer.eos_token_id]
+
+
+def test_evaluation_demonstrations_come_from_the_pool_of_the_questions_relation():
+    test = pd.DataFrame(
+        {"question": ["Where was Ilmo Varsk born ?", "What does Suna Dee do ?"], "relation": ["born", "job"]}
+    )
+    pool = pd.DataFrame(
+        {
+            "question": ["Where was Ilmo Varsk born ?", "Where was Bera Tosk born ?", "Where was Kalo Mirr born ?",
+                         "What does Ito Rask do ?", "What does Vena Lu do ?"],
+            "answers": [["Lyon"], ["Paris"], ["Rome"], ["pilot"], ["baker"]],
+            "relation": ["born", "born", "born", "job", "job"],
+        }
+    )  # fmt: skip
+    prompt = {"template": TEMPLATE, "answer": ANSWER}
+    born, job = few_shot_prefixes(test, shots=2, prompt=prompt, demos=pool)
+    # A pool fact that repeats the test question is never shown; the others of the relation are.
+    assert sorted(born.splitlines()) == ["Q: Where was Bera Tosk born ? A: Paris", "Q: Where was Kalo Mirr born ? A: Rome"]
+    assert sorted(job.splitlines()) == ["Q: What does Ito Rask do ? A: pilot", "Q: What does Vena Lu do ? A: baker"]
+    assert few_shot_prefixes(test, shots=2, prompt=prompt, demos=pool) == [born, job]

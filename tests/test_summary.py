@@ -73,7 +73,7 @@ def hits(k, n=10):
     return [False] * (n - k) + [True] * k
 
 
-def make_sources(root, accuracy, base=1, cloze=5, model="tiny", dataset="synth"):
+def make_sources(root, accuracy, base=1, cloze=5, model="tiny", dataset="synth", fewshot=None):
     """Sources like rules/common.smk builds them; accuracy: {subset: {seed: correct out of 10}}."""
     sources = []
     for subset, by_seed in accuracy.items():
@@ -84,7 +84,7 @@ def make_sources(root, accuracy, base=1, cloze=5, model="tiny", dataset="synth")
             sources.append(
                 dict(model=model, dataset=dataset, subset=subset, seed=seed, path=path, predictions=predictions)
             )
-    for subset, k in (("base", base), ("cloze", cloze)):
+    for subset, k in (("base", base), ("fewshot", fewshot), ("cloze", cloze)):
         if k is not None:
             path = write_metrics(root / model / dataset / subset / "metrics.tsv", hits(k))
             sources.append(dict(model=model, dataset=dataset, subset=subset, seed=None, path=path))
@@ -111,6 +111,15 @@ def test_summary_has_mean_and_sd_over_seeds_base_cloze_and_test_size(tmp_path):
     assert row["whole_sd"] == pytest.approx(0.1)
     assert row["base"] == pytest.approx(0.1)
     assert row["cloze"] == pytest.approx(0.5)
+
+
+def test_the_few_shot_reference_is_a_column_and_a_printed_line_only_when_configured(tmp_path):
+    without = summary_table(collect_metrics(make_sources(tmp_path / "a", GRID)))
+    assert math.isnan(without.iloc[0]["fewshot"]) and "few-shot" not in format_summary(without)
+    summary = summary_table(collect_metrics(make_sources(tmp_path / "b", GRID, fewshot=3)))
+    assert summary.iloc[0]["fewshot"] == pytest.approx(0.3)
+    assert list(summary.columns).index("fewshot") == list(summary.columns).index("base") + 1
+    assert "Base, few-shot QA           0.300" in format_summary(summary)
 
 
 def test_top_minus_bottom_gap_is_paired_by_seed_not_by_position(tmp_path):

@@ -8,7 +8,6 @@ answers confidently plays the role of a well-known fact.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import numpy as np
 import pandas as pd
@@ -16,48 +15,9 @@ import pandas as pd
 from factft.errors import FactftError
 from factft.generate import FORMATS, answer_logprobs, check_choices, choice_logprobs
 from factft.models import load_model
-from factft.prompts import answer_text, gold_answer, prompt_text
+from factft.prompts import answer_text, few_shot_prefixes, gold_answer, prompt_text
 
 log = logging.getLogger(__name__)
-
-# Demonstrations are a fixed draw: the same facts and seed give the same prompts.
-DEMO_SEED = 0
-
-
-def few_shot_prefixes(facts: pd.DataFrame, shots: int, prompt: dict, seed: int = DEMO_SEED) -> list[str]:
-    """Per fact, `shots` solved demonstrations from other facts, one per line, ending in a newline.
-
-    Demonstrations come from the fact's own relation when it has enough other facts (the
-    model then sees the expected answer type), topped up from the whole table otherwise.
-    A fact is never its own demonstration, nor is another fact with the same question.
-    """
-    if shots == 0:
-        return [""] * len(facts)
-    records = facts.to_dict("records")
-    order = np.random.default_rng(seed).permutation(len(records))
-    by_relation: dict[str, list[int]] = defaultdict(list)
-    for j in order:
-        by_relation[str(records[j]["relation"])].append(int(j))
-    demo_text = {}
-    prefixes = []
-    for i, fact in enumerate(records):
-        picks: list[int] = []
-        # The first 2*shots+1 candidates always hold `shots` usable ones, unless the table is too small.
-        for pool in (by_relation[str(fact["relation"])], order):
-            for j in pool[: 2 * shots + 1]:
-                if len(picks) == shots:
-                    break
-                if j != i and j not in picks and records[j]["question"] != fact["question"]:
-                    picks.append(int(j))
-        for j in picks:
-            if j not in demo_text:
-                demo = records[j]
-                demo_text[j] = prompt_text(str(demo["question"]), prompt["template"]) + answer_text(
-                    gold_answer(demo), prompt["answer"]
-                )
-        prefixes.append("".join(demo_text[j] + "\n" for j in picks))
-    return prefixes
-
 
 def confidence_scores(
     model, tokenizer, facts: pd.DataFrame, shots: int, prompt: dict, fmt: str, *, batch_size: int = 16

@@ -25,7 +25,7 @@ import torch
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
 from factft.models import load_model
-from factft.prompts import IGNORE, answer_text, encode_example, prompt_text
+from factft.prompts import IGNORE, answer_text, encode_example, few_shot_prefixes, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,14 @@ def generate_texts(
     first batch's cache fits every later one, so the compiled step is reused.
     """
     encoded = tokenizer(list(prompts))["input_ids"]
+    # Past its trained positions a model's answers are noise, not a finding.
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max((len(e) for e in encoded), default=0)
+    if limit and longest + max_new_tokens > limit:
+        raise FactftError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+            f"{limit} positions; shorten prompt.template, lower evaluate.fewshot or evaluate.max_new_tokens"
+        )
     pad = _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     texts: list[str] = [""] * len(encoded)
@@ -237,6 +245,16 @@ def check_test_table(test: pd.DataFrame, fmt: str, where: str, prompt_column: st
         check_choices(test, where)
 
 
+def check_demos(demos: pd.DataFrame | None, fmt: str, where: str) -> None:
+    """Fail before loading a model when the demonstrations cannot be shown."""
+    if demos is None or demos.empty:
+        raise FactftError(f"{where}: no demonstrations; the finetuning pool (split `whole`) is empty")
+    needed = ["question", "relation", *(["choices", "answer_index"] if fmt == "multiple_choice" else ["answers"])]
+    missing = [c for c in needed if c not in demos.columns]
+    if missing:
+        raise FactftError(f"{where}: the demonstrations lack columns {missing}; rebuild them with the `split` rule")
+
+
 def check_choices(facts: pd.DataFrame, where: str) -> None:
     """Every multiple-choice fact's answer_index points into its choices."""
     counts = facts["choices"].map(len).to_numpy()
@@ -262,17 +280,21 @@ def predict(
     batch_size: int,
     prompt_column: str = "question",
     static_cache: bool = False,
+    prefixes: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """The predictions table for `test` (see factft.metrics.score_predictions).
 
     Open QA: greedy generation after the prompt. Multiple choice: the choice whose text
     (in the answer template) is most likely after the prompt. `prompt_column="statement"`
-    uses the facts' cloze prefix verbatim instead of the question template.
+    uses the facts' cloze prefix verbatim instead of the question template. `prefixes`, one
+    per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes).
     """
     if prompt_column == "question":
         prompts = [prompt_text(str(q), prompt["template"]) for q in test["question"]]
     else:
         prompts = [str(s) for s in test[prompt_column]]
+    if prefixes is not None:
+        prompts = [prefix + text for prefix, text in zip(prefixes, prompts, strict=True)]
     if fmt == "open":
         texts = generate_texts(
             model,
@@ -299,15 +321,22 @@ def evaluate_model(
     prompt_column: str = "question",
     threads: int | None = None,
     device: str | None = None,
+    shots: int = 0,
+    demos: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(predictions, metrics) of the model in `spec` (plus a finetune `adapter`) on `test`.
 
     `params` is `evaluate_params` from rules/common.smk: max_new_tokens, batch_size,
     percentiles, format, prompt, and optionally static_cache (used on CUDA only: on a CPU
-    nothing compiles it and it only costs memory).
+    nothing compiles it and it only costs memory). With `shots`, every question follows that
+    many solved demonstrations from `demos` (the finetuning pool), of its relation where it can.
     """
     where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
     check_test_table(test, params["format"], where, prompt_column)
+    prefixes = None
+    if shots:
+        check_demos(demos, params["format"], f"{where}, {shots}-shot")
+        prefixes = few_shot_prefixes(test, shots, params["prompt"], demos=demos)
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(spec, adapter, device=device)
@@ -322,12 +351,14 @@ def evaluate_model(
         batch_size=params["batch_size"],
         prompt_column=prompt_column,
         static_cache=bool(params.get("static_cache")) and model.device.type == "cuda",
+        prefixes=prefixes,
     )
     seconds = time.perf_counter() - start
     metrics = metrics_table(predictions, params["percentiles"])
     log.info(
-        "%s: %d test facts in %.1f s (%.1f questions/s) on %s; accuracy %.4f, exact match %.4f",
+        "%s%s: %d test facts in %.1f s (%.1f questions/s) on %s; accuracy %.4f, exact match %.4f",
         where,
+        f", {shots}-shot" if shots else "",
         len(test),
         seconds,
         len(test) / max(seconds, 1e-9),

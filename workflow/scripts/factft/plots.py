@@ -7,8 +7,8 @@ x-axis). Middle: accuracy per popularity decile, where the rare tail is not aver
 Right: per decile, the share of questions answered with the relation's commonest answer
 (factft.metrics.relation_guess), the finetuned models' guessing against the gold answers'
 own share. Every panel puts the most popular facts on the left. The finetuned subsets are
-lines (mean over seeds) with a +/- 1 sd band; the base model answering zero-shot is dashed,
-its cloze accuracy (what it stores) dotted.
+lines (mean over seeds) with a +/- 1 sd band; the base model answering zero-shot is dashed
+grey, few-shot (evaluate.fewshot) dashed brown, its cloze accuracy (what it stores) dotted.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ STYLES = {
     "random": dict(color=_PALETTE[2], marker="^", linestyle="-"),
     "whole": dict(color=_PALETTE[4], marker="D", linestyle="-"),
     "base": dict(color=_PALETTE[7], marker="", linestyle="--"),
+    "fewshot": dict(color=_PALETTE[5], marker="", linestyle="--"),
     "cloze": dict(color="0.15", marker="", linestyle=":"),
     "gold": dict(color="0.5", marker="", linestyle="-."),
 }

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
 
 # Labels the loss ignores (torch.nn.CrossEntropyLoss's default ignore_index).
 IGNORE = -100
+# Demonstrations are a fixed draw: the same facts and seed give the same prompts.
+DEMO_SEED = 0
 
 
 def prompt_text(question: str, template: str) -> str:
@@ -56,3 +62,48 @@ def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE] * len(prompt_ids) + answer_ids,
     }
+
+
+def few_shot_prefixes(
+    facts: pd.DataFrame,
+    shots: int,
+    prompt: dict,
+    seed: int = DEMO_SEED,
+    demos: pd.DataFrame | None = None,
+) -> list[str]:
+    """Per fact, `shots` solved demonstrations, one per line, ending in a newline.
+
+    They are drawn from `demos` (for evaluation: the finetuning pool, whose subjects the test
+    set never shares) or, without it, from the other facts of `facts` (popularity scoring).
+    Demonstrations come from the fact's own relation when it has enough of them (the model
+    then sees the expected answer type), topped up from the whole table otherwise. A fact is
+    never its own demonstration, nor is a fact with the same question.
+    """
+    if shots == 0:
+        return [""] * len(facts)
+    records = facts.to_dict("records")
+    candidates = records if demos is None else demos.to_dict("records")
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    by_relation: dict[str, list[int]] = defaultdict(list)
+    for j in order:
+        by_relation[str(candidates[j]["relation"])].append(int(j))
+    demo_text = {}
+    prefixes = []
+    for i, fact in enumerate(records):
+        picks: list[int] = []
+        # The first 2*shots+1 candidates always hold `shots` usable ones, unless the table is too small.
+        for pool in (by_relation[str(fact["relation"])], order):
+            for j in pool[: 2 * shots + 1]:
+                if len(picks) == shots:
+                    break
+                itself = demos is None and j == i
+                if not itself and j not in picks and candidates[j]["question"] != fact["question"]:
+                    picks.append(int(j))
+        for j in picks:
+            if j not in demo_text:
+                demo = candidates[j]
+                demo_text[j] = prompt_text(str(demo["question"]), prompt["template"]) + answer_text(
+                    gold_answer(demo), prompt["answer"]
+                )
+        prefixes.append("".join(demo_text[j] + "\n" for j in picks))
+    return prefixes

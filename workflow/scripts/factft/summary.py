@@ -4,8 +4,9 @@ Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accura
 exact_match). A *source* labels one such file: {model, dataset, subset, seed, path}, where
 subset is a finetuning subset (top, bottom, random, whole, or a sized one such as top25:
 factft.subsets; one table per seed) or a reference without seed: "base" (the pretrained
-model answering zero-shot) or "cloze" (the pretrained model completing the fact's
-statement: what it stores, as opposed to what QA extracts). A finetuned run's source also names its per-question `predictions`, from which
+model answering zero-shot), "fewshot" (the same after k solved questions, evaluate.fewshot)
+or "cloze" (the pretrained model completing the fact's statement: what it stores, as
+opposed to what QA extracts). A finetuned run's source also names its per-question `predictions`, from which
 come the gap's bootstrap interval over test questions and the accuracy per relation.
 rules/common.smk builds the sources from the config.
 
@@ -29,10 +30,11 @@ from factft.metrics import METRICS_COLUMNS, gold_metrics
 from factft.tables import read_table, write_tsv
 
 SUBSETS = subset_names.KINDS  # the paper's four: summary.tsv always has their columns
-REFERENCES = ("base", "cloze")
+REFERENCES = ("base", "fewshot", "cloze")
 LABELS = {
     **{name: subset_names.label(name) for name in SUBSETS},
     "base": "Base, zero-shot QA",
+    "fewshot": "Base, few-shot QA",
     "cloze": "Base, cloze (stored facts)",
 }
 KEYS = ("model", "dataset", "subset", "seed")
@@ -98,7 +100,7 @@ def summary_table(
 
     Columns: model, dataset, n_test (held-out facts), n_seeds, <subset>_mean and <subset>_sd
     for the paper's four subsets (NaN where the config leaves one out) and every sized subset
-    the metrics have (top25, ...), base, cloze (NaN without a cloze table), and
+    the metrics have (top25, ...), base, fewshot, cloze (NaN without their tables), and
     top_minus_bottom_mean/_sd/_seeds: FT-Top minus FT-Bottom
     paired by seed (the runs of one seed share the adapter initialisation and the
     training seed, so the paired difference removes the variation they share). sd is the sample
