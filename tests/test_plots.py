@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,15 @@ def line_colours(figure):
         for line in ax.get_lines():
             colours.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
     return colours
+
+
+def snakemake_in(workdir, configfile, targets, *options):
+    """Snakemake on `targets` in `workdir`, offline. Targets come first: --configfile and
+    --allowed-rules take every argument up to the next flag."""
+    command = [str(Path(sys.executable).parent / "snakemake"), *targets, "-s", str(REPO / "Snakefile")]
+    command += ["-d", str(workdir), "--configfile", str(configfile), *options]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
 def test_make_figures_writes_a_png_and_a_pdf(tmp_path):
@@ -105,19 +113,13 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     """The rules on the demo config, with metrics and predictions standing in for the evaluate stage."""
     make_sources(tmp_path / "results", GRID)
     write_test(tmp_path / "results/synth/splits/test.parquet")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    snakemake = [shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"]
-    common = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(REPO / "config" / "demo.yaml")]
     targets = [
         "results/tables/summary.tsv",
         "results/figures/tiny/synth/accuracy_vs_popularity.pdf",
         "results/figures/overview.png",
     ]
-    run = subprocess.run(
-        # Targets first: --configfile and --allowed-rules take every argument up to the next flag.
-        snakemake + targets + common + ["--cores", "1", "--allowed-rules", "figures", "summary", "overview"],
-        env=env, capture_output=True, text=True,
-    )
+    demo = REPO / "config" / "demo.yaml"
+    run = snakemake_in(tmp_path, demo, targets, "--cores", "1", "--allowed-rules", "figures", "summary", "overview")
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_popularity.png").stat().st_size > 10_000
     summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
@@ -126,9 +128,7 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     by_relation = pd.read_csv(tmp_path / "results/tables/accuracy_by_relation.tsv", sep="\t")
     assert list(by_relation["subset"]) == ["top", "bottom", "random", "whole"]  # one relation
     # The report of just these targets: the other stages (attention, simulation) never ran here.
-    report = subprocess.run(
-        snakemake + targets + common + ["--report", "results/report.html"], env=env, capture_output=True, text=True
-    )
+    report = snakemake_in(tmp_path, demo, targets, "--report", "results/report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "results/report.html").read_text()
     assert "Held-out accuracy of <strong>tiny</strong> on <strong>synth</strong>" in html

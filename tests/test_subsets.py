@@ -1,11 +1,7 @@
 """Sized subsets (top25, bottom10, random25): names, config, selection, summary and figure."""
 
 import copy
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,9 +19,8 @@ from factft.summary import collect_metrics, format_summary, paper_table, summary
 from factft.tables import read_table, write_table
 from test_config import load
 from test_split import make_facts
+from test_plots import snakemake_in
 from test_summary import GRID, make_sources, write_test
-
-REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def facts():
@@ -60,7 +55,8 @@ def test_bad_names_are_rejected_by_the_schema_and_the_library(name):
 
 def test_schema_pattern_and_library_accept_the_same_names():
     pattern = re.compile(yaml.safe_load(SCHEMA.read_text())["properties"]["subsets"]["items"]["pattern"])
-    names = [f"{kind}{p}" for kind in ("top", "bottom", "random", "whole") for p in ("", "0", "1", "9", "10", "99", "100")]
+    percents = ("", "0", "1", "9", "10", "99", "100")
+    names = [f"{kind}{p}" for kind in ("top", "bottom", "random", "whole") for p in percents]
     assert [bool(pattern.match(n)) for n in names] == [subsets.is_subset(n) for n in names]
 
 
@@ -157,19 +153,15 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     make_sources(tmp_path / "results", SWEEP)
     write_test(tmp_path / "results/synth/splits/test.parquet")
     write_table(split_facts(facts, seed=0)["whole"], tmp_path / "results/synth/splits/whole.parquet")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    snakemake = [str(Path(sys.executable).parent / "snakemake")]
-    common = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
     targets = [
         "results/synth/splits/top25.parquet",
         "results/synth/splits/random10.parquet",
         "results/figures/tiny/synth/accuracy_vs_subset_size.png",
         "results/tables/summary.tsv",
     ]
-    run = subprocess.run(
-        snakemake + targets + common + ["--cores", "1", "--allowed-rules", "sized_split", "size_figure", "summary"],
-        env=env, capture_output=True, text=True,
-    )
+    config_path = tmp_path / "config.yaml"
+    rules = ["sized_split", "size_figure", "summary"]
+    run = snakemake_in(tmp_path, config_path, targets, "--cores", "1", "--allowed-rules", *rules)
     assert run.returncode == 0, run.stderr[-3000:]
     top25 = read_table(tmp_path / "results/synth/splits/top25.parquet")
     assert top25["id"].tolist() == sized_subset(split_facts(facts, seed=0)["whole"], "top25")["id"].tolist()
@@ -177,9 +169,7 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_subset_size.pdf").stat().st_size > 5_000
     summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
     assert summary["bottom25_mean"] == pytest.approx(np.mean([0.2, 0.3, 0.2]), abs=1e-6)
-    report = subprocess.run(
-        snakemake + targets[2:] + common + ["--report", "results/report.html"], env=env, capture_output=True, text=True
-    )
+    report = snakemake_in(tmp_path, config_path, targets[2:], "--report", "results/report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "results/report.html").read_text()
     assert "50% are the paper's FT-Top" in html  # the caption, with split.fraction filled in

@@ -222,7 +222,8 @@ def plot_accuracy_vs_subset_size(metrics: pd.DataFrame, model: str, dataset: str
             loc="outside lower center",
             ncol=min(len(handles), 4),
             frameon=False,
-            title=f"{int(overall['n'].max())} held-out facts; lines: mean over seeds, bands: ± 1 sd, dots: single seeds",
+            title=f"{int(overall['n'].max())} held-out facts; "
+            "lines: mean over seeds, bands: ± 1 sd, dots: single seeds",
             title_fontsize="small",
         )
     return figure
