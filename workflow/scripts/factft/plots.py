@@ -169,7 +169,8 @@ def plot_accuracy_vs_subset_size(metrics: pd.DataFrame, model: str, dataset: str
     """Held-out accuracy (left) and guessing from the relation (right) against the share of
     the pool a subset takes, one line per selection (top, bottom, random: mean over seeds,
     +/- 1 sd band, seeds as dots). At 100% every selection is the whole pool, so the lines
-    meet at FT-Whole. The base model's zero-shot QA is dashed, its cloze accuracy dotted.
+    meet at FT-Whole. The base model's zero-shot and few-shot QA are dashed, its cloze
+    accuracy dotted.
     `fraction` is split.fraction: the share of top, bottom and random.
     """
     overall = metrics[(metrics["scope"] == "all") & (metrics["model"] == model) & (metrics["dataset"] == dataset)]
