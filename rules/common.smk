@@ -137,8 +137,10 @@ def split_params(wildcards):
 
 
 def sized_split_params(wildcards):
-    """What cutting a sized subset from the pool needs: the split block's selection keys."""
-    keys = ("fraction", "stratify", "seed")
+    """What cutting a sized subset from the pool needs. Not split.fraction: the name gives
+    the size, and a param that changes reruns the job and every finetune on its output.
+    """
+    keys = ("stratify", "seed")
     return dict({key: config["split"][key] for key in keys}, dataset=wildcards.dataset)
 
 
@@ -295,13 +297,14 @@ SIZE_FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_subset_size"
 OVERVIEW = "results/figures/overview"
 
 
-def metrics_sources(model, dataset):
-    """Every metrics table of one (model, dataset), labelled (subset, seed) for factft.summary;
-    a finetuned run's source names its predictions too.
+def metrics_sources(model, dataset, subsets=SUBSETS):
+    """Every metrics table of one (model, dataset) (of `subsets` among the finetuned runs),
+    labelled (subset, seed) for factft.summary; a finetuned run's source names its
+    predictions too.
     """
     where = dict(model=model, dataset=dataset)
     sources = []
-    for subset in SUBSETS:
+    for subset in subsets:
         for seed in SEEDS:
             run = RUN.format(**where, subset=subset, seed=seed)
             sources.append(
@@ -323,11 +326,20 @@ def metrics_sources(model, dataset):
 
 
 def figure_sources(wildcards):
-    return metrics_sources(wildcards.model, wildcards.dataset)
+    """The popularity figure draws the paper's four subsets: it need not wait for sized runs."""
+    return metrics_sources(wildcards.model, wildcards.dataset, PAPER_SUBSETS)
 
 
 def figure_inputs(wildcards):
     return [source["path"] for source in figure_sources(wildcards)]
+
+
+def size_figure_sources(wildcards):
+    return metrics_sources(wildcards.model, wildcards.dataset)
+
+
+def size_figure_inputs(wildcards):
+    return [source["path"] for source in size_figure_sources(wildcards)]
 
 
 def summary_sources():

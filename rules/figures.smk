@@ -38,7 +38,7 @@ rule figures:
 # Only with sized subsets in the config (top25, ...): accuracy against the amount of data.
 rule size_figure:
     input:
-        metrics=figure_inputs,
+        metrics=size_figure_inputs,
     output:
         png=report(
             f"{SIZE_FIGURE}.png",
@@ -55,7 +55,7 @@ rule size_figure:
     conda:
         "../envs/figures.yaml"
     params:
-        sources=figure_sources,
+        sources=size_figure_sources,
         fraction=split_fraction(),
     script:
         "../workflow/scripts/size_figure.py"

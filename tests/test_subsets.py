@@ -73,8 +73,8 @@ def test_a_sized_subset_that_repeats_a_plain_one_is_rejected_by_name():
 def test_sized_subsets_are_heads_of_the_plain_orders_and_stratified(facts):
     whole = split_facts(facts, fraction=0.5, seed=3)
     pool = whole["whole"]
-    top25 = sized_subset(pool, "top25", fraction=0.5, seed=3)
-    bottom25 = sized_subset(pool, "bottom25", fraction=0.5, seed=3)
+    top25 = sized_subset(pool, "top25", seed=3)
+    bottom25 = sized_subset(pool, "bottom25", seed=3)
     assert set(top25["id"]) <= set(whole["top"]["id"])
     assert set(bottom25["id"]) <= set(whole["bottom"]["id"])
     for relation, group in pool.groupby("relation"):

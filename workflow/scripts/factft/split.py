@@ -65,9 +65,8 @@ def split_facts(
     groups = _groups(pool, stratify)
     counts = [_count(fraction, g) for g in groups]
     if sum(counts) == 0:
-        within = " within each relation (split.stratify: relation)" if stratify == "relation" else ""
         raise FactftError(
-            f"dataset '{dataset}': split.fraction {fraction} of a pool of {len(pool)} facts{within} leaves "
+            f"dataset '{dataset}': split.fraction {fraction} of a pool of {len(pool)} facts{_within(stratify)} leaves "
             "top, bottom and random empty; raise split.fraction or split.pool_size, or use more facts"
         )
     chosen = {"top": [], "bottom": [], "random": []}
@@ -100,7 +99,6 @@ def sized_subset(
     name: str,
     *,
     dataset: str = "facts",
-    fraction: float = 0.5,
     stratify: str = "relation",
     seed: int = 0,
 ) -> pd.DataFrame:
@@ -126,9 +124,8 @@ def sized_subset(
         rows.append(order[: _count(percent / 100, group)])
     chosen = np.concatenate(rows)
     if len(chosen) == 0:
-        within = " within each relation (split.stratify: relation)" if stratify == "relation" else ""
         raise FactftError(
-            f"dataset '{dataset}': subset '{name}' ({percent}% of a pool of {len(whole)} facts{within}) "
+            f"dataset '{dataset}': subset '{name}' ({percent}% of a pool of {len(whole)} facts{_within(stratify)}) "
             "is empty; raise its percent or split.pool_size, or use more facts"
         )
     log.info("dataset '%s': %s takes %d of the pool's %d facts", dataset, name, len(chosen), len(whole))
@@ -143,6 +140,11 @@ def _streams(seed: int) -> list[np.random.Generator]:
 
 def _groups(pool: pd.DataFrame, stratify: str) -> list[pd.DataFrame]:
     return [g for _, g in pool.groupby("relation", sort=True)] if stratify == "relation" else [pool]
+
+
+def _within(stratify: str) -> str:
+    """How an error names the stratification that made a subset empty."""
+    return " within each relation (split.stratify: relation)" if stratify == "relation" else ""
 
 
 def _count(share: float, group: pd.DataFrame) -> int:
