@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 CORES ?= 2
 
-.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu
+.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu bench-hours
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,8 @@ bench-cpu: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(OFFLINE) $(BIN)/python bench/speed.py --device cuda
+
+# The paper grid's GPU hours from a speed table (measured rates; issue 4's goals for CUDA rows).
+SPEED ?= bench/results/speed-cuda.tsv
+bench-hours: $(STAMP)
+	$(BIN)/python bench/grid_hours.py $(SPEED)

@@ -8,7 +8,8 @@
 # transformers, peft and accelerate), runs bench/speed.py --device cuda (a Llama-2-7B-shaped
 # model with random weights; about 5 minutes, cut at 470 s with every finished row kept)
 # and leaves speed-cuda.tsv, the log and the GPU's description in $OUT (bench/results here).
-# Copy the tsv to bench/results/ and its numbers into docs/benchmarks.md.
+# Copy the tsv to bench/results/, then `make bench-hours` here prints the grid's GPU hours and
+# issue 4's goals from it; its numbers go into docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}

@@ -33,7 +33,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -486,8 +485,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     variants = args.variants.split(",")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # peft calls transformers' renamed checkpointing helpers once per layer and step.
-    warnings.filterwarnings("ignore", category=FutureWarning)
     shape = SHAPES[args.device]
     tokenizer = make_tokenizer(shape["vocab"])
     facts = make_facts(args.examples + args.questions, shape["vocab"], seed=0)

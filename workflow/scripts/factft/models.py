@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -24,6 +25,12 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 QUANTIZATIONS = ("nf4",)
+
+# peft calls transformers' renamed checkpointing helpers (`is_gradient_checkpointing` whenever
+# it wraps a model): a warning in every finetune, evaluation and attention log that no user can act on.
+warnings.filterwarnings(
+    "ignore", message="`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated", category=FutureWarning
+)
 
 
 def default_device() -> str:

@@ -1,0 +1,266 @@
+"""The paper grid in GPU hours: the work of every job from a config, the rates from a speed table.
+
+    python bench/grid_hours.py bench/results/speed-cuda.tsv               # rates measured on a GPU
+    python bench/grid_hours.py --reference bench/results/speed-cpu.tsv    # the estimate (below)
+
+The work follows the config (default config/config.yaml) as the workflow would run it: its
+datasets, models (with their own finetune settings), subsets, seeds, epochs or max_steps, split
+shares and caps, and `evaluate.fewshot`. What a config cannot say is assumed and printed: the
+datasets' sizes (the full sources, `--size NAME=QUESTIONS` for others) and tokens per example.
+
+The rates: with a table from `bench/speed.py --device cuda`, the measured real tokens/s of the
+finetune path the config selects (method, LoRA targets, packing, checkpointing) and the
+measured questions/s of evaluation, for factft and for the plain baseline. With `--reference`,
+the reference H200 rates of ../shared/notes/gpu-baseline.md (a plain loop on dense batches,
+no padding at all) times the share of computed tokens that are real, measured by the table's
+rows on any device (padding depends on the length mix, not the device): an estimate until a
+GPU run measures the rates. Prints a table per dataset and, for CUDA rows, issue 4's goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+
+from factft import subsets  # noqa: E402
+from factft.config import finetune_settings, load_config  # noqa: E402
+
+# Questions in each full source (PopQA test; EntityQuestions' train + dev + test, re-split by
+# subject; MMLU test).
+SIZES = {"popqa": 14_267, "entityquestions": 220_700, "mmlu": 14_042}
+# Llama tokenizer, prompt + answer: a PopQA-like question is about 20 tokens, an MMLU question
+# with its choice text about 70.
+TOKENS_PER_EXAMPLE = {"open": 20, "multiple_choice": 70}
+CHOICES = 4  # MMLU: one forward pass per choice, no generation
+# A forward pass costs 2N FLOPs a token, a LoRA training step 4N (forward + activation
+# gradients): forward-only work runs at about twice the training rate.
+FORWARD_SPEEDUP = 2.0
+# ../shared/notes/gpu-baseline.md: one H200, Llama-2-7B shape, plain loop on full batches of
+# random tokens (64 x 64), and plain `generate` (prompt 32, 16 new tokens).
+REFERENCE_TOKENS_PER_S = {"lora-qv": 13_516, "lora-all": 9_374, "qlora-all": 7_787}
+REFERENCE_QUESTIONS_PER_S = {"baseline": 59.5, "factft": 318.0}  # batch 64; batch 512
+GOALS = {"tokens_per_s": 17_000, "speedup": 2.0, "questions_per_s": 500, "qlora_gb": 24, "grid_h": 4.0}
+
+
+# ---- the work -------------------------------------------------------------------
+
+
+def dataset_work(config: dict, name: str, size: int) -> dict:
+    """Finetuning example passes, open-QA questions and forward-only tokens of one dataset's
+    jobs, over every model, subset and seed."""
+    dataset = config["datasets"][name]
+    split = dict(config["split"], **dataset.get("split", {}))
+    pool = (1 - split["test_fraction"]) * size  # subjects are held out; ~ the same share of facts
+    test = split["test_fraction"] * size
+    pool = min(pool, split["pool_size"] or math.inf)
+    test = min(test, split["test_size"] or math.inf)
+    tokens = TOKENS_PER_EXAMPLE[dataset["format"]]
+    runs = len(config["subsets"]) * len(config["seeds"])
+    shots = config["evaluate"].get("fewshot", 0)
+    examples = 0.0
+    for model in config["models"]:
+        settings = finetune_settings(config, model)
+        batch = settings["batch_size"] * settings["grad_accum"]
+        for subset in config["subsets"]:
+            rows = subsets.pool_share(subset, split["fraction"]) * pool
+            passes = settings["max_steps"] * batch if settings["max_steps"] else settings["epochs"] * rows
+            examples += passes * len(config["seeds"])
+    evaluations = len(config["models"]) * (runs + 1)  # every run and the base model
+    questions = forward = 0.0
+    if dataset["format"] == "open":
+        questions = test * evaluations
+        if shots:  # the same questions again, behind `shots` solved ones: more prefill
+            questions += test * len(config["models"])
+            forward += test * len(config["models"]) * shots * tokens
+    else:
+        forward += test * CHOICES * tokens * evaluations
+    popularity = dataset["popularity"]
+    if popularity["scorer"] == "model_confidence":  # the base model scores every fact once
+        forward += size * (popularity.get("shots", 4) + 1) * tokens
+    return {
+        "dataset": name,
+        "finetune_tokens": examples * tokens,
+        "questions": questions,
+        "forward_tokens": forward,
+        "finetunes": len(config["models"]) * runs,
+        "evaluations": evaluations,
+    }
+
+
+# ---- the rates --------------------------------------------------------------------
+
+
+def finetune_variant(settings: dict) -> str:
+    if settings["method"] == "full":
+        raise SystemExit("finetune.method full: bench/speed.py measures LoRA and QLoRA only")
+    targets = settings["lora"]["target_modules"]
+    every = targets == "all-linear"
+    if settings["method"] == "qlora":
+        if not every:
+            raise SystemExit(f"finetune.lora.target_modules {targets}: bench/speed.py measures QLoRA on all-linear only")
+        return "qlora-all"
+    if every:
+        return "lora-all"
+    if sorted(targets) == ["q_proj", "v_proj"]:
+        return "lora-qv"
+    raise SystemExit(f"finetune.lora.target_modules {targets}: bench/speed.py measures [q_proj, v_proj] and all-linear")
+
+
+def factft_finetune_path(settings: dict) -> str:
+    path = "factft-packed" if settings.get("packing") else "factft"
+    if settings.get("gradient_checkpointing"):
+        if path != "factft-packed" or settings["method"] != "qlora":
+            raise SystemExit("gradient_checkpointing: bench/speed.py measures it with QLoRA + packing only")
+        path += "-gc"
+    return path
+
+
+def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: Path) -> pd.Series:
+    found = table[(table["stage"] == stage) & (table["variant"] == variant) & (table["path"] == path)]
+    if found.empty:
+        raise SystemExit(f"{source}: no row for stage {stage}, variant {variant}, path {path}; rerun bench/speed.py")
+    return found.iloc[-1]
+
+
+def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> dict:
+    """Real tokens/s of finetuning and questions/s of evaluation, factft's and the baseline's."""
+    settings = [finetune_settings(config, model) for model in config["models"]]
+    variants = {finetune_variant(s) for s in settings}
+    paths = {factft_finetune_path(s) for s in settings}
+    if len(variants) > 1 or len(paths) > 1:
+        raise SystemExit(f"models finetune differently ({sorted(variants | paths)}): give each its own config")
+    variant, path = variants.pop(), paths.pop()
+    eval_path = "factft-static" if config["evaluate"].get("static_cache") else "factft"
+    eval_variant = table.loc[table["stage"] == "evaluate", "variant"]
+    eval_variant = eval_variant.iloc[0] if len(eval_variant) else "lora-qv merged"
+    out = {"variant": variant}
+    for who, finetune_path, evaluate_path in (("factft", path, eval_path), ("baseline", "baseline", "baseline")):
+        train = row(table, "finetune", variant, finetune_path, source)
+        if reference:
+            real_share = float(train["real_tokens"]) / float(train["computed_tokens"])
+            out[f"{who}_tokens_per_s"] = REFERENCE_TOKENS_PER_S[variant] * real_share
+            out[f"{who}_questions_per_s"] = REFERENCE_QUESTIONS_PER_S[who]
+        else:
+            out[f"{who}_tokens_per_s"] = float(train["tokens_per_s"])
+            evaluate = row(table, "evaluate", eval_variant, evaluate_path, source)
+            out[f"{who}_questions_per_s"] = float(evaluate["questions_per_s"])
+    return out
+
+
+def gpu_hours(work: dict, speed: dict, who: str) -> float:
+    tokens_per_s = speed[f"{who}_tokens_per_s"]
+    # Forward-only work at factft's rate for both: the baseline has no path of its own for it.
+    forward_per_s = speed["factft_tokens_per_s"] * FORWARD_SPEEDUP
+    seconds = (
+        work["finetune_tokens"] / tokens_per_s
+        + work["questions"] / speed[f"{who}_questions_per_s"]
+        + work["forward_tokens"] / forward_per_s
+    )
+    return seconds / 3600
+
+
+# ---- report ---------------------------------------------------------------------
+
+
+def goal_lines(table: pd.DataFrame, hours: float) -> list[str]:
+    """Issue 4's goals, for a table measured on CUDA."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    def speeds(stage: str, variant: str, column: str) -> pd.Series:
+        rows = table[(table["stage"] == stage) & (table["variant"] == variant)]
+        return rows.groupby("path")[column].last()
+
+    lines = []
+    qv = speeds("finetune", "lora-qv", "tokens_per_s")
+    if {"baseline", "factft"} <= set(qv.index):
+        best = qv.drop("baseline").idxmax()
+        ratio = qv[best] / qv["baseline"]
+        lines.append(
+            f"finetune LoRA q,v: {best} {qv[best]:,.0f} real tokens/s (goal >= {GOALS['tokens_per_s']:,}): "
+            f"{verdict(qv[best] >= GOALS['tokens_per_s'])}; {ratio:.2f}x the baseline (goal >= 2x): "
+            f"{verdict(ratio >= GOALS['speedup'])}"
+        )
+    evaluate = table[table["stage"] == "evaluate"].groupby("path")["questions_per_s"].last()
+    fast = evaluate.drop("baseline", errors="ignore")
+    if len(fast):
+        best = fast.idxmax()
+        lines.append(
+            f"evaluate, 16 new tokens: {best} {fast[best]:,.0f} questions/s (goal >= {GOALS['questions_per_s']}): "
+            f"{verdict(fast[best] >= GOALS['questions_per_s'])}"
+        )
+    peaks = speeds("finetune", "qlora-all", "peak_gb")
+    if "factft-packed-gc" in peaks.index:
+        peak = peaks["factft-packed-gc"]
+        lines.append(
+            f"QLoRA, packing + gradient checkpointing: peak {peak:.1f} GB (goal <= {GOALS['qlora_gb']} GB): "
+            f"{verdict(peak <= GOALS['qlora_gb'])}"
+        )
+    lines.append(f"paper grid: {hours:.1f} GPU-h with factft (goal <= {GOALS['grid_h']:.0f}): {verdict(hours <= GOALS['grid_h'])}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("speed", type=Path, help="a tsv written by bench/speed.py")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
+    parser.add_argument("--reference", action="store_true", help="reference H200 rates x the table's real-token share")
+    parser.add_argument("--size", action="append", default=[], metavar="NAME=QUESTIONS", help="a dataset's size")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    table = pd.read_csv(args.speed, sep="\t")
+    sizes = dict(SIZES)
+    for item in args.size:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise SystemExit(f"--size {item}: write NAME=QUESTIONS, e.g. popqa=14267")
+        sizes[name] = int(value)
+    missing = sorted(set(config["datasets"]) - set(sizes))
+    if missing:
+        raise SystemExit(f"no size for datasets {missing}: add --size NAME=QUESTIONS")
+
+    speed = rates(table, config, args.speed, args.reference)
+    works = [dataset_work(config, name, sizes[name]) for name in config["datasets"]]
+    where = "reference H200 rates x real-token shares of" if args.reference else "measured in"
+    first = table.iloc[0]
+    shown = args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config
+    print(
+        f"{shown}: {sum(w['finetunes'] for w in works)} finetunes ({speed['variant']}), "
+        f"{sum(w['evaluations'] for w in works)} evaluations; rates {where} {args.speed} "
+        f"({first['device_name']}, {first['date']})"
+    )
+    for who in ("factft", "baseline"):
+        print(
+            f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s, "
+            f"evaluate {speed[f'{who}_questions_per_s']:,.1f} questions/s"
+        )
+    print(f"  assumed: sizes {sizes}, tokens per example {TOKENS_PER_EXAMPLE}, forward-only at {FORWARD_SPEEDUP:g}x training")
+    print(f"{'dataset':16s} {'finetune tokens':>16s} {'QA questions':>13s} {'forward tokens':>15s} {'factft GPU-h':>13s} {'baseline GPU-h':>15s}")
+    totals = {"factft": 0.0, "baseline": 0.0}
+    for work in works:
+        for who in totals:
+            work[who] = gpu_hours(work, speed, who)
+            totals[who] += work[who]
+        print(
+            f"{work['dataset']:16s} {work['finetune_tokens'] / 1e6:15.1f}M {work['questions'] / 1e6:12.2f}M "
+            f"{work['forward_tokens'] / 1e6:14.1f}M {work['factft']:13.2f} {work['baseline']:15.2f}"
+        )
+    print(f"{'total':16s} {'':>16s} {'':>13s} {'':>15s} {totals['factft']:13.2f} {totals['baseline']:15.2f}")
+    print("not counted: loading a model per job, queueing, the attention analysis (200 questions a run)")
+    if not args.reference and (table["device"] == "cuda").all():
+        print("issue 4's goals (one H200):")
+        for line in goal_lines(table, totals["factft"]):
+            print(f"  {line}")
+    return works
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""bench/grid_hours.py: the paper grid's GPU hours from a config and a speed table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("bench_grid_hours", ROOT / "bench" / "grid_hours.py")
+grid_hours = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(grid_hours)
+
+
+def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
+    """A table shaped like bench/speed.py's, with the given rates."""
+    rows = [
+        ("finetune", "lora-qv", "baseline", rates.get("baseline_tps", 8_000.0), None, 60.0, 2000, 3600),
+        ("finetune", "lora-qv", "factft", rates.get("factft_tps", 20_000.0), None, 40.0, 2000, 2100),
+        ("finetune", "qlora-all", "factft-packed-gc", 6_000.0, None, rates.get("qlora_gb", 11.5), 2000, 2000),
+        ("evaluate", "lora-qv merged", "baseline", None, 60.0, 20.0, None, None),
+        ("evaluate", "lora-qv merged", "factft", None, rates.get("factft_qps", 600.0), 30.0, None, None),
+    ]
+    columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
+    table = pd.DataFrame(rows, columns=columns)
+    table.insert(0, "device_name", "NVIDIA H200" if device == "cuda" else "CPU")
+    table.insert(0, "device", device)
+    table.insert(0, "date", "2026-11-29")
+    out = path / "speed.tsv"
+    table.to_csv(out, sep="\t", index=False)
+    return out
+
+
+def small_config(path: Path, **finetune) -> Path:
+    """config/config.yaml cut to PopQA, one model, FT-Top and FT-Whole, one seed."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["datasets"] = {"popqa": config["datasets"]["popqa"]}
+    config["models"] = {"llama2-7b": config["models"]["llama2-7b"]}
+    config["subsets"] = ["top", "whole"]
+    config["seeds"] = [0]
+    config["evaluate"]["fewshot"] = 0
+    config["finetune"].update(finetune)
+    out = path / "config.yaml"
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def test_hours_are_each_jobs_work_over_the_measured_rates(tmp_path, capsys):
+    speed = speed_table(tmp_path)
+    config = small_config(tmp_path, epochs=3)
+    (work,) = grid_hours.main([str(speed), "--config", str(config), "--size", "popqa=10000"])
+    pool, test = 7_000, 3_000  # test_fraction 0.3
+    tokens = 3 * (0.5 + 1.0) * pool * 20  # 3 epochs of FT-Top (half the pool) and FT-Whole, 20 tokens each
+    questions = test * 3  # two finetuned models' and the base model's evaluations
+    assert work["finetune_tokens"] == pytest.approx(tokens)
+    assert work["questions"] == pytest.approx(questions)
+    assert work["forward_tokens"] == 0  # popularity from a column, no few-shot, no multiple choice
+    assert work["factft"] == pytest.approx((tokens / 20_000 + questions / 600) / 3600)
+    assert work["baseline"] == pytest.approx((tokens / 8_000 + questions / 60) / 3600)
+    printed = capsys.readouterr().out
+    assert "finetune LoRA q,v: factft 20,000 real tokens/s (goal >= 17,000): met; 2.50x the baseline" in printed
+    assert "evaluate, 16 new tokens: factft 600 questions/s (goal >= 500): met" in printed
+    assert "peak 11.5 GB (goal <= 24 GB): met" in printed
+
+
+def test_goals_missed_are_said_so(tmp_path, capsys):
+    speed = speed_table(tmp_path, factft_tps=15_000.0, factft_qps=400.0, qlora_gb=30.0)
+    grid_hours.main([str(speed), "--config", str(small_config(tmp_path)), "--size", "popqa=10000"])
+    printed = capsys.readouterr().out
+    assert "factft 15,000 real tokens/s (goal >= 17,000): MISSED; 1.88x the baseline (goal >= 2x): MISSED" in printed
+    assert "400 questions/s (goal >= 500): MISSED" in printed
+    assert "peak 30.0 GB (goal <= 24 GB): MISSED" in printed
+
+
+def test_max_steps_and_few_shot_change_the_work(tmp_path):
+    speed = speed_table(tmp_path)
+    config = yaml.safe_load(small_config(tmp_path, max_steps=100).read_text())
+    config["evaluate"]["fewshot"] = 5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (work,) = grid_hours.main([str(speed), "--config", str(tmp_path / "config.yaml"), "--size", "popqa=10000"])
+    assert work["finetune_tokens"] == pytest.approx(2 * 100 * 16 * 20)  # two subsets, 100 steps of 16
+    assert work["questions"] == pytest.approx(3_000 * 4)  # and the base model once more, 5-shot
+    assert work["forward_tokens"] == pytest.approx(3_000 * 5 * 20)  # the demonstrations' prefill
+
+
+def test_reference_rates_scale_by_the_tables_real_token_share(tmp_path):
+    speed = speed_table(tmp_path, device="cpu")
+    config = small_config(tmp_path)
+    (work,) = grid_hours.main([str(speed), "--reference", "--config", str(config), "--size", "popqa=10000"])
+    factft = grid_hours.REFERENCE_TOKENS_PER_S["lora-qv"] * 2000 / 2100
+    assert work["factft"] == pytest.approx(
+        (work["finetune_tokens"] / factft + work["questions"] / grid_hours.REFERENCE_QUESTIONS_PER_S["factft"]) / 3600
+    )
+
+
+def test_a_missing_row_or_size_is_named(tmp_path):
+    speed = speed_table(tmp_path)
+    config = small_config(tmp_path, packing=True)
+    with pytest.raises(SystemExit, match="no row for stage finetune, variant lora-qv, path factft-packed"):
+        grid_hours.main([str(speed), "--config", str(config), "--size", "popqa=10000"])
+    with pytest.raises(SystemExit, match=r"no size for datasets \['myqa'\]"):
+        raw = yaml.safe_load(config.read_text())
+        raw["datasets"]["myqa"] = raw["datasets"].pop("popqa")
+        config.write_text(yaml.safe_dump(raw))
+        grid_hours.main([str(speed), "--config", str(config)])
