@@ -294,6 +294,7 @@ def run_metrics(model, dataset):
 
 FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_popularity"
 SIZE_FIGURE = "results/figures/{model}/{dataset}/accuracy_vs_subset_size"
+TRAINING_FIGURE = "results/figures/{model}/{dataset}/training_loss"
 OVERVIEW = "results/figures/overview"
 
 
@@ -340,6 +341,24 @@ def size_figure_sources(wildcards):
 
 def size_figure_inputs(wildcards):
     return [source["path"] for source in size_figure_sources(wildcards)]
+
+
+def training_sources(wildcards):
+    """The train log of every run of the paper's four subsets, labelled (subset, seed)."""
+    where = dict(model=wildcards.model, dataset=wildcards.dataset)
+    return [
+        dict(
+            subset=subset,
+            seed=seed,
+            path=f"{RUN.format(**where, subset=subset, seed=seed)}/train_log.tsv",
+        )
+        for subset in PAPER_SUBSETS
+        for seed in SEEDS
+    ]
+
+
+def training_inputs(wildcards):
+    return [source["path"] for source in training_sources(wildcards)]
 
 
 def summary_sources():
@@ -486,6 +505,13 @@ def all_targets():
         if SIZED_SUBSETS:
             targets += expand(
                 SIZE_FIGURE + ".{ext}", model=model, dataset=dataset, ext=["png", "pdf"]
+            )
+        if PAPER_SUBSETS:
+            targets += expand(
+                TRAINING_FIGURE + ".{ext}",
+                model=model,
+                dataset=dataset,
+                ext=["png", "pdf"],
             )
         targets += attention_targets(model, dataset)
     targets += simulation_targets()

@@ -6,6 +6,7 @@
 localrules:
     figures,
     size_figure,
+    training_figure,
     summary,
     overview,
 
@@ -59,6 +60,31 @@ rule size_figure:
         fraction=split_fraction(),
     script:
         "../workflow/scripts/size_figure.py"
+
+
+# Finetuning loss per subset: is a subset of little-known facts fitted as well?
+rule training_figure:
+    input:
+        logs=training_inputs,
+    output:
+        png=report(
+            f"{TRAINING_FIGURE}.png",
+            caption="../report/training_loss.rst",
+            category="Finetuning loss",
+            subcategory="{model}",
+            labels={"model": "{model}", "dataset": "{dataset}"},
+        ),
+        pdf=f"{TRAINING_FIGURE}.pdf",
+    log:
+        "logs/training_figure/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/training_figure/{model}/{dataset}.tsv"
+    conda:
+        "../envs/figures.yaml"
+    params:
+        sources=training_sources,
+    script:
+        "../workflow/scripts/training_figure.py"
 
 
 rule summary:

@@ -9,7 +9,18 @@ from matplotlib.colors import to_hex
 
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
-from factft.plots import STYLES, make_figures, make_overview, plot_accuracy_vs_popularity, plot_overview
+from factft.plots import (
+    STYLES,
+    final_losses,
+    make_figures,
+    make_overview,
+    make_training_figure,
+    plot_accuracy_vs_popularity,
+    plot_overview,
+    plot_training_loss,
+    read_train_logs,
+    training_curves,
+)
 from factft.summary import accuracy_by_percentile, collect_metrics
 from factft.tables import read_table
 from test_summary import GRID, make_sources, write_test
@@ -157,3 +168,59 @@ def test_overview_has_a_panel_per_dataset_a_bar_per_subset_and_the_gap_per_model
     assert legend == ["FT-Top", "FT-Bottom", "FT-Random", "FT-Whole"]
     make_overview(sources, [tmp_path / "overview.png"])
     assert (tmp_path / "overview.png").stat().st_size > 10_000
+
+
+def write_train_logs(root, losses):
+    """train_log.tsv files like factft.train writes; losses: {subset: {seed: [loss per step]}}."""
+    sources = []
+    for subset, by_seed in losses.items():
+        for seed, values in by_seed.items():
+            steps = len(values)
+            log = pd.DataFrame(
+                {"step": range(1, steps + 1), "epoch": [i / 4 for i in range(1, steps + 1)], "loss": values}
+            )
+            path = root / subset / f"seed{seed}" / "train_log.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log.to_csv(path, sep="\t", index=False)
+            sources.append(dict(subset=subset, seed=seed, path=str(path)))
+    return sources
+
+
+def test_training_curves_average_each_span_of_steps_then_the_seeds(tmp_path):
+    logs = read_train_logs(
+        write_train_logs(tmp_path, {"top": {0: [8, 6, 4, 2], 1: [6, 4, 2, 0]}, "bottom": {0: [9, 7, 5, 3]}})
+    )
+    curves = training_curves(logs, spans=2)
+    top = curves[curves["subset"] == "top"]
+    assert top["mean"].tolist() == [6.0, 2.0]  # seed 0: 7, 3; seed 1: 5, 1
+    assert top["sd"].tolist() == pytest.approx([2**0.5, 2**0.5])
+    assert top["epoch"].tolist() == [0.375, 0.875]  # steps 1-2 and 3-4, a quarter epoch each
+    assert curves.loc[curves["subset"] == "bottom", "seeds"].tolist() == [1, 1]
+    final = final_losses(logs, share=0.5)  # the last two steps of each run
+    assert final["top"] == pytest.approx((3 + 1) / 2) and final["bottom"] == pytest.approx(4.0)
+
+
+def test_training_figure_writes_png_and_pdf_with_each_subsets_final_loss(tmp_path):
+    sources = write_train_logs(
+        tmp_path, {s: {0: [9.0 - i * k for i in range(20)], 1: [9.0 - i * k for i in range(20)]}
+                   for s, k in (("top", 0.4), ("bottom", 0.3))}
+    )
+    png, pdf = tmp_path / "fig" / "training_loss.png", tmp_path / "fig" / "training_loss.pdf"
+    make_training_figure(sources, "tiny", "synth", [png, pdf])
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    assert pdf.read_bytes().startswith(b"%PDF")
+    figure = plot_training_loss(read_train_logs(sources), "tiny", "synth")
+    (ax,) = figure.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["FT-Top (1.60)", "FT-Bottom (3.45)"]  # the mean of the last 2 of 20 steps
+    assert ax.get_yscale() == "log"
+    assert line_colours(figure)["FT-Bottom (3.45)"] == {to_hex(STYLES["bottom"]["color"])}
+
+
+def test_a_train_log_without_steps_or_columns_is_named(tmp_path):
+    (tmp_path / "empty.tsv").write_text("step\tepoch\tloss\n")
+    (tmp_path / "odd.tsv").write_text("step\tvalue\n1\t2\n")
+    with pytest.raises(FactftError, match=r"train log .*empty.tsv: no steps"):
+        read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "empty.tsv"))])
+    with pytest.raises(FactftError, match=r"train log .*odd.tsv: no columns \['epoch', 'loss'\]"):
+        read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "odd.tsv"))])

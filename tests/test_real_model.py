@@ -80,6 +80,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         f"{figures}/accuracy_vs_popularity.png",
         f"{figures}/attention_by_layer.png",
         f"{figures}/attention_heatmap.png",
+        f"{figures}/training_loss.png",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(

@@ -1,6 +1,7 @@
 """Accuracy vs fact popularity per (model, dataset): the paper's Fig. 4/5, plus the tail;
 accuracy vs the size of the finetuning subset (plot_accuracy_vs_subset_size, for sized
-subsets such as top25); and the overview of the whole grid (plot_overview).
+subsets such as top25); the finetuning loss per subset (plot_training_loss); and the
+overview of the whole grid (plot_overview).
 
 Left panel: accuracy on the top-x% most popular held-out facts (cumulative, the paper's
 x-axis). Middle: accuracy per popularity decile, where the rare tail is not averaged away.
@@ -13,9 +14,11 @@ grey, few-shot (evaluate.fewshot) dashed brown, its cloze accuracy (what it stor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -289,5 +292,89 @@ def plot_overview(metrics: pd.DataFrame) -> Figure:
 def make_overview(sources: Iterable[Mapping], outputs: Iterable[str | Path]) -> None:
     """Read every metrics source of the grid and write the overview figure to each output path."""
     figure = plot_overview(collect_metrics(sources))
+    for path in outputs:
+        save_figure(figure, path)
+
+
+# ---- finetuning loss ----------------------------------------------------------------
+
+TRAIN_LOG_COLUMNS = ("step", "epoch", "loss")
+
+
+def read_train_logs(sources: Iterable[Mapping]) -> pd.DataFrame:
+    """Every source's train_log.tsv (factft.train, a row per optimizer step), keyed by its
+    subset and seed; a log without steps is an error naming the file."""
+    tables = []
+    for source in sources:
+        path = source["path"]
+        table = pd.read_csv(path, sep="\t")
+        missing = [c for c in TRAIN_LOG_COLUMNS if c not in table.columns]
+        if missing or table.empty:
+            raise FactftError(f"train log {path}: " + (f"no columns {missing}" if missing else "no steps"))
+        tables.append(table.assign(subset=source["subset"], seed=source["seed"]))
+    if not tables:
+        raise FactftError("no train logs to plot: the config lists no subset or seed")
+    return pd.concat(tables, ignore_index=True)
+
+
+def training_curves(logs: pd.DataFrame, spans: int = 40) -> pd.DataFrame:
+    """Per subset, the loss in `spans` equal runs of steps (their mean: single steps are
+    noisy), then mean and sd over seeds: columns subset, span, epoch, mean, sd, seeds."""
+    per_run = []
+    for (subset, seed), run in logs.groupby(["subset", "seed"], sort=False):
+        run = run.sort_values("step")
+        count = min(spans, len(run))
+        span = np.arange(len(run)) * count // len(run)
+        means = run.groupby(span)[["epoch", "loss"]].mean()
+        per_run.append(means.rename_axis("span").reset_index().assign(subset=subset, seed=seed))
+    runs = pd.concat(per_run, ignore_index=True)
+    curves = runs.groupby(["subset", "span"], sort=False).agg(
+        epoch=("epoch", "mean"), mean=("loss", "mean"), sd=("loss", "std"), seeds=("seed", "nunique")
+    )
+    return curves.reset_index()
+
+
+def final_losses(logs: pd.DataFrame, share: float = 0.1) -> pd.Series:
+    """Per subset, the mean loss over the last `share` of each run's steps, mean over seeds."""
+    last = []
+    for (subset, seed), run in logs.groupby(["subset", "seed"], sort=False):
+        tail = run.sort_values("step").tail(max(1, math.ceil(share * len(run))))
+        last.append((subset, tail["loss"].mean()))
+    return pd.DataFrame(last, columns=["subset", "loss"]).groupby("subset", sort=False)["loss"].mean()
+
+
+def plot_training_loss(logs: pd.DataFrame, model: str, dataset: str) -> Figure:
+    """Finetuning loss (answer tokens) against epochs over each subset's own facts: a subset
+    of facts the model stores well is fitted with a lower loss, one it must memorise with a
+    higher one, though every subset is equally factual."""
+    curves, final = training_curves(logs), final_losses(logs)
+    names = [s for s in SUBSETS if s in set(curves["subset"])]
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
+        figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+        ax = figure.subplots()
+        for subset in names:
+            rows = curves[curves["subset"] == subset]
+            label = f"{LABELS[subset]} ({final[subset]:.2f})"
+            draw_mean_and_band(ax, rows["epoch"], rows["mean"], rows["sd"], subset, label=label)
+        seeds = int(curves["seeds"].max())
+        ax.set_xlabel("epoch (passes over the subset's own facts)")
+        ax.set_ylabel("finetuning loss on the answer tokens")
+        # Log: the first steps' loss is ten times the end's, where the subsets differ.
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ticks = [t * 10.0**e for e in range(-3, 3) for t in (1, 2, 5) if low <= t * 10.0**e <= high]
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(f"{model} on {dataset}: how well each subset is fitted")
+        spread = f"mean over {seeds} seeds, bands: ± 1 sd" if seeds > 1 else "one seed"
+        ax.legend(title=f"{spread}; (loss over the last tenth of steps)", title_fontsize="small", frameon=False)
+    return figure
+
+
+def make_training_figure(
+    sources: Iterable[Mapping], model: str, dataset: str, outputs: Iterable[str | Path]
+) -> None:
+    """Read one (model, dataset)'s train logs and write the loss figure to each output path."""
+    figure = plot_training_loss(read_train_logs(sources), model, dataset)
     for path in outputs:
         save_figure(figure, path)
