@@ -344,9 +344,9 @@ def final_losses(logs: pd.DataFrame, share: float = 0.1) -> pd.Series:
 
 
 def plot_training_loss(logs: pd.DataFrame, model: str, dataset: str) -> Figure:
-    """Finetuning loss (answer tokens) against epochs over each subset's own facts: a subset
-    of facts the model stores well is fitted with a lower loss, one it must memorise with a
-    higher one, though every subset is equally factual."""
+    """Finetuning loss (answer tokens) against epochs over each subset's own facts: shows
+    which subset the model fits worse (facts it does not store must be memorised) and tells
+    a run that did not converge from one that trained but generalises worse."""
     curves, final = training_curves(logs), final_losses(logs)
     names = [s for s in SUBSETS if s in set(curves["subset"])]
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
