@@ -29,8 +29,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 
+from snakemake.exceptions import WorkflowError  # noqa: E402
+
 from factft import subsets  # noqa: E402
 from factft.config import finetune_settings, load_config  # noqa: E402
+from factft.errors import FactftError  # noqa: E402
 
 # Questions in each full source (PopQA test; EntityQuestions' train + dev + test, re-split by
 # subject; MMLU test).
@@ -215,7 +218,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reference", action="store_true", help="reference H200 rates x the table's real-token share")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=QUESTIONS", help="a dataset's size")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except (OSError, FactftError, WorkflowError) as error:  # unreadable, or fails the schema or its checks
+        first = " ".join(str(error).split("\n\n")[0].splitlines())  # not the schema dump after it
+        raise SystemExit(f"{args.config}: {first}") from None
     table = pd.read_csv(args.speed, sep="\t")
     sizes = dict(SIZES)
     for item in args.size:
