@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (OSError, FactftError, WorkflowError) as error:  # unreadable, or fails the schema or its checks
         first = " ".join(str(error).split("\n\n")[0].splitlines())  # not the schema dump after it
         raise SystemExit(f"{args.config}: {first}") from None
+    if not args.speed.is_file():
+        raise SystemExit(f"{args.speed}: no such speed table; bench/speed.py writes one (make bench-gpu, bench-cpu)")
     table = pd.read_csv(args.speed, sep="\t")
     sizes = dict(SIZES)
     for item in args.size:

@@ -106,6 +106,8 @@ def test_a_missing_row_or_size_is_named(tmp_path):
         raw["datasets"]["myqa"] = raw["datasets"].pop("popqa")
         config.write_text(yaml.safe_dump(raw))
         grid_hours.main([str(speed), "--config", str(config)])
+    with pytest.raises(SystemExit, match="missing.tsv: no such speed table"):
+        grid_hours.main([str(tmp_path / "missing.tsv"), "--config", str(config)])
 
 
 def test_a_config_the_workflow_would_refuse_is_one_line_naming_it(tmp_path):
