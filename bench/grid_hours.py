@@ -56,8 +56,8 @@ GOALS = {"tokens_per_s": 17_000, "speedup": 2.0, "questions_per_s": 500, "qlora_
 
 
 def dataset_work(config: dict, name: str, size: int) -> dict:
-    """Finetuning example passes, open-QA questions and forward-only tokens of one dataset's
-    jobs, over every model, subset and seed."""
+    """What one dataset's jobs compute over every model, subset and seed: finetuning tokens,
+    open-QA questions (generation) and forward-only tokens (likelihoods, few-shot prefill)."""
     dataset = config["datasets"][name]
     split = dict(config["split"], **dataset.get("split", {}))
     pool = (1 - split["test_fraction"]) * size  # subjects are held out; ~ the same share of facts
@@ -65,8 +65,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     pool = min(pool, split["pool_size"] or math.inf)
     test = min(test, split["test_size"] or math.inf)
     tokens = TOKENS_PER_EXAMPLE[dataset["format"]]
-    runs = len(config["subsets"]) * len(config["seeds"])
-    shots = config["evaluate"].get("fewshot", 0)
+    models, seeds = len(config["models"]), len(config["seeds"])
     examples = 0.0
     for model in config["models"]:
         settings = finetune_settings(config, model)
@@ -74,16 +73,17 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         for subset in config["subsets"]:
             rows = subsets.pool_share(subset, split["fraction"]) * pool
             passes = settings["max_steps"] * batch if settings["max_steps"] else settings["epochs"] * rows
-            examples += passes * len(config["seeds"])
-    evaluations = len(config["models"]) * (runs + 1)  # every run and the base model
-    questions = forward = 0.0
+            examples += passes * seeds
+    finetunes = models * len(config["subsets"]) * seeds
+    evaluations = finetunes + models  # every run and the base model
+    shots = config["evaluate"].get("fewshot", 0)
+    fewshot = models if shots else 0  # the base model once more, after `shots` solved questions
     if dataset["format"] == "open":
-        questions = test * evaluations
-        if shots:  # the same questions again, behind `shots` solved ones: more prefill
-            questions += test * len(config["models"])
-            forward += test * len(config["models"]) * shots * tokens
-    else:
-        forward += test * CHOICES * tokens * evaluations
+        questions = test * (evaluations + fewshot)
+        forward = test * fewshot * shots * tokens  # the demonstrations' prefill
+    else:  # each choice's likelihood, a forward pass over question, demonstrations and choice
+        questions = 0.0
+        forward = test * CHOICES * tokens * (evaluations + fewshot * (shots + 1))
     popularity = dataset["popularity"]
     if popularity["scorer"] == "model_confidence":  # the base model scores every fact once
         forward += size * (popularity.get("shots", 4) + 1) * tokens
@@ -92,8 +92,8 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         "finetune_tokens": examples * tokens,
         "questions": questions,
         "forward_tokens": forward,
-        "finetunes": len(config["models"]) * runs,
-        "evaluations": evaluations,
+        "finetunes": finetunes,
+        "evaluations": evaluations + fewshot,
     }
 
 

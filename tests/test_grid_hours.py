@@ -86,6 +86,20 @@ def test_max_steps_and_few_shot_change_the_work(tmp_path):
     assert work["forward_tokens"] == pytest.approx(3_000 * 5 * 20)  # the demonstrations' prefill
 
 
+def test_multiple_choice_is_forward_passes_per_choice_few_shot_included(tmp_path):
+    raw = yaml.safe_load(small_config(tmp_path).read_text())
+    full = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    raw["datasets"] = {"mmlu": full["datasets"]["mmlu"]}  # scored by llama2-7b's 4-shot confidence
+    raw["evaluate"]["fewshot"] = 2
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    (work,) = grid_hours.main([str(speed_table(tmp_path)), "--config", str(tmp_path / "config.yaml"), "--size", "mmlu=1000"])
+    test, tokens = 300, 70
+    assert work["questions"] == 0
+    evaluations = 3 + (2 + 1)  # two finetuned runs and the base model; the 2-shot one is 3 questions long
+    assert work["forward_tokens"] == pytest.approx(test * 4 * tokens * evaluations + 1000 * 5 * tokens)
+    assert work["evaluations"] == 4
+
+
 def test_reference_rates_scale_by_the_tables_real_token_share(tmp_path):
     speed = speed_table(tmp_path, device="cpu")
     config = small_config(tmp_path)
