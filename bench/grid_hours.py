@@ -41,7 +41,8 @@ SIZES = {"popqa": 14_267, "entityquestions": 220_700, "mmlu": 14_042}
 # Llama tokenizer, prompt + answer: a PopQA-like question is about 20 tokens, an MMLU question
 # with its choice text about 70.
 TOKENS_PER_EXAMPLE = {"open": 20, "multiple_choice": 70}
-CHOICES = 4  # MMLU: one forward pass per choice, no generation
+CHOICES = 4  # MMLU: scored by each choice's likelihood, no generation
+CHOICE_TOKENS = 15  # of an MMLU example's 70: the choice text (the question is the rest)
 # A forward pass costs 2N FLOPs a token, a LoRA training step 4N (forward + activation
 # gradients): forward-only work runs at about twice the training rate.
 FORWARD_SPEEDUP = 2.0
@@ -49,6 +50,7 @@ FORWARD_SPEEDUP = 2.0
 # random tokens (64 x 64), and plain `generate` (prompt 32, 16 new tokens).
 REFERENCE_TOKENS_PER_S = {"lora-qv": 13_516, "lora-all": 9_374, "qlora-all": 7_787}
 REFERENCE_QUESTIONS_PER_S = {"baseline": 59.5, "factft": 318.0}  # batch 64; batch 512
+OPEN_QA = "lora-qv merged"  # bench/speed.py's open-QA evaluation rows (EVAL_LABEL)
 GOALS = {"tokens_per_s": 17_000, "speedup": 2.0, "questions_per_s": 500, "qlora_gb": 24, "grid_h": 4.0}
 
 
@@ -80,13 +82,21 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     fewshot = models if shots else 0  # the base model once more, after `shots` solved questions
     if dataset["format"] == "open":
         questions = test * (evaluations + fewshot)
-        forward = test * fewshot * shots * tokens  # the demonstrations' prefill
-    else:  # each choice's likelihood, a forward pass over question, demonstrations and choice
+        prefill = test * fewshot * shots * tokens  # the demonstrations
+        forward = {"factft": prefill, "baseline": prefill}
+    else:
         questions = 0.0
-        forward = test * CHOICES * tokens * (evaluations + fewshot * (shots + 1))
+        prompt = tokens - CHOICE_TOKENS
+        # factft runs a prompt once and every choice from its KV cache; the plain way runs
+        # prompt and choice in full for each choice.
+        forward = {
+            "factft": test * ((evaluations + fewshot) * (prompt + CHOICES * CHOICE_TOKENS) + fewshot * shots * tokens),
+            "baseline": test * CHOICES * tokens * (evaluations + fewshot * (shots + 1)),
+        }
     popularity = dataset["popularity"]
-    if popularity["scorer"] == "model_confidence":  # the base model scores every fact once
-        forward += size * (popularity.get("shots", 4) + 1) * tokens
+    if popularity["scorer"] == "model_confidence":  # the base model scores every fact's gold answer once
+        for who in forward:
+            forward[who] += size * (popularity.get("shots", 4) + 1) * tokens
     return {
         "dataset": name,
         "finetune_tokens": examples * tokens,
@@ -141,8 +151,6 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
         raise SystemExit(f"models finetune differently ({sorted(variants | paths)}): give each its own config")
     variant, path = variants.pop(), paths.pop()
     eval_path = "factft-static" if config["evaluate"].get("static_cache") else "factft"
-    eval_variant = table.loc[table["stage"] == "evaluate", "variant"]
-    eval_variant = eval_variant.iloc[0] if len(eval_variant) else "lora-qv merged"
     out = {"variant": variant}
     for who, finetune_path, evaluate_path in (("factft", path, eval_path), ("baseline", "baseline", "baseline")):
         train = row(table, "finetune", variant, finetune_path, source)
@@ -152,19 +160,20 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
             out[f"{who}_questions_per_s"] = REFERENCE_QUESTIONS_PER_S[who]
         else:
             out[f"{who}_tokens_per_s"] = float(train["tokens_per_s"])
-            evaluate = row(table, "evaluate", eval_variant, evaluate_path, source)
+            evaluate = row(table, "evaluate", OPEN_QA, evaluate_path, source)
             out[f"{who}_questions_per_s"] = float(evaluate["questions_per_s"])
     return out
 
 
 def gpu_hours(work: dict, speed: dict, who: str) -> float:
     tokens_per_s = speed[f"{who}_tokens_per_s"]
-    # Forward-only work at factft's rate for both: the baseline has no path of its own for it.
+    # Forward-only work at factft's rate for both (the baseline's own count of tokens): the
+    # benchmark measures no plain forward-only path.
     forward_per_s = speed["factft_tokens_per_s"] * FORWARD_SPEEDUP
     seconds = (
         work["finetune_tokens"] / tokens_per_s
         + work["questions"] / speed[f"{who}_questions_per_s"]
-        + work["forward_tokens"] / forward_per_s
+        + work["forward_tokens"][who] / forward_per_s
     )
     return seconds / 3600
 
@@ -192,8 +201,7 @@ def goal_lines(table: pd.DataFrame, hours: float) -> list[str]:
             f"{verdict(qv[best] >= GOALS['tokens_per_s'])}; {ratio:.2f}x the baseline (goal >= 2x): "
             f"{verdict(ratio >= GOALS['speedup'])}"
         )
-    evaluate = table[table["stage"] == "evaluate"].groupby("path")["questions_per_s"].last()
-    fast = evaluate.drop("baseline", errors="ignore")
+    fast = speeds("evaluate", OPEN_QA, "questions_per_s").drop("baseline", errors="ignore")
     if len(fast):
         best = fast.idxmax()
         lines.append(
@@ -251,7 +259,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s, "
             f"evaluate {speed[f'{who}_questions_per_s']:,.1f} questions/s"
         )
-    print(f"  assumed: sizes {sizes}, tokens per example {TOKENS_PER_EXAMPLE}, forward-only at {FORWARD_SPEEDUP:g}x training")
+    print(
+        f"  assumed: sizes {sizes}, tokens per example {TOKENS_PER_EXAMPLE} ({CHOICE_TOKENS} of them an MMLU "
+        f"choice), forward-only at {FORWARD_SPEEDUP:g}x training; forward tokens: factft's"
+    )
     print(f"{'dataset':16s} {'finetune tokens':>16s} {'QA questions':>13s} {'forward tokens':>15s} {'factft GPU-h':>13s} {'baseline GPU-h':>15s}")
     totals = {"factft": 0.0, "baseline": 0.0}
     for work in works:
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             totals[who] += work[who]
         print(
             f"{work['dataset']:16s} {work['finetune_tokens'] / 1e6:15.1f}M {work['questions'] / 1e6:12.2f}M "
-            f"{work['forward_tokens'] / 1e6:14.1f}M {work['factft']:13.2f} {work['baseline']:15.2f}"
+            f"{work['forward_tokens']['factft'] / 1e6:14.1f}M {work['factft']:13.2f} {work['baseline']:15.2f}"
         )
     print(f"{'total':16s} {'':>16s} {'':>13s} {'':>15s} {totals['factft']:13.2f} {totals['baseline']:15.2f}")
     print("not counted: loading a model per job, queueing, the attention analysis (200 questions a run)")

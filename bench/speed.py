@@ -16,7 +16,9 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
   LoRA merged) on the same questions, max_new_tokens 16: questions/s, and the share of
-  questions where both give the same answer.
+  questions where both give the same answer; and multiple choice (4 options, MMLU's path):
+  every choice scored with its prompt in full against factft.generate.choice_logprobs
+  (each prompt once, every choice from its KV cache).
 
 Every finished row is written at once (atomically) to the tsv, so a run stopped at a time
 limit keeps what it measured; the ratios are printed at the end.
@@ -42,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))  # factft without installing it (GPU image)
 
-from factft.generate import generate_texts, left_pad  # noqa: E402
+from factft.generate import answer_logprobs, choice_logprobs, generate_texts, left_pad, prompt_answer_ids  # noqa: E402
 from factft.prompts import prompt_text  # noqa: E402
 from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
@@ -73,6 +75,7 @@ TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all
 BASELINE_EVAL_BATCH = 64
 MAX_NEW_TOKENS = 16
 EVAL_LABEL = "lora-qv merged"
+CHOICE_LABEL = "multiple choice, 4"
 COLUMNS = [
     "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
     "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
@@ -386,6 +389,34 @@ def evaluate_rows(table, model, tokenizer, prompts: list[str], args):
     return naive
 
 
+def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
+    """Multiple choice (MMLU's path: the likeliest of 4 answer texts): every choice scored in
+    full, prompt included (batches of 64 rows), against factft's, which runs each prompt once
+    and continues every choice from its KV cache."""
+    prompts = [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
+    answers = [f" {a[0]}" for a in questions["answers"]]
+    options = [[answers[(i + k) % len(answers)] for k in range(4)] for i in range(len(answers))]
+    pairs = [prompt_answer_ids(tokenizer, p, c) for p, o in zip(prompts, options) for c in o]
+    real = sum(len(q) + len(a) for q, a in pairs)
+    shared = sum(len(q) for q, _ in pairs[::4]) + sum(len(a) for _, a in pairs)
+    flat_prompts = [p for p, o in zip(prompts, options) for _ in o]
+    with Clock(args.device) as clock:
+        flat = answer_logprobs(model, tokenizer, flat_prompts, [c for o in options for c in o], batch_size=64)
+    picked = flat.reshape(-1, 4).argmax(-1)
+    common = dict(stage="evaluate", variant=CHOICE_LABEL, items=len(prompts), real_tokens=real)
+    table.add(
+        **common, path="baseline", batch_size=64, computed_tokens=real, seconds=clock.seconds, wall_s=clock.wall,
+        cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
+    )  # fmt: skip
+    with Clock(args.device) as clock:
+        scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=args.eval_batch)
+    table.add(
+        **common, path="factft", batch_size=args.eval_batch, computed_tokens=shared, seconds=clock.seconds,
+        wall_s=clock.wall, cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
+        agreement=float(np.mean([np.argmax(s) == p for s, p in zip(scores, picked)])),
+    )  # fmt: skip
+
+
 def static_cache_row(table, spec: dict, tokenizer, prompts: list[str], naive: list[str], args) -> None:
     """factft's path with the static KV cache, on the same merged model reloaded in bf16.
     The time includes transformers' compilation of the decoding step: what one job pays."""
@@ -510,6 +541,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             print(f"saved the model (reloaded for QLoRA and the static cache) in {clock.wall:.0f} s", flush=True)
         prompts = [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
         naive = evaluate_rows(table, model, tokenizer, prompts, args)
+        choice_rows(table, model, tokenizer, questions, args)  # on the merged model
         del model
         gc.collect()
         for variant in qlora:

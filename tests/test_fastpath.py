@@ -212,6 +212,9 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
     assert (finetune_rows["computed_tokens"] >= finetune_rows["real_tokens"]).all()
     packed = finetune_rows[finetune_rows["path"].str.startswith("factft-packed")]
     assert (packed["computed_tokens"] == packed["real_tokens"]).all()
-    evaluated = written[written["stage"] == "evaluate"].set_index("path")
-    assert evaluated.loc["factft", "agreement"] == 1.0  # merged LoRA answers as the unmerged one
+    evaluated = written[written["stage"] == "evaluate"].set_index(["variant", "path"])
+    assert evaluated.loc[("lora-qv merged", "factft"), "agreement"] == 1.0  # merged LoRA answers as the unmerged one
+    choices = evaluated.loc["multiple choice, 4"]
+    assert choices.loc["factft", "agreement"] == 1.0  # the same choice from the prompt's cache
+    assert choices.loc["factft", "computed_tokens"] < choices.loc["baseline", "computed_tokens"] / 2
     assert (written["date"].notna() & written["torch"].notna()).all()

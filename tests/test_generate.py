@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from factft.errors import FactftError
 from factft.generate import (
@@ -133,6 +133,35 @@ def test_multiple_choice_picks_the_most_likely_choice(tiny):
         assert predictions["prediction"].iloc[row] == test["choices"].iloc[row][int(np.argmax(direct))]
     expected = predictions["choice"].to_numpy() == test["answer_index"].to_numpy()
     assert list(predictions["correct"]) == list(expected)
+
+
+def sliding_window_model(vocab_size: int):
+    """A random Mistral-shaped model whose sliding window (6) is shorter than the prompts."""
+    config = MistralConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=6, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_choices_scored_from_one_pass_over_the_prompt_equal_each_choice_scored_in_full(tiny, architecture):
+    _, model, tokenizer = tiny
+    if architecture == "mistral":
+        model = sliding_window_model(len(tokenizer))
+    demo = "Q: Where was Kalo Mirr born ? A: Rome\n"
+    prompts = [demo * 3 + "Q: Where was Ilmo Varsk born ? A:", "Q: What does Bera Tosk do ? A:", "Q: Ilmo ? A:"]
+    options = [[" Lyon", " in the city of Paris", " Rome ."], [" baker", " a pilot of planes"], [" Milan", "", " Oslo"]]
+    flat = answer_logprobs(
+        model, tokenizer, [p for p, o in zip(prompts, options) for _ in o], [c for o in options for c in o], batch_size=64
+    )
+    expected = np.split(flat, np.cumsum([len(o) for o in options])[:-1])
+    for batch_size in (3, 64):  # one question per pass; every question in one left-padded pass
+        shared = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
+        for got, want in zip(shared, expected):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert expected[2][1] == 0.0  # an empty choice has no tokens to score
 
 
 def test_evaluate_model_writes_predictions_in_test_order_and_metrics(tiny, tmp_path):

@@ -23,6 +23,7 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
         ("finetune", "qlora-all", "factft-packed-gc", 6_000.0, None, rates.get("qlora_gb", 11.5), 2000, 2000),
         ("evaluate", "lora-qv merged", "baseline", None, 60.0, 20.0, None, None),
         ("evaluate", "lora-qv merged", "factft", None, rates.get("factft_qps", 600.0), 30.0, None, None),
+        ("evaluate", "multiple choice, 4", "factft", None, 9_999.0, 30.0, 1000, 400),  # not open QA's rate
     ]
     columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
     table = pd.DataFrame(rows, columns=columns)
@@ -57,7 +58,7 @@ def test_hours_are_each_jobs_work_over_the_measured_rates(tmp_path, capsys):
     questions = test * 3  # two finetuned models' and the base model's evaluations
     assert work["finetune_tokens"] == pytest.approx(tokens)
     assert work["questions"] == pytest.approx(questions)
-    assert work["forward_tokens"] == 0  # popularity from a column, no few-shot, no multiple choice
+    assert work["forward_tokens"] == {"factft": 0, "baseline": 0}  # popularity from a column, no few-shot or choices
     assert work["factft"] == pytest.approx((tokens / 20_000 + questions / 600) / 3600)
     assert work["baseline"] == pytest.approx((tokens / 8_000 + questions / 60) / 3600)
     printed = capsys.readouterr().out
@@ -83,21 +84,24 @@ def test_max_steps_and_few_shot_change_the_work(tmp_path):
     (work,) = grid_hours.main([str(speed), "--config", str(tmp_path / "config.yaml"), "--size", "popqa=10000"])
     assert work["finetune_tokens"] == pytest.approx(2 * 100 * 16 * 20)  # two subsets, 100 steps of 16
     assert work["questions"] == pytest.approx(3_000 * 4)  # and the base model once more, 5-shot
-    assert work["forward_tokens"] == pytest.approx(3_000 * 5 * 20)  # the demonstrations' prefill
+    assert work["forward_tokens"] == pytest.approx({"factft": 3_000 * 5 * 20, "baseline": 3_000 * 5 * 20})  # demonstrations
 
 
-def test_multiple_choice_is_forward_passes_per_choice_few_shot_included(tmp_path):
+def test_multiple_choice_runs_a_prompt_once_for_factft_and_once_per_choice_the_plain_way(tmp_path):
     raw = yaml.safe_load(small_config(tmp_path).read_text())
     full = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     raw["datasets"] = {"mmlu": full["datasets"]["mmlu"]}  # scored by llama2-7b's 4-shot confidence
     raw["evaluate"]["fewshot"] = 2
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     (work,) = grid_hours.main([str(speed_table(tmp_path)), "--config", str(tmp_path / "config.yaml"), "--size", "mmlu=1000"])
-    test, tokens = 300, 70
+    test, tokens, popularity = 300, 70, 1000 * 5 * 70
     assert work["questions"] == 0
-    evaluations = 3 + (2 + 1)  # two finetuned runs and the base model; the 2-shot one is 3 questions long
-    assert work["forward_tokens"] == pytest.approx(test * 4 * tokens * evaluations + 1000 * 5 * tokens)
-    assert work["evaluations"] == 4
+    # Each evaluation of a question: its prompt (55 tokens) once, then the 4 choices (15 each);
+    # the 2-shot one adds two solved examples. The plain way: prompt and choice, 4 times.
+    factft = test * (4 * (55 + 4 * 15) + 2 * tokens) + popularity
+    baseline = test * 4 * tokens * (3 + 3) + popularity  # the 2-shot evaluation is 3 examples long
+    assert work["forward_tokens"] == pytest.approx({"factft": factft, "baseline": baseline})
+    assert work["evaluations"] == 4  # two finetuned runs, the base model, its 2-shot evaluation
 
 
 def test_reference_rates_scale_by_the_tables_real_token_share(tmp_path):

@@ -11,6 +11,7 @@ answer positions' logits (a 7B vocabulary over whole few-shot prompts would not 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import sys
@@ -207,15 +208,60 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+@torch.inference_mode()
 def choice_logprobs(
     model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, batch_size: int
 ) -> list[np.ndarray]:
-    """Per question, the summed log-likelihood of each choice text after its prompt."""
-    flat_prompts = [p for p, options in zip(prompts, choices, strict=True) for _ in options]
-    flat_choices = [c for options in choices for c in options]
-    flat = answer_logprobs(model, tokenizer, flat_prompts, flat_choices, batch_size=batch_size)
-    bounds = np.cumsum([len(options) for options in choices])[:-1]
-    return np.split(flat, bounds)
+    """Per question, the summed log-likelihood of each choice text after its prompt.
+
+    The prompt runs once and every choice continues from a copy of its KV cache: a question
+    of 55 tokens with four choices of 15 computes 115 tokens instead of 4 x 70 (and a 5-shot
+    prompt 3.6x fewer). `batch_size` counts rows per forward pass, as in answer_logprobs.
+    """
+    pairs = [[prompt_answer_ids(tokenizer, p, c) for c in options] for p, options in zip(prompts, choices, strict=True)]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]  # every choice's prompt part (prompt_answer_ids)
+    choice_ids = [[answer for _, answer in row] for row in pairs]
+    scores = [np.zeros(len(options), dtype=np.float64) for options in choices]
+    widest = max((len(options) for options in choices), default=1)
+    pad = _pad_id(tokenizer)
+    keeps_logits = accepts_logits_to_keep(model)
+
+    def run(batch: np.ndarray) -> None:
+        ids, mask = left_pad([prompt_ids[i] for i in batch], pad, model.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if keeps_logits else {}
+        prefix = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        first = prefix.logits[:, -1:].float()  # predicts each choice's first token
+        lengths = mask.sum(-1, keepdim=True)
+        for j in range(max(len(choice_ids[i]) for i in batch)):
+            options = [choice_ids[i][j] if j < len(choice_ids[i]) else [] for i in batch]
+            k = max(len(o) for o in options)
+            if k == 0:
+                continue
+            tokens = torch.full((len(batch), k), pad, dtype=torch.long)
+            in_choice = torch.zeros((len(batch), k), dtype=torch.long)
+            for row, option in enumerate(options):
+                tokens[row, : len(option)] = torch.as_tensor(option, dtype=torch.long)
+                in_choice[row, : len(option)] = 1
+            tokens, in_choice = tokens.to(model.device), in_choice.to(model.device)
+            # Right-padded after the prompt: a choice's tokens never see its padding.
+            logits = model(
+                input_ids=tokens,
+                attention_mask=torch.cat([mask, in_choice], dim=-1),
+                position_ids=lengths + torch.arange(k, device=model.device)[None, :],
+                past_key_values=copy.deepcopy(prefix.past_key_values),
+                use_cache=True,
+            ).logits
+            logprobs = torch.log_softmax(torch.cat([first, logits[:, :-1].float()], dim=1), dim=-1)
+            token_logprobs = logprobs.gather(-1, tokens[:, :, None]).squeeze(-1)
+            sums = torch.where(in_choice.bool(), token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
+            for row, (i, total) in enumerate(zip(batch, sums.double().cpu().numpy())):
+                if j < len(choice_ids[i]):
+                    scores[i][j] = total
+
+    questions = max(1, batch_size // widest)  # each choice is a row of its own
+    in_batches(length_batches([len(p) for p in prompt_ids], questions), run)
+    return scores
 
 
 # ---- evaluation -----------------------------------------------------------------
