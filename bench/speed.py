@@ -15,10 +15,13 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   token against 989 TFLOP/s, CUDA only) and peak memory;
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
-  LoRA merged) on the same questions, max_new_tokens 16: questions/s, and the share of
-  questions where both give the same answer; and multiple choice (4 options, MMLU's path):
-  every choice scored with its prompt in full against factft.generate.choice_logprobs
-  (each prompt once, every choice from its KV cache).
+  LoRA merged; decoding in rounds, and in one round) on the same questions, max_new_tokens
+  16: questions/s, and the share of questions where both give the same answer. Twice: as
+  the random model answers (16 tokens each: no answer ends), and with answers that end as a
+  finetuned model's do (AnswersEnd: eos after 1-8 tokens, median 2; 1 in 50 never ends);
+  and multiple choice (4 options, MMLU's path): every choice scored with its prompt in
+  full against factft.generate.choice_logprobs (each prompt once, every choice from its KV
+  cache).
 
 Every finished row is written at once (atomically) to the tsv, so a run stopped at a time
 limit keeps what it measured; the ratios are printed at the end.
@@ -40,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))  # factft without installing it (GPU image)
@@ -66,20 +70,23 @@ SHAPES = {
     # Wide enough that matrix work, not Python, dominates a step on a CPU core.
     "cpu": {"hidden": 256, "layers": 4, "heads": 8, "mlp": 688, "vocab": 4096},
 }
-SIZES = {  # examples per finetune run, evaluation questions, factft's eval batch
-    "cuda": {"examples": 2048, "questions": 5000, "eval_batch": 512},
-    "cpu": {"examples": 512, "questions": 300, "eval_batch": 256},
+SIZES = {  # examples per finetune run, evaluation questions (of them with AnswersEnd), factft's eval batch
+    "cuda": {"examples": 2048, "questions": 5000, "ending_questions": 2000, "eval_batch": 512},
+    "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "eval_batch": 256},
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
 TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all": "all-linear"}
 BASELINE_EVAL_BATCH = 64
 MAX_NEW_TOKENS = 16
 EVAL_LABEL = "lora-qv merged"
+ENDING_LABEL = "lora-qv merged, answers end"
+NEVER_ENDS = 0.02  # share of answers that run to max_new_tokens (a finetuned model repeating itself)
 CHOICE_LABEL = "multiple choice, 4"
 COLUMNS = [
     "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
     "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
-    "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "mfu", "peak_gb", "mean_loss", "agreement", "note",
+    "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "forward_passes", "mfu", "peak_gb", "mean_loss",
+    "agreement", "note",
 ]  # fmt: skip
 
 
@@ -113,6 +120,10 @@ def make_facts(n: int, vocab: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"question": questions, "answers": answers})
 
 
+def question_prompts(questions: pd.DataFrame) -> list[str]:
+    return [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
+
+
 def build_model(shape: dict, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,6 +150,34 @@ def build_model(shape: dict, device: str):
         model.lm_head.weight.mul_(8.0)
     model.generation_config.pad_token_id = 3
     return model.eval()
+
+
+class AnswersEnd(LogitsProcessor):
+    """Makes the random model's answers end as a finetuned model's do: eos after the length
+    drawn for the question's answer (make_facts), except for NEVER_ENDS of the questions.
+
+    The length is found from the question's last word, the token before "A :", so it follows
+    a question through any batching, padding or re-prompting (factft's decoding rounds);
+    questions that share a last word (a few in a hundred) share the last one's length.
+    """
+
+    def __init__(self, tokenizer, questions: pd.DataFrame, device: str, seed: int = 1):
+        never = np.random.default_rng(seed).random(len(questions)) < NEVER_ENDS
+        self.lengths = torch.full((len(tokenizer),), 10**6, dtype=torch.long)
+        for question, answers, endless in zip(questions["question"], questions["answers"], never):
+            if not endless:
+                self.lengths[tokenizer.convert_tokens_to_ids(question.split()[-1])] = len(answers[0].split())
+        self.lengths = self.lengths.to(device)
+        self.colon, self.eos = tokenizer.convert_tokens_to_ids(":"), tokenizer.eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        answer_start = torch.where(input_ids == self.colon, columns, -1).max(-1).values + 1
+        last_word = input_ids.gather(1, (answer_start - 3).clamp(min=0)[:, None])[:, 0]
+        ended = input_ids.shape[1] - answer_start >= self.lengths[last_word]
+        only_eos = torch.full_like(scores, float("-inf"))
+        only_eos[:, self.eos] = 0.0
+        return torch.where(ended[:, None], only_eos, scores)
 
 
 # ---- measuring -------------------------------------------------------------------
@@ -179,6 +218,28 @@ def mfu(tokens_per_s: float, n_base: int, n_trainable: int, device: str) -> floa
         return float("nan")
     # Frozen base: forward + activation gradients (4N); trainable weights also get weight gradients.
     return tokens_per_s * (4 * n_base + 6 * n_trainable) / PEAK_FLOPS
+
+
+class Passes:
+    """Counts a model's forward passes in a block and the tokens they compute (padding
+    included): evaluation's work in device-independent terms. A 7B's decoding step on a
+    GPU costs about the same at any batch size (reference: 67 ms at 64 rows, 100 ms at 512),
+    so there the passes, not the tokens, set the time."""
+
+    def __init__(self, model):
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def count(self, module, args, kwargs) -> None:
+        self.passes += 1
+        self.tokens += kwargs["input_ids"].numel() if kwargs.get("input_ids") is not None else args[0].numel()
+
+    def __enter__(self):
+        self.passes = self.tokens = 0
+        self.handle = self.model.register_forward_pre_hook(self.count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def settings_for(variant: str, batch_size: int, **extra) -> dict:
@@ -274,15 +335,16 @@ def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id
 
 
 @torch.inference_mode()
-def generate_baseline(model, tokenizer, prompts: list[str], batch_size: int) -> list[str]:
+def generate_baseline(model, tokenizer, prompts: list[str], batch_size: int, logits_processor=None) -> list[str]:
     """What a first script does: test order, batches of 64 padded on the left, greedy."""
     texts = []
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(prompts[start : start + batch_size])["input_ids"]
         ids, mask = left_pad(encoded, tokenizer.pad_token_id, model.device)
         output = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS
-        )
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+            logits_processor=logits_processor,
+        )  # fmt: skip
         texts += tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
     return texts
 
@@ -365,35 +427,54 @@ def eval_adapter(model):
     return get_peft_model(model, config).eval()
 
 
-def eval_row(table, args, path, batch_size, prompts, real, clock, reference=None, texts=None, label=EVAL_LABEL):
+def eval_row(
+    table, args, path, batch_size, prompts, real, clock, passes=None, reference=None, texts=None, label=EVAL_LABEL
+):
     table.add(
         stage="evaluate", variant=label, path=path, batch_size=batch_size, items=len(prompts), real_tokens=real,
-        seconds=clock.seconds, wall_s=clock.wall, cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds,
-        peak_gb=clock.peak_gb,
+        computed_tokens=passes.tokens if passes else float("nan"),
+        forward_passes=passes.passes if passes else float("nan"), seconds=clock.seconds, wall_s=clock.wall,
+        cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
         agreement=float(np.mean([a == b for a, b in zip(reference, texts)])) if reference else float("nan"),
     )  # fmt: skip
 
 
-def evaluate_rows(table, model, tokenizer, prompts: list[str], args):
-    """Naive generate on the unmerged LoRA model, then factft's path on the merged one.
-    Returns the naive answers, the reference for every other path."""
-    real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> list[str]:
+    """Naive generate on the unmerged LoRA model, then factft's path on the merged one: on
+    every question as the random model answers, then on the first args.ending_questions with
+    AnswersEnd. Returns the first kind's naive answers, the static-cache path's reference."""
+    ending = questions.iloc[: args.ending_questions]
+    runs = {
+        EVAL_LABEL: (question_prompts(questions), None),
+        ENDING_LABEL: (question_prompts(ending), LogitsProcessorList([AnswersEnd(tokenizer, ending, args.device)])),
+    }
     peft_model = eval_adapter(model)
-    with Clock(args.device) as clock:
-        naive = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH)
-    eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock)
+    naive = {}
+    for label, (prompts, processors) in runs.items():
+        real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        with Passes(peft_model) as passes, Clock(args.device) as clock:
+            naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
+        eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
     merged = peft_model.merge_and_unload()
-    with Clock(args.device) as clock:
-        fast = generate_texts(merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch)
-    eval_row(table, args, "factft", args.eval_batch, prompts, real, clock, naive, fast)
-    return naive
+    for label, (prompts, processors) in runs.items():
+        real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        for path, rounds in [("factft", True), ("factft-one-round", False)]:
+            with Passes(merged) as passes, Clock(args.device) as clock:
+                fast = generate_texts(
+                    merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
+                    rounds=rounds, logits_processor=processors,
+                )  # fmt: skip
+            eval_row(
+                table, args, path, args.eval_batch, prompts, real, clock, passes, naive[label], fast, label=label
+            )
+    return naive[EVAL_LABEL]
 
 
 def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     """Multiple choice (MMLU's path: the likeliest of 4 answer texts): every choice scored in
     full, prompt included (batches of 64 rows), against factft's, which runs each prompt once
     and continues every choice from its KV cache."""
-    prompts = [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
+    prompts = question_prompts(questions)
     answers = [f" {a[0]}" for a in questions["answers"]]
     options = [[answers[(i + k) % len(answers)] for k in range(4)] for i in range(len(answers))]
     pairs = [prompt_answer_ids(tokenizer, p, c) for p, o in zip(prompts, options) for c in o]
@@ -417,19 +498,21 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     )  # fmt: skip
 
 
-def static_cache_row(table, spec: dict, tokenizer, prompts: list[str], naive: list[str], args) -> None:
+def static_cache_row(table, spec: dict, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
     """factft's path with the static KV cache, on the same merged model reloaded in bf16.
     The time includes transformers' compilation of the decoding step: what one job pays."""
     from factft.models import load_model
 
     model, _ = load_model(spec, device=args.device)
     merged = eval_adapter(model).merge_and_unload()
+    prompts = question_prompts(questions)
     real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    # Not counted: a hook's Python side effects would not survive transformers' compilation.
     with Clock(args.device) as clock:
         texts = generate_texts(
             merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch, static_cache=True
         )
-    eval_row(table, args, "factft-static", args.eval_batch, prompts, real, clock, naive, texts)
+    eval_row(table, args, "factft-static", args.eval_batch, prompts, real, clock, reference=naive, texts=texts)
 
 
 def save_for_qlora(model, tokenizer, folder: Path) -> dict:
@@ -482,7 +565,7 @@ def ratios(table: pd.DataFrame) -> list[str]:
             continue
         for path, speed in speeds.items():
             if path != "baseline" and speed == speed:
-                lines.append(f"{stage:9s} {variant:9s} {path:14s} {speed / speeds['baseline']:5.2f}x baseline")
+                lines.append(f"{stage:9s} {variant:27s} {path:16s} {speed / speeds['baseline']:5.2f}x baseline")
     return lines
 
 
@@ -507,6 +590,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.examples = args.examples or sizes["examples"]
     args.questions = args.questions or sizes["questions"]
     args.eval_batch = args.eval_batch or sizes["eval_batch"]
+    args.ending_questions = min(args.questions, sizes["ending_questions"])
     args.static_cache = args.device == "cuda" if args.static_cache is None else args.static_cache
     args.out = args.out or ROOT / "bench" / "results" / f"speed-{args.device}.tsv"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -539,8 +623,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             with Clock(args.device) as clock:
                 spec = save_for_qlora(model, tokenizer, Path(workdir) / "model")
             print(f"saved the model (reloaded for QLoRA and the static cache) in {clock.wall:.0f} s", flush=True)
-        prompts = [prompt_text(q, PROMPT["template"]) for q in questions["question"]]
-        naive = evaluate_rows(table, model, tokenizer, prompts, args)
+        naive = evaluate_rows(table, model, tokenizer, questions, args)
         choice_rows(table, model, tokenizer, questions, args)  # on the merged model
         del model
         gc.collect()
@@ -550,7 +633,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         # Last: compilation time is the least predictable part of the run.
         if args.static_cache and args.device == "cuda":
             with recorded_failure(table, "evaluate", EVAL_LABEL):
-                static_cache_row(table, spec, tokenizer, prompts, naive, args)
+                static_cache_row(table, spec, tokenizer, questions, naive, args)
 
     result = pd.DataFrame(table.rows).reindex(columns=COLUMNS)
     print(f"\n{args.out}\n" + "\n".join(ratios(result)), flush=True)

@@ -4,10 +4,12 @@ the static KV cache and the out-of-memory split, checked on the tiny model on CP
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LogitsProcessorList
 
 from factft.generate import generate_texts, in_batches
 from factft.models import load_model
@@ -192,11 +194,16 @@ def test_after_running_out_of_gpu_memory_every_batch_is_cut_until_it_fits():
         in_batches([[0]], never_fits)
 
 
-@pytest.mark.slow
-def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
+def load_bench():
     module_spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
+    bench = load_bench()
     bench.SHAPES["cpu"] = {"hidden": 32, "layers": 1, "heads": 2, "mlp": 64, "vocab": 256}
     out = tmp_path / "speed.tsv"
     args = ["--device", "cpu", "--examples", "32", "--questions", "24", "--eval-batch", "16", "--out", str(out)]
@@ -214,7 +221,25 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
     assert (packed["computed_tokens"] == packed["real_tokens"]).all()
     evaluated = written[written["stage"] == "evaluate"].set_index(["variant", "path"])
     assert evaluated.loc[("lora-qv merged", "factft"), "agreement"] == 1.0  # merged LoRA answers as the unmerged one
+    assert evaluated.loc[("lora-qv merged, answers end", "factft"), "agreement"] == 1.0  # also when decoded in rounds
     choices = evaluated.loc["multiple choice, 4"]
     assert choices.loc["factft", "agreement"] == 1.0  # the same choice from the prompt's cache
     assert choices.loc["factft", "computed_tokens"] < choices.loc["baseline", "computed_tokens"] / 2
     assert (written["date"].notna() & written["torch"].notna()).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_benchmark_answers_end_after_their_drawn_length_but_a_few_never():
+    bench = load_bench()
+    shape = {"hidden": 32, "layers": 1, "heads": 2, "mlp": 64, "vocab": 512}
+    tokenizer, model = bench.make_tokenizer(shape["vocab"]), bench.build_model(shape, "cpu")
+    questions = bench.make_facts(200, shape["vocab"], seed=0)
+    ends = LogitsProcessorList([bench.AnswersEnd(tokenizer, questions, "cpu")])
+    texts = bench.generate_baseline(model, tokenizer, bench.question_prompts(questions), 64, ends)
+    # Questions are told apart by their last word; of those that share it, the last one sets the length.
+    length_by_last_word = {q.split()[-1]: len(a[0].split()) for q, a in zip(questions["question"], questions["answers"])}
+    drawn = [length_by_last_word[q.split()[-1]] for q in questions["question"]]
+    words = [len(text.split()) for text in texts]
+    ended = [w == d for w, d in zip(words, drawn)]
+    assert 0.9 < np.mean(ended) < 1.0  # NEVER_ENDS (2%) run on
+    assert all(w == bench.MAX_NEW_TOKENS for w, e in zip(words, ended) if not e)

@@ -5,14 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, MistralConfig, MistralForCausalLM
 
 from factft.errors import FactftError
+from factft.metrics import first_line
 from factft.generate import (
     answer_logprobs,
     choice_logprobs,
     evaluate_model,
+    first_line_breaks,
     generate_texts,
+    line_end_flags,
     length_batches,
     predict,
     prompt_answer_ids,
@@ -100,6 +103,40 @@ def test_generation_stops_at_any_eos_of_the_generation_config_and_drops_it(tiny)
     finally:
         model.generation_config.eos_token_id = original
     assert text == tokenizer.decode(free[: free.index(stopper)])
+
+
+class EndsAfter(LogitsProcessor):
+    """Forces eos once a row's answer (the tokens after its last ':') is as long as `lengths`
+    says for the question's word before '?': answers of set lengths that follow a question
+    through batching and decoding rounds."""
+
+    def __init__(self, tokenizer, lengths: dict[str, int]):
+        self.lengths = torch.full((len(tokenizer),), 10**6)
+        for word, length in lengths.items():
+            self.lengths[tokenizer.convert_tokens_to_ids(word)] = length
+        self.colon, self.eos = tokenizer.convert_tokens_to_ids(":"), tokenizer.eos_token_id
+
+    def __call__(self, input_ids, scores):
+        columns = torch.arange(input_ids.shape[1])
+        start = torch.where(input_ids == self.colon, columns, -1).max(-1).values + 1
+        word = input_ids.gather(1, (start - 4).clamp(min=0)[:, None])[:, 0]  # [word, "?", "A", ":"]
+        ended = input_ids.shape[1] - start >= self.lengths[word]
+        scores[ended] = float("-inf")
+        scores[ended, self.eos] = 0.0
+        return scores
+
+
+def test_decoding_in_rounds_gives_the_answers_of_one_pass(tiny):
+    _, model, tokenizer = tiny
+    prompts = [f"Q: {q} A:" for q in make_test_table()["question"]]
+    # Rows that end at once, within the first round (4 tokens), after it, and never.
+    ends = LogitsProcessorList([EndsAfter(tokenizer, {"Ilmo": 0, "do": 1, "the": 6, "<unk>": 3})])
+    one_pass = generate_texts(model, tokenizer, prompts, max_new_tokens=11, batch_size=7, rounds=False, logits_processor=ends)
+    words = sorted(len(text.split()) for text in one_pass)  # a generated <unk> decodes to nothing
+    assert words[:2] == [0, 1] and 4 < words[3] <= 6 and words[-3:] == [11, 11, 11]
+    for batch_size in (1, 3, 7):
+        rounds = generate_texts(model, tokenizer, prompts, max_new_tokens=11, batch_size=batch_size, logits_processor=ends)
+        assert rounds == one_pass
 
 
 def _direct_logprob(model, tokenizer, prompt, answer):
@@ -269,6 +306,58 @@ def test_bpe_batched_generation_and_likelihoods_equal_unbatched_ones(bpe_tiny):
     np.testing.assert_allclose(scores, direct, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "text, ends",
+    [
+        (" Paris\nQ: Rome", True),
+        ("\n\n Paris\nQ", True),  # blank lines before the answer end nothing (first_line skips them)
+        (" \n Zürich\n", True),
+        ("\u00a0\n Oslo\nQ", True),  # a no-break space is blank too
+        (" São Paulo.\n\nQ", True),
+        (" Paris", False),
+        ("\n\n", False),
+        (" 東京\nQ", False),  # byte tokens of a character decode to U+FFFD alone: never taken for text
+    ],
+)
+def test_the_first_line_ends_at_the_token_where_scoring_cuts_it(bpe_tokenizer, text, ends):
+    tokenizer = bpe_tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    flags = line_end_flags(tokenizer, len(tokenizer), "cpu")
+    breaks = first_line_breaks(torch.tensor([[0, *ids]]), torch.tensor([1]), flags)[0, 1:]  # after a prompt token
+    assert bool(breaks.any()) == ends
+    if ends:
+        end = int(breaks.int().argmax()) + 1
+        assert first_line(tokenizer.decode(ids[:end])) == first_line(text)  # nothing of the first line is cut
+        assert "\n" in tokenizer.decode(ids[:end]).lstrip() and "\n" not in tokenizer.decode(ids[: end - 1]).lstrip()
+
+
+class Successors(LogitsProcessor):
+    """Forces the token that follows the row's last token in a cycle of tokens."""
+
+    def __init__(self, tokenizer, cycle: list[str]):
+        ids = tokenizer.convert_tokens_to_ids(cycle)
+        self.following = torch.zeros(len(tokenizer), dtype=torch.long)
+        self.following[ids] = torch.tensor(ids[1:] + ids[:1])
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, self.following[input_ids[:, -1]][:, None], 0.0)
+
+
+@pytest.mark.parametrize(
+    "cycle, first",
+    [([":", "ĠParis", "Ċ", "Q"], " Paris\n"), ([":", "ĊĊ", "ĠParis", "Ċ", "Q"], "\n\n Paris\n")],
+)
+def test_a_row_stops_at_the_end_of_its_first_line(bpe_tiny, cycle, first):
+    model, tokenizer = bpe_tiny
+    prompts = ["Q: What is the capital of France? A:", "Q: Who wrote Hamlet? A:"]
+    forced = LogitsProcessorList([Successors(tokenizer, cycle)])  # e.g. " Paris\nQ: Paris\nQ: ..." after "A:"
+    options = dict(max_new_tokens=12, batch_size=2, logits_processor=forced)
+    whole = generate_texts(model, tokenizer, prompts, stop_at_line_end=False, **options)
+    assert whole[0].startswith(first + "Q:") and len(whole[0]) > len(first) + 2
+    assert generate_texts(model, tokenizer, prompts, **options) == [first, first]
+
+
 @pytest.mark.slow
 def test_a_real_pretrained_model_answers_well_known_questions():
     test = pd.DataFrame(
@@ -287,8 +376,8 @@ def test_a_real_pretrained_model_answers_well_known_questions():
     params = {"format": "open", "prompt": prompt, "max_new_tokens": 6, "batch_size": 4, "percentiles": [50, 100]}
     predictions, metrics = evaluate_model(smollm2_spec(), test, params, device="cpu")
     assert predictions["correct"].sum() >= 3, list(predictions["prediction"])
-    # Only the first line is scored: the model goes on with a new question.
-    assert predictions["prediction"].str.contains("\n").any()
+    # Only the first line is scored, so decoding stops at its end: the model would go on with a new question.
+    assert predictions["prediction"].str.endswith("\n").any() and not predictions["prediction"].str.contains("Q:").any()
     assert metrics.query("scope == 'all'")["accuracy"].iloc[0] == predictions["correct"].mean()
 
 

@@ -23,6 +23,9 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
         ("finetune", "qlora-all", "factft-packed-gc", 6_000.0, None, rates.get("qlora_gb", 11.5), 2000, 2000),
         ("evaluate", "lora-qv merged", "baseline", None, 60.0, 20.0, None, None),
         ("evaluate", "lora-qv merged", "factft", None, rates.get("factft_qps", 600.0), 30.0, None, None),
+        ("evaluate", "lora-qv merged", "factft-one-round", None, 9_000.0, 30.0, None, None),  # a diagnostic
+        ("evaluate", "lora-qv merged, answers end", "baseline", None, 100.0, 20.0, None, None),
+        ("evaluate", "lora-qv merged, answers end", "factft", None, 1_500.0, 30.0, None, None),
         ("evaluate", "multiple choice, 4", "factft", None, 9_999.0, 30.0, 1000, 400),  # not open QA's rate
     ]
     columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
@@ -64,6 +67,7 @@ def test_hours_are_each_jobs_work_over_the_measured_rates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "finetune LoRA q,v: factft 20,000 real tokens/s (goal >= 17,000): met; 2.50x the baseline" in printed
     assert "evaluate, 16 new tokens: factft 600 questions/s (goal >= 500): met" in printed
+    assert "answers that end as a finetuned model's: factft 1,500 questions/s, 15.00x the baseline" in printed
     assert "peak 11.5 GB (goal <= 24 GB): met" in printed
 
 

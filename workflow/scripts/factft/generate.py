@@ -4,7 +4,8 @@ Questions are processed in batches of similar token length (left-padded, longest
 first so an out-of-memory error shows at once), and every result is put back in the
 test table's order. After a batch runs out of GPU memory, it and every later batch are
 halved until they fit, so a batch size that suits a large GPU is safe on a small one. Generation uses the KV cache
-of `model.generate` (optionally a static one, which transformers compiles on CUDA);
+of `model.generate` (optionally a static one, which transformers compiles on CUDA) and
+ends a row at eos or at the end of its answer's first line, the only part that is scored;
 choice and answer likelihoods come from one forward pass per batch that keeps only the
 answer positions' logits (a 7B vocabulary over whole few-shot prompts would not fit otherwise).
 """
@@ -12,6 +13,7 @@ answer positions' logits (a 7B vocabulary over whole few-shot prompts would not 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
@@ -101,12 +104,26 @@ def generate_texts(
     max_new_tokens: int,
     batch_size: int,
     static_cache: bool = False,
+    stop_at_line_end: bool = True,
+    rounds: bool = True,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> list[str]:
     """Each prompt's greedy continuation (up to eos or max_new_tokens), decoded, in prompt order.
 
+    With `stop_at_line_end`, a row also ends with the token that completes its first line
+    (FirstLineEnd): a base model would otherwise invent the next "Q: ... A: ..." up to
+    max_new_tokens, which scoring drops. Its first line is the same either way.
+
+    With `rounds`, decoding runs in rounds of 4, 16, 64, ... new tokens in all: `generate` runs
+    a batch until its slowest row ends, so one answer that never ends would keep all 512
+    rows decoding to max_new_tokens. After each round the unfinished rows of every batch are
+    pooled and continue together (prompt and answer so far as their new prompt).
+
     `static_cache` preallocates the KV cache, which transformers then compiles the decoding
     step for on CUDA (CUDA graphs: no per-kernel launch cost). Longest batch first, the
-    first batch's cache fits every later one, so the compiled step is reused.
+    first batch's cache fits every later one, so the compiled step is reused; so it decodes
+    in one round, whose shapes do not change. `logits_processor` goes to `generate` (the
+    benchmark shapes a random model's answers with it).
     """
     encoded = tokenizer(list(prompts))["input_ids"]
     # Past its trained positions a model's answers are noise, not a finding.
@@ -119,34 +136,101 @@ def generate_texts(
         )
     pad = _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
-    texts: list[str] = [""] * len(encoded)
     cache = {"cache_implementation": "static"} if static_cache else {}
+    vocabulary = max(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    flags = line_end_flags(tokenizer, vocabulary, model.device) if stop_at_line_end else None
+    answers: list[list[int]] = [[] for _ in encoded]
+    finished = np.zeros(len(encoded), dtype=bool)
 
-    def run(batch: np.ndarray) -> None:
-        ids, mask = left_pad([encoded[i] for i in batch], pad, model.device)
+    def run(batch: np.ndarray, steps: int) -> None:
+        ids, mask = left_pad([encoded[i] + answers[i] for i in batch], pad, model.device)
+        starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in batch], device=model.device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
             do_sample=False,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=steps,
             pad_token_id=pad,
             eos_token_id=sorted(eos) or None,
+            stopping_criteria=StoppingCriteriaList([FirstLineEnd(flags, starts)] if flags is not None else []),
+            logits_processor=logits_processor,
             **cache,
         )
-        continuations = [_until_eos(row, eos) for row in output[:, ids.shape[1] :].tolist()]
-        for i, text in zip(batch, tokenizer.batch_decode(continuations, skip_special_tokens=True)):
-            texts[i] = text
+        begins = starts.tolist()
+        line_ends = [None] * len(batch)  # per row, its answer's length through its first line break
+        if flags is not None:
+            breaks = first_line_breaks(output, starts, flags)
+            found, first = breaks.any(-1).tolist(), breaks.int().argmax(-1).tolist()
+            line_ends = [k - begin + 1 if f else None for f, k, begin in zip(found, first, begins)]
+        for i, tokens, begin, line_end in zip(batch, output.tolist(), begins, line_ends):
+            answer = tokens[begin:]
+            # Finished rows are filled up with padding, which may be a real token.
+            at_eos = next((k for k, token in enumerate(answer) if token in eos), None)
+            ends = [k for k in (at_eos, line_end) if k is not None]
+            answers[i] = answer[: min(ends)] if ends else answer
+            finished[i] = bool(ends) or len(answer) >= max_new_tokens
 
-    in_batches(length_batches([len(e) for e in encoded], batch_size), run)
-    return texts
+    done = 0
+    for budget in round_budgets(max_new_tokens) if rounds and not static_cache else [max_new_tokens]:
+        pending = np.flatnonzero(~finished)
+        batches = length_batches([len(encoded[i]) + len(answers[i]) for i in pending], batch_size)
+        in_batches([pending[b] for b in batches], functools.partial(run, steps=budget - done))
+        done = budget
+    return tokenizer.batch_decode(answers, skip_special_tokens=True)
 
 
-def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    # Finished rows are filled up with padding, which may be a real token.
-    for position, token in enumerate(tokens):
-        if token in eos:
-            return tokens[:position]
-    return tokens
+def round_budgets(max_new_tokens: int, first: int = 4, growth: int = 4) -> list[int]:
+    """New tokens in all after each decoding round: 4, 16, 64, ..., max_new_tokens.
+
+    Most short answers end within 4 tokens, eos included. Each later round re-reads its
+    rows' prompts, so a few large rounds cost less than many small ones when rows run long.
+    """
+    budgets = [min(first, max_new_tokens)]
+    while budgets[-1] < max_new_tokens:
+        budgets.append(min(growth * budgets[-1], max_new_tokens))
+    return budgets
+
+
+def line_end_flags(tokenizer, vocabulary: int, device) -> torch.Tensor:
+    """Per token id, three flags for first_line_breaks: (0) it holds non-blank text, (1) it
+    holds a line break, (2) it holds non-blank text followed by a line break.
+
+    Each token is decoded alone. A token that decodes to a replacement character (part of a
+    multi-byte character) counts as neither text nor its end, since in context it may be
+    whitespace; a line break is one byte, so it is never part of such a character.
+    """
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    texts += [""] * (vocabulary - len(texts))  # ids the model has beyond its tokenizer
+    flags = [
+        (
+            bool(text.strip()) and "\ufffd" not in text,
+            "\n" in text,
+            "\n" in text.lstrip() and "\ufffd" not in text,
+        )
+        for text in texts
+    ]
+    return torch.tensor(flags, dtype=torch.bool).T.contiguous().to(device)
+
+
+def first_line_breaks(ids: torch.Tensor, starts: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Per row and column, whether that token ends a line of the answer that starts at column
+    `starts[row]`, after non-blank text: the first such column ends the first line, all that
+    factft.metrics.first_line scores (it skips blank leading lines, so they end nothing here)."""
+    text, line_break, text_then_break = flags
+    in_answer = torch.arange(ids.shape[1], device=ids.device)[None, :] >= starts[:, None]
+    has_text = text[ids] & in_answer
+    text_before = (has_text.cumsum(-1) - has_text.long()) > 0
+    return in_answer & torch.where(text_before, line_break[ids], text_then_break[ids])
+
+
+class FirstLineEnd(StoppingCriteria):
+    """Ends a row once its answer's first line is complete (first_line_breaks)."""
+
+    def __init__(self, flags: torch.Tensor, starts: torch.Tensor):
+        self.flags, self.starts = flags, starts
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return first_line_breaks(input_ids, self.starts, self.flags).any(-1)
 
 
 # ---- likelihoods ----------------------------------------------------------------
