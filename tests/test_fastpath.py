@@ -237,7 +237,8 @@ def test_benchmark_answers_end_after_their_drawn_length_but_a_few_never():
     ends = LogitsProcessorList([bench.AnswersEnd(tokenizer, questions, "cpu")])
     texts = bench.generate_baseline(model, tokenizer, bench.question_prompts(questions), 64, ends)
     # Questions are told apart by their last word; of those that share it, the last one sets the length.
-    length_by_last_word = {q.split()[-1]: len(a[0].split()) for q, a in zip(questions["question"], questions["answers"])}
+    pairs = zip(questions["question"], questions["answers"])
+    length_by_last_word = {question.split()[-1]: len(answers[0].split()) for question, answers in pairs}
     drawn = [length_by_last_word[q.split()[-1]] for q in questions["question"]]
     words = [len(text.split()) for text in texts]
     ended = [w == d for w, d in zip(words, drawn)]

@@ -5,7 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from factft.errors import FactftError
 from factft.metrics import first_line
@@ -126,17 +133,26 @@ class EndsAfter(LogitsProcessor):
         return scores
 
 
-def test_decoding_in_rounds_gives_the_answers_of_one_pass(tiny):
+def test_decoding_in_rounds_gives_the_answers_of_one_pass(tiny, caplog):
     _, model, tokenizer = tiny
     prompts = [f"Q: {q} A:" for q in make_test_table()["question"]]
     # Rows that end at once, within the first round (4 tokens), after it, and never.
     ends = LogitsProcessorList([EndsAfter(tokenizer, {"Ilmo": 0, "do": 1, "the": 6, "<unk>": 3})])
-    one_pass = generate_texts(model, tokenizer, prompts, max_new_tokens=11, batch_size=7, rounds=False, logits_processor=ends)
+    options = dict(max_new_tokens=11, logits_processor=ends)
+    one_pass = generate_texts(model, tokenizer, prompts, batch_size=7, rounds=False, **options)
     words = sorted(len(text.split()) for text in one_pass)  # a generated <unk> decodes to nothing
     assert words[:2] == [0, 1] and 4 < words[3] <= 6 and words[-3:] == [11, 11, 11]
     for batch_size in (1, 3, 7):
-        rounds = generate_texts(model, tokenizer, prompts, max_new_tokens=11, batch_size=batch_size, logits_processor=ends)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="factft.generate"):
+            rounds = generate_texts(model, tokenizer, prompts, batch_size=batch_size, **options)
         assert rounds == one_pass
+    # The 6-token answer and the 3 endless ones continue after the first round.
+    assert [r.getMessage() for r in caplog.records] == [
+        "decoding up to 4 new tokens: 7 rows in 1 batches",
+        "decoding up to 11 new tokens: 4 rows in 1 batches",
+        "3 of 7 answers reached max_new_tokens (11) without ending",
+    ]
 
 
 def _direct_logprob(model, tokenizer, prompt, answer):

@@ -141,6 +141,7 @@ def generate_texts(
     flags = line_end_flags(tokenizer, vocabulary, model.device) if stop_at_line_end else None
     answers: list[list[int]] = [[] for _ in encoded]
     finished = np.zeros(len(encoded), dtype=bool)
+    cut_off = np.zeros(len(encoded), dtype=bool)  # stopped by max_new_tokens, not by their own end
 
     def run(batch: np.ndarray, steps: int) -> None:
         ids, mask = left_pad([encoded[i] + answers[i] for i in batch], pad, model.device)
@@ -168,14 +169,18 @@ def generate_texts(
             at_eos = next((k for k, token in enumerate(answer) if token in eos), None)
             ends = [k for k in (at_eos, line_end) if k is not None]
             answers[i] = answer[: min(ends)] if ends else answer
-            finished[i] = bool(ends) or len(answer) >= max_new_tokens
+            cut_off[i] = not ends and len(answer) >= max_new_tokens
+            finished[i] = bool(ends) or cut_off[i]
 
     done = 0
     for budget in round_budgets(max_new_tokens) if rounds and not static_cache else [max_new_tokens]:
         pending = np.flatnonzero(~finished)
         batches = length_batches([len(encoded[i]) + len(answers[i]) for i in pending], batch_size)
+        log.info("decoding up to %d new tokens: %d rows in %d batches", budget, len(pending), len(batches))
         in_batches([pending[b] for b in batches], functools.partial(run, steps=budget - done))
         done = budget
+    # Many answers cut off would mean max_new_tokens truncates them, or the model never learned to stop.
+    log.info("%d of %d answers reached max_new_tokens (%d) without ending", cut_off.sum(), len(encoded), max_new_tokens)
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
 
 
