@@ -155,6 +155,23 @@ def test_decoding_in_rounds_gives_the_answers_of_one_pass(tiny, caplog):
     ]
 
 
+def test_where_most_answers_run_long_the_remaining_batches_decode_in_one_round(tiny, caplog):
+    _, model, tokenizer = tiny
+    prompts = [f"Q: {q} A:" for q in make_test_table()["question"]]
+    endless = LogitsProcessorList([EndsAfter(tokenizer, {})])
+    options = dict(max_new_tokens=11, batch_size=2, logits_processor=endless)
+    with caplog.at_level("INFO", logger="factft.generate"):
+        rounds = generate_texts(model, tokenizer, prompts, **options)
+    assert rounds == generate_texts(model, tokenizer, prompts, rounds=False, **options)
+    # The first batch's 2 rows ran 4 tokens and did not end: the other 5 went on to 11 at once.
+    assert [r.getMessage() for r in caplog.records] == [
+        "decoding up to 4 new tokens: 7 rows in 4 batches",
+        "most answers run past 4 new tokens: 5 rows decoded to the end at once",
+        "decoding up to 11 new tokens: 2 rows in 1 batches",
+        "7 of 7 answers reached max_new_tokens (11) without ending",
+    ]
+
+
 def _direct_logprob(model, tokenizer, prompt, answer):
     prompt_ids, answer_ids = prompt_answer_ids(tokenizer, prompt, answer)
     ids = torch.tensor([prompt_ids + answer_ids])

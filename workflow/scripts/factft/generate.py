@@ -117,7 +117,8 @@ def generate_texts(
     With `rounds`, decoding runs in rounds of 4, 16, 64, ... new tokens in all: `generate` runs
     a batch until its slowest row ends, so one answer that never ends would keep all 512
     rows decoding to max_new_tokens. After each round the unfinished rows of every batch are
-    pooled and continue together (prompt and answer so far as their new prompt).
+    pooled and continue together (prompt and answer so far as their new prompt). Where most
+    answers run past the first round, the remaining batches decode in one round instead.
 
     `static_cache` preallocates the KV cache, which transformers then compiles the decoding
     step for on CUDA (CUDA graphs: no per-kernel launch cost). Longest batch first, the
@@ -143,7 +144,8 @@ def generate_texts(
     finished = np.zeros(len(encoded), dtype=bool)
     cut_off = np.zeros(len(encoded), dtype=bool)  # stopped by max_new_tokens, not by their own end
 
-    def run(batch: np.ndarray, steps: int) -> None:
+    def run(batch: np.ndarray, budget: int) -> None:
+        steps = budget - len(answers[batch[0]])  # the rows of a batch have decoded as many tokens
         ids, mask = left_pad([encoded[i] + answers[i] for i in batch], pad, model.device)
         starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in batch], device=model.device)
         output = model.generate(
@@ -172,13 +174,26 @@ def generate_texts(
             cut_off[i] = not ends and len(answer) >= max_new_tokens
             finished[i] = bool(ends) or cut_off[i]
 
-    done = 0
-    for budget in round_budgets(max_new_tokens) if rounds and not static_cache else [max_new_tokens]:
+    budgets = round_budgets(max_new_tokens) if rounds and not static_cache else [max_new_tokens]
+    first_round_rows: list[int] = []
+
+    def first_round(batch: np.ndarray) -> None:
+        # Once most rows so far are unfinished, answers run long here: re-reading their prompts in
+        # a later round would cost more than it saves, so the remaining batches decode to the end.
+        if first_round_rows and (~finished[first_round_rows]).mean() > 0.5:
+            run(batch, max_new_tokens)
+        else:
+            run(batch, budgets[0])
+            first_round_rows.extend(batch)
+
+    for k, budget in enumerate(budgets):
         pending = np.flatnonzero(~finished)
         batches = length_batches([len(encoded[i]) + len(answers[i]) for i in pending], batch_size)
         log.info("decoding up to %d new tokens: %d rows in %d batches", budget, len(pending), len(batches))
-        in_batches([pending[b] for b in batches], functools.partial(run, steps=budget - done))
-        done = budget
+        in_batches([pending[b] for b in batches], first_round if k == 0 else functools.partial(run, budget=budget))
+        if k == 0 and len(first_round_rows) < len(pending):
+            log.info("most answers run past %d new tokens: %d rows decoded to the end at once",
+                     budget, len(pending) - len(first_round_rows))  # fmt: skip
     # Many answers cut off would mean max_new_tokens truncates them, or the model never learned to stop.
     log.info("%d of %d answers reached max_new_tokens (%d) without ending", cut_off.sum(), len(encoded), max_new_tokens)
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
