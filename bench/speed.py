@@ -448,16 +448,17 @@ def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> lis
         EVAL_LABEL: (question_prompts(questions), None),
         ENDING_LABEL: (question_prompts(ending), LogitsProcessorList([AnswersEnd(tokenizer, ending, args.device)])),
     }
+    real_tokens = {label: sum(map(len, tokenizer(prompts)["input_ids"])) for label, (prompts, _) in runs.items()}
     peft_model = eval_adapter(model)
     naive = {}
     for label, (prompts, processors) in runs.items():
-        real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        real = real_tokens[label]
         with Passes(peft_model) as passes, Clock(args.device) as clock:
             naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
         eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
     merged = peft_model.merge_and_unload()
     for label, (prompts, processors) in runs.items():
-        real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        real = real_tokens[label]
         for path, rounds in [("factft", True), ("factft-one-round", False)]:
             with Passes(merged) as passes, Clock(args.device) as clock:
                 fast = generate_texts(
