@@ -6,7 +6,8 @@
 #
 # Installs nothing but the carried bitsandbytes wheel (the machine's image has torch,
 # transformers, peft and accelerate), runs bench/speed.py --device cuda (a Llama-2-7B-shaped
-# model with random weights; about 5 minutes, cut at 470 s with every finished row kept)
+# model with random weights; about 6-8 minutes, cut at 470 s with every finished row kept:
+# the two compiling rows, static cache then compiled blocks, come last)
 # and leaves speed-cuda.tsv, the log and the GPU's description in $OUT (bench/results here).
 # Copy the tsv to bench/results/, then `make bench-hours` here prints the grid's GPU hours and
 # issue 4's goals from it; its numbers go into docs/benchmarks.md.

@@ -9,12 +9,13 @@ shares and caps, and `evaluate.fewshot`. What a config cannot say is assumed and
 datasets' sizes (the full sources, `--size NAME=QUESTIONS` for others) and tokens per example.
 
 The rates: with a table from `bench/speed.py --device cuda`, the measured real tokens/s of the
-finetune path the config selects (method, LoRA targets, packing, checkpointing) and the
-measured questions/s of evaluation, for factft and for the plain baseline. With `--reference`,
-the reference H200 rates of ../shared/notes/gpu-baseline.md (a plain loop on dense batches,
-no padding at all) times the share of computed tokens that are real, measured by the table's
-rows on any device (padding depends on the length mix, not the device): an estimate until a
-GPU run measures the rates. Prints a table per dataset and, for CUDA rows, issue 4's goals.
+finetune path the config selects (method, LoRA targets, packing, checkpointing, compile: a
+compiled path also pays its compile time in every finetune job) and the measured questions/s
+of evaluation, for factft and for the plain baseline. With `--reference`, the reference H200
+rates of ../shared/notes/gpu-baseline.md (a plain loop on dense batches, no padding at all)
+times the share of computed tokens that are real, measured by the table's rows on any device
+(padding depends on the length mix, not the device): an estimate until a GPU run measures
+the rates. Prints a table per dataset and, for CUDA rows, issue 4's goals.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ def factft_finetune_path(settings: dict) -> str:
         if path != "factft-packed" or settings["method"] != "qlora":
             raise SystemExit("gradient_checkpointing: bench/speed.py measures it with QLoRA + packing only")
         path += "-gc"
+    if settings.get("compile"):
+        if path != "factft":
+            raise SystemExit("compile: bench/speed.py measures it without packing or gradient checkpointing")
+        path += "-compiled"
     return path
 
 
@@ -153,8 +158,12 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
     variant, path = variants.pop(), paths.pop()
     eval_path = "factft-static" if config["evaluate"].get("static_cache") else "factft"
     out = {"variant": variant}
+    if reference and path.endswith("-compiled"):
+        raise SystemExit("finetune.compile: the reference rates are of an eager loop; give a table measured on a GPU")
     for who, finetune_path, evaluate_path in (("factft", path, eval_path), ("baseline", "baseline", "baseline")):
         train = row(table, "finetune", variant, finetune_path, source)
+        # Compiling the blocks: once in every finetune job.
+        out[f"{who}_compile_s"] = float(train["compile_s"]) if finetune_path.endswith("-compiled") else 0.0
         if reference:
             real_share = float(train["real_tokens"]) / float(train["computed_tokens"])
             out[f"{who}_tokens_per_s"] = REFERENCE_TOKENS_PER_S[variant] * real_share
@@ -173,6 +182,7 @@ def gpu_hours(work: dict, speed: dict, who: str) -> float:
     forward_per_s = speed["factft_tokens_per_s"] * FORWARD_SPEEDUP
     seconds = (
         work["finetune_tokens"] / tokens_per_s
+        + work["finetunes"] * speed[f"{who}_compile_s"]
         + work["questions"] / speed[f"{who}_questions_per_s"]
         + work["forward_tokens"][who] / forward_per_s
     )
@@ -263,8 +273,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"({first['device_name']}, {first['date']})"
     )
     for who in ("factft", "baseline"):
+        compiling = f" (+ {speed[f'{who}_compile_s']:.0f} s compiling a job)" if speed[f"{who}_compile_s"] else ""
         print(
-            f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s, "
+            f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s{compiling}, "
             f"evaluate {speed[f'{who}_questions_per_s']:,.1f} questions/s"
         )
     print(

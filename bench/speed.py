@@ -12,7 +12,8 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   (`finetune.packing`), for LoRA on q,v, LoRA on all linear layers and QLoRA (NF4;
   bitsandbytes runs it on a CPU too, slowly), with the same LoRA settings, examples, batch
   size and learning rate: real (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per
-  token against 989 TFLOP/s, CUDA only) and peak memory;
+  token against 989 TFLOP/s, CUDA only) and peak memory; last, LoRA q,v with compiled
+  blocks (`finetune.compile`), timed over a second epoch (the first compiles them);
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
   LoRA merged; decoding in rounds, and in one round) on the same questions, max_new_tokens
@@ -33,6 +34,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import math
 import os
 import platform
 import sys
@@ -52,6 +54,7 @@ from factft.generate import answer_logprobs, choice_logprobs, generate_texts, le
 from factft.prompts import prompt_text  # noqa: E402
 from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
+    compile_blocks,
     encode_examples,
     length_grouped_batches,
     lora_config,
@@ -75,6 +78,7 @@ SIZES = {  # examples per finetune run, evaluation questions (of them with Answe
     "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "eval_batch": 256},
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
+COMPILED = "lora-qv"  # the variant measured with compiled blocks too
 TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all": "all-linear"}
 BASELINE_EVAL_BATCH = 64
 MAX_NEW_TOKENS = 16
@@ -85,8 +89,8 @@ CHOICE_LABEL = "multiple choice, 4"
 COLUMNS = [
     "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
     "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
-    "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "forward_passes", "mfu", "peak_gb", "mean_loss",
-    "agreement", "note",
+    "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "forward_passes", "mfu", "peak_gb",
+    "compile_s", "mean_loss", "agreement", "note",
 ]  # fmt: skip
 
 
@@ -314,22 +318,46 @@ def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device
     with Clock(device) as clock:
         result = trainer.train()
     n_trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
-    stats = {"loss": result.training_loss, "computed": collator.computed, "trainable": n_trainable}
+    stats = {
+        "loss": result.training_loss, "real": sum(len(e["input_ids"]) for e in encoded), "items": len(encoded),
+        "computed": collator.computed, "trainable": n_trainable,
+    }  # fmt: skip
     del trainer
     return unwrap(peft_model), clock, stats
 
 
 def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id: int):
+    """factft's loop over every example once. With `settings['compile']` it runs two epochs
+    and times the second: in the first the blocks compile, once for each kind of input the
+    data brings (with and without padding: a batch of equal lengths needs no mask), which a
+    job pays once: `stats['compile_s']`, how much longer the first epoch took."""
     seed_everything(0)
     peft_model = prepare_model(model, settings)
     optimizer = make_optimizer(peft_model, settings, device)
-    with Clock(device) as clock:
-        rows = train_steps(peft_model, optimizer, encoded, settings, device=device, pad_id=pad_id)
     lengths = [len(e["input_ids"]) for e in encoded]
-    batches = length_grouped_batches(lengths, settings["batch_size"], settings["seed"], 0)
-    computed = sum(lengths) if settings["packing"] else sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    n_trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
-    stats = {"loss": float(np.mean([r["loss"] for r in rows])), "computed": computed, "trainable": n_trainable}
+    per_epoch = math.ceil(len(encoded) / settings["batch_size"])
+    rows, epoch = [], 0
+    if settings.get("compile"):
+        compile_blocks(peft_model)
+        settings, epoch = {**settings, "epochs": 2}, 1
+        with Clock(device) as untimed:
+            rows = train_steps(
+                peft_model, optimizer, encoded, {**settings, "max_steps": per_epoch}, device=device, pad_id=pad_id
+            )
+    with Clock(device) as clock:
+        rows = train_steps(
+            peft_model, optimizer, encoded, settings, device=device, pad_id=pad_id, step=len(rows), rows=rows
+        )
+    batches = length_grouped_batches(lengths, settings["batch_size"], settings["seed"], epoch)
+    stats = {
+        "loss": float(np.mean([r["loss"] for r in rows[epoch * per_epoch :]])),
+        "real": sum(lengths),
+        "items": len(encoded),
+        "computed": sum(lengths) if settings["packing"] else sum(len(b) * max(lengths[i] for i in b) for b in batches),
+        "trainable": sum(p.numel() for p in trainable_parameters(peft_model).values()),
+    }
+    if epoch:  # what compiling added to the first epoch: a job's one-off cost
+        stats.update(compile_s=untimed.wall - clock.wall, note="second epoch timed; the first compiled the blocks")
     del optimizer
     return unwrap(peft_model), clock, stats
 
@@ -389,31 +417,25 @@ def environment(device: str) -> dict:
     }
 
 
+def finetune_row(table, variant: str, path: str, args, model, clock, stats: dict) -> None:
+    speed = stats["real"] / clock.seconds
+    table.add(
+        stage="finetune", variant=variant, path=path, batch_size=args.batch_size, items=stats["items"],
+        real_tokens=stats["real"], computed_tokens=stats["computed"], seconds=clock.seconds, wall_s=clock.wall,
+        cpu_s=clock.cpu, tokens_per_s=speed, mfu=mfu(speed, base_parameters(model), stats["trainable"], args.device),
+        peak_gb=clock.peak_gb, mean_loss=stats["loss"], **{k: v for k, v in stats.items() if k in ("compile_s", "note")},
+    )  # fmt: skip
+
+
 def finetune_rows(table, model, tokenizer, encoded, variant, args, workdir) -> object:
     """Baseline, factft padded and factft packed for one variant; returns the base model."""
-    lengths = [len(e["input_ids"]) for e in encoded]
-    real = sum(lengths)
     for path in ("baseline", "factft", "factft-packed"):
         settings = settings_for(variant, args.batch_size, packing=path == "factft-packed")
         if path == "baseline":
             model, clock, stats = train_baseline(model, tokenizer, encoded, settings, args.device, workdir)
         else:
             model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-        speed = real / clock.seconds
-        table.add(
-            stage="finetune",
-            variant=variant,
-            path=path,
-            batch_size=args.batch_size,
-            items=len(encoded),
-            real_tokens=real,
-            computed_tokens=stats["computed"],
-            seconds=clock.seconds, wall_s=clock.wall, cpu_s=clock.cpu,
-            tokens_per_s=speed,
-            mfu=mfu(speed, base_parameters(model), stats["trainable"], args.device),
-            peak_gb=clock.peak_gb,
-            mean_loss=stats["loss"],
-        )
+        finetune_row(table, variant, path, args, model, clock, stats)
     return model
 
 
@@ -535,13 +557,18 @@ def qlora_rows(table, spec: dict, tokenizer, encoded: list[dict], variant: str, 
     model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
     settings = settings_for(variant, args.batch_size, gradient_checkpointing=True, packing=True)
     model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-    real = sum(len(e["input_ids"]) for e in encoded)
-    table.add(
-        stage="finetune", variant=variant, path="factft-packed-gc", batch_size=args.batch_size, items=len(encoded),
-        real_tokens=real, computed_tokens=stats["computed"], seconds=clock.seconds, wall_s=clock.wall,
-        cpu_s=clock.cpu, tokens_per_s=real / clock.seconds, peak_gb=clock.peak_gb, mean_loss=stats["loss"],
-        mfu=mfu(real / clock.seconds, base_parameters(model), stats["trainable"], args.device),
-    )  # fmt: skip
+    finetune_row(table, variant, "factft-packed-gc", args, model, clock, stats)
+
+
+def compiled_row(table, spec: dict, tokenizer, encoded: list[dict], args) -> None:
+    """factft's padded path on LoRA q,v with compiled blocks (`finetune.compile`), on the
+    model reloaded, as the compiled blocks must not reach the other rows."""
+    from factft.models import load_model
+
+    model, _ = load_model(spec, device=args.device, for_training=True)
+    settings = settings_for(COMPILED, args.batch_size, compile=True)
+    model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
+    finetune_row(table, COMPILED, "factft-compiled", args, model, clock, stats)
 
 
 @contextlib.contextmanager
@@ -585,6 +612,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         action=argparse.BooleanOptionalAction,
         help="also time evaluation with a static, compiled KV cache (default: on CUDA only)",
     )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also time finetuning {COMPILED} with compiled blocks (last; compile_s: the one-off compile time)",
+    )
     parser.add_argument("--scratch", type=Path, help="folder for the QLoRA copy of the model (default: a temp dir)")
     args = parser.parse_args(argv)
     sizes = SIZES[args.device]
@@ -620,10 +653,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
         qlora = [v for v in variants if v.startswith("qlora")]
         spec = None
-        if qlora or args.static_cache:
+        if qlora or args.static_cache or args.compile:
             with Clock(args.device) as clock:
                 spec = save_for_qlora(model, tokenizer, Path(workdir) / "model")
-            print(f"saved the model (reloaded for QLoRA and the static cache) in {clock.wall:.0f} s", flush=True)
+            print(f"saved the model (reloaded for QLoRA, the static cache, compiling) in {clock.wall:.0f} s", flush=True)
         naive = evaluate_rows(table, model, tokenizer, questions, args)
         choice_rows(table, model, tokenizer, questions, args)  # on the merged model
         del model
@@ -631,10 +664,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for variant in qlora:
             with recorded_failure(table, "finetune", variant):
                 qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)
-        # Last: compilation time is the least predictable part of the run.
+        # Last: compiling (the static cache's decoding step, the blocks) is the least predictable part.
         if args.static_cache and args.device == "cuda":
             with recorded_failure(table, "evaluate", EVAL_LABEL):
                 static_cache_row(table, spec, tokenizer, questions, naive, args)
+        if args.compile:
+            with recorded_failure(table, "finetune", COMPILED):
+                compiled_row(table, spec, tokenizer, encoded, args)
 
     result = pd.DataFrame(table.rows).reindex(columns=COLUMNS)
     print(f"\n{args.out}\n" + "\n".join(ratios(result)), flush=True)

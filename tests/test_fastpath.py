@@ -1,5 +1,6 @@
 """The fast paths compute what the plain paths compute: packing, gradient checkpointing,
-the static KV cache and the out-of-memory split, checked on the tiny model on CPU."""
+compiled blocks, the static KV cache and the out-of-memory split, checked on the tiny model
+on CPU."""
 
 import importlib.util
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LogitsProcessorList
 
+from factft.errors import FactftError
 from factft.generate import generate_texts, in_batches
 from factft.models import load_model
 from factft.train import (
@@ -212,8 +214,10 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
     assert list(written.columns) == bench.COLUMNS and len(written) == len(table)
     finetune_rows = written[written["stage"] == "finetune"]
     paths = ["baseline", "factft", "factft-packed"]
-    assert finetune_rows["path"].tolist() == paths + paths + ["factft-packed-gc"]
-    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 3 + ["qlora-all"] * 4
+    assert finetune_rows["path"].tolist() == paths + paths + ["factft-packed-gc", "factft-compiled"]
+    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 3 + ["qlora-all"] * 4 + ["lora-qv"]
+    compiled = finetune_rows.set_index("path").loc["factft-compiled"]
+    assert compiled["compile_s"] > 0 and compiled["computed_tokens"] >= compiled["real_tokens"]
     # The same examples on every path; padding only where a path pads.
     assert finetune_rows["real_tokens"].nunique() == 1
     assert (finetune_rows["computed_tokens"] >= finetune_rows["real_tokens"]).all()
@@ -244,3 +248,38 @@ def test_benchmark_answers_end_after_their_drawn_length_but_a_few_never():
     ended = [w == d for w, d in zip(words, drawn)]
     assert 0.9 < np.mean(ended) < 1.0  # NEVER_ENDS (2%) run on
     assert all(w == bench.MAX_NEW_TOKENS for w, e in zip(words, ended) if not e)
+
+
+def test_compiled_blocks_train_the_same_adapter_with_the_same_losses(tiny_model_dir, facts, tmp_path):
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    runs = {}
+    for compiled in (False, True):
+        folder = tmp_path / f"compile-{compiled}"
+        summary = finetune(
+            spec(tiny_model_dir),
+            facts,
+            folder / "adapter",
+            settings(compile=compiled),
+            PROMPT,
+            folder / "checkpoints",
+            train_log=folder / "log.tsv",
+            device="cpu",
+        )
+        log = pd.read_csv(folder / "log.tsv", sep="\t")
+        runs[compiled] = summary, log, load_file(folder / "adapter" / "adapter_model.safetensors")
+    (plain, plain_log, plain_weights), (fast, fast_log, fast_weights) = runs[False], runs[True]
+    assert fast["steps"] == plain["steps"] == 6 and fast["tokens"] == plain["tokens"]
+    assert fast_log["loss"].tolist() == pytest.approx(plain_log["loss"].tolist(), rel=1e-4)
+    assert fast_weights.keys() == plain_weights.keys()  # compiled in place: the same weight names
+    for name, weight in plain_weights.items():
+        assert torch.allclose(fast_weights[name], weight, atol=1e-4), name
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+
+
+def test_compile_without_a_compiler_fails_before_loading_the_model(tiny_model_dir, facts, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(FactftError, match=r"finetune.compile: .*no-such-c\+\+ is not on PATH"):
+        finetune(spec(tmp_path / "no-model"), facts, tmp_path / "adapter", settings(compile=True), PROMPT, tmp_path / "ck")
+    assert not (tmp_path / "adapter").exists()

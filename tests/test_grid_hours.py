@@ -28,8 +28,11 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
         ("evaluate", "lora-qv merged, answers end", "factft", None, 1_500.0, 30.0, None, None),
         ("evaluate", "multiple choice, 4", "factft", None, 9_999.0, 30.0, 1000, 400),  # not open QA's rate
     ]
+    if "compiled_tps" in rates:
+        rows.append(("finetune", "lora-qv", "factft-compiled", rates["compiled_tps"], None, 40.0, 2000, 2100))
     columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
     table = pd.DataFrame(rows, columns=columns)
+    table["compile_s"] = (table["path"] == "factft-compiled") * 90.0
     table.insert(0, "device_name", "NVIDIA H200" if device == "cuda" else "CPU")
     table.insert(0, "device", device)
     table.insert(0, "date", "2026-11-29")
@@ -69,6 +72,24 @@ def test_hours_are_each_jobs_work_over_the_measured_rates(tmp_path, capsys):
     assert "evaluate, 16 new tokens: factft 600 questions/s (goal >= 500): met" in printed
     assert "answers that end as a finetuned model's: factft 1,500 questions/s, 15.00x the baseline" in printed
     assert "peak 11.5 GB (goal <= 24 GB): met" in printed
+
+
+def test_compiled_blocks_add_their_compile_time_to_every_finetune_job(tmp_path, capsys):
+    speed = speed_table(tmp_path, compiled_tps=25_000.0)
+    (eager,) = grid_hours.main([str(speed), "--config", str(small_config(tmp_path)), "--size", "popqa=10000"])
+    config = small_config(tmp_path, compile=True)
+    (compiled,) = grid_hours.main([str(speed), "--config", str(config), "--size", "popqa=10000"])
+    assert compiled["finetunes"] == 2
+    seconds = compiled["finetune_tokens"] / 25_000 + 2 * 90 + compiled["questions"] / 600
+    assert compiled["factft"] == pytest.approx(seconds / 3600)
+    assert compiled["baseline"] == pytest.approx(eager["baseline"])  # the plain path compiles nothing
+    printed = capsys.readouterr().out
+    assert "factft    finetune 25,000 real tokens/s (+ 90 s compiling a job)" in printed
+    assert "finetune LoRA q,v: factft-compiled 25,000 real tokens/s (goal >= 17,000): met" in printed
+    with pytest.raises(SystemExit, match="finetune.compile: the reference rates are of an eager loop"):
+        grid_hours.main([str(speed), "--reference", "--config", str(config), "--size", "popqa=10000"])
+    with pytest.raises(SystemExit, match="compile: bench/speed.py measures it without packing"):
+        grid_hours.main([str(speed), "--config", str(small_config(tmp_path, compile=True, packing=True))])
 
 
 def test_goals_missed_are_said_so(tmp_path, capsys):

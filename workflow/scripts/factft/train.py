@@ -9,6 +9,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -196,6 +197,40 @@ def enable_checkpointing(model) -> None:
         enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_compile(device) -> None:
+    """torch.compile's backend needs triton on a GPU and a C++ compiler on a CPU: say so
+    before a 7B is loaded, not at the first step."""
+    if str(device).startswith("cuda"):
+        if importlib.util.find_spec("triton") is None:
+            raise FactftError("finetune.compile: torch.compile needs triton on a GPU (pip install triton)")
+    elif shutil.which(os.environ.get("CXX") or "g++") is None:
+        raise FactftError(
+            "finetune.compile: torch.compile needs a C++ compiler on a CPU and "
+            f"{os.environ.get('CXX') or 'g++'} is not on PATH (set CXX, or finetune.compile: false)"
+        )
+
+
+def compile_blocks(model) -> int:
+    """torch.compile each transformer block (the model's `_no_split_modules`), in place so
+    weight names and checkpoints stay as they are. The blocks share their compiled code, so
+    the cost is one block's compilation, not the model's: once for each kind of input (with
+    LoRA the first block's input needs no gradient; a batch of equal lengths comes without a
+    mask). Shapes are dynamic from the start: no batch width recompiles it. The attention
+    mask, built from the data outside the blocks, stays eager."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [module for module in base.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise FactftError(
+            f"finetune.compile: {type(base).__name__} names no transformer block (_no_split_modules) to "
+            "compile; set finetune.compile: false"
+        )
+    for block in blocks:
+        block.compile(dynamic=True)
+    log.info("%d %s blocks compile in the first steps (torch.compile)", len(blocks), type(blocks[0]).__name__)
+    return len(blocks)
 
 
 def make_optimizer(model, settings: dict, device) -> torch.optim.AdamW:
@@ -456,6 +491,8 @@ def finetune(
         raise FactftError(f"finetune.method '{method}' is unknown; use one of {METHODS}")
     device = device or default_device()
     check_new_dir(out_dir)
+    if settings.get("compile"):
+        check_compile(device)
     # A checkpoint a killed attempt was writing when it died; its last complete one stays.
     remove_stale_temps(checkpoint_dir)
     log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -470,6 +507,8 @@ def finetune(
     encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
     print_ = fingerprint(settings, model_spec, encoded)
     model = prepare_model(model, settings)
+    if settings.get("compile"):
+        compile_blocks(model)
     parameters = trainable_parameters(model)
     n_trainable = sum(p.numel() for p in parameters.values())
     log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
