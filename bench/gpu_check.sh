@@ -10,7 +10,10 @@
 # the two compiling rows, static cache then compiled blocks, come last)
 # and leaves speed-cuda.tsv, the log and the GPU's description in $OUT (bench/results here).
 # Copy the tsv to bench/results/, then `make bench-hours` here prints the grid's GPU hours and
-# issue 4's goals from it; its numbers go into docs/benchmarks.md.
+# issue 4's goals from it; its numbers go into docs/benchmarks.md. Arguments go to
+# bench/speed.py: if the limit cut the last rows, a second call on the still-warm machine can
+# measure just those, e.g. `bash bench/gpu_check.sh --variants lora-qv --no-evaluate`
+# (LoRA q,v's rows and the compiled one, a few minutes); append its rows to the first tsv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -34,7 +37,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 } 2>&1 | tee "$OUT/gpu.txt"
 
 # 470 s: the bench stays inside an 8-minute device slot; rows finished by then are kept.
-timeout 470 python3 bench/speed.py --device cuda --out "$OUT/speed-cuda.tsv" --scratch /tmp 2>&1 \
+timeout 470 python3 bench/speed.py --device cuda --out "$OUT/speed-cuda.tsv" --scratch /tmp "$@" 2>&1 \
     | grep --line-buffered -v -E '^(finetune |Loading weights|Writing model)' | tee "$OUT/bench-gpu.log"
 status=${PIPESTATUS[0]}
 if [ "$status" = 124 ]; then

@@ -618,6 +618,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         default=True,
         help=f"also time finetuning {COMPILED} with compiled blocks (last; compile_s: the one-off compile time)",
     )
+    parser.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time evaluation (open QA, multiple choice, the static cache); --no-evaluate: finetuning only",
+    )
     parser.add_argument("--scratch", type=Path, help="folder for the QLoRA copy of the model (default: a temp dir)")
     args = parser.parse_args(argv)
     sizes = SIZES[args.device]
@@ -625,7 +631,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.questions = args.questions or sizes["questions"]
     args.eval_batch = args.eval_batch or sizes["eval_batch"]
     args.ending_questions = min(args.questions, sizes["ending_questions"])
-    args.static_cache = args.device == "cuda" if args.static_cache is None else args.static_cache
+    args.static_cache = args.evaluate and (args.device == "cuda" if args.static_cache is None else args.static_cache)
     args.out = args.out or ROOT / "bench" / "results" / f"speed-{args.device}.tsv"
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
@@ -657,8 +663,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             with Clock(args.device) as clock:
                 spec = save_for_qlora(model, tokenizer, Path(workdir) / "model")
             print(f"saved the model (reloaded for QLoRA, the static cache, compiling) in {clock.wall:.0f} s", flush=True)
-        naive = evaluate_rows(table, model, tokenizer, questions, args)
-        choice_rows(table, model, tokenizer, questions, args)  # on the merged model
+        if args.evaluate:
+            naive = evaluate_rows(table, model, tokenizer, questions, args)
+            choice_rows(table, model, tokenizer, questions, args)  # on the merged model
         del model
         gc.collect()
         for variant in qlora:
