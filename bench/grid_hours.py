@@ -82,6 +82,9 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     evaluations = finetunes + models  # every run and the base model
     shots = config["evaluate"].get("fewshot", 0)
     fewshot = models if shots else 0  # the base model once more, after `shots` solved questions
+    # Fig. 3's attention analysis: every run of the paper's subsets, on open QA.
+    paper_subsets = [s for s in config["subsets"] if not subsets.is_sized(s)]
+    attention = models * len(paper_subsets) * seeds if dataset["format"] == "open" else 0
     if dataset["format"] == "open":
         questions = test * (evaluations + fewshot)
         prefill = test * fewshot * shots * tokens  # the demonstrations
@@ -96,7 +99,8 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
             "baseline": test * CHOICES * tokens * (evaluations + fewshot * (shots + 1)),
         }
     popularity = dataset["popularity"]
-    if popularity["scorer"] == "model_confidence":  # the base model scores every fact's gold answer once
+    scorer = popularity["scorer"] == "model_confidence"
+    if scorer:  # the base model scores every fact's gold answer once
         for who in forward:
             forward[who] += size * (popularity.get("shots", 4) + 1) * tokens
     return {
@@ -106,6 +110,8 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         "forward_tokens": forward,
         "finetunes": finetunes,
         "evaluations": evaluations + fewshot,
+        # Jobs that load a 7B onto a GPU: finetune, evaluate (+ base, few-shot), attention, scorer.
+        "loads": finetunes + evaluations + fewshot + attention + scorer,
     }
 
 
@@ -158,6 +164,9 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
     variant, path = variants.pop(), paths.pop()
     eval_path = "factft-static" if config["evaluate"].get("static_cache") else "factft"
     out = {"variant": variant}
+    loads = table[table["stage"] == "load"]
+    # A job's model load, measured on the GPU's machine; the reference rates come with none.
+    out["load_s"] = None if reference or loads.empty else float(loads["seconds"].iloc[-1])
     if reference and path.endswith("-compiled"):
         raise SystemExit("finetune.compile: the reference rates are of an eager loop; give a table measured on a GPU")
     for who, finetune_path, evaluate_path in (("factft", path, eval_path), ("baseline", "baseline", "baseline")):
@@ -175,6 +184,11 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
     return out
 
 
+def loads_note(table: pd.DataFrame) -> str:
+    note = table.loc[table["stage"] == "load", "note"].iloc[-1]
+    return note if isinstance(note, str) else "from a local disk"
+
+
 def gpu_hours(work: dict, speed: dict, who: str) -> float:
     tokens_per_s = speed[f"{who}_tokens_per_s"]
     # Forward-only work at factft's rate for both (the baseline's own count of tokens): the
@@ -183,6 +197,7 @@ def gpu_hours(work: dict, speed: dict, who: str) -> float:
     seconds = (
         work["finetune_tokens"] / tokens_per_s
         + work["finetunes"] * speed[f"{who}_compile_s"]
+        + work["loads"] * (speed["load_s"] or 0.0)
         + work["questions"] / speed[f"{who}_questions_per_s"]
         + work["forward_tokens"][who] / forward_per_s
     )
@@ -293,7 +308,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{work['forward_tokens']['factft'] / 1e6:14.1f}M {work['factft']:13.2f} {work['baseline']:15.2f}"
         )
     print(f"{'total':16s} {'':>16s} {'':>13s} {'':>15s} {totals['factft']:13.2f} {totals['baseline']:15.2f}")
-    print("not counted: loading a model per job, queueing, the attention analysis (200 questions a run)")
+    jobs = sum(w["loads"] for w in works)
+    if speed["load_s"] is None:
+        print(f"not counted: loading a model in each of {jobs} GPU jobs, queueing, the attention analysis's questions")
+    else:
+        print(
+            f"counted: loading a model in each of {jobs} GPU jobs, {speed['load_s']:.0f} s each as measured "
+            f"({loads_note(table)}); not counted: queueing, the attention analysis's questions"
+        )
     if not args.reference and (table["device"] == "cuda").all():
         print("issue 4's goals (one H200):")
         for line in goal_lines(table, totals["factft"]):

@@ -14,6 +14,8 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   size and learning rate: real (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per
   token against 989 TFLOP/s, CUDA only) and peak memory; last, LoRA q,v with compiled
   blocks (`finetune.compile`), timed over a second epoch (the first compiles them);
+- loading: the model read from disk onto the device, page cache evicted (every GPU job's
+  first cost; bench/grid_hours.py counts it per job);
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
   LoRA merged; decoding in rounds, and in one round) on the same questions, max_new_tokens
@@ -538,8 +540,52 @@ def static_cache_row(table, spec: dict, tokenizer, questions: pd.DataFrame, naiv
     eval_row(table, args, "factft-static", args.eval_batch, prompts, real, clock, reference=naive, texts=texts)
 
 
-def save_for_qlora(model, tokenizer, folder: Path) -> dict:
-    """The bf16 model as safetensors: QLoRA quantizes while loading, as factft does."""
+def evict_from_page_cache(folder: Path) -> bool:
+    """Drop a folder's files from the page cache (written back first), so that the next read
+    comes from the disk, as on a node that has not read them. Linux; not for tmpfs."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for file in folder.iterdir():
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+    return True
+
+
+def file_system(path: Path) -> str:
+    """The type of the file system holding `path` (ext4, xfs, tmpfs, ...), from /proc/mounts."""
+    with contextlib.suppress(OSError):
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+        resolved = str(path.resolve()).rstrip("/") + "/"
+        inside = [(point, kind) for point, kind in mounts if resolved.startswith(point.rstrip("/") + "/")]
+        return max(inside, key=lambda mount: len(mount[0]))[1]
+    return "unknown"
+
+
+def load_row(table, spec: dict, args) -> None:
+    """What every GPU job pays first: loading the model from disk onto the device (bf16 on a
+    GPU), the files evicted from the page cache. A cluster's shared file system may be slower."""
+    from factft.models import load_model
+
+    folder = Path(spec["path"])
+    evicted = evict_from_page_cache(folder)
+    with Clock(args.device) as clock:
+        model, _ = load_model(spec, device=args.device)
+    size = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+    where = f"{size / 1e9:.2f} GB of safetensors on {file_system(folder)}" + ("" if evicted else ", page cache kept")
+    table.add(
+        stage="load", variant="model", path="factft", items=1, seconds=clock.wall, wall_s=clock.wall,
+        cpu_s=clock.cpu, peak_gb=clock.peak_gb, note=where,
+    )  # fmt: skip
+    del model
+
+
+def save_model(model, tokenizer, folder: Path) -> dict:
+    """The model as safetensors, for the rows that load it as a job does (QLoRA quantizes
+    while loading, as factft does)."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return {"name": "bench", "path": str(folder), "gguf_file": None, "trust_remote_code": False}
@@ -658,11 +704,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for variant in [v for v in variants if v.startswith("lora")]:
             model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
         qlora = [v for v in variants if v.startswith("qlora")]
-        spec = None
-        if qlora or args.static_cache or args.compile:
-            with Clock(args.device) as clock:
-                spec = save_for_qlora(model, tokenizer, Path(workdir) / "model")
-            print(f"saved the model (reloaded for QLoRA, the static cache, compiling) in {clock.wall:.0f} s", flush=True)
+        with Clock(args.device) as clock:
+            spec = save_model(model, tokenizer, Path(workdir) / "model")
+        print(f"saved the model (reloaded: loading, QLoRA, the static cache, compiling) in {clock.wall:.0f} s", flush=True)
+        load_row(table, spec, args)
         if args.evaluate:
             naive = evaluate_rows(table, model, tokenizer, questions, args)
             choice_rows(table, model, tokenizer, questions, args)  # on the merged model

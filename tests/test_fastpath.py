@@ -229,6 +229,8 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
     choices = evaluated.loc["multiple choice, 4"]
     assert choices.loc["factft", "agreement"] == 1.0  # the same choice from the prompt's cache
     assert choices.loc["factft", "computed_tokens"] < choices.loc["baseline", "computed_tokens"] / 2
+    (load,) = written[written["stage"] == "load"].itertuples()
+    assert load.seconds > 0 and "GB of safetensors on" in load.note  # the evicted model read back, as a job does
     assert (written["date"].notna() & written["torch"].notna()).all()
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -28,11 +32,15 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
         ("evaluate", "lora-qv merged, answers end", "factft", None, 1_500.0, 30.0, None, None),
         ("evaluate", "multiple choice, 4", "factft", None, 9_999.0, 30.0, 1000, 400),  # not open QA's rate
     ]
+    if "load_s" in rates:
+        rows.append(("load", "model", "factft", None, None, 14.0, None, None))
     if "compiled_tps" in rates:
         rows.append(("finetune", "lora-qv", "factft-compiled", rates["compiled_tps"], None, 40.0, 2000, 2100))
     columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
     table = pd.DataFrame(rows, columns=columns)
     table["compile_s"] = (table["path"] == "factft-compiled") * 90.0
+    table["seconds"] = (table["stage"] == "load") * rates.get("load_s", 0.0)
+    table["note"] = (table["stage"] == "load").map({True: "13.48 GB of safetensors on ext4", False: None})
     table.insert(0, "device_name", "NVIDIA H200" if device == "cuda" else "CPU")
     table.insert(0, "device", device)
     table.insert(0, "date", "2026-11-29")
@@ -90,6 +98,34 @@ def test_compiled_blocks_add_their_compile_time_to_every_finetune_job(tmp_path, 
         grid_hours.main([str(speed), "--reference", "--config", str(config), "--size", "popqa=10000"])
     with pytest.raises(SystemExit, match="compile: bench/speed.py measures it without packing"):
         grid_hours.main([str(speed), "--config", str(small_config(tmp_path, compile=True, packing=True))])
+
+
+def test_every_gpu_job_loads_the_model_once_at_the_measured_time(tmp_path, capsys):
+    config = small_config(tmp_path)
+    (unmeasured,) = grid_hours.main([str(speed_table(tmp_path)), "--config", str(config), "--size", "popqa=10000"])
+    assert "not counted: loading a model in each of 7 GPU jobs" in capsys.readouterr().out
+    speed = speed_table(tmp_path, load_s=20.0)
+    (work,) = grid_hours.main([str(speed), "--config", str(config), "--size", "popqa=10000"])
+    assert work["loads"] == 2 + 3 + 2  # finetunes, evaluations (with the base model's), attention analyses
+    for who in ("factft", "baseline"):
+        assert work[who] == pytest.approx(unmeasured[who] + 7 * 20 / 3600)
+    printed = capsys.readouterr().out
+    assert "counted: loading a model in each of 7 GPU jobs, 20 s each as measured (13.48 GB of safetensors" in printed
+    grid_hours.main([str(speed), "--reference", "--config", str(config), "--size", "popqa=10000"])
+    assert "not counted: loading" in capsys.readouterr().out  # a load measured beside the reference rates is not theirs
+
+
+@pytest.mark.slow
+def test_the_jobs_that_load_a_model_are_the_gpu_jobs_of_the_workflows_plan(tmp_path):
+    snakemake = Path(sys.executable).parent / "snakemake"
+    plan = subprocess.run(
+        [str(snakemake), "all", "-n", "--configfile", "config/config.yaml"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    gpu_jobs = re.findall(r"^\s*resources: .*\bgpu=1\b", plan.stdout, re.MULTILINE)
+    works = grid_hours.main([str(speed_table(tmp_path)), "--config", str(ROOT / "config" / "config.yaml")])
+    assert sum(work["loads"] for work in works) == len(gpu_jobs) == 205
 
 
 def test_goals_missed_are_said_so(tmp_path, capsys):
