@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         qlora = [v for v in variants if v.startswith("qlora")]
         with Clock(args.device) as clock:
             spec = save_model(model, tokenizer, Path(workdir) / "model")
-        print(f"saved the model (reloaded: loading, QLoRA, the static cache, compiling) in {clock.wall:.0f} s", flush=True)
+        print(f"saved the model for the rows that reload it in {clock.wall:.0f} s", flush=True)
         load_row(table, spec, args)
         if args.evaluate:
             naive = evaluate_rows(table, model, tokenizer, questions, args)
