@@ -70,7 +70,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     test = min(test, split["test_size"] or math.inf)
     tokens = TOKENS_PER_EXAMPLE[dataset["format"]]
     models, seeds = len(config["models"]), len(config["seeds"])
-    examples = 0.0
+    examples = longest = 0.0
     for model in config["models"]:
         settings = finetune_settings(config, model)
         batch = settings["batch_size"] * settings["grad_accum"]
@@ -78,6 +78,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
             rows = subsets.pool_share(subset, split["fraction"]) * pool
             passes = settings["max_steps"] * batch if settings["max_steps"] else settings["epochs"] * rows
             examples += passes * seeds
+            longest = max(longest, passes)
     finetunes = models * len(config["subsets"]) * seeds
     evaluations = finetunes + models  # every run and the base model
     shots = config["evaluate"].get("fewshot", 0)
@@ -89,15 +90,18 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         questions = test * (evaluations + fewshot)
         prefill = test * fewshot * shots * tokens  # the demonstrations
         forward = {"factft": prefill, "baseline": prefill}
+        evaluation = {"questions": test, "forward_tokens": {"factft": 0.0, "baseline": 0.0}}
     else:
         questions = 0.0
         prompt = tokens - CHOICE_TOKENS
         # factft runs a prompt once and every choice from its KV cache; the plain way runs
         # prompt and choice in full for each choice.
+        per_question = {"factft": prompt + CHOICES * CHOICE_TOKENS, "baseline": CHOICES * tokens}
         forward = {
-            "factft": test * ((evaluations + fewshot) * (prompt + CHOICES * CHOICE_TOKENS) + fewshot * shots * tokens),
-            "baseline": test * CHOICES * tokens * (evaluations + fewshot * (shots + 1)),
+            "factft": test * ((evaluations + fewshot) * per_question["factft"] + fewshot * shots * tokens),
+            "baseline": test * per_question["baseline"] * (evaluations + fewshot * (shots + 1)),
         }
+        evaluation = {"questions": 0.0, "forward_tokens": {who: test * n for who, n in per_question.items()}}
     popularity = dataset["popularity"]
     scorer = popularity["scorer"] == "model_confidence"
     if scorer:  # the base model scores every fact's gold answer once
@@ -112,6 +116,9 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         "evaluations": evaluations + fewshot,
         # Jobs that load a 7B onto a GPU: finetune, evaluate (+ base, few-shot), attention, scorer.
         "loads": finetunes + evaluations + fewshot + attention + scorer,
+        # One job: the longest finetune (its tokens) and a zero-shot evaluation of a run.
+        "longest_finetune_tokens": longest * tokens,
+        "evaluation": evaluation,
     }
 
 
@@ -190,18 +197,30 @@ def loads_note(table: pd.DataFrame) -> str:
 
 
 def gpu_hours(work: dict, speed: dict, who: str) -> float:
-    tokens_per_s = speed[f"{who}_tokens_per_s"]
+    compute = compute_seconds(work["finetune_tokens"], work["questions"], work["forward_tokens"][who], speed, who)
+    once_a_job = work["finetunes"] * speed[f"{who}_compile_s"] + work["loads"] * (speed["load_s"] or 0.0)
+    return (compute + once_a_job) / 3600
+
+
+def compute_seconds(finetune_tokens: float, questions: float, forward_tokens: float, speed: dict, who: str) -> float:
     # Forward-only work at factft's rate for both (the baseline's own count of tokens): the
     # benchmark measures no plain forward-only path.
     forward_per_s = speed["factft_tokens_per_s"] * FORWARD_SPEEDUP
-    seconds = (
-        work["finetune_tokens"] / tokens_per_s
-        + work["finetunes"] * speed[f"{who}_compile_s"]
-        + work["loads"] * (speed["load_s"] or 0.0)
-        + work["questions"] / speed[f"{who}_questions_per_s"]
-        + work["forward_tokens"][who] / forward_per_s
+    return (
+        finetune_tokens / speed[f"{who}_tokens_per_s"]
+        + questions / speed[f"{who}_questions_per_s"]
+        + forward_tokens / forward_per_s
     )
-    return seconds / 3600
+
+
+def job_minutes(work: dict, speed: dict, who: str) -> tuple[float, float]:
+    """Minutes of the dataset's longest finetune job and of one evaluation job, load included:
+    what a SLURM time limit must cover."""
+    load = speed["load_s"] or 0.0
+    finetune = compute_seconds(work["longest_finetune_tokens"], 0.0, 0.0, speed, who) + speed[f"{who}_compile_s"]
+    evaluation = work["evaluation"]
+    evaluate = compute_seconds(0.0, evaluation["questions"], evaluation["forward_tokens"][who], speed, who)
+    return (finetune + load) / 60, (evaluate + load) / 60
 
 
 # ---- report ---------------------------------------------------------------------
@@ -297,17 +316,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"  assumed: sizes {sizes}, tokens per example {TOKENS_PER_EXAMPLE} ({CHOICE_TOKENS} of them an MMLU "
         f"choice), forward-only at {FORWARD_SPEEDUP:g}x training; forward tokens: factft's"
     )
-    print(f"{'dataset':16s} {'finetune tokens':>16s} {'QA questions':>13s} {'forward tokens':>15s} {'factft GPU-h':>13s} {'baseline GPU-h':>15s}")
+    print(
+        f"{'dataset':16s} {'finetune tokens':>16s} {'QA questions':>13s} {'forward tokens':>15s} {'factft GPU-h':>13s} "
+        f"{'baseline GPU-h':>15s} {'longest finetune':>17s} {'an evaluation':>14s}"
+    )
     totals = {"factft": 0.0, "baseline": 0.0}
     for work in works:
         for who in totals:
             work[who] = gpu_hours(work, speed, who)
             totals[who] += work[who]
+        work["finetune_min"], work["evaluate_min"] = job_minutes(work, speed, "factft")
         print(
             f"{work['dataset']:16s} {work['finetune_tokens'] / 1e6:15.1f}M {work['questions'] / 1e6:12.2f}M "
-            f"{work['forward_tokens']['factft'] / 1e6:14.1f}M {work['factft']:13.2f} {work['baseline']:15.2f}"
+            f"{work['forward_tokens']['factft'] / 1e6:14.1f}M {work['factft']:13.2f} {work['baseline']:15.2f} "
+            f"{work['finetune_min']:13.1f} min {work['evaluate_min']:10.1f} min"
         )
     print(f"{'total':16s} {'':>16s} {'':>13s} {'':>15s} {totals['factft']:13.2f} {totals['baseline']:15.2f}")
+    print(
+        "a job (factft): the dataset's longest finetune and one evaluation, loading included where measured; "
+        "compare the runtimes rules/common.smk asks SLURM for"
+    )
     jobs = sum(w["loads"] for w in works)
     if speed["load_s"] is None:
         print(f"not counted: loading a model in each of {jobs} GPU jobs, queueing, the attention analysis's questions")

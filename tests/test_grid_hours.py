@@ -109,6 +109,10 @@ def test_every_gpu_job_loads_the_model_once_at_the_measured_time(tmp_path, capsy
     assert work["loads"] == 2 + 3 + 2  # finetunes, evaluations (with the base model's), attention analyses
     for who in ("factft", "baseline"):
         assert work[who] == pytest.approx(unmeasured[who] + 7 * 20 / 3600)
+    # The longest job is FT-Whole, 3 epochs of the 7,000-fact pool; an evaluation, 3,000 questions.
+    assert unmeasured["finetune_min"] == pytest.approx(3 * 7_000 * 20 / 20_000 / 60)
+    assert unmeasured["evaluate_min"] == pytest.approx(3_000 / 600 / 60)
+    assert work["finetune_min"] == pytest.approx(unmeasured["finetune_min"] + 20 / 60)
     printed = capsys.readouterr().out
     assert "counted: loading a model in each of 7 GPU jobs, 20 s each as measured (13.48 GB of safetensors" in printed
     grid_hours.main([str(speed), "--reference", "--config", str(config), "--size", "popqa=10000"])
@@ -163,6 +167,7 @@ def test_multiple_choice_runs_a_prompt_once_for_factft_and_once_per_choice_the_p
     baseline = test * 4 * tokens * (3 + 3) + popularity  # the 2-shot evaluation is 3 examples long
     assert work["forward_tokens"] == pytest.approx({"factft": factft, "baseline": baseline})
     assert work["evaluations"] == 4  # two finetuned runs, the base model, its 2-shot evaluation
+    assert work["evaluate_min"] == pytest.approx(test * (55 + 4 * 15) / (2 * 20_000) / 60)  # forward-only, 2x
 
 
 def test_reference_rates_scale_by_the_tables_real_token_share(tmp_path):
