@@ -291,7 +291,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_compiled_finetune_with_dropout_repeats_and_resumes_bit_for_bit(tiny_model_dir, facts, tmp_path):
+def test_a_compiled_finetune_with_dropout_repeats_and_resumes_bit_for_bit(tiny_model_dir, facts, tmp_path, caplog):
     """Dropout inside compiled blocks draws from inductor's own RNG, seeded from torch's: the
     same seed gives the same run, and a checkpoint's RNG state resumes it exactly."""
     dropout = settings(compile=True, checkpoint_every=2, lora={**settings()["lora"], "dropout": 0.1})
@@ -311,6 +311,9 @@ def test_a_compiled_finetune_with_dropout_repeats_and_resumes_bit_for_bit(tiny_m
     losses, weights = run(tmp_path / "first")
     with pytest.raises(Interrupted):
         run(tmp_path / "resumed", interrupt_at=3)  # after the checkpoint of step 2
-    for again in (run(tmp_path / "second"), run(tmp_path / "resumed")):
+    with caplog.at_level("INFO", logger="factft.train"):
+        resumed = run(tmp_path / "resumed")
+    assert "(step 2 of 6)" in caplog.text  # it did resume
+    for again in (run(tmp_path / "second"), resumed):
         assert again[0] == losses
         assert all(torch.equal(again[1][name], weight) for name, weight in weights.items())
