@@ -134,29 +134,82 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
         assert torch.allclose(grads_gc[name], grad, atol=1e-6, rtol=1e-4), name
 
 
-def test_packed_finetune_trains_the_same_adapter_with_the_same_losses(tiny_model_dir, facts, tmp_path):
+def assert_trains_as_the_plain_loop(tiny_model_dir, facts, tmp_path, setting: str) -> None:
+    """A finetune with `setting` on takes the plain run's steps and tokens, with the same
+    per-step losses and the same adapter (to rounding)."""
     runs = {}
-    for packing in (False, True):
-        folder = tmp_path / f"packing-{packing}"
+    for on in (False, True):
+        folder = tmp_path / f"{setting}-{on}"
         summary = finetune(
             spec(tiny_model_dir),
             facts,
             folder / "adapter",
-            settings(packing=packing),
+            settings(**{setting: on}),
             PROMPT,
             folder / "checkpoints",
             train_log=folder / "log.tsv",
             device="cpu",
         )
         log = pd.read_csv(folder / "log.tsv", sep="\t")
-        runs[packing] = summary, log, load_file(folder / "adapter" / "adapter_model.safetensors")
-    (plain, plain_log, plain_weights), (packed, packed_log, packed_weights) = runs[False], runs[True]
-    assert packed["steps"] == plain["steps"] == 6 and packed["tokens"] == plain["tokens"]
-    assert packed_log["loss"].tolist() == pytest.approx(plain_log["loss"].tolist(), rel=1e-4)
+        runs[on] = summary, log, load_file(folder / "adapter" / "adapter_model.safetensors")
+    (plain, plain_log, plain_weights), (fast, fast_log, fast_weights) = runs[False], runs[True]
+    assert fast["steps"] == plain["steps"] == 6 and fast["tokens"] == plain["tokens"]
+    assert fast_log["loss"].tolist() == pytest.approx(plain_log["loss"].tolist(), rel=1e-4)
     assert plain_log["loss"].iloc[-1] < plain_log["loss"].iloc[0]  # it did learn
-    assert packed_weights.keys() == plain_weights.keys()
+    assert fast_weights.keys() == plain_weights.keys()  # the same weight names
     for name, weight in plain_weights.items():
-        assert torch.allclose(packed_weights[name], weight, atol=1e-4), name
+        assert torch.allclose(fast_weights[name], weight, atol=1e-4), name
+
+
+def test_packed_finetune_trains_the_same_adapter_with_the_same_losses(tiny_model_dir, facts, tmp_path):
+    assert_trains_as_the_plain_loop(tiny_model_dir, facts, tmp_path, "packing")
+
+
+def test_compiled_blocks_train_the_same_adapter_with_the_same_losses(tiny_model_dir, facts, tmp_path):
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert_trains_as_the_plain_loop(tiny_model_dir, facts, tmp_path, "compile")
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+
+
+def test_compile_without_a_compiler_fails_before_loading_the_model(tiny_model_dir, facts, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(FactftError, match=r"finetune.compile: .*no-such-c\+\+ is not on PATH"):
+        finetune(spec(tmp_path / "no-model"), facts, tmp_path / "adapter", settings(compile=True), PROMPT, tmp_path / "ck")
+    assert not (tmp_path / "adapter").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_compiled_finetune_with_dropout_repeats_and_resumes_bit_for_bit(tiny_model_dir, facts, tmp_path, caplog):
+    """Dropout inside compiled blocks draws from inductor's own RNG, seeded from torch's: the
+    same seed gives the same run, and a checkpoint's RNG state resumes it exactly."""
+    dropout = settings(compile=True, checkpoint_every=2, lora={**settings()["lora"], "dropout": 0.1})
+
+    def run(folder, interrupt_at=None):
+        def on_step(step, loss):
+            if step == interrupt_at:
+                raise Interrupted
+
+        finetune(
+            spec(tiny_model_dir), facts, folder / "adapter", dropout, PROMPT, folder / "checkpoints",
+            train_log=folder / "log.tsv", device="cpu", on_step=on_step,
+        )  # fmt: skip
+        log = pd.read_csv(folder / "log.tsv", sep="\t")
+        return log["loss"].tolist(), load_file(folder / "adapter" / "adapter_model.safetensors")
+
+    losses, weights = run(tmp_path / "first")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed", interrupt_at=3)  # after the checkpoint of step 2
+    with caplog.at_level("INFO", logger="factft.train"):
+        resumed = run(tmp_path / "resumed")
+    assert "(step 2 of 6)" in caplog.text  # it did resume
+    for again in (run(tmp_path / "second"), resumed):
+        assert again[0] == losses
+        assert all(torch.equal(again[1][name], weight) for name, weight in weights.items())
 
 
 @pytest.fixture(scope="module")
@@ -250,70 +303,3 @@ def test_benchmark_answers_end_after_their_drawn_length_but_a_few_never():
     ended = [w == d for w, d in zip(words, drawn)]
     assert 0.9 < np.mean(ended) < 1.0  # NEVER_ENDS (2%) run on
     assert all(w == bench.MAX_NEW_TOKENS for w, e in zip(words, ended) if not e)
-
-
-def test_compiled_blocks_train_the_same_adapter_with_the_same_losses(tiny_model_dir, facts, tmp_path):
-    from torch._dynamo.utils import counters
-
-    graphs = counters["stats"]["unique_graphs"]
-    runs = {}
-    for compiled in (False, True):
-        folder = tmp_path / f"compile-{compiled}"
-        summary = finetune(
-            spec(tiny_model_dir),
-            facts,
-            folder / "adapter",
-            settings(compile=compiled),
-            PROMPT,
-            folder / "checkpoints",
-            train_log=folder / "log.tsv",
-            device="cpu",
-        )
-        log = pd.read_csv(folder / "log.tsv", sep="\t")
-        runs[compiled] = summary, log, load_file(folder / "adapter" / "adapter_model.safetensors")
-    (plain, plain_log, plain_weights), (fast, fast_log, fast_weights) = runs[False], runs[True]
-    assert fast["steps"] == plain["steps"] == 6 and fast["tokens"] == plain["tokens"]
-    assert fast_log["loss"].tolist() == pytest.approx(plain_log["loss"].tolist(), rel=1e-4)
-    assert fast_weights.keys() == plain_weights.keys()  # compiled in place: the same weight names
-    for name, weight in plain_weights.items():
-        assert torch.allclose(fast_weights[name], weight, atol=1e-4), name
-    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
-
-
-def test_compile_without_a_compiler_fails_before_loading_the_model(tiny_model_dir, facts, tmp_path, monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-c++")
-    with pytest.raises(FactftError, match=r"finetune.compile: .*no-such-c\+\+ is not on PATH"):
-        finetune(spec(tmp_path / "no-model"), facts, tmp_path / "adapter", settings(compile=True), PROMPT, tmp_path / "ck")
-    assert not (tmp_path / "adapter").exists()
-
-
-class Interrupted(Exception):
-    pass
-
-
-def test_a_compiled_finetune_with_dropout_repeats_and_resumes_bit_for_bit(tiny_model_dir, facts, tmp_path, caplog):
-    """Dropout inside compiled blocks draws from inductor's own RNG, seeded from torch's: the
-    same seed gives the same run, and a checkpoint's RNG state resumes it exactly."""
-    dropout = settings(compile=True, checkpoint_every=2, lora={**settings()["lora"], "dropout": 0.1})
-
-    def run(folder, interrupt_at=None):
-        def on_step(step, loss):
-            if step == interrupt_at:
-                raise Interrupted
-
-        finetune(
-            spec(tiny_model_dir), facts, folder / "adapter", dropout, PROMPT, folder / "checkpoints",
-            train_log=folder / "log.tsv", device="cpu", on_step=on_step,
-        )  # fmt: skip
-        log = pd.read_csv(folder / "log.tsv", sep="\t")
-        return log["loss"].tolist(), load_file(folder / "adapter" / "adapter_model.safetensors")
-
-    losses, weights = run(tmp_path / "first")
-    with pytest.raises(Interrupted):
-        run(tmp_path / "resumed", interrupt_at=3)  # after the checkpoint of step 2
-    with caplog.at_level("INFO", logger="factft.train"):
-        resumed = run(tmp_path / "resumed")
-    assert "(step 2 of 6)" in caplog.text  # it did resume
-    for again in (run(tmp_path / "second"), resumed):
-        assert again[0] == losses
-        assert all(torch.equal(again[1][name], weight) for name, weight in weights.items())
