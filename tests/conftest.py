@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
@@ -27,19 +28,28 @@ class ScriptedServer:
     """An HTTP server on 127.0.0.1: `reply(path, *responses)` scripts what a GET of `path`
     returns, one response per request, the last one repeating; other paths are 404.
     A response is (status, body) or (status, body, headers); a dict body is sent as JSON.
-    `requests` lists every requested path (percent-decoded), in order."""
+    `requests` lists every requested path (percent-decoded), in order. Each reply waits
+    `delay` seconds; `most_at_once` is the most requests the server held at one time."""
 
     def __init__(self) -> None:
         self.routes: dict[str, list] = {}
         self.requests: list[str] = []
+        self.delay, self.at_once, self.most_at_once = 0.0, 0, 0
+        lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 path = unquote(self.path)
-                server.requests.append(path)
-                script = server.routes.get(path) or [(404, {"title": "Not found."})]
-                status, body, *headers = script.pop(0) if len(script) > 1 else script[0]
+                with lock:
+                    server.requests.append(path)
+                    server.at_once += 1
+                    server.most_at_once = max(server.most_at_once, server.at_once)
+                time.sleep(server.delay)
+                with lock:
+                    server.at_once -= 1
+                    script = server.routes.get(path) or [(404, {"title": "Not found."})]
+                    status, body, *headers = script.pop(0) if len(script) > 1 else script[0]
                 if isinstance(body, (dict, list)):
                     body = json.dumps(body)
                 if isinstance(body, str):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from factft.errors import FactftError
-from factft.pageviews import article_title, fact_articles, pageview_table
+from factft.pageviews import RateLimit, article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.tables import check_facts, write_table
 
@@ -113,6 +113,27 @@ def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp
     assert len(http_server.requests) == 2
     again = fetch(http_server, ["Hallstatt", "Ada Lovelace"], tmp_path)
     assert again.equals(table) and len(http_server.requests) == 2
+
+
+def test_pageviews_are_fetched_on_several_threads_each_result_its_own(http_server, tmp_path):
+    names = [f"Person {i}" for i in range(12)]
+    for i, name in enumerate(names):
+        http_server.reply(route(article_title(name)), (200, daily(i, 1)))
+    http_server.delay = 0.2  # a round trip: one request at a time would keep the rate far below the limit
+    table = fetch(http_server, names, tmp_path)
+    assert dict(zip(table["article"], table["views"])) == {article_title(n): i + 1 for i, n in enumerate(names)}
+    assert http_server.most_at_once > 1 and len(http_server.requests) == 12
+
+
+def test_the_rate_limit_spaces_requests_from_every_thread():
+    now, slept = [100.0], []
+    limit = RateLimit(4, clock=lambda: now[0], sleep=slept.append)
+    for _ in range(3):  # three threads at the same moment: the second waits 1/4 s, the third 1/2 s
+        limit.wait()
+    assert slept == [0.25, 0.5]
+    now[0] = 200.0  # long after the last slot: no wait
+    limit.wait()
+    assert slept == [0.25, 0.5]
 
 
 def test_pageviews_retry_429_and_5xx_with_backoff(http_server, tmp_path):
