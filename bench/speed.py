@@ -545,7 +545,7 @@ def evict_from_page_cache(folder: Path) -> bool:
     comes from the disk, as on a node that has not read them. Linux; not for tmpfs."""
     if not hasattr(os, "posix_fadvise"):
         return False
-    for file in folder.iterdir():
+    for file in (path for path in folder.iterdir() if path.is_file()):
         descriptor = os.open(file, os.O_RDONLY)
         try:
             os.fsync(descriptor)
@@ -707,7 +707,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         with Clock(args.device) as clock:
             spec = save_model(model, tokenizer, Path(workdir) / "model")
         print(f"saved the model for the rows that reload it in {clock.wall:.0f} s", flush=True)
-        load_row(table, spec, args)
+        with recorded_failure(table, "load", "model"):
+            load_row(table, spec, args)
         if args.evaluate:
             naive = evaluate_rows(table, model, tokenizer, questions, args)
             choice_rows(table, model, tokenizer, questions, args)  # on the merged model
