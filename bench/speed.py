@@ -578,7 +578,7 @@ def load_row(table, spec: dict, args) -> None:
     where = f"{size / 1e9:.2f} GB of safetensors on {file_system(folder)}" + ("" if evicted else ", page cache kept")
     table.add(
         stage="load", variant="model", path="factft", items=1, seconds=clock.wall, wall_s=clock.wall,
-        cpu_s=clock.cpu, peak_gb=clock.peak_gb, note=where,
+        cpu_s=clock.cpu, note=where,
     )  # fmt: skip
     del model
 
