@@ -201,8 +201,17 @@ def pretrain_facts(wildcards):
     return raw_table(pretrain_params(wildcards)["dataset"])
 
 
+# Finetune switches added after finished runs may exist: left out of a job's params while
+# off, since Snakemake reruns a job whose params change (the library reads them with .get).
+LATER_SWITCHES = ("compile",)
+
+
 def finetune_params(wildcards):
-    return dict(finetune_settings(config, wildcards.model), seed=int(wildcards.seed))
+    settings = finetune_settings(config, wildcards.model)
+    for key in LATER_SWITCHES:
+        if not settings[key]:
+            del settings[key]
+    return dict(settings, seed=int(wildcards.seed))
 
 
 def tiny_model(model):

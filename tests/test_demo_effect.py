@@ -5,28 +5,34 @@ guard is against a change to the world, pretraining or finetuning that loses the
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+
+def run_demo(folder: Path, *flags: str, config: Path = ROOT / "config/demo.yaml") -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(
+        # Targets first: --configfile takes every argument up to the next flag.
+        [str(SNAKEMAKE), "results/tables/summary.tsv", "-s", str(ROOT / "Snakefile"), "-d", str(folder),
+         "--configfile", str(config), "--cores", "2", *flags],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """The demo config's summary (finetunes, evaluations and references; no simulation)."""
     folder = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    run = subprocess.run(
-        # Targets first: --configfile takes every argument up to the next flag.
-        [str(SNAKEMAKE), "results/tables/summary.tsv", "-s", str(ROOT / "Snakefile"), "-d", str(folder),
-         "--configfile", str(ROOT / "config/demo.yaml"), "--cores", "2"],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    run = run_demo(folder)
     assert run.returncode == 0, run.stderr[-3000:]
     return folder / "results"
 
@@ -55,3 +61,20 @@ def test_ft_bottom_guesses_from_the_relation_more_than_ft_top_on_every_relation(
     wide = by_relation.pivot(index="relation", columns="subset", values=["mean", "guess_mean"])
     assert (wide[("mean", "top")] > wide[("mean", "bottom")]).all()
     assert (wide[("guess_mean", "bottom")] > wide[("guess_mean", "top")]).all()
+
+
+@pytest.mark.slow
+def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetunes(demo, tmp_path):
+    """Every step is a cached target: asking again plans nothing. A finetune switch off is left
+    out of the jobs' params (so adding one reruns no finished run); turned on, it reruns them."""
+    folder = demo.parent
+    again = run_demo(folder, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    config["finetune"]["compile"] = True
+    (tmp_path / "compile.yaml").write_text(yaml.safe_dump(config))
+    switched = run_demo(folder, "-n", config=tmp_path / "compile.yaml")
+    assert switched.returncode == 0, switched.stderr[-3000:]
+    plan = switched.stdout + switched.stderr
+    assert re.search(r"^finetune\s+12$", plan, re.MULTILINE)  # 4 subsets x 3 seeds
+    assert "Params have changed" in plan
