@@ -331,8 +331,8 @@ def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device
 def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id: int):
     """factft's loop over every example once. With `settings['compile']` it runs two epochs
     and times the second: in the first the blocks compile, once for each kind of input the
-    data brings (with and without padding: a batch of equal lengths needs no mask), which a
-    job pays once: `stats['compile_s']`, how much longer the first epoch took."""
+    data brings, which a job pays once: `stats['compile_s']`, how much longer the first
+    epoch took."""
     seed_everything(0)
     peft_model = prepare_model(model, settings)
     optimizer = make_optimizer(peft_model, settings, device)

@@ -120,6 +120,21 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, 
         assert torch.allclose(packed_grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
+def test_a_right_padded_batch_needs_no_attention_mask(tiny_model_dir, facts):
+    model, tokenizer = lora_model(tiny_model_dir)
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    indices = [0, 1, 2, 5, 7]
+    batch = collate(encoded, indices, tokenizer.pad_token_id, "cpu")
+    assert "attention_mask" not in batch and (batch["input_ids"] == tokenizer.pad_token_id).any()
+    lengths = torch.tensor([len(encoded[i]["input_ids"]) for i in indices])
+    mask = (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]).long()
+    loss, grads = loss_and_grads(model, batch)
+    masked_loss, masked_grads = loss_and_grads(model, dict(batch, attention_mask=mask))
+    assert torch.allclose(loss, masked_loss, atol=1e-6)
+    for name, grad in masked_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, facts):
     plain, tokenizer = lora_model(tiny_model_dir)
     checkpointed, _ = lora_model(tiny_model_dir, gradient_checkpointing=True)

@@ -87,7 +87,7 @@ def test_loss_counts_only_answer_tokens(tiny_model_dir, facts):
     batch = collate(encoded, [0, 2, 3], tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         loss = model(**batch).loss
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"]).logits
     targets = batch["labels"][:, 1:]
     counted = targets != -100
     # Only the answer word and the eos after it, per example: prompt and padding are masked.

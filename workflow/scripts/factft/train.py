@@ -82,17 +82,21 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
 
 
 def collate(encoded: list[dict], indices: list[int], pad_id: int, device) -> dict:
-    """Right-padded tensors, padded only to this batch's longest example."""
+    """Right-padded tensors, padded only to this batch's longest example.
+
+    No attention mask: the padding comes after every real token, so under causal attention
+    no real token sees it, and no padding position has a label; the loss and gradients are
+    those of the masked batch. Without a mask, SDPA takes its fused causal kernel and compiled
+    blocks meet one kind of input, not two.
+    """
     width = max(len(encoded[i]["input_ids"]) for i in indices)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
     for row, i in enumerate(indices):
         n = len(encoded[i]["input_ids"])
         ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
         labels[row, :n] = torch.tensor(encoded[i]["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
 def collate_packed(encoded: list[dict], indices: list[int], device) -> dict:
@@ -216,9 +220,9 @@ def compile_blocks(model) -> int:
     """torch.compile each transformer block (the model's `_no_split_modules`), in place so
     weight names and checkpoints stay as they are. The blocks share their compiled code, so
     the cost is one block's compilation, not the model's: once for each kind of input (with
-    LoRA the first block's input needs no gradient; a batch of equal lengths comes without a
-    mask). Shapes are dynamic from the start: no batch width recompiles it. The attention
-    mask, built from the data outside the blocks, stays eager."""
+    LoRA, the first block's input needs no gradient and the others' do). Shapes are dynamic
+    from the start: no batch width recompiles it. A packed batch's attention mask, built from
+    the data outside the blocks, stays eager."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [module for module in base.modules() if type(module).__name__ in names]
