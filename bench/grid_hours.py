@@ -174,6 +174,7 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
     loads = table[table["stage"] == "load"]
     # A job's model load, measured on the GPU's machine; the reference rates come with none.
     out["load_s"] = None if reference or loads.empty else float(loads["seconds"].iloc[-1])
+    out["load_where"] = None if loads.empty else str(loads["note"].iloc[-1])
     if reference and path.endswith("-compiled"):
         raise SystemExit("finetune.compile: the reference rates are of an eager loop; give a table measured on a GPU")
     for who, finetune_path, evaluate_path in (("factft", path, eval_path), ("baseline", "baseline", "baseline")):
@@ -189,11 +190,6 @@ def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> d
             evaluate = row(table, "evaluate", OPEN_QA, evaluate_path, source)
             out[f"{who}_questions_per_s"] = float(evaluate["questions_per_s"])
     return out
-
-
-def loads_note(table: pd.DataFrame) -> str:
-    note = table.loc[table["stage"] == "load", "note"].iloc[-1]
-    return note if isinstance(note, str) else "from a local disk"
 
 
 def gpu_hours(work: dict, speed: dict, who: str) -> float:
@@ -342,7 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         print(
             f"counted: loading a model in each of {jobs} GPU jobs, {speed['load_s']:.0f} s each as measured "
-            f"({loads_note(table)}); not counted: queueing, the attention analysis's questions"
+            f"({speed['load_where']}); not counted: queueing, the attention analysis's questions"
         )
     if not args.reference and (table["device"] == "cuda").all():
         print("issue 4's goals (one H200):")
