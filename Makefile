@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 CORES ?= 2
 
-.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu bench-hours
+.PHONY: demo test lint fmt bench-plan bench-gpu bench-cpu bench-hours usage
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,3 +49,8 @@ bench-gpu: $(STAMP)
 SPEED ?= bench/results/speed-cuda.tsv
 bench-hours: $(STAMP)
 	$(BIN)/python bench/grid_hours.py $(SPEED)
+
+# What a run used, per rule (jobs, hours, longest job, memory; GPU hours), from benchmarks/.
+CONFIG ?= config/config.yaml
+usage: $(STAMP)
+	$(BIN)/python bench/grid_usage.py --config $(CONFIG)

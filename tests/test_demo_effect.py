@@ -78,3 +78,21 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     plan = switched.stdout + switched.stderr
     assert re.search(r"^finetune\s+12$", plan, re.MULTILINE)  # 4 subsets x 3 seeds
     assert "Params have changed" in plan
+
+
+@pytest.mark.slow
+def test_the_demos_benchmark_files_give_every_jobs_time_and_no_gpu_hours(demo, tmp_path):
+    """bench/grid_usage.py on a real run: each of the demo's jobs counted once, all on CPU."""
+    folder = demo.parent / "benchmarks"
+    written = {path.relative_to(folder).parts[0] for path in folder.rglob("*.tsv")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench/grid_usage.py"), "--config", str(ROOT / "config/demo.yaml"),
+         "--benchmarks", str(folder), "--out", str(tmp_path / "usage.tsv")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0 on a GPU: 0.00 GPU-h" in out.stdout
+    usage = pd.read_csv(tmp_path / "usage.tsv", sep="\t").set_index("rule")
+    assert set(usage.index) == written and (usage["device"] == "cpu").all()
+    assert usage.loc["finetune", "jobs"] == usage.loc["evaluate", "jobs"] == 12  # 4 subsets x 3 seeds
+    assert (usage.loc[["pretrain", "finetune"], "hours"] > 0).all()

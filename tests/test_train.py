@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import pandas as pd
 import pytest
@@ -159,8 +160,11 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero():
     assert rates[2:] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
-def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoints(tiny_model_dir, facts, tmp_path):
-    summary, _ = run(tiny_model_dir, facts, tmp_path)
+def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoints(
+    tiny_model_dir, facts, tmp_path, caplog
+):
+    with caplog.at_level(logging.INFO, logger="factft.train"):
+        summary, _ = run(tiny_model_dir, facts, tmp_path)
     trained = json.loads((tmp_path / "adapter" / "trained.json").read_text())
     assert trained == summary
     # 16 examples in batches of 3 -> 6 micro-batches per epoch, 2 per step, 3 epochs.
@@ -173,6 +177,10 @@ def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoi
     assert log["tokens"].sum() == summary["tokens"]
     assert log["loss"].iloc[-3:].mean() < log["loss"].iloc[:3].mean()
     assert not (tmp_path / "checkpoints").exists()
+    # The job's speed in its log: real tokens over the steps' own time (not loading or saving).
+    (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetuned 9 steps")]
+    logged = re.search(r"([0-9]+) real tokens/s over the steps ->", done)  # on CPU no GPU memory to report
+    assert float(logged.group(1)) == pytest.approx(summary["tokens"] / (log["tokens"] / log["tokens_per_s"]).sum(), abs=1)
 
 
 def test_same_seed_gives_the_same_adapter_and_another_seed_another(tiny_model_dir, facts, tmp_path):

@@ -28,7 +28,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
-from factft.models import load_model
+from factft.models import load_model, peak_memory
 from factft.prompts import IGNORE, answer_text, encode_example, few_shot_prefixes, prompt_text
 
 log = logging.getLogger(__name__)
@@ -506,13 +506,14 @@ def evaluate_model(
     seconds = time.perf_counter() - start
     metrics = metrics_table(predictions, params["percentiles"])
     log.info(
-        "%s%s: %d test facts in %.1f s (%.1f questions/s) on %s; accuracy %.4f, exact match %.4f",
+        "%s%s: %d test facts in %.1f s (%.1f questions/s) on %s%s; accuracy %.4f, exact match %.4f",
         where,
         f", {shots}-shot" if shots else "",
         len(test),
         seconds,
         len(test) / max(seconds, 1e-9),
         model.device,
+        peak_memory(model.device),
         predictions["correct"].mean(),
         predictions["exact_match"].mean(),
     )

@@ -42,6 +42,14 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
+def peak_memory(device) -> str:
+    """", peak GPU memory X GiB": what the job's tensors took at most on a CUDA device (the
+    figure to size a GPU by); empty on CPU, where the job's benchmark file has its memory."""
+    if not str(device).startswith("cuda"):
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
 def check_model_folder(spec: dict) -> None:
     """Fail early, naming the model, when its folder holds nothing we are allowed to load."""
     name, path = spec["name"], Path(spec["path"])

@@ -26,7 +26,7 @@ import torch
 
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
-from factft.models import compute_dtype, default_device, load_model
+from factft.models import compute_dtype, default_device, load_model, peak_memory
 from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
 from factft.tables import atomic_dir, check_new_dir, remove_stale_temps, write_tsv
 
@@ -568,5 +568,13 @@ def finetune(
         write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
     save_output(out_dir, model, tokenizer, summary, method)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("finetuned %d steps, final loss %.4f -> %s", step, summary["final_loss"], out_dir)
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows if r["tokens_per_s"] > 0)
+    log.info(
+        "finetuned %d steps, final loss %.4f, %.0f real tokens/s over the steps%s -> %s",
+        step,
+        summary["final_loss"],
+        summary["tokens"] / seconds if seconds else float("nan"),
+        peak_memory(device),
+        out_dir,
+    )
     return summary

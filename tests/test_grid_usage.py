@@ -1,0 +1,68 @@
+"""bench/grid_usage.py: what a run used, per rule, from the benchmark files Snakemake wrote."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from snakemake.benchmark import BenchmarkRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("bench_grid_usage", ROOT / "bench" / "grid_usage.py")
+grid_usage = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(grid_usage)
+
+
+def benchmark(folder: Path, job: str, seconds: float, rss_mb: float | str = 900.0) -> None:
+    """A benchmark file as Snakemake writes it (its header; "NA" where it sampled nothing)."""
+    path = folder / f"{job}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = BenchmarkRecord.get_header()
+    values = [f"{seconds:.4f}", "0:00:00", rss_mb, rss_mb, rss_mb, rss_mb, 1.0, 1.0, 50.0, seconds / 2]
+    path.write_text("\t".join(header) + "\n" + "\t".join(map(str, values)) + "\n")
+
+
+def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_path, capsys):
+    folder = tmp_path / "benchmarks"
+    for seed, seconds in ((0, 1800.0), (1, 3600.0)):
+        benchmark(folder, f"finetune/llama2-7b/popqa/top/seed{seed}", seconds, rss_mb=20_000.0)
+    benchmark(folder, "evaluate/mistral-7b/popqa/top/seed0", 120.0)
+    benchmark(folder, "popularity/mmlu", 600.0)  # model_confidence: llama2-7b scores the facts
+    benchmark(folder, "popularity/popqa", 5.0, rss_mb="NA")  # a column: CPU, too short to sample
+    benchmark(folder, "split/popqa", 3.0)
+    benchmark(folder, "figures/llama2-7b/popqa", 30.0)
+    benchmark(folder, "finetune/gpt2/popqa/top/seed0", 999.0)  # a model the config no longer has
+    benchmark(folder, "evaluate/llama2-7b/nq/top/seed0", 999.0)  # nor this dataset
+    benchmark(folder, "evaluate/llama2-7b/popqa/top25/seed0", 999.0)  # nor this subset
+    benchmark(folder, "attention/llama2-7b/popqa/top/seed7", 999.0)  # nor this seed
+    benchmark(folder, "sized_split/popqa/top25", 1.0)
+
+    table = grid_usage.main(["--benchmarks", str(folder), "--out", str(tmp_path / "usage.tsv")])
+    rows = table.set_index("rule")
+    assert rows.loc["finetune", "device"] == "gpu" and rows.loc["finetune", "jobs"] == 2
+    assert rows.loc["finetune", "hours"] == pytest.approx(1.5)
+    assert rows.loc["finetune", "median_min"] == pytest.approx(45.0)
+    assert rows.loc["finetune", "longest_min"] == pytest.approx(60.0)
+    assert rows.loc["finetune", "longest_job"] == "llama2-7b/popqa/top/seed1"
+    assert rows.loc["finetune", "max_rss_gb"] == pytest.approx(20.0)
+    assert rows.loc["popularity", "device"].tolist() == ["gpu", "cpu"]
+    assert rows.loc["split", "device"] == rows.loc["figures", "device"] == "cpu"
+    assert (tmp_path / "usage.tsv").read_text().startswith("rule\tdevice\tjobs")
+    printed = capsys.readouterr().out
+    assert f"7 jobs of {grid_usage.ROOT / 'config/config.yaml'}" in printed
+    assert f"4 on a GPU: {(1800 + 3600 + 120 + 600) / 3600:.2f} GPU-h" in printed
+    assert "GPU-h by model/dataset: llama2-7b/mmlu 0.17, llama2-7b/popqa 1.50, mistral-7b/popqa 0.03" in printed
+    assert "left out: 5 files of models, datasets, subsets or seeds not in the config" in printed
+
+
+def test_a_folder_without_benchmarks_of_the_config_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such folder"):
+        grid_usage.main(["--benchmarks", str(tmp_path / "missing")])
+    benchmark(tmp_path / "benchmarks", "finetune/gpt2/popqa/top/seed0", 10.0)
+    with pytest.raises(SystemExit, match="no benchmark files of .*config.yaml's jobs"):
+        grid_usage.main(["--benchmarks", str(tmp_path / "benchmarks")])
+    (tmp_path / "benchmarks/split").mkdir()
+    (tmp_path / "benchmarks/split/popqa.tsv").write_text("seconds\n1\n")
+    with pytest.raises(SystemExit, match="popqa.tsv: not a Snakemake benchmark file"):
+        grid_usage.main(["--benchmarks", str(tmp_path / "benchmarks")])
