@@ -180,7 +180,8 @@ def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoi
     # The job's speed in its log: real tokens over the steps' own time (not loading or saving).
     (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetuned 9 steps")]
     logged = re.search(r"([0-9]+) real tokens/s over the steps ->", done)  # on CPU no GPU memory to report
-    assert float(logged.group(1)) == pytest.approx(summary["tokens"] / (log["tokens"] / log["tokens_per_s"]).sum(), abs=1)
+    steps_seconds = (log["tokens"] / log["tokens_per_s"]).sum()
+    assert float(logged.group(1)) == pytest.approx(summary["tokens"] / steps_seconds, abs=1)
 
 
 def test_same_seed_gives_the_same_adapter_and_another_seed_another(tiny_model_dir, facts, tmp_path):
