@@ -5,6 +5,7 @@ the internet kept on the login node. .ci/slurm/check.sh runs it on a real cluste
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,6 +32,7 @@ class PlannedJob:
     rule: str
     wildcards: str
     resources: dict[str, str]
+    benchmark: str
 
 
 def dry_run(profile: str | None, configfile: str, workdir: Path, *extra: str) -> tuple[str, list[PlannedJob]]:
@@ -51,7 +53,7 @@ def dry_run(profile: str | None, configfile: str, workdir: Path, *extra: str) ->
     for match in JOB.finditer(output):
         fields = dict(line.strip().split(": ", 1) for line in match[2].splitlines() if ": " in line)
         resources = dict(item.split("=", 1) for item in fields.get("resources", "").split(", ") if "=" in item)
-        jobs.append(PlannedJob(match[1], fields.get("wildcards", ""), resources))
+        jobs.append(PlannedJob(match[1], fields.get("wildcards", ""), resources, fields.get("benchmark", "")))
     return output, [job for job in jobs if job.rule != "all"]
 
 
@@ -146,3 +148,32 @@ def test_profile_asks_for_gpus_only_through_the_plugin_and_for_rules_that_exist(
     # The plugin rejects --gres/--gpus in slurm_extra; the GPU must be the `gpu` resource.
     for resources in [profile["default-resources"], *per_rule.values()]:
         assert not re.search(r"--(gres|gpus)", str(resources.get("slurm_extra", "")))
+
+
+def test_grid_usage_counts_as_gpu_jobs_exactly_those_the_rules_give_a_gpu(grid):
+    """bench/grid_usage.py tells GPU jobs from their benchmark paths: the same jobs as the plan's."""
+    spec = importlib.util.spec_from_file_location("bench_grid_usage", REPO / "bench" / "grid_usage.py")
+    grid_usage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_usage)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    _, jobs = grid
+    planned = [job for job in jobs if job.benchmark]
+    assert len(planned) == len(jobs)  # every rule has a benchmark file
+    for job in planned:
+        rule, _, name = job.benchmark.removeprefix("benchmarks/").removesuffix(".tsv").partition("/")
+        model, _ = grid_usage.job_model(config, rule, name)
+        device = "gpu" if job.resources.get("gpu", "0") == "1" else "cpu"
+        assert grid_usage.job_device(config, model) == device, job
+
+
+def test_a_site_sets_a_rules_runtime_in_the_profile_as_an_expression_of_the_attempt(tmp_path):
+    """The SITE override the profile documents: it replaces the rule's runtime, still by attempt."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    profile["set-resources"]["finetune"]["runtime"] = "90 * attempt"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "config.yaml").write_text(yaml.safe_dump(profile))
+    for attempt, minutes in (("1", "90"), ("2", "180")):
+        _, jobs = dry_run(str(tmp_path / "site"), "config/ci-slurm.yaml", tmp_path / attempt, "--attempt", attempt)
+        finetunes = [job for job in jobs if job.rule == "finetune"]
+        assert finetunes and {job.resources["runtime"] for job in finetunes} == {minutes}
+        assert {job.resources["runtime"] for job in jobs if job.rule == "evaluate"} == {str(15 * int(attempt))}
