@@ -72,7 +72,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     models, seeds = len(config["models"]), len(config["seeds"])
     examples = longest = 0.0
     for model in config["models"]:
-        settings = finetune_settings(config, model)
+        settings = finetune_settings(config, model, name)
         batch = settings["batch_size"] * settings["grad_accum"]
         for subset in config["subsets"]:
             rows = subsets.pool_share(subset, split["fraction"]) * pool
@@ -163,11 +163,11 @@ def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: Path) 
 
 def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> dict:
     """Real tokens/s of finetuning and questions/s of evaluation, factft's and the baseline's."""
-    settings = [finetune_settings(config, model) for model in config["models"]]
+    settings = [finetune_settings(config, m, d) for m in config["models"] for d in config["datasets"]]
     variants = {finetune_variant(s) for s in settings}
     paths = {factft_finetune_path(s) for s in settings}
     if len(variants) > 1 or len(paths) > 1:
-        raise SystemExit(f"models finetune differently ({sorted(variants | paths)}): give each its own config")
+        raise SystemExit(f"jobs finetune differently ({sorted(variants | paths)}): give each its own config")
     variant, path = variants.pop(), paths.pop()
     eval_path = "factft-static" if config["evaluate"].get("static_cache") else "factft"
     out = {"variant": variant}

@@ -2,7 +2,7 @@
 # Rules never dig into nested config; they call these.
 from snakemake.exceptions import WorkflowError
 
-from factft.config import check_config, finetune_settings
+from factft.config import check_config, finetune_settings, sort_settings
 from factft.errors import FactftError
 from factft.simulation import BASE as SIM_BASE
 from factft.simulation import point_settings, point_value, sweep_points
@@ -12,6 +12,7 @@ try:
     check_config(config)
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
+sort_settings(config)
 
 DATASETS = config["datasets"]
 MODELS = config["models"]
@@ -207,7 +208,7 @@ LATER_SWITCHES = ("compile",)
 
 
 def finetune_params(wildcards):
-    settings = finetune_settings(config, wildcards.model)
+    settings = finetune_settings(config, wildcards.model, wildcards.dataset)
     for key in LATER_SWITCHES:
         if not settings[key]:
             del settings[key]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from factft.config import SCHEMA, check_config, finetune_settings
+from factft.config import SCHEMA, check_config, finetune_settings, sort_settings
 from factft.errors import FactftError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,45 @@ def test_per_model_finetune_overrides_merge_and_are_checked():
     config["models"]["llama2-7b"]["finetune"] = {"method": "dora"}
     with pytest.raises(FactftError, match=r"models\.llama2-7b\.finetune\.method"):
         finetune_settings(config, "llama2-7b")
+
+
+def test_per_dataset_finetune_overrides_merge_and_a_clash_with_a_models_is_named():
+    config = load("config.yaml")
+    config["datasets"]["entityquestions"]["finetune"] = {"epochs": 1, "lora": {"r": 8}}
+    config["models"]["llama2-7b"]["finetune"] = {"lora": {"alpha": 64}}
+    config = validated(config)
+    merged = finetune_settings(config, "llama2-7b", "entityquestions")
+    assert (merged["epochs"], merged["lora"]["r"], merged["lora"]["alpha"]) == (1, 8, 64)
+    assert finetune_settings(config, "llama2-7b", "popqa")["epochs"] == 3  # other datasets keep the block's
+    assert finetune_settings(config, "mistral-7b", "entityquestions")["lora"]["alpha"] == 32
+    config["models"]["llama2-7b"]["finetune"]["lora"]["r"] = 8  # the same value in both: no clash
+    assert finetune_settings(config, "llama2-7b", "entityquestions")["lora"]["r"] == 8
+    config["models"]["llama2-7b"]["finetune"]["lora"]["r"] = 4
+    with pytest.raises(FactftError, match=r"finetune\.lora\.r: set differently in models\.llama2-7b\.finetune and "
+                       r"datasets\.entityquestions\.finetune"):
+        check_config(config)
+    config["models"]["llama2-7b"]["finetune"] = {}
+    config["datasets"]["entityquestions"]["finetune"] = {"epochs": 0}
+    with pytest.raises(FactftError, match=r"^datasets\.entityquestions\.finetune\.epochs: 0 is less"):
+        check_config(config)
+    config["datasets"]["entityquestions"]["finetune"] = {"epoch": 1}
+    with pytest.raises(FactftError, match=r"^datasets\.entityquestions\.finetune: .*'epoch' was unexpected"):
+        check_config(config)
+
+
+def test_settings_are_sorted_and_the_users_named_maps_keep_their_order():
+    config = validated(load("config.yaml"))
+    config["models"] = {"mistral-7b": config["models"]["mistral-7b"], "llama2-7b": config["models"]["llama2-7b"]}
+    sort_settings(config)
+    assert list(config["finetune"]) == sorted(config["finetune"]) and list(config["finetune"]["lora"]) == sorted(
+        config["finetune"]["lora"]
+    )
+    assert list(config["models"]) == ["mistral-7b", "llama2-7b"]  # figures and tables follow the config
+    assert list(config["datasets"]) == ["popqa", "entityquestions", "mmlu"]
+    assert list(config["datasets"]["popqa"]) == sorted(config["datasets"]["popqa"])
+    assert list(config["simulation"]["sweeps"]) == ["zipf", "pretrain_steps", "qa_similarity"]
+    assert config["finetune"]["lora"]["target_modules"] == ["q_proj", "v_proj"]  # lists keep their order
+    assert config["evaluate"]["percentiles"] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
 
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):

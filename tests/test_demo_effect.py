@@ -65,12 +65,20 @@ def test_ft_bottom_guesses_from_the_relation_more_than_ft_top_on_every_relation(
 
 @pytest.mark.slow
 def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetunes(demo, tmp_path):
-    """Every step is a cached target: asking again plans nothing. A finetune switch off is left
-    out of the jobs' params (so adding one reruns no finished run); turned on, it reruns them."""
+    """Every step is a cached target: asking again plans nothing, also with the config's keys
+    in another order. A finetune switch off is left out of the jobs' params (so adding one
+    reruns no finished run); turned on, it reruns them, as does a dataset's own finetune
+    setting."""
     folder = demo.parent
     again = run_demo(folder, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # The same settings in another order, a default written out: the same params.
     config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    reordered = {key: config[key] for key in reversed(config)}
+    reordered["finetune"] = {"packing": False, **{k: config["finetune"][k] for k in reversed(config["finetune"])}}
+    (tmp_path / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))
+    same = run_demo(folder, "-n", config=tmp_path / "reordered.yaml")
+    assert same.returncode == 0 and "Nothing to be done" in same.stdout + same.stderr, same.stdout[-3000:]
     config["finetune"]["compile"] = True
     (tmp_path / "compile.yaml").write_text(yaml.safe_dump(config))
     switched = run_demo(folder, "-n", config=tmp_path / "compile.yaml")
@@ -78,6 +86,13 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     plan = switched.stdout + switched.stderr
     assert re.search(r"^finetune\s+12$", plan, re.MULTILINE)  # 4 subsets x 3 seeds
     assert "Params have changed" in plan
+    # A dataset's own finetune settings reach its jobs.
+    config["finetune"]["compile"] = False
+    config["datasets"]["synth"]["finetune"] = {"epochs": config["finetune"]["epochs"] + 1}
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump(config))
+    longer = run_demo(folder, "-n", config=tmp_path / "epochs.yaml")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert re.search(r"^finetune\s+12$", longer.stdout + longer.stderr, re.MULTILINE)
 
 
 @pytest.mark.slow

@@ -152,6 +152,15 @@ def test_max_steps_and_few_shot_change_the_work(tmp_path):
     assert work["forward_tokens"] == pytest.approx({"factft": 3_000 * 5 * 20, "baseline": 3_000 * 5 * 20})  # demonstrations
 
 
+def test_a_datasets_own_finetune_settings_set_its_work(tmp_path):
+    speed = speed_table(tmp_path)
+    config = yaml.safe_load(small_config(tmp_path, epochs=3).read_text())
+    config["datasets"]["popqa"]["finetune"] = {"epochs": 1}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (work,) = grid_hours.main([str(speed), "--config", str(tmp_path / "config.yaml"), "--size", "popqa=10000"])
+    assert work["finetune_tokens"] == pytest.approx(1 * (0.5 + 1.0) * 7_000 * 20)  # 1 epoch, not the block's 3
+
+
 def test_multiple_choice_runs_a_prompt_once_for_factft_and_once_per_choice_the_plain_way(tmp_path):
     raw = yaml.safe_load(small_config(tmp_path).read_text())
     full = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())

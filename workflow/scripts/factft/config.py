@@ -1,4 +1,4 @@
-"""Checks of the config that a JSON schema cannot express, and merged per-model settings.
+"""Checks of the config that a JSON schema cannot express, and merged finetune settings.
 
 The schema (workflow/schemas/config.schema.yaml) checks shapes, types and ranges and fills
 defaults; these checks tie keys together (a scorer's model must be configured, ...). Both run
@@ -57,23 +57,81 @@ def check_config(config: dict) -> None:
             )
         if pretrain and pretrain["hidden_size"] % pretrain["heads"]:
             raise FactftError(f"models.{name}.source.pretrain: hidden_size must be a multiple of heads")
-        finetune_settings(config, name)
+        for dataset in datasets:
+            finetune_settings(config, name, dataset)
 
 
-def finetune_settings(config: dict, model: str) -> dict:
-    """The top-level finetune block with `models.<model>.finetune` merged over it, validated."""
+# Maps the user names and orders (the order of figures and tables); every other block is
+# settings, whose order means nothing.
+NAMED_MAPS = {("datasets",), ("models",), ("simulation", "sweeps")}
+
+
+def sort_settings(config: dict) -> None:
+    """Sort every settings block's keys, in place. Snakemake compares a job's params by their
+    repr, so without this a config that lists keys in another order, or writes out a default
+    (the validator appends defaults after the keys given), would rerun every finished job."""
+
+    def sorted_block(value, path: tuple):
+        if isinstance(value, dict):
+            keys = value if path in NAMED_MAPS else sorted(value)
+            return {key: sorted_block(value[key], (*path, key)) for key in keys}
+        if isinstance(value, list):
+            return [sorted_block(item, path) for item in value]
+        return value
+
+    for key in config:
+        config[key] = sorted_block(config[key], (key,))
+
+
+def finetune_settings(config: dict, model: str, dataset: str | None = None) -> dict:
+    """The top-level finetune block with `datasets.<dataset>.finetune` and
+    `models.<model>.finetune` merged over it (a nested block such as `lora` key by key),
+    validated. A key the two overrides set to different values is an error: neither wins
+    silently."""
+    by_model = config["models"][model].get("finetune", {})
+    by_dataset = config["datasets"][dataset].get("finetune", {}) if dataset is not None else {}
+    model_leaves, dataset_leaves = _leaves(by_model), _leaves(by_dataset)
+    clashes = sorted(k for k in model_leaves.keys() & dataset_leaves.keys() if model_leaves[k] != dataset_leaves[k])
+    if clashes:
+        raise FactftError(
+            f"finetune.{clashes[0]}: set differently in models.{model}.finetune and datasets.{dataset}.finetune; "
+            "set it in one of them (neither overrides the other)"
+        )
+    overrides = {f"datasets.{dataset}.finetune": by_dataset, f"models.{model}.finetune": by_model}
     merged = copy.deepcopy(config["finetune"])
-    for key, value in config["models"][model].get("finetune", {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
+    for block in overrides.values():
+        for key, value in block.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
     try:
         _finetune_validator().validate(merged)
     except jsonschema.ValidationError as error:
-        key = ".".join(str(p) for p in error.absolute_path)
-        raise FactftError(f"models.{model}.finetune.{key}: {error.message}") from None
+        raise FactftError(f"{_override_at_fault(overrides, error)}: {error.message}") from None
     return merged
+
+
+def _override_at_fault(overrides: dict[str, dict], error: jsonschema.ValidationError) -> str:
+    """The key a merged block's schema error is about, named where it was set."""
+    path = [str(p) for p in error.absolute_path]
+    key = ".".join(path)
+    if not path:  # a key the schema does not know (no path): the block that has it
+        known = set(_finetune_validator().schema["properties"])
+        return next((name for name, block in overrides.items() if set(block) - known), "finetune")
+    where = next((name for name, block in overrides.items() if key in _leaves(block) or path[0] in block), "finetune")
+    return f"{where}.{key}"
+
+
+def _leaves(block: dict) -> dict:
+    """An override's values by key, a nested block's as `lora.r`."""
+    leaves = {}
+    for key, value in block.items():
+        if isinstance(value, dict):
+            leaves.update({f"{key}.{inner}": item for inner, item in value.items()})
+        else:
+            leaves[key] = value
+    return leaves
 
 
 @functools.cache
