@@ -103,10 +103,11 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         }
         evaluation = {"questions": 0.0, "forward_tokens": {who: test * n for who, n in per_question.items()}}
     popularity = dataset["popularity"]
-    scorer = popularity["scorer"] == "model_confidence"
-    if scorer:  # the base model scores every fact's gold answer once
+    scorers = 0  # models that score every fact's gold answer once: the one named, or each
+    if popularity["scorer"] == "model_confidence":
+        scorers = 1 if popularity.get("model") else models
         for who in forward:
-            forward[who] += size * (popularity.get("shots", 4) + 1) * tokens
+            forward[who] += scorers * size * (popularity.get("shots", 4) + 1) * tokens
     return {
         "dataset": name,
         "finetune_tokens": examples * tokens,
@@ -115,7 +116,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         "finetunes": finetunes,
         "evaluations": evaluations + fewshot,
         # Jobs that load a 7B onto a GPU: finetune, evaluate (+ base, few-shot), attention, scorer.
-        "loads": finetunes + evaluations + fewshot + attention + scorer,
+        "loads": finetunes + evaluations + fewshot + attention + scorers,
         # One job: the longest finetune (its tokens) and a zero-shot evaluation of a run.
         "longest_finetune_tokens": longest * tokens,
         "evaluation": evaluation,

@@ -33,7 +33,7 @@ from factft.errors import FactftError  # noqa: E402
 # Rules whose benchmark path starts with {model}: they run that model (rules/evaluate.smk,
 # rules/finetune.smk), on a GPU when it is a hub model (rules/common.smk, model_gpus).
 MODEL_RULES = ("finetune", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention")
-# Rules whose benchmark path starts with {dataset} (rules/data.smk).
+# Rules whose benchmark path starts with {dataset} or {ranked} (rules/data.smk).
 DATASET_RULES = ("popularity", "split", "sized_split", "pageviews")
 COLUMNS = ["rule", "device", "jobs", "hours", "cpu_hours", "median_min", "longest_min", "longest_job", "max_rss_gb"]
 
@@ -69,14 +69,17 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
     if rule in MODEL_RULES:
         model, dataset = first, rest[0]
     elif rule in DATASET_RULES:
+        # {ranked}: the dataset, or dataset/by-<model> where a model's confidence ranks it.
+        scorer = rest.pop(0).removeprefix("by-") if rest and rest[0].startswith("by-") else None
         popularity = config["datasets"].get(first, {}).get("popularity", {})
-        scorer = popularity.get("model") if popularity.get("scorer") == "model_confidence" else None
+        if (scorer is None) == (popularity.get("scorer") == "model_confidence"):
+            return None  # a file of an earlier ranking
         model, dataset = (scorer if rule == "popularity" else None), first
     else:
         return None, None
     if (model is not None and model not in config["models"]) or dataset not in config["datasets"]:
         return None
-    if rule == "sized_split" and rest[0] not in config["subsets"]:  # {dataset}/{sized}
+    if rule == "sized_split" and rest[0] not in config["subsets"]:  # {ranked}/{sized}
         return None
     if rule in MODEL_RULES and len(rest) == 3:  # a finetuned run: .../{subset}/seed{seed}
         subset, seed = rest[1], rest[2].removeprefix("seed")

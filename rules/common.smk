@@ -6,6 +6,7 @@ from factft.config import check_config, finetune_settings, sort_settings
 from factft.errors import FactftError
 from factft.simulation import BASE as SIM_BASE
 from factft.simulation import point_settings, point_value, sweep_points
+from factft.sources import SCORER_READS
 from factft.subsets import is_sized
 
 try:
@@ -38,6 +39,49 @@ def models_with(kind):
     return [name for name, m in MODELS.items() if kind in m["source"]]
 
 
+# ---- rankings: whose popularity orders a dataset's facts -------------------------
+# A model-free scorer ranks a dataset once, in results/{dataset}/. The model_confidence
+# scorer ranks it by a model's confidence, and the model is part of the path,
+# results/{dataset}/by-{model}/: the model popularity.model names, or without one each
+# finetuned model itself (a run's FT-Top then holds the facts its own model knows best).
+# The data rules' {ranked} wildcard is either form.
+
+
+def scoring_model(dataset, model):
+    """The model whose confidence ranks `dataset` for runs of `model`; None if no model does."""
+    popularity = DATASETS[dataset]["popularity"]
+    if popularity["scorer"] != "model_confidence":
+        return None
+    return popularity.get("model") or model
+
+
+def ranked(dataset, model):
+    """`dataset`'s results folder under results/, as ranked for runs of `model`."""
+    scorer = scoring_model(dataset, model)
+    return dataset if scorer is None else f"{dataset}/by-{scorer}"
+
+
+def rankings():
+    return {ranked(dataset, model) for dataset in DATASETS for model in MODELS}
+
+
+def ranking_of(wildcards):
+    """(dataset, scoring model or None) of a data job: its {ranked}, or its {dataset}."""
+    dataset, *by = (getattr(wildcards, "ranked", None) or wildcards.dataset).split("/")
+    return dataset, by[0].removeprefix("by-") if by else None
+
+
+def split_file(name=None):
+    """Input function: the run's split table `name` (`test`, `whole`; by default the run's
+    own subset), as ranked for its model."""
+
+    def path(wildcards):
+        folder = ranked(wildcards.dataset, wildcards.model)
+        return f"results/{folder}/splits/{name or wildcards.subset}.parquet"
+
+    return path
+
+
 wildcard_constraints:
     dataset=alternatives(DATASETS),
     fetched=alternatives(set(DATASETS) - set(datasets_with("synthetic"))),
@@ -48,6 +92,23 @@ wildcard_constraints:
     subset=alternatives(SUBSETS),
     sized=alternatives(SIZED_SUBSETS),
     seed=r"\d+",
+    ranked=alternatives(rankings()),
+
+
+# ---- settings that change how a job runs, not what it writes ----------------------
+
+
+def running(setting):
+    """A params entry for a setting that changes no output (where the cache lives, how often a
+    finetune checkpoints, how fast page views are fetched, how many invalid rows fail a job):
+    changing it must rerun no finished job. Snakemake leaves params that a function derives
+    from the job's `resources` out of its params-change check, so the setting goes through
+    such a function. `setting` is a value, or a function of the wildcards."""
+
+    def how_the_job_runs(wildcards, resources):
+        return setting(wildcards) if callable(setting) else setting
+
+    return how_the_job_runs
 
 
 # ---- datasets -------------------------------------------------------------------
@@ -58,9 +119,16 @@ def raw_table(dataset):
 
 
 def dataset_spec(wildcards):
-    """The dataset's config entry (source, format, columns, ...), for `download`."""
+    """What `download` reads of the dataset's entry: its source, format and columns, and the
+    column its popularity scorer reads. Not its split, finetune or other scoring settings:
+    a change there reruns the jobs that use them, not the download and all after it."""
     name = getattr(wildcards, "fetched", None) or wildcards.dataset
-    return dict(DATASETS[name], name=name)
+    entry = DATASETS[name]
+    read = ("source", "format", "columns", "keep_columns")
+    popularity = {k: v for k, v in entry["popularity"].items() if k in SCORER_READS}
+    return dict(
+        {k: entry[k] for k in read if k in entry}, popularity=popularity, name=name
+    )
 
 
 def world_params(wildcards):
@@ -68,17 +136,30 @@ def world_params(wildcards):
 
 
 def popularity_params(wildcards):
-    return dict(DATASETS[wildcards.dataset]["popularity"], dataset=wildcards.dataset)
+    """The popularity block but the page-view request rate (`requests_per_second`); with the
+    model that scores, for the model_confidence scorer."""
+    dataset, scorer = ranking_of(wildcards)
+    popularity = DATASETS[dataset]["popularity"]
+    settings = {
+        k: v for k, v in popularity.items() if k not in ("requests_per_second", "model")
+    }
+    if scorer is not None:
+        settings["model"] = scorer
+    return dict(settings, dataset=dataset)
+
+
+def requests_per_second(wildcards):
+    return DATASETS[wildcards.dataset]["popularity"]["requests_per_second"]
 
 
 def popularity_inputs(wildcards):
     """The raw table, plus the scoring model or the fetched page views where the scorer needs them."""
-    inputs = {"raw": raw_table(wildcards.dataset)}
-    popularity = DATASETS[wildcards.dataset]["popularity"]
-    if popularity["scorer"] == "model_confidence":
-        inputs["model"] = model_dir(popularity["model"])
-    if popularity["scorer"] == "pageviews":
-        inputs["pageviews"] = pageviews_file(wildcards.dataset)
+    dataset, scorer = ranking_of(wildcards)
+    inputs = {"raw": raw_table(dataset)}
+    if scorer is not None:
+        inputs["model"] = model_dir(scorer)
+    if DATASETS[dataset]["popularity"]["scorer"] == "pageviews":
+        inputs["pageviews"] = pageviews_file(dataset)
     return inputs
 
 
@@ -105,20 +186,28 @@ def source_file(wildcards):
 
 
 def dataset_format(wildcards):
-    return DATASETS[wildcards.dataset]["format"]
+    return DATASETS[ranking_of(wildcards)[0]]["format"]
 
 
 def popularity_model(wildcards):
     """The scoring model's model_spec for model_confidence, else None."""
-    popularity = DATASETS[wildcards.dataset]["popularity"]
-    if popularity["scorer"] != "model_confidence":
-        return None
-    return model_spec(popularity["model"])
+    scorer = ranking_of(wildcards)[1]
+    return None if scorer is None else model_spec(scorer)
 
 
 def popularity_gpus(wildcards):
-    spec = popularity_model(wildcards)
-    return 0 if spec is None or tiny_model(spec["name"]) else 1
+    scorer = ranking_of(wildcards)[1]
+    return 0 if scorer is None or tiny_model(scorer) else 1
+
+
+def popularity_mem_mb(wildcards, attempt):
+    """Host memory: as evaluate's where a hub model scores the facts, else a CPU job's."""
+    return (32000 if popularity_gpus(wildcards) else 4000) * attempt
+
+
+def popularity_runtime(wildcards, attempt):
+    """Minutes; a hub model scores each fact once (MMLU's 14k: minutes on one GPU)."""
+    return (120 if popularity_gpus(wildcards) else 60) * attempt
 
 
 def download_targets():
@@ -132,9 +221,12 @@ def download_targets():
 
 
 def split_params(wildcards):
-    """The split block, with the dataset's own caps (datasets.<name>.split) over it."""
-    own = DATASETS[wildcards.dataset].get("split", {})
-    return dict(config["split"], **own, dataset=wildcards.dataset)
+    """The split block, with the dataset's own caps (datasets.<name>.split) over it; not
+    max_drop_fraction, which is for the jobs that drop invalid rows."""
+    dataset = ranking_of(wildcards)[0]
+    settings = {k: v for k, v in config["split"].items() if k != "max_drop_fraction"}
+    own = DATASETS[dataset].get("split", {})
+    return dict(settings, **own, dataset=dataset)
 
 
 def sized_split_params(wildcards):
@@ -142,7 +234,9 @@ def sized_split_params(wildcards):
     the size, and a param that changes reruns the job and every finetune on its output.
     """
     keys = ("stratify", "seed")
-    return dict({key: config["split"][key] for key in keys}, dataset=wildcards.dataset)
+    return dict(
+        {key: config["split"][key] for key in keys}, dataset=ranking_of(wildcards)[0]
+    )
 
 
 def split_fraction():
@@ -185,7 +279,7 @@ def base_model_spec(wildcards):
 
 
 def hub_model_spec(wildcards):
-    return dict(MODELS[wildcards.hub_model]["source"], cache_dir=config["cache_dir"])
+    return MODELS[wildcards.hub_model]["source"]
 
 
 def pretrain_params(wildcards):
@@ -208,11 +302,19 @@ LATER_SWITCHES = ("compile",)
 
 
 def finetune_params(wildcards):
+    """What decides a finetune's result; checkpoint_every goes through `running`."""
     settings = finetune_settings(config, wildcards.model, wildcards.dataset)
+    del settings["checkpoint_every"]
     for key in LATER_SWITCHES:
         if not settings[key]:
             del settings[key]
     return dict(settings, seed=int(wildcards.seed))
+
+
+def checkpoint_every(wildcards):
+    return finetune_settings(config, wildcards.model, wildcards.dataset)[
+        "checkpoint_every"
+    ]
 
 
 def tiny_model(model):
@@ -378,8 +480,13 @@ def summary_sources():
 
 
 def summary_tests():
-    """Each dataset's test split: the gold answers' relation-guess rate, the reference."""
-    return {dataset: f"results/{dataset}/splits/test.parquet" for dataset in DATASETS}
+    """Each dataset's test split: the gold answers' relation-guess rate, the reference (the
+    test facts are the same however they are ranked: the first model's ranking)."""
+    first = next(iter(MODELS))
+    return {
+        dataset: f"results/{ranked(dataset, first)}/splits/test.parquet"
+        for dataset in DATASETS
+    }
 
 
 def grid_metrics():
@@ -407,7 +514,6 @@ def attention_params(wildcards):
         questions=config["evaluate"]["attention_questions"],
         batch_size=config["evaluate"]["batch_size"],
         prompt=config["prompt"],
-        max_drop_fraction=max_drop_fraction(),
     )
 
 

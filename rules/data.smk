@@ -28,8 +28,8 @@ rule download:
         "../envs/data.yaml"
     params:
         dataset=dataset_spec,
-        cache_dir=cache_dir(),
-        max_drop_fraction=max_drop_fraction(),
+        cache_dir=running(cache_dir()),
+        max_drop_fraction=running(max_drop_fraction()),
     script:
         "../workflow/scripts/download.py"
 
@@ -47,44 +47,48 @@ rule pageviews:
         "../envs/data.yaml"
     params:
         popularity=popularity_params,
-        cache=pageview_cache(),
+        requests_per_second=running(requests_per_second),
+        cache=running(pageview_cache()),
     script:
         "../workflow/scripts/pageviews.py"
 
 
-# torch env: the model_confidence scorer runs the scoring model.
+# torch env: the model_confidence scorer runs the scoring model. {ranked} is the dataset, or
+# dataset/by-model when a model's confidence ranks it (rules/common.smk, rankings).
 rule popularity:
     input:
         unpack(popularity_inputs),
     output:
-        facts="results/{dataset}/facts.parquet",
+        facts="results/{ranked}/facts.parquet",
     log:
-        "logs/popularity/{dataset}.log",
+        "logs/popularity/{ranked}.log",
     benchmark:
-        "benchmarks/popularity/{dataset}.tsv"
+        "benchmarks/popularity/{ranked}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
         gpu=popularity_gpus,
+        mem_mb=popularity_mem_mb,
+        runtime=popularity_runtime,
     params:
         popularity=popularity_params,
         model=popularity_model,
         prompt=prompt_params,
         format=dataset_format,
-        max_drop_fraction=max_drop_fraction(),
+        max_drop_fraction=running(max_drop_fraction()),
     script:
         "../workflow/scripts/popularity.py"
 
 
 rule split:
     input:
-        facts="results/{dataset}/facts.parquet",
+        facts="results/{ranked}/facts.parquet",
     output:
-        **split_outputs("results/{dataset}/splits"),
+        **split_outputs("results/{ranked}/splits"),
     log:
-        "logs/split/{dataset}.log",
+        "logs/split/{ranked}.log",
     benchmark:
-        "benchmarks/split/{dataset}.tsv"
+        "benchmarks/split/{ranked}.tsv"
     conda:
         "../envs/data.yaml"
     params:
@@ -97,13 +101,13 @@ rule split:
 # config leaves the split's files, and every run finetuned on them, as they are.
 rule sized_split:
     input:
-        whole="results/{dataset}/splits/whole.parquet",
+        whole="results/{ranked}/splits/whole.parquet",
     output:
-        "results/{dataset}/splits/{sized}.parquet",
+        "results/{ranked}/splits/{sized}.parquet",
     log:
-        "logs/sized_split/{dataset}/{sized}.log",
+        "logs/sized_split/{ranked}/{sized}.log",
     benchmark:
-        "benchmarks/sized_split/{dataset}/{sized}.tsv"
+        "benchmarks/sized_split/{ranked}/{sized}.tsv"
     conda:
         "../envs/data.yaml"
     params:

@@ -6,7 +6,7 @@ rule evaluate:
     input:
         model=base_model,
         adapter=f"{RUN}/adapter",
-        test="results/{dataset}/splits/test.parquet",
+        test=split_file("test"),
     output:
         predictions=f"{RUN}/predictions.parquet",
         metrics=f"{RUN}/metrics.tsv",
@@ -35,7 +35,7 @@ rule evaluate:
 use rule evaluate as evaluate_base with:
     input:
         model=base_model,
-        test="results/{dataset}/splits/test.parquet",
+        test=split_file("test"),
     output:
         predictions=f"{BASE}/predictions.parquet",
         metrics=f"{BASE}/metrics.tsv",
@@ -50,8 +50,8 @@ use rule evaluate as evaluate_base with:
 use rule evaluate as evaluate_fewshot with:
     input:
         model=base_model,
-        test="results/{dataset}/splits/test.parquet",
-        demos="results/{dataset}/splits/whole.parquet",
+        test=split_file("test"),
+        demos=split_file("whole"),
     output:
         predictions=f"{FEWSHOT}/predictions.parquet",
         metrics=f"{FEWSHOT}/metrics.tsv",
@@ -72,7 +72,7 @@ use rule evaluate as evaluate_fewshot with:
 use rule evaluate as cloze with:
     input:
         model=base_model,
-        test="results/{dataset}/splits/test.parquet",
+        test=split_file("test"),
     output:
         predictions=f"{CLOZE}/predictions.parquet",
         metrics=f"{CLOZE}/metrics.tsv",
@@ -93,7 +93,7 @@ rule attention:
     input:
         model=base_model,
         adapter=f"{RUN}/adapter",
-        test="results/{dataset}/splits/test.parquet",
+        test=split_file("test"),
     output:
         layers=f"{RUN}/attention.tsv",
         example=f"{RUN}/attention_example.tsv",
@@ -111,5 +111,6 @@ rule attention:
     params:
         spec=base_model_spec,
         attention=attention_params,
+        max_drop_fraction=running(max_drop_fraction()),
     script:
         "../workflow/scripts/attention.py"

@@ -14,7 +14,7 @@ localrules:
 rule figures:
     input:
         metrics=figure_inputs,
-        test="results/{dataset}/splits/test.parquet",
+        test=split_file("test"),
     output:
         png=report(
             f"{FIGURE}.png",

@@ -23,6 +23,7 @@ rule download_model:
         "../envs/torch.yaml"
     params:
         source=hub_model_spec,
+        cache_dir=running(cache_dir()),
     script:
         "../workflow/scripts/download_model.py"
 
@@ -32,7 +33,7 @@ rule download_model:
 rule finetune:
     input:
         model=base_model,
-        examples="results/{dataset}/splits/{subset}.parquet",
+        examples=split_file(),
     output:
         adapter=directory(f"{RUN}/adapter"),
         train_log=f"{RUN}/train_log.tsv",
@@ -50,6 +51,7 @@ rule finetune:
     params:
         spec=base_model_spec,
         settings=finetune_params,
+        checkpoint_every=running(checkpoint_every),
         prompt=prompt_params,
         checkpoints=f"{RUN}/checkpoints",
     script:

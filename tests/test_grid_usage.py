@@ -28,7 +28,8 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     for seed, seconds in ((0, 1800.0), (1, 3600.0)):
         benchmark(folder, f"finetune/llama2-7b/popqa/top/seed{seed}", seconds, rss_mb=20_000.0)
     benchmark(folder, "evaluate/mistral-7b/popqa/top/seed0", 120.0)
-    benchmark(folder, "popularity/mmlu", 600.0)  # model_confidence: llama2-7b scores the facts
+    benchmark(folder, "popularity/mmlu/by-llama2-7b", 600.0)  # model_confidence: llama2-7b ranks its runs' facts
+    benchmark(folder, "popularity/mmlu", 600.0)  # ranked so before the model was part of the path
     benchmark(folder, "popularity/popqa", 5.0, rss_mb="NA")  # a column: CPU, too short to sample
     benchmark(folder, "split/popqa", 3.0)
     benchmark(folder, "figures/llama2-7b/popqa", 30.0)
@@ -53,7 +54,7 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     assert f"7 jobs of {grid_usage.ROOT / 'config/config.yaml'}" in printed
     assert f"4 on a GPU: {(1800 + 3600 + 120 + 600) / 3600:.2f} GPU-h" in printed
     assert "GPU-h by model/dataset: llama2-7b/mmlu 0.17, llama2-7b/popqa 1.50, mistral-7b/popqa 0.03" in printed
-    assert "left out: 5 files of models, datasets, subsets or seeds not in the config" in printed
+    assert "left out: 6 files of models, datasets, subsets or seeds not in the config" in printed
 
 
 def test_a_folder_without_benchmarks_of_the_config_is_a_one_line_error(tmp_path):

@@ -99,15 +99,20 @@ def test_gpu_jobs_ask_for_one_gpu_and_cpu_jobs_for_none(grid):
         name for name, d in config["datasets"].items() if d["popularity"]["scorer"] == "model_confidence"
     }
     assert scored_by_a_7b_model, "config.yaml no longer has a model_confidence dataset to check"
+    scorings = set()
     for job in jobs:
         gpus = job.resources.get("gpu", "0")
-        dataset = dict(w.split("=", 1) for w in job.wildcards.split(", ") if "=" in w).get("dataset")
+        # A data job's {ranked}: the dataset, or dataset/by-<model> where a model ranks it.
+        ranked = dict(w.split("=", 1) for w in job.wildcards.split(", ") if "=" in w).get("ranked", "")
         if job.rule in GPU_RULES:
             assert gpus == "1", job
         elif job.rule in CPU_RULES:
             assert gpus == "0", job
         elif job.rule == "popularity":
-            assert gpus == ("1" if dataset in scored_by_a_7b_model else "0"), job
+            assert gpus == ("1" if ranked.split("/")[0] in scored_by_a_7b_model else "0"), job
+            scorings.add(ranked)
+    # Without popularity.model, each model ranks the facts of its own runs.
+    assert {r for r in scorings if "/" in r} == {f"{d}/by-{m}" for d in scored_by_a_7b_model for m in config["models"]}
 
 
 @pytest.mark.parametrize(("configfile", "gpus"), [("config/config.yaml", "1"), ("config/demo.yaml", "0")])

@@ -175,7 +175,21 @@ def test_answers_parse_from_json_strings_lists_arrays_and_plain_strings():
     assert parse_answers(np.array(["a", "b"], dtype=object)) == ["a", "b"]
     assert parse_answers("Paris") == ["Paris"]
     assert parse_answers("[not json") == ["[not json"]
+    assert parse_answers("[citation needed]") == ["[citation needed]"]
+    assert parse_answers("['Paris', \"Côte d'Ivoire\", 1969]") == ["Paris", "Côte d'Ivoire", "1969"]  # Python's repr
     assert parse_answers(float("nan")) == [] and parse_answers("[]") == [] and parse_answers(None) == []
+
+
+def test_a_list_column_written_by_pandas_to_csv_reads_back_as_the_list(tmp_path):
+    """pandas writes a list cell as Python's repr: read as text alone it would be one answer
+    that no prediction contains."""
+    table = pd.DataFrame(
+        {"question": ["Capital of France?"], "answers": [["Paris", "City of Light"]], "subject": ["France"],
+         "relation": ["capital"]}
+    )  # fmt: skip
+    table.to_csv(tmp_path / "facts.csv", index=False)
+    facts = load_facts(spec({"path": str(tmp_path / "facts.csv")}), tmp_path, max_drop_fraction=0.1)
+    assert facts["answers"].tolist() == [["Paris", "City of Light"]]
 
 
 def test_missing_mapped_column_names_dataset_and_column_and_lists_the_columns(data_dir, tmp_path):

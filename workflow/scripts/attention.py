@@ -6,7 +6,7 @@ with to_log(snakemake.log[0]):
     by_layer, example = analyse_attention(
         snakemake.params.spec,
         read_table(snakemake.input.test),
-        snakemake.params.attention,
+        dict(snakemake.params.attention, max_drop_fraction=snakemake.params.max_drop_fraction),
         adapter=snakemake.input.adapter,
         threads=snakemake.threads,
     )

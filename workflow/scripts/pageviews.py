@@ -10,6 +10,6 @@ with to_log(snakemake.log[0]):
         project=popularity["project"],
         start=popularity["start"],
         end=popularity["end"],
-        requests_per_second=popularity["requests_per_second"],
+        requests_per_second=snakemake.params.requests_per_second,
     )
     write_table(views, snakemake.output.views)

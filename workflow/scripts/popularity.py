@@ -5,7 +5,7 @@ from factft.tables import read_table, write_table
 with to_log(snakemake.log[0]):
     params = snakemake.params
     context = ScoringContext(
-        dataset=snakemake.wildcards.dataset,
+        dataset=params.popularity["dataset"],
         fmt=params.format,
         prompt=params.prompt,
         model=params.model,

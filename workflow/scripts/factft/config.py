@@ -19,7 +19,7 @@ from factft.errors import FactftError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
-SCORER_NEEDS = {"column": "column", "model_confidence": "model"}
+SCORER_NEEDS = {"column": "column"}
 
 
 def check_config(config: dict) -> None:
@@ -36,7 +36,7 @@ def check_config(config: dict) -> None:
         needed = SCORER_NEEDS.get(scorer)
         if needed and needed not in popularity:
             raise FactftError(f"{where}.popularity.{needed}: required by scorer '{scorer}'")
-        if scorer == "model_confidence" and popularity["model"] not in models:
+        if scorer == "model_confidence" and "model" in popularity and popularity["model"] not in models:
             raise FactftError(
                 f"{where}.popularity.model: '{popularity['model']}' is not a configured model; "
                 f"models are: {sorted(models)}"

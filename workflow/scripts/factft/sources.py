@@ -9,6 +9,7 @@ relation (+ choices, answer_index for multiple choice, + kept columns).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -383,6 +384,8 @@ def _mapping(spec: dict) -> dict:
 
 # The source column a scorer reads from the raw table, by the popularity key that names it.
 SCORER_COLUMN = {"column": "column", "pageviews": "title_column"}
+# The keys of a popularity block that loading a dataset reads.
+SCORER_READS = ("scorer", *SCORER_COLUMN.values())
 
 
 def _kept_columns(spec: dict) -> list[tuple[str, str]]:
@@ -452,21 +455,18 @@ def drop_invalid(
 
 
 def parse_answers(value) -> list[str]:
-    """A list of non-empty answer strings from a list, an array or a JSON list string.
+    """A list of non-empty answer strings from a list, an array or a list written as text.
 
-    PopQA stores its aliases as a JSON string; any other string, or a number (a year read
-    from a csv file), is one answer.
+    PopQA stores its aliases as a JSON string, and pandas' `to_csv` writes a list column as
+    Python's repr (`['Paris', 'City of Light']`): both are lists. Any other string, or a
+    number (a year read from a csv file), is one answer.
     """
     if _number(value):
         value = [int(value) if float(value).is_integer() else value]
     if isinstance(value, str):
         text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                value = [text]
-        else:
+        value = _list_literal(text) if text.startswith("[") else None
+        if value is None:
             value = [text]
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -478,6 +478,18 @@ def parse_answers(value) -> list[str]:
         if text and text not in answers:
             answers.append(text)
     return answers
+
+
+def _list_literal(text: str) -> list | None:
+    """`text` read as a JSON or Python list, else None (an answer that starts with "[")."""
+    for read in (json.loads, ast.literal_eval):
+        try:
+            value = read(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, list):
+            return value
+    return None
 
 
 def _number(value) -> bool:
