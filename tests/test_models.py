@@ -1,3 +1,4 @@
+import logging
 import shutil
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_download_model_with_the_hub_unreachable_names_the_model_and_the_fix(tmp
     assert not (tmp_path / "models" / "llama2-7b").exists()
 
 
-def test_download_model_fills_the_target_from_the_cache_with_safetensors_configs_and_tokenizer_only(tmp_path):
+def test_download_model_fills_the_target_from_the_cache_with_safetensors_configs_and_tokenizer_only(tmp_path, caplog):
     # A hub cache as a login node leaves it: refs/main names the snapshot that holds the files.
     repo = tmp_path / "hf" / "models--factft-test--cached"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -110,9 +111,12 @@ def test_download_model_fills_the_target_from_the_cache_with_safetensors_configs
     (repo / "refs" / "main").write_text("0" * 40)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "pytorch_model.bin", "consolidated.safetensors"):
         (snapshot / name).write_text(name)
-    target = download_model("cached", {"hf": "factft-test/cached", "cache_dir": str(tmp_path / "hf")}, tmp_path / "m")
+    source = {"hf": "factft-test/cached", "cache_dir": str(tmp_path / "hf")}
+    with caplog.at_level(logging.INFO, logger="factft.models"):
+        target = download_model("cached", source, tmp_path / "m")
     assert sorted(p.name for p in Path(target).iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert (target / "config.json").read_text() == "config.json"
+    assert f"factft-test/cached at commit {'0' * 40}" in caplog.text  # what to pin as source.revision
 
 
 @pytest.mark.slow

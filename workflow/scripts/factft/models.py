@@ -283,5 +283,6 @@ def download_model(name: str, source: dict, target: str | Path) -> Path:
                 os.link(blob, dest)
             except OSError:
                 shutil.copy2(blob, dest)
-    log.info("model '%s': %s (%d weight files) -> %s", name, repo, len(weights), target)
+    # The snapshot's folder is the commit: to pin exactly these weights, models.<name>.source.revision.
+    log.info("model '%s': %s at commit %s (%d weight files) -> %s", name, repo, snapshot.name, len(weights), target)
     return target
