@@ -4,6 +4,7 @@ from snakemake.exceptions import WorkflowError
 
 from factft.config import check_config, finetune_settings, sort_settings
 from factft.errors import FactftError
+from factft.popularity import SCORER_SETTINGS
 from factft.simulation import BASE as SIM_BASE
 from factft.simulation import point_settings, point_value, sweep_points
 from factft.sources import SCORER_READS
@@ -136,16 +137,15 @@ def world_params(wildcards):
 
 
 def popularity_params(wildcards):
-    """The popularity block but the page-view request rate (`requests_per_second`); with the
-    model that scores, for the model_confidence scorer."""
-    dataset, scorer = ranking_of(wildcards)
+    """What the dataset's scorer reads of its popularity block (factft.popularity's
+    SCORER_SETTINGS), with the model that scores where a model's confidence ranks it."""
+    dataset, scoring = ranking_of(wildcards)
     popularity = DATASETS[dataset]["popularity"]
-    settings = {
-        k: v for k, v in popularity.items() if k not in ("requests_per_second", "model")
-    }
-    if scorer is not None:
-        settings["model"] = scorer
-    return dict(settings, dataset=dataset)
+    keys = SCORER_SETTINGS[popularity["scorer"]]
+    settings = {k: popularity[k] for k in keys if k in popularity and k != "model"}
+    if scoring is not None:
+        settings["model"] = scoring
+    return dict(settings, scorer=popularity["scorer"], dataset=dataset)
 
 
 def requests_per_second(wildcards):

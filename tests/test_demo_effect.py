@@ -67,7 +67,8 @@ def test_ft_bottom_guesses_from_the_relation_more_than_ft_top_on_every_relation(
 def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetunes(demo, tmp_path):
     """Every step is a cached target: asking again plans nothing, also with the config's keys
     in another order or a setting changed that decides how jobs run, not what they write
-    (checkpoint frequency, the invalid-row limit, the cache's place). A finetune switch off is left out of the jobs' params (so adding one
+    (checkpoint frequency, the invalid-row limit, the cache's place), or one of a scorer the
+    dataset does not use. A finetune switch off is left out of the jobs' params (so adding one
     reruns no finished run); turned on, it reruns them, as does a dataset's own finetune
     setting."""
     folder = demo.parent
@@ -81,6 +82,8 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     reordered["finetune"]["checkpoint_every"] += 7
     reordered["split"] = dict(config["split"], max_drop_fraction=0.25)
     reordered["cache_dir"] = "elsewhere/hf"
+    # A setting of a scorer the dataset does not use (page-view dates; the demo counts mentions).
+    reordered["datasets"]["synth"]["popularity"]["start"] = "20200101"
     (tmp_path / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))
     same = run_demo(folder, "-n", config=tmp_path / "reordered.yaml")
     assert same.returncode == 0 and "Nothing to be done" in same.stdout + same.stderr, same.stdout[-3000:]

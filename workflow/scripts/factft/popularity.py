@@ -1,7 +1,8 @@
 """Popularity scorers: how well-known each fact's subject is (the paper's ranking signal).
 
 A scorer is `fn(facts, params, context) -> pd.Series` (numbers aligned with `facts`); `params`
-is the dataset's `popularity` config block. Adding a scorer = one function + one SCORERS entry.
+is the dataset's `popularity` config block. Adding a scorer = one function + its SCORERS and
+SCORER_SETTINGS entries.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ SCORERS = {
     "pageviews": pageviews,
     "model_confidence": model_confidence,
     "pretraining_count": pretraining_count,
+}
+# The popularity keys each scorer reads besides `scorer` (the page-view request rate is how
+# fast, not what): a job's params hold only these, so another scorer's setting (page-view
+# dates on a column-scored dataset) changes nothing it computed.
+SCORER_SETTINGS = {
+    "column": ("column",),
+    "pageviews": ("project", "start", "end", "title_column"),
+    "model_confidence": ("model", "shots"),
+    "pretraining_count": (),
 }
 
 
