@@ -69,7 +69,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
     if rule in MODEL_RULES:
         model, dataset = first, rest[0]
     elif rule in DATASET_RULES:
-        # {ranked}: the dataset, or dataset/by-<model> where a model's confidence ranks it.
+        # {ranked}: the dataset, or dataset/by-<model> where a model's confidence ranks it
+        # (rules/common.smk, ranked()).
         scorer = rest.pop(0).removeprefix("by-") if rest and rest[0].startswith("by-") else None
         popularity = config["datasets"].get(first, {}).get("popularity", {})
         if (scorer is None) == (popularity.get("scorer") == "model_confidence"):

@@ -46,6 +46,7 @@ def models_with(kind):
 # results/{dataset}/by-{model}/: the model popularity.model names, or without one each
 # finetuned model itself (a run's FT-Top then holds the facts its own model knows best).
 # The data rules' {ranked} wildcard is either form.
+BY = "by-"
 
 
 def scoring_model(dataset, model):
@@ -59,7 +60,7 @@ def scoring_model(dataset, model):
 def ranked(dataset, model):
     """`dataset`'s results folder under results/, as ranked for runs of `model`."""
     scorer = scoring_model(dataset, model)
-    return dataset if scorer is None else f"{dataset}/by-{scorer}"
+    return dataset if scorer is None else f"{dataset}/{BY}{scorer}"
 
 
 def rankings():
@@ -69,7 +70,7 @@ def rankings():
 def ranking_of(wildcards):
     """(dataset, scoring model or None) of a data job: its {ranked}, or its {dataset}."""
     dataset, *by = (getattr(wildcards, "ranked", None) or wildcards.dataset).split("/")
-    return dataset, by[0].removeprefix("by-") if by else None
+    return dataset, by[0].removeprefix(BY) if by else None
 
 
 def split_file(name=None):
