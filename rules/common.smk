@@ -6,7 +6,7 @@ from factft.config import check_config, finetune_settings, sort_settings
 from factft.errors import FactftError
 from factft.popularity import SCORER_SETTINGS
 from factft.simulation import BASE as SIM_BASE
-from factft.simulation import point_settings, point_value, sweep_points
+from factft.simulation import point_settings, point_value, run_of, sweep_points
 from factft.sources import SCORER_READS
 from factft.subsets import is_sized
 
@@ -578,16 +578,28 @@ def simulation_value(wildcards):
 
 
 def simulation_runs(sweep, table):
-    """One table (accuracy, salience, attention) of every point and seed of a sweep."""
+    """One table (accuracy, salience, attention) of every point and seed of a sweep; a
+    point at the base settings reads the base run's."""
     return [
-        f"{SIM_RUN}/{table}.parquet".format(sweep=sweep, point=point, seed=seed)
-        for point in simulation_sweeps()[sweep]
+        f"{SIM_RUN}/{table}.parquet".format(sweep=run_sweep, point=run_point, seed=seed)
+        for run_sweep, run_point in (
+            run_of(SIMULATION, sweep, point) for point in simulation_sweeps()[sweep]
+        )
         for seed in SIMULATION["seeds"]
     ]
 
 
 def simulation_accuracy(wildcards):
     return simulation_runs(wildcards.sweep, "accuracy")
+
+
+def simulation_values(wildcards):
+    """The swept value of each of simulation_accuracy's tables, in its order."""
+    return [
+        point_value(SIMULATION, wildcards.sweep, point)
+        for point in simulation_sweeps()[wildcards.sweep]
+        for seed in SIMULATION["seeds"]
+    ]
 
 
 def simulation_base_runs(table):

@@ -65,6 +65,8 @@ rule simulation_tables:
         "benchmarks/simulation_tables/{sweep}.tsv"
     conda:
         "../envs/figures.yaml"
+    params:
+        values=simulation_values,
     script:
         "../workflow/scripts/simulation_tables.py"
 

@@ -15,7 +15,7 @@ from snakemake.utils import validate
 
 from factft.config import SCHEMA, load_config
 from factft.errors import FactftError
-from factft.simulation import BASE, BASE_POINT, check_simulation, point_settings, point_value, sweep_points
+from factft.simulation import BASE, BASE_POINT, check_simulation, point_settings, point_value, run_of, sweep_points
 from factft.theory import fact_salience, make_world, simulate, split_subjects
 from factft.theory_plots import plot_attention, plot_gap, plot_salience, plot_subsets, save, sweep_tables
 
@@ -132,6 +132,14 @@ def test_a_point_changes_only_its_swept_setting_and_no_sweeps_means_no_points():
         point_value(simulation, "zipf", "3.0")
 
 
+def test_a_sweep_value_equal_to_the_base_value_is_the_base_run():
+    simulation = {"seeds": [0], "settings": dict(TINY), "sweeps": {"zipf": [0.5, 1.0], "pretrain_steps": [20]}}
+    assert run_of(simulation, "zipf", "1.0") == (BASE, BASE_POINT)
+    assert run_of(simulation, "pretrain_steps", "20") == (BASE, BASE_POINT)
+    assert run_of(simulation, "zipf", "0.5") == ("zipf", "0.5")
+    assert run_of(simulation, BASE, BASE_POINT) == (BASE, BASE_POINT)
+
+
 def test_orthogonal_embeddings_with_too_few_dimensions_fail_before_any_training():
     simulation = {"seeds": [0], "settings": dict(TINY, dim=8), "sweeps": {"zipf": [1.0]}}
     with pytest.raises(FactftError, match="dim"):
@@ -180,18 +188,22 @@ def test_base_point_tables_and_every_figure_are_written(tmp_path):
 @pytest.mark.slow
 def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     config = demo_config()
-    config["simulation"] = {"seeds": [0], "settings": TINY, "sweeps": {"zipf": [1.5]}}
+    # zipf 1.0 is the base value: that point reads the base run, computed once.
+    config["simulation"] = {"seeds": [0], "settings": TINY, "sweeps": {"zipf": [1.0, 1.5]}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     target = "results/figures/simulation/gap_vs_zipf.png"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(configfile),
-         "--directory", str(tmp_path), "--cores", "1", "--quiet", "progress", "--", target],
+         "--directory", str(tmp_path), "--cores", "1", "--quiet", "progress", "--", target, f"results/simulation/{BASE}/gap_summary.tsv"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / target).stat().st_size > 0
     summary = pd.read_csv(tmp_path / "results/simulation/zipf/gap_summary.tsv", sep="\t")
-    assert list(summary["value"]) == [1.5]
+    assert list(summary["value"]) == [1.0, 1.5] and set(summary["sweep"]) == {"zipf"}
     assert np.isfinite(summary["gap"]).all()
+    base = pd.read_csv(tmp_path / f"results/simulation/{BASE}/gap_summary.tsv", sep="\t")
+    assert summary.iloc[0]["gap"] == base.iloc[0]["gap"]
+    assert not (tmp_path / "results/simulation/zipf/1.0").exists()

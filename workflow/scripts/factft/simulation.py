@@ -3,7 +3,8 @@
 `simulation.settings` is the base point (Fig. 2a and the mechanism plots); each entry of
 `simulation.sweeps` varies one setting over a list of values, every other setting at its base
 value. A point's name is its value as written (the `point` wildcard); the base point is
-sweep "base", point "default". The workflow reads these at parse time, so this module must
+sweep "base", point "default". A sweep value equal to the base value is the base point: its
+runs are the base runs (`run_of`), computed once. The workflow reads these at parse time, so this module must
 not import torch (factft.theory does).
 """
 
@@ -44,6 +45,13 @@ def point_settings(simulation: dict, sweep: str, point: str) -> dict:
     if sweep != BASE:
         settings[sweep] = point_value(simulation, sweep, point)
     return settings
+
+
+def run_of(simulation: dict, sweep: str, point: str) -> tuple[str, str]:
+    """The (sweep, point) whose runs compute a point: the base run where it has the base settings."""
+    if sweep != BASE and point_settings(simulation, sweep, point) == simulation["settings"]:
+        return BASE, BASE_POINT
+    return sweep, point
 
 
 def check_simulation(simulation: dict) -> None:

@@ -160,9 +160,17 @@ def plot_attention(attention: pd.DataFrame) -> Figure:
     return figure
 
 
-def write_sweep_tables(accuracy_paths: Iterable[str | Path], outputs) -> None:
-    """Read a sweep's per-point accuracy tables; write accuracy, gap and gap_summary (tsv)."""
-    for name, table in sweep_tables(read_tables(accuracy_paths)).items():
+def write_sweep_tables(accuracy_paths: Iterable[str | Path], outputs, sweep: str, values: list) -> None:
+    """Read a sweep's per-point accuracy tables; write accuracy, gap and gap_summary (tsv).
+
+    Each table is tagged with the sweep and its value here: a point at the base settings
+    reads the base run's table (factft.simulation.run_of), tagged as the base point.
+    """
+    tables = [
+        table.assign(sweep=sweep, value=value)
+        for table, value in zip(read_tables(accuracy_paths), values, strict=True)
+    ]
+    for name, table in sweep_tables(tables).items():
         write_tsv(table, outputs[name])
 
 
