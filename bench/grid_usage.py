@@ -10,8 +10,8 @@ evaluations, attention, a model_confidence scorer) had one GPU each; the tiny de
 on CPU. What it prints is the compute to report with results, the measured counterpart of
 bench/grid_hours.py's estimate, and what the runtime and memory asked of SLURM
 (rules/common.smk) can be set against. A job retried with --retries, or requeued, left the
-times of its last attempt only. Files of models, datasets, subsets or seeds no longer in the
-config are left out, and counted.
+times of its last attempt only. Files of models, datasets, subsets, seeds or simulation points
+no longer in the config are left out, and counted.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft.config import load_config  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
+from factft.simulation import run_of, sweep_points  # noqa: E402
 
 # Rules whose benchmark path starts with {model}: they run that model (rules/evaluate.smk,
 # rules/finetune.smk), on a GPU when it is a hub model (rules/common.smk, model_gpus).
@@ -76,6 +77,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         if (scorer is None) == (popularity.get("scorer") == "model_confidence"):
             return None  # a file of an earlier ranking
         model, dataset = (scorer if rule == "popularity" else None), first
+    elif rule == "simulate":  # {sweep}/{point}/seed{seed}
+        return (None, None) if simulation_run_is_current(config["simulation"], first, *rest) else None
     else:
         return None, None
     if (model is not None and model not in config["models"]) or dataset not in config["datasets"]:
@@ -87,6 +90,17 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         if subset not in config["subsets"] or not seed.isdigit() or int(seed) not in config["seeds"]:
             return None
     return model, dataset
+
+
+def simulation_run_is_current(simulation: dict, sweep: str, point: str, seed: str) -> bool:
+    """A run of a point and seed the config has; a point at the base settings reads the base runs."""
+    seed = seed.removeprefix("seed")
+    return (
+        point in sweep_points(simulation).get(sweep, [])
+        and run_of(simulation, sweep, point) == (sweep, point)
+        and seed.isdigit()
+        and int(seed) in simulation["seeds"]
+    )
 
 
 def job_device(config: dict, model: str | None) -> str:
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         f"{len(gpu)} on a GPU: {gpu['seconds'].sum() / 3600:.2f} GPU-h"
     )
     if other:
-        print(f"  left out: {other} files of models, datasets, subsets or seeds not in the config")
+        print(f"  left out: {other} files of models, datasets, subsets, seeds or simulation points not in the config")
     shown = table.assign(longest_job=table["longest_job"].str.slice(0, 40))
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     if len(gpu):
