@@ -65,7 +65,8 @@ def test_ft_bottom_guesses_from_the_relation_more_than_ft_top_on_every_relation(
 
 @pytest.mark.slow
 def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetunes(demo, tmp_path):
-    """Every step is a cached target: asking again plans nothing, also with the config's keys
+    """Every step is a cached target: asking again plans nothing (forcing one adapter plans its
+    finetune and what reads it), also with the config's keys
     in another order or a setting changed that decides how jobs run, not what they write
     (checkpoint frequency, the invalid-row limit, the cache's place), or one of a scorer the
     dataset does not use. A finetune switch off is left out of the jobs' params (so adding one
@@ -74,6 +75,11 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     folder = demo.parent
     again = run_demo(folder, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # The README's "redo one finetune and what depends on it".
+    redo = run_demo(folder, "-n", "--forcerun", "results/tiny/synth/top/seed0/adapter")
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert re.search(r"^finetune\s+1$", redo.stdout, re.MULTILINE), redo.stdout[-3000:]
+    assert re.search(r"^evaluate\s+1$", redo.stdout, re.MULTILINE)
     # The same settings in another order, a default written out, and settings that change how
     # jobs run but not what they write: the same params.
     config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())

@@ -193,6 +193,9 @@ def test_accuracy_by_percentile_averages_each_bin_over_seeds(tmp_path):
     base = table[(table["subset"] == "base") & (table["scope"] == "top")]
     assert (base["runs"] == 1).all() and base["sd"].isna().all()
     assert list(table["subset"].unique()) == ["top", "bottom", "random", "whole", "base", "cloze"]
+    # A bin without test facts (fewer facts than bins) has no accuracy in any seed.
+    empty = collect_metrics(make_sources(tmp_path, GRID)).assign(n=0, accuracy=float("nan"))
+    assert (accuracy_by_percentile(empty)["runs"] == 0).all()
 
 
 def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(tmp_path, capsys):

@@ -82,11 +82,11 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     if missing:
         raise FactftError(
             f"metrics table {path} lacks columns {missing}; has {list(table.columns)}. "
-            f"Remake it: snakemake --forcerun {path}"
+            f"Remake it: snakemake all --cores 1 --forcerun {path}"
         )
     if not (table["scope"] == "all").any():
         raise FactftError(
-            f"metrics table {path} has no scope 'all' row; remake it: snakemake --forcerun {path}"
+            f"metrics table {path} has no scope 'all' row; remake it: snakemake all --cores 1 --forcerun {path}"
         )
     return table.reindex(columns=list(METRICS_COLUMNS))
 
@@ -255,7 +255,8 @@ def accuracy_by_percentile(metrics: pd.DataFrame) -> pd.DataFrame:
 
     scope "top" (x = the top-x% most popular test facts) and "decile" (x = 10..100, 100 =
     the most popular tenth); n is the number of test facts in the bin, runs the number of
-    metrics tables averaged (seeds; 1 for base and cloze). Empty bins have NaN accuracy.
+    metrics tables averaged (seeds; 1 for base and cloze). Empty bins have NaN accuracy
+    and 0 runs.
     guess_mean and guess_sd: the same for the share answered with the relation's commonest
     answer (factft.metrics.relation_guess).
     """
@@ -287,7 +288,7 @@ def _over_runs(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             n=("n", "max"),
             mean=("accuracy", "mean"),
             sd=("accuracy", lambda a: a.std(ddof=1)),
-            runs=("accuracy", "size"),
+            runs=("accuracy", "count"),  # an empty bin has no accuracy: 0 runs
             guess_mean=("relation_guess", "mean"),
             guess_sd=("relation_guess", lambda a: a.std(ddof=1)),
         )
