@@ -222,7 +222,7 @@ def test_choices_scored_from_one_pass_over_the_prompt_equal_each_choice_scored_i
         model = sliding_window_model(len(tokenizer))
     demo = "Q: Where was Kalo Mirr born ? A: Rome\n"
     prompts = [demo * 3 + "Q: Where was Ilmo Varsk born ? A:", "Q: What does Bera Tosk do ? A:", "Q: Ilmo ? A:"]
-    options = [[" Lyon", " in the city of Paris", " Rome ."], [" baker", " a pilot of planes"], [" Milan", "", " Oslo"]]
+    options = [[" Lyon", " in the city of Paris", " Rome ."], [" baker", " a pilot of planes"], [" Milan", " Oslo"]]
     flat = answer_logprobs(
         model, tokenizer, [p for p, o in zip(prompts, options) for _ in o], [c for o in options for c in o], batch_size=64
     )
@@ -231,7 +231,9 @@ def test_choices_scored_from_one_pass_over_the_prompt_equal_each_choice_scored_i
         shared = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
         for got, want in zip(shared, expected):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert expected[2][1] == 0.0  # an empty choice has no tokens to score
+    # An empty choice has no tokens: its score would be 0, above every real choice's.
+    with pytest.raises(FactftError, match=r"choice 1 of 'Q: Ilmo \? A:' has no tokens"):
+        choice_logprobs(model, tokenizer, prompts, [*options[:2], [" Milan", "", " Oslo"]], batch_size=3)
 
 
 def test_evaluate_model_writes_predictions_in_test_order_and_metrics(tiny, tmp_path):

@@ -316,19 +316,33 @@ def test_url_that_keeps_failing_gives_up_after_bounded_attempts(http_server, tmp
     assert len(http_server.requests) == 3
 
 
-def test_multiple_choice_keeps_duplicate_and_empty_choices_so_answer_index_stays_valid():
+def test_multiple_choice_reads_lists_as_text_and_letters_and_drops_rows_with_empty_or_repeated_choices(caplog):
+    # A csv written by pandas holds Python's list repr; ARC-style answer keys are letters.
     table = pd.DataFrame(
         {
-            "question": ["Is it?", "Pick"],
-            "choices": [["True", "False", "True", "False"], '["a", "", "c", "d"]'],
-            "answer": [3, 2],
-            "topic": ["logic", "letters"],
+            "question": [f"q{i}" for i in range(7)],
+            "choices": [["a", "b", "c"], "['a', 'b', 'c']", '["a", "b", "c"]', ["a", "", "c"], ["a", "b", "a"],
+                        "a; b; c", ["a", "b", "c"]],
+            "answer": [2, "B", "0", 1, 2, 0, 1.5],
         }
-    )
-    columns = {"choices": "choices", "answer_index": "answer", "subject": "topic", "relation": "topic"}
-    facts = to_facts(table, spec({}, format="multiple_choice", columns=columns), max_drop_fraction=0.1)
-    assert facts["choices"].tolist() == [["True", "False", "True", "False"], ["a", "", "c", "d"]]
-    assert facts["answers"].tolist() == [["False"], ["c"]]
+    )  # fmt: skip
+    columns = {"choices": "choices", "answer_index": "answer", "subject": "question", "relation": "question"}
+    with caplog.at_level(logging.INFO, logger="factft"):
+        facts = to_facts(table, spec({}, format="multiple_choice", columns=columns), max_drop_fraction=0.6)
+    assert facts["choices"].tolist() == [["a", "b", "c"]] * 3
+    assert facts["answers"].tolist() == [["c"], ["b"], ["a"]] and facts["answer_index"].tolist() == [2, 1, 0]
+    for reason in ("an empty choice", "a choice repeated", "choices missing, unreadable or fewer than 2",
+                   "answer_index missing or outside choices"):  # fmt: skip
+        assert f"dropping 1 rows: {reason}" in caplog.text
+
+
+def test_a_row_repeating_an_earlier_rows_fact_is_dropped(caplog):
+    table = pd.concat([facts_table(10), facts_table(10).iloc[[3, 3]]], ignore_index=True)
+    table.at[11, "answers"] = ["elsewhere"]  # the same question with another answer is another fact
+    with caplog.at_level(logging.INFO, logger="factft"):
+        facts = to_facts(table, spec({}), max_drop_fraction=0.1)
+    assert facts["id"].tolist() == [f"ds-{i}" for i in range(10)] + ["ds-11"]
+    assert "dropping 1 rows that repeat an earlier row's" in caplog.text
 
 
 def test_answer_index_outside_the_choices_drops_the_row():

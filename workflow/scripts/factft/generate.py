@@ -325,6 +325,12 @@ def choice_logprobs(
     pairs = [[prompt_answer_ids(tokenizer, p, c) for c in options] for p, options in zip(prompts, choices, strict=True)]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]  # every choice's prompt part (prompt_answer_ids)
     choice_ids = [[answer for _, answer in row] for row in pairs]
+    for question, row in enumerate(choice_ids):
+        if not all(row):  # its score would be 0, above every real choice's
+            raise FactftError(
+                f"choice {[len(ids) for ids in row].index(0)} of {prompts[question]!r} has no tokens: "
+                f"choices {list(choices[question])}"
+            )
     scores = [np.zeros(len(options), dtype=np.float64) for options in choices]
     widest = max((len(options) for options in choices), default=1)
     pad = _pad_id(tokenizer)

@@ -344,6 +344,9 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     if spec.get("format", "open") == "multiple_choice":
         facts["choices"] = table[mapping["choices"]].map(_choices)
         facts["answer_index"] = table[mapping["answer_index"]].map(_index)
+        invalid["choices missing, unreadable or fewer than 2"] = facts["choices"].map(len) < 2
+        invalid["an empty choice"] = facts["choices"].map(lambda choices: "" in choices)
+        invalid["a choice repeated"] = facts["choices"].map(lambda choices: len(set(choices)) < len(choices))
         in_range = [0 <= i < len(c) for c, i in zip(facts["choices"], facts["answer_index"])]
         invalid["answer_index missing or outside choices"] = ~pd.Series(in_range, index=facts.index)
         facts["answers"] = [
@@ -360,6 +363,7 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
 
     _check_unique_ids(facts, name, mapping)
     facts = drop_invalid(facts, invalid, f"dataset '{name}'", max_drop_fraction)
+    facts = _drop_repeats(facts, name)
     order = ["id", "question", "answers", "subject", "relation"]
     order += [c for c in ("choices", "answer_index") if c in facts] + kept
     facts = facts[order].reset_index(drop=True)
@@ -412,6 +416,17 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
                 f"dataset '{name}': column '{column}' named in datasets.{name}.{key} is missing from the "
                 f"source; its columns are: {[str(c) for c in table.columns]}"
             )
+
+
+def _drop_repeats(facts: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Drop rows that repeat an earlier row's fact: one could be finetuned on and the other
+    asked, and a repeat in the test set counts twice."""
+    fact = ["question", "subject", "relation", "answers", *(["choices"] if "choices" in facts else [])]
+    keys = facts[fact].map(lambda value: tuple(value) if isinstance(value, list) else value)
+    repeats = keys.duplicated()
+    if repeats.any():
+        log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s", name, int(repeats.sum()), fact)
+    return facts[~repeats]
 
 
 def _check_unique_ids(facts: pd.DataFrame, name: str, mapping: dict) -> None:
@@ -504,12 +519,10 @@ def _answers_shaped(value) -> bool:
 
 
 def _choices(value) -> list[str]:
-    """Choices keep their order and count: answer_index points into them."""
+    """Choices keep their order and count: answer_index points into them. A list, an array,
+    or a JSON or Python list written as text (a csv cell); anything else is no choices."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return []
+        value = _list_literal(value.strip())
     if isinstance(value, np.ndarray):
         value = value.tolist()
     return [_text(item) for item in value] if isinstance(value, (list, tuple)) else []
@@ -522,7 +535,14 @@ def _text(value) -> str:
 
 
 def _index(value) -> int:
-    try:
+    """A 0-based choice index, or a letter label (A is 0, as ARC and OpenBookQA write it);
+    -1 for anything else."""
+    if _number(value) and float(value).is_integer():
         return int(value)
-    except (TypeError, ValueError):
-        return -1
+    if isinstance(value, str):
+        text = value.strip().upper()
+        if text.isdigit():
+            return int(text)
+        if len(text) == 1 and "A" <= text <= "Z":
+            return ord(text) - ord("A")
+    return -1
