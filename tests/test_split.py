@@ -77,7 +77,7 @@ def test_stratified_subsets_share_the_relation_mix_unstratified_do_not(facts):
 
 
 def test_ties_are_broken_by_the_seed_whatever_the_row_order(facts):
-    tied = facts.assign(popularity=1.0)
+    tied = facts.assign(popularity=(np.arange(len(facts)) % 5 == 0).astype(float))  # 80% tied at 0
     shuffled = tied.sample(frac=1.0, random_state=3)
     for stratify in ("relation", "none"):
         a = split_facts(tied, stratify=stratify, seed=0)
@@ -130,6 +130,19 @@ def test_a_cap_above_the_dataset_size_keeps_every_fact_and_says_so(facts, caplog
         capped = split_facts(facts, dataset="small", pool_size=10**6, seed=1)
     assert capped["whole"]["id"].tolist() == split_facts(facts, seed=1)["whole"]["id"].tolist()
     assert f"dataset 'small': split.pool_size 1000000: all {len(capped['whole'])} facts kept" in caplog.text
+
+
+def test_one_popularity_for_every_fact_is_an_error_and_mostly_tied_subsets_a_warning(facts, caplog):
+    with pytest.raises(FactftError, match=r"dataset 'flat': every fact .* same popularity \(e\.g\. 5\).*popularity"):
+        split_facts(facts.assign(popularity=5.0), dataset="flat", seed=0)
+    mostly_zero = facts.assign(popularity=(np.arange(len(facts)) % 5 == 0).astype(float))
+    with caplog.at_level(logging.INFO, logger="factft"):
+        split_facts(mostly_zero, dataset="zeros", seed=0)
+    assert "dataset 'zeros':" in caplog.text and "no more popular than FT-Bottom's most popular" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="factft"):
+        split_facts(facts, dataset="ranked", seed=0)
+    assert "no more popular" not in caplog.text
 
 
 def test_fraction_one_makes_top_bottom_and_random_the_whole_pool(facts):

@@ -79,6 +79,7 @@ def split_facts(
         by_id = _by_id(group)
         chosen["random"].append(by_id[random_rng.choice(len(by_id), size=k, replace=False)])
 
+    _check_ranking(chosen["top"], chosen["bottom"], pool, dataset)
     log.info(
         "dataset '%s': %d of %d subjects held out; test %d facts, pool %d; top, bottom, random %d each",
         dataset,
@@ -130,6 +131,31 @@ def sized_subset(
         )
     log.info("dataset '%s': %s takes %d of the pool's %d facts", dataset, name, len(chosen), len(whole))
     return _finish(whole.loc[sorted(chosen)], name, tie)
+
+
+def _check_ranking(top: list[pd.Index], bottom: list[pd.Index], pool: pd.DataFrame, dataset: str) -> None:
+    """FT-Top and FT-Bottom must differ in popularity, not only in the hash that breaks ties:
+    an error when each group's facts all have one popularity, a warning when most of FT-Top
+    is no more popular than FT-Bottom. (Ties at the boundary are usual: the demo's mention
+    counts tie 29% of FT-Top.)"""
+    popularity = pool["popularity"]
+    if all(popularity[t.union(b)].nunique() <= 1 for t, b in zip(top, bottom)):
+        raise FactftError(
+            f"dataset '{dataset}': every fact of the pool has the same popularity (e.g. "
+            f"{popularity[top[0]].iloc[0]:g}) within its group: FT-Top and FT-Bottom would be random "
+            f"halves, not a ranking; check datasets.{dataset}.popularity and the column it scores"
+        )
+    only_top = [t.difference(b) for t, b in zip(top, bottom)]  # split.fraction above 0.5 shares facts
+    tied = sum(int((popularity[t] <= popularity[b].max()).sum()) for t, b in zip(only_top, bottom))
+    total = sum(len(t) for t in only_top)
+    if tied > total / 2:
+        log.warning(
+            "dataset '%s': %d of FT-Top's %d facts are no more popular than FT-Bottom's most popular "
+            "(ties, ordered by a seeded hash): the two differ less than their names say",
+            dataset,
+            tied,
+            total,
+        )
 
 
 def _streams(seed: int) -> list[np.random.Generator]:
