@@ -34,6 +34,19 @@ def test_aliases_match_on_word_boundaries_only():
     assert score_open(" the US.", ["U.S.", "US"]) == (True, True)
 
 
+def test_unicode_punctuation_accents_and_possessives_do_not_hide_an_alias():
+    assert score_open(" “Paris”", ["Paris"]) == (True, True)
+    assert score_open(" Paris。", ["Paris"]) == (True, True)
+    assert score_open(" São Paulo", ["Sao Paulo"]) == (True, True)
+    assert score_open(" the Eiffel-Tower", ["Eiffel Tower"]) == (True, True)
+    for prediction in (" Paris's suburbs", " Paris’s suburbs", " Paris—France"):
+        assert score_open(prediction, ["Paris"]) == (True, False), prediction
+    # Numbers stay whole: "3" is not in "3.5", nor "1" in "1,000".
+    assert score_open(" 3.5", ["3"]) == (False, False)
+    assert score_open(" 1,000", ["1"]) == (False, False)
+    assert score_open(" 1,000 people", ["1000"]) == (True, False)
+
+
 def test_only_the_first_line_of_the_prediction_counts():
     assert first_line("\n  Lyon\nQ: Where was Bob born? A: Paris") == "Lyon"
     assert score_open(" Lyon\nQ: Where was Bob born? A: Paris", ["Paris"]) == (False, False)

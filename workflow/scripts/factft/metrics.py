@@ -1,8 +1,11 @@
 """Scoring predictions (PopQA's open-QA metric, multiple choice) and accuracy by popularity.
 
 Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, after the
-SQuAD normalisation (lowercase, no punctuation, no articles, single spaces). Only the
-first line counts: a base model keeps generating the next "Q: ... A: ..." pair, and an
+SQuAD normalisation (lowercase, no punctuation, no articles, single spaces) made to hold for
+any script: accents folded ("São Paulo" is "sao paulo"), every Unicode punctuation mark
+dropped (curly quotes, dashes, "。"). Containment is on word boundaries, checked with
+punctuation dropped ("U.S." is "us") and with it read as a space ("Paris's", "Paris—France"
+hold "paris"), correct if either holds. Only the first line counts: a base model keeps generating the next "Q: ... A: ..." pair, and an
 answer to that invented question must not score.
 
 Each prediction is also flagged `relation_guess` when it is the commonest answer of its
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -27,16 +31,24 @@ import pandas as pd
 from factft.errors import FactftError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_IN_NUMBER = re.compile(r"(?<=\d)[.,](?=\d)")  # 3.5 and 1,000 stay one word: "3" is not in "3.5"
 
 METRICS_COLUMNS = ("scope", "x", "n", "accuracy", "exact_match", "relation_guess")
 DECILES = tuple(range(10, 101, 10))
 
 
-def normalize(text: str) -> str:
-    """SQuAD's answer normalisation."""
-    text = text.lower().translate(_PUNCTUATION)
+def normalize(text: str, punctuation: str = "") -> str:
+    """SQuAD's answer normalisation, accents folded and every Unicode punctuation mark (and
+    ASCII's symbols, as SQuAD) replaced by `punctuation`."""
+    folded = _IN_NUMBER.sub("", unicodedata.normalize("NFKD", text.lower()))
+    text = "".join(
+        punctuation if _is_punctuation(c) else c for c in folded if not unicodedata.combining(c)
+    )
     return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _is_punctuation(char: str) -> bool:
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
 def first_line(prediction: str) -> str:
@@ -48,13 +60,16 @@ def score_open(prediction: str, answers: Iterable[str]) -> tuple[bool, bool]:
     """(correct, exact_match) of one open-QA prediction against its gold aliases.
 
     Containment is checked on word boundaries: "us" must not match inside "russia", nor
-    "rome" inside "romeo". Aliases that normalise to nothing (e.g. "The") never match.
+    "rome" inside "romeo"; punctuation dropped or read as a space (see the module doc).
+    Aliases that normalise to nothing (e.g. "The") never match.
     """
-    predicted = normalize(first_line(prediction))
-    padded = f" {predicted} "
-    aliases = [a for a in (normalize(str(answer)) for answer in answers) if a]
-    correct = any(f" {alias} " in padded for alias in aliases)
-    exact = any(alias == predicted for alias in aliases)
+    line = first_line(prediction)
+    correct = exact = False
+    for punctuation in ("", " "):
+        predicted = normalize(line, punctuation)
+        aliases = [a for a in (normalize(str(answer), punctuation) for answer in answers) if a]
+        correct = correct or any(f" {alias} " in f" {predicted} " for alias in aliases)
+        exact = exact or any(alias == predicted for alias in aliases)
     return correct, exact
 
 
