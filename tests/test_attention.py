@@ -61,6 +61,8 @@ def test_bpe_tokens_carrying_the_leading_space_count_as_subject_tokens(bpe_token
 def test_subject_written_in_another_case_is_found_and_a_missing_one_is_an_error_naming_it(bpe_tokenizer):
     prompt = prompt_tokens(bpe_tokenizer, "What genre is The Beatles?", "the Beatles", TEMPLATE)
     assert parts(prompt)[0] == [" The", " Beat", "les"]
+    # Whole words first: the subject "W" is not the start of "What".
+    assert "".join(parts(prompt_tokens(bpe_tokenizer, "What genre is W?", "W", TEMPLATE))[0]).strip() == "W"
     with pytest.raises(FactftError, match=r"subject 'Lesotho' does not occur in the question 'What is the capital"):
         prompt_tokens(bpe_tokenizer, "What is the capital of Kenya?", "Lesotho", TEMPLATE, "popqa")
 

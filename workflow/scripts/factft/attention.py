@@ -58,14 +58,17 @@ class PromptTokens:
 
 def subject_span(question: str, subject: str) -> tuple[int, int] | None:
     """The subject's character span in the question: as written, else ignoring case
-    (PopQA's `subj` and its question differ in case now and then); None when absent."""
+    (PopQA's `subj` and its question differ in case now and then); None when absent.
+    Whole words first: subject "W" is not the "W" of "What genre is W?"."""
     if not subject:
         return None
-    start = question.find(subject)
-    if start >= 0:
-        return start, start + len(subject)
-    match = re.search(re.escape(subject), question, flags=re.IGNORECASE)
-    return match.span() if match else None
+    escaped = re.escape(subject)
+    for pattern in (rf"(?<!\w){escaped}(?!\w)", escaped):
+        for flags in (0, re.IGNORECASE):
+            match = re.search(pattern, question, flags=flags)
+            if match:
+                return match.span()
+    return None
 
 
 def prompt_tokens(tokenizer, question: str, subject: str, template: str, where: str = "attention") -> PromptTokens:
