@@ -8,7 +8,7 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
 
 - finetuning: transformers `Trainer` + peft LoRA with DataCollatorForSeq2Seq (random
   batches padded to their longest example, default settings) against factft.train's loop
-  (length-grouped batches, bf16 autocast and fused AdamW on CUDA), padded and packed
+  (seeded random batches, bf16 autocast and fused AdamW on CUDA), padded and packed
   (`finetune.packing`), for LoRA on q,v, LoRA on all linear layers and QLoRA (NF4;
   bitsandbytes runs it on a CPU too, slowly), with the same LoRA settings, examples, batch
   size and learning rate: real (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per
@@ -58,7 +58,7 @@ from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
     compile_blocks,
     encode_examples,
-    length_grouped_batches,
+    epoch_batches,
     lora_config,
     make_optimizer,
     prepare_model,
@@ -263,6 +263,7 @@ def settings_for(variant: str, batch_size: int, **extra) -> dict:
         "checkpoint_every": 10**9,
         "gradient_checkpointing": False,
         "packing": False,
+        "group_by_length": False,
         "seed": 0,
         **extra,
     }
@@ -350,7 +351,7 @@ def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id
         rows = train_steps(
             peft_model, optimizer, encoded, settings, device=device, pad_id=pad_id, step=len(rows), rows=rows
         )
-    batches = length_grouped_batches(lengths, settings["batch_size"], settings["seed"], epoch)
+    batches = epoch_batches(lengths, settings["batch_size"], settings["seed"], epoch, settings["group_by_length"])
     stats = {
         "loss": float(np.mean([r["loss"] for r in rows[epoch * per_epoch :]])),
         "real": sum(lengths),

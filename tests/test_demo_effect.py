@@ -84,7 +84,9 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     # jobs run but not what they write: the same params.
     config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
     reordered = {key: config[key] for key in reversed(config)}
-    reordered["finetune"] = {"packing": False, **{k: config["finetune"][k] for k in reversed(config["finetune"])}}
+    reordered["finetune"] = {
+        "group_by_length": False, **{k: config["finetune"][k] for k in reversed(config["finetune"])}
+    }
     reordered["finetune"]["checkpoint_every"] += 7
     reordered["split"] = dict(config["split"], max_drop_fraction=0.25)
     reordered["cache_dir"] = "elsewhere/hf"

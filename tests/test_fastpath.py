@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, MistralConfig, MistralForCausalLM
 
 from factft.errors import FactftError
 from factft.generate import generate_texts, in_batches
@@ -88,8 +88,16 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
 
 
-def test_packed_examples_attend_only_within_themselves(tiny_model_dir, facts):
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_packed_examples_attend_only_within_themselves(tiny_model_dir, facts, architecture):
     model, tokenizer = load_model(spec(tiny_model_dir), device="cpu")
+    if architecture == "mistral":  # the grid's other model; a sliding window (6) shorter than the examples
+        config = MistralConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=6, max_position_embeddings=256,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config).eval()
     encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
     indices = [1, 0, 3]
     packed = collate_packed(encoded, indices, "cpu")

@@ -16,7 +16,7 @@ from factft.train import (
     finetune,
     fingerprint,
     learning_rate,
-    length_grouped_batches,
+    epoch_batches,
     prepare_model,
     trainable_parameters,
     weights_dtype,
@@ -144,14 +144,22 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_evaluates_exactly_the_traine
     assert (off - expected).abs().max() > 100 * (found - expected).abs().max()
 
 
-def test_batches_cover_each_example_once_grouped_by_length_and_seeded():
+def test_batches_cover_each_example_once_seeded_and_grouped_by_length_only_when_asked():
     lengths = [5, 30, 6, 29, 7, 28, 8, 27, 9, 26, 10, 25]
-    batches = length_grouped_batches(lengths, batch_size=2, seed=0, epoch=0)
-    assert sorted(i for b in batches for i in b) == list(range(12))
-    assert batches == length_grouped_batches(lengths, batch_size=2, seed=0, epoch=0)
-    assert batches != length_grouped_batches(lengths, batch_size=2, seed=0, epoch=1)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    assert padded <= sum(lengths) + 6  # sorted neighbours differ by at most one token
+    for grouped in (False, True):
+        batches = epoch_batches(lengths, batch_size=2, seed=0, epoch=0, group_by_length=grouped)
+        assert sorted(i for b in batches for i in b) == list(range(12))
+        assert batches == epoch_batches(lengths, batch_size=2, seed=0, epoch=0, group_by_length=grouped)
+        assert batches != epoch_batches(lengths, batch_size=2, seed=0, epoch=1, group_by_length=grouped)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    grouped = epoch_batches(lengths, batch_size=2, seed=0, epoch=0, group_by_length=True)
+    assert padded(grouped) <= sum(lengths) + 6  # sorted neighbours differ by at most one token
+    # By default a batch is a slice of a seeded permutation, whatever the lengths (a prompt's
+    # length is mostly its relation's template: sorting by it would sort by relation).
+    assert padded(epoch_batches(lengths, batch_size=2, seed=0, epoch=0)) > padded(grouped)
 
 
 def test_learning_rate_warms_up_then_decays_linearly_to_zero():
