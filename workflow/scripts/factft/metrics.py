@@ -5,8 +5,9 @@ SQuAD normalisation (lowercase, no punctuation, no articles, single spaces) made
 any script: accents folded ("São Paulo" is "sao paulo"), every Unicode punctuation mark
 dropped (curly quotes, dashes, "。"). Containment is on word boundaries, checked with
 punctuation dropped ("U.S." is "us") and with it read as a space ("Paris's", "Paris—France"
-hold "paris"), correct if either holds. Only the first line counts: a base model keeps generating the next "Q: ... A: ..." pair, and an
-answer to that invented question must not score.
+hold "paris"), correct if either holds. Only the first line counts: a base model keeps
+generating the next "Q: ... A: ..." pair, and an answer to that invented question must not
+score.
 
 Each prediction is also flagged `relation_guess` when it is the commonest answer of its
 relation in the run: the paper's mechanism seen in the answers. A model that learned to

@@ -4,8 +4,8 @@
 `simulation.sweeps` varies one setting over a list of values, every other setting at its base
 value. A point's name is its value as written (the `point` wildcard); the base point is
 sweep "base", point "default". A sweep value equal to the base value is the base point: its
-runs are the base runs (`run_of`), computed once. The workflow reads these at parse time, so this module must
-not import torch (factft.theory does).
+runs are the base runs (`run_of`), computed once. The workflow reads these at parse time, so
+this module must not import torch (factft.theory does).
 """
 
 from __future__ import annotations

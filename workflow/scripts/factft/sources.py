@@ -419,8 +419,8 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
 
 
 def _drop_repeats(facts: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Drop rows that repeat an earlier row's fact: one could be finetuned on and the other
-    asked, and a repeat in the test set counts twice."""
+    """Drop rows that repeat an earlier row's fact: a repeat would count twice in the test
+    set's accuracy, or be trained on twice (both copies share a subject, so one side)."""
     fact = ["question", "subject", "relation", "answers", *(["choices"] if "choices" in facts else [])]
     keys = facts[fact].map(lambda value: tuple(value) if isinstance(value, list) else value)
     repeats = keys.duplicated()
