@@ -21,6 +21,7 @@ from factft.train import (
     collate_packed,
     encode_examples,
     finetune,
+    micro_batch_weights,
     prepare_model,
     seed_everything,
     trainable_parameters,
@@ -126,6 +127,23 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, 
     assert torch.allclose(packed_loss, padded_loss, atol=1e-5)
     for name, grad in padded_grads.items():
         assert torch.allclose(packed_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_loss_and_gradients(tiny_model_dir, facts):
+    model, tokenizer = lora_model(tiny_model_dir)
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    micro = [[0, 2, 4], [1, 3]]  # answers of 2 tokens (city, eos), then of 6: unequal token counts
+    whole_loss, whole_grads = loss_and_grads(model, collate_packed(encoded, [0, 2, 4, 1, 3], "cpu"))
+    model.zero_grad(set_to_none=True)
+    accumulated = torch.tensor(0.0)
+    for indices, weight in zip(micro, micro_batch_weights(encoded, micro)):
+        loss = batch_loss(model, collate_packed(encoded, indices, "cpu"))
+        (loss * weight).backward()
+        accumulated += loss.detach() * weight
+    assert torch.allclose(accumulated, whole_loss, atol=1e-5)
+    for name, parameter in trainable_parameters(model).items():
+        assert torch.allclose(parameter.grad, whole_grads[name], atol=1e-6, rtol=1e-4), name
+    assert micro_batch_weights(encoded, [[0, 1]]) == [1.0]  # no accumulation: the loss as it is
 
 
 def test_a_right_padded_batch_needs_no_attention_mask(tiny_model_dir, facts):

@@ -148,6 +148,20 @@ def batch_loss(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
 
 
+def micro_batch_weights(encoded: list[dict], micro_batches: list[list[int]]) -> list[float]:
+    """Each micro-batch's share of a step's answer tokens: its mean loss times its share sums
+    to the mean over every answer token of the step, as one batch of them all would give
+    (a plain 1/accum would weigh a token of a batch of short answers more). 1.0 alone."""
+    counts = [sum(_answer_tokens(encoded[i]) for i in indices) for indices in micro_batches]
+    total = sum(counts) or 1
+    return [count / total for count in counts]
+
+
+def _answer_tokens(example: dict) -> int:
+    """The tokens an example's loss is over: those with a label after the first position."""
+    return sum(label != IGNORE for label in example["labels"][1:])
+
+
 # ---- model -----------------------------------------------------------------------
 
 
@@ -327,14 +341,14 @@ def train_steps(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, settings)
         loss_sum, tokens = 0.0, 0
-        for k in range(accum):
-            indices = micro_batch(step * accum + k)
+        micro_batches = [micro_batch(step * accum + k) for k in range(accum)]
+        for indices, weight in zip(micro_batches, micro_batch_weights(encoded, micro_batches)):
             batch = collate_packed(encoded, indices, device) if packing else collate(encoded, indices, pad_id, device)
             with autocast:
                 loss = batch_loss(model, batch)
-            (loss / accum).backward()
+            (loss * weight).backward()
             # Summed on the device: one host sync per step, not per micro-batch.
-            loss_sum = loss_sum + loss.detach()
+            loss_sum = loss_sum + loss.detach() * weight
             tokens += sum(lengths[i] for i in indices)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -344,7 +358,7 @@ def train_steps(
             {
                 "step": step,
                 "epoch": step * accum / per_epoch,
-                "loss": float(loss_sum) / accum,
+                "loss": float(loss_sum),
                 "lr": optimizer.param_groups[0]["lr"],
                 "tokens": tokens,
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
