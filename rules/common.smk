@@ -352,11 +352,15 @@ CLOZE = "results/{model}/{dataset}/cloze"
 
 def evaluate_params(wildcards):
     """What answering and scoring need. evaluate.fewshot and attention_questions stay out:
-    Snakemake reruns a job whose params change, and they concern other rules."""
-    keys = ("max_new_tokens", "batch_size", "static_cache", "percentiles")
+    Snakemake reruns a job whose params change, and they concern other rules; choice_score
+    is in only for a multiple-choice dataset."""
+    keys = ["max_new_tokens", "batch_size", "static_cache", "percentiles"]
+    fmt = DATASETS[wildcards.dataset]["format"]
+    if fmt == "multiple_choice":
+        keys.append("choice_score")
     return dict(
         {key: config["evaluate"][key] for key in keys},
-        format=DATASETS[wildcards.dataset]["format"],
+        format=fmt,
         prompt=config["prompt"],
     )
 

@@ -203,6 +203,17 @@ def test_multiple_choice_picks_the_most_likely_choice(tiny):
         assert predictions["prediction"].iloc[row] == test["choices"].iloc[row][int(np.argmax(direct))]
     expected = predictions["choice"].to_numpy() == test["answer_index"].to_numpy()
     assert list(predictions["correct"]) == list(expected)
+    # evaluate.choice_score: mean: each choice's log-likelihood per token. A long last choice
+    # loses by summing and wins per token in some rows.
+    test["choices"] = [[*c[:-1], f"{c[-1]} , a city or a job in the land of {c[0]}"] for c in test["choices"]]
+    options = [[f" {c}" for c in choices] for choices in test["choices"]]
+    totals = choice_logprobs(model, tokenizer, prompts, options, batch_size=4)
+    lengths = [np.array([len(prompt_answer_ids(tokenizer, p, c)[1]) for c in row]) for p, row in zip(prompts, options)]
+    per_token = predict(
+        model, tokenizer, test, fmt="multiple_choice", prompt=PROMPT, max_new_tokens=4, batch_size=4, choice_score="mean"
+    )
+    assert list(per_token["choice"]) == [int(np.argmax(t / n)) for t, n in zip(totals, lengths)]
+    assert list(per_token["choice"]) != [int(np.argmax(t)) for t in totals]
 
 
 def sliding_window_model(vocab_size: int):

@@ -314,9 +314,10 @@ def accepts_logits_to_keep(model) -> bool:
 
 @torch.inference_mode()
 def choice_logprobs(
-    model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, batch_size: int
+    model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, batch_size: int, mean: bool = False
 ) -> list[np.ndarray]:
-    """Per question, the summed log-likelihood of each choice text after its prompt.
+    """Per question, the summed log-likelihood of each choice text after its prompt (with
+    `mean`, divided by the choice's tokens: evaluate.choice_score).
 
     The prompt runs once and every choice continues from a copy of its KV cache: a question
     of 55 tokens with four choices of 15 computes 115 tokens instead of 4 x 70 (and a 5-shot
@@ -371,6 +372,8 @@ def choice_logprobs(
 
     questions = max(1, batch_size // widest)  # each choice is a row of its own
     in_batches(length_batches([len(p) for p in prompt_ids], questions), run)
+    if mean:
+        return [total / np.array([len(ids) for ids in row]) for total, row in zip(scores, choice_ids)]
     return scores
 
 
@@ -437,11 +440,13 @@ def predict(
     prompt_column: str = "question",
     static_cache: bool = False,
     prefixes: Sequence[str] | None = None,
+    choice_score: str = "sum",
 ) -> pd.DataFrame:
     """The predictions table for `test` (see factft.metrics.score_predictions).
 
     Open QA: greedy generation after the prompt. Multiple choice: the choice whose text
-    (in the answer template) is most likely after the prompt. `prompt_column="statement"`
+    (in the answer template) is most likely after the prompt, in all or per token
+    (`choice_score` "sum" or "mean"). `prompt_column="statement"`
     uses the facts' cloze prefix verbatim instead of the question template. `prefixes`, one
     per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes).
     """
@@ -462,7 +467,7 @@ def predict(
         )
         return score_predictions(test, texts, fmt)
     options = [[answer_text(str(c), prompt["answer"]) for c in choices] for choices in test["choices"]]
-    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
+    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, mean=choice_score == "mean")
     picked = [int(np.argmax(s)) for s in scores]
     texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]
     return score_predictions(test, texts, fmt, choices=picked)
@@ -483,8 +488,8 @@ def evaluate_model(
     """(predictions, metrics) of the model in `spec` (plus a finetune `adapter`) on `test`.
 
     `params` is `evaluate_params` from rules/common.smk: max_new_tokens, batch_size,
-    percentiles, format, prompt, and optionally static_cache (used on CUDA only: on a CPU
-    nothing compiles it and it only costs memory). With `shots`, every question follows that
+    percentiles, format, prompt, choice_score (multiple choice), and optionally static_cache
+    (used on CUDA only: on a CPU nothing compiles it and it only costs memory). With `shots`, every question follows that
     many solved demonstrations from `demos` (the finetuning pool), of its relation where it can.
     """
     where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
@@ -508,6 +513,7 @@ def evaluate_model(
         prompt_column=prompt_column,
         static_cache=bool(params.get("static_cache")) and model.device.type == "cuda",
         prefixes=prefixes,
+        choice_score=params.get("choice_score", "sum"),
     )
     seconds = time.perf_counter() - start
     metrics = metrics_table(predictions, params["percentiles"])
