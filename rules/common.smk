@@ -581,16 +581,27 @@ def simulation_value(wildcards):
     return point_value(SIMULATION, wildcards.sweep, wildcards.point)
 
 
+def sweep_runs(sweep):
+    """(point, seed) of every run of a sweep, in the order its tables are read."""
+    return [
+        (point, seed)
+        for point in simulation_sweeps()[sweep]
+        for seed in SIMULATION["seeds"]
+    ]
+
+
 def simulation_runs(sweep, table):
     """One table (accuracy, salience, attention) of every point and seed of a sweep; a
     point at the base settings reads the base run's."""
-    return [
-        f"{SIM_RUN}/{table}.parquet".format(sweep=run_sweep, point=run_point, seed=seed)
-        for run_sweep, run_point in (
-            run_of(SIMULATION, sweep, point) for point in simulation_sweeps()[sweep]
+    paths = []
+    for point, seed in sweep_runs(sweep):
+        run_sweep, run_point = run_of(SIMULATION, sweep, point)
+        paths.append(
+            f"{SIM_RUN}/{table}.parquet".format(
+                sweep=run_sweep, point=run_point, seed=seed
+            )
         )
-        for seed in SIMULATION["seeds"]
-    ]
+    return paths
 
 
 def simulation_accuracy(wildcards):
@@ -599,11 +610,8 @@ def simulation_accuracy(wildcards):
 
 def simulation_values(wildcards):
     """The swept value of each of simulation_accuracy's tables, in its order."""
-    return [
-        point_value(SIMULATION, wildcards.sweep, point)
-        for point in simulation_sweeps()[wildcards.sweep]
-        for seed in SIMULATION["seeds"]
-    ]
+    sweep = wildcards.sweep
+    return [point_value(SIMULATION, sweep, point) for point, _ in sweep_runs(sweep)]
 
 
 def simulation_base_runs(table):
