@@ -33,17 +33,17 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft import subsets  # noqa: E402
-from factft.config import finetune_settings, load_config  # noqa: E402
+from factft.config import finetune_settings, load_config, prompt_settings  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 
 # Questions in each full source (PopQA test; EntityQuestions' train + dev + test, re-split by
 # subject; MMLU test).
 SIZES = {"popqa": 14_267, "entityquestions": 220_700, "mmlu": 14_042}
-# Llama tokenizer, prompt + answer: a PopQA-like question is about 20 tokens, an MMLU question
-# with its choice text about 70.
-TOKENS_PER_EXAMPLE = {"open": 20, "multiple_choice": 70}
-CHOICES = 4  # MMLU: scored by each choice's likelihood, no generation
-CHOICE_TOKENS = 15  # of an MMLU example's 70: the choice text (the question is the rest)
+# Llama tokenizer: a PopQA-like question with its answer is about 20 tokens. An MMLU question
+# is about 55 and each of its 4 choices 15 (scored by likelihood, no generation); shown in the
+# prompt ({choices}), a choice adds its text and "A. " (2 more), and a {letter} answer is 1.
+OPEN_TOKENS = 20
+QUESTION_TOKENS, CHOICES, CHOICE_TOKENS, OPTION_TOKENS = 55, 4, 15, 2
 # A forward pass costs 2N FLOPs a token, a LoRA training step 4N (forward + activation
 # gradients): forward-only work runs at about twice the training rate.
 FORWARD_SPEEDUP = 2.0
@@ -59,6 +59,14 @@ GOALS = {"tokens_per_s": 17_000, "speedup": 2.0, "questions_per_s": 500, "qlora_
 # ---- the work -------------------------------------------------------------------
 
 
+def choice_tokens(prompt: dict) -> tuple[int, int]:
+    """A multiple-choice example's (prompt, one choice's target) tokens under its prompt block:
+    the question alone and the choice's text (a cloze), or the options shown and a letter."""
+    shown = CHOICES * (CHOICE_TOKENS + OPTION_TOKENS) if "{choices}" in prompt["template"] else 0
+    target = ("{letter}" in prompt["answer"]) + CHOICE_TOKENS * ("{answer}" in prompt["answer"])
+    return QUESTION_TOKENS + shown, target
+
+
 def dataset_work(config: dict, name: str, size: int) -> dict:
     """What one dataset's jobs compute over every model, subset and seed: finetuning tokens,
     open-QA questions (generation) and forward-only tokens (likelihoods, few-shot prefill)."""
@@ -68,7 +76,11 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     test = split["test_fraction"] * size
     pool = min(pool, split["pool_size"] or math.inf)
     test = min(test, split["test_size"] or math.inf)
-    tokens = TOKENS_PER_EXAMPLE[dataset["format"]]
+    if dataset["format"] == "open":
+        tokens = OPEN_TOKENS
+    else:
+        prompt, target = choice_tokens(prompt_settings(config, name))
+        tokens = prompt + target
     models, seeds = len(config["models"]), len(config["seeds"])
     examples = longest = 0.0
     for model in config["models"]:
@@ -93,10 +105,9 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         evaluation = {"questions": test, "forward_tokens": {"factft": 0.0, "baseline": 0.0}}
     else:
         questions = 0.0
-        prompt = tokens - CHOICE_TOKENS
         # factft runs a prompt once and every choice from its KV cache; the plain way runs
         # prompt and choice in full for each choice.
-        per_question = {"factft": prompt + CHOICES * CHOICE_TOKENS, "baseline": CHOICES * tokens}
+        per_question = {"factft": prompt + CHOICES * target, "baseline": CHOICES * tokens}
         forward = {
             "factft": test * ((evaluations + fewshot) * per_question["factft"] + fewshot * shots * tokens),
             "baseline": test * per_question["baseline"] * (evaluations + fewshot * (shots + 1)),
@@ -310,8 +321,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"evaluate {speed[f'{who}_questions_per_s']:,.1f} questions/s"
         )
     print(
-        f"  assumed: sizes {sizes}, tokens per example {TOKENS_PER_EXAMPLE} ({CHOICE_TOKENS} of them an MMLU "
-        f"choice), forward-only at {FORWARD_SPEEDUP:g}x training; forward tokens: factft's"
+        f"  assumed: sizes {sizes}, tokens per example: open QA {OPEN_TOKENS}, multiple choice "
+        f"{QUESTION_TOKENS} + {CHOICES} choices of {CHOICE_TOKENS}; forward-only at {FORWARD_SPEEDUP:g}x training; "
+        "forward tokens: factft's"
     )
     print(
         f"{'dataset':16s} {'finetune tokens':>16s} {'QA questions':>13s} {'forward tokens':>15s} {'factft GPU-h':>13s} "

@@ -2,7 +2,12 @@
 # Rules never dig into nested config; they call these.
 from snakemake.exceptions import WorkflowError
 
-from factft.config import check_config, finetune_settings, sort_settings
+from factft.config import (
+    check_config,
+    finetune_settings,
+    prompt_settings,
+    sort_settings,
+)
 from factft.errors import FactftError
 from factft.popularity import SCORER_SETTINGS
 from factft.simulation import BASE as SIM_BASE
@@ -339,7 +344,10 @@ def finetune_runtime(wildcards, attempt):
 
 
 def prompt_params(wildcards):
-    return config["prompt"]
+    """The prompt of the job's dataset (a tiny model's: its pretraining world's)."""
+    if hasattr(wildcards, "tiny_model"):
+        return prompt_settings(config, pretrain_params(wildcards)["dataset"])
+    return prompt_settings(config, ranking_of(wildcards)[0])
 
 
 # ---- evaluation and targets -----------------------------------------------------
@@ -361,7 +369,7 @@ def evaluate_params(wildcards):
     return dict(
         {key: config["evaluate"][key] for key in keys},
         format=fmt,
-        prompt=config["prompt"],
+        prompt=prompt_params(wildcards),
     )
 
 
@@ -518,7 +526,7 @@ def attention_params(wildcards):
     return dict(
         questions=config["evaluate"]["attention_questions"],
         batch_size=config["evaluate"]["batch_size"],
-        prompt=config["prompt"],
+        prompt=prompt_params(wildcards),
     )
 
 

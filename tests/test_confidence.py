@@ -92,6 +92,33 @@ def test_multiple_choice_confidence_is_the_softmax_over_choices_at_the_gold_one(
     assert scores.loc[10] + flipped.loc[10] == pytest.approx(1.0)
 
 
+def test_lettered_confidence_is_the_softmax_over_the_letters_after_lettered_demonstrations(bpe_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factft.confidence import confidence_scores
+    from factft.generate import choice_logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    ).eval()
+    facts = facts_table().assign(
+        choices=[["Lyon", "Rome"], ["Paris", "Oslo", "Milan"], ["Rome", "Lyon"], ["baker", "pilot"]] + [["a", "b"]] * 2,
+        answer_index=[0, 1, 0, 1, 0, 1],
+    )
+    lettered = {"template": "{question}\n{choices}\nAnswer:", "answer": " {letter}"}
+    scores = confidence_scores(model, bpe_tokenizer, facts, 2, lettered, "multiple_choice", batch_size=4)
+    # Fact 11's demonstrations: the other two "born" facts, each with its options and letter.
+    demos = ["Where was Ilmo Varsk born ?\nA. Lyon\nB. Rome\nAnswer: A",
+             "Where was Kalo Mirr born ?\nA. Rome\nB. Lyon\nAnswer: A"]
+    prefix = few_shot_prefixes(facts, shots=2, prompt=lettered)[1]
+    assert sorted(prefix.split("\n\n")[:2]) == demos and prefix.endswith("\n\n")
+    prompt = prefix + "Where was Bera Tosk born ?\nA. Paris\nB. Oslo\nC. Milan\nAnswer:"
+    logprobs = choice_logprobs(model, bpe_tokenizer, [prompt], [[" A", " B", " C"]], batch_size=1)[0]
+    assert scores[1] == pytest.approx(np.exp(logprobs[1]) / np.exp(logprobs).sum(), rel=1e-6)
+
+
 def test_missing_columns_name_the_scorer_and_the_columns(spec):
     with pytest.raises(FactftError, match=r"model_confidence.*\['choices', 'answer_index'\]"):
         model_confidence(facts_table(), spec, 2, PROMPT, "multiple_choice")

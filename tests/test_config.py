@@ -9,7 +9,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from factft.config import SCHEMA, check_config, finetune_settings, sort_settings
+from factft.config import SCHEMA, check_config, finetune_settings, prompt_settings, sort_settings
 from factft.errors import FactftError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +178,32 @@ def test_per_dataset_finetune_overrides_merge_and_a_clash_with_a_models_is_named
     config["datasets"]["entityquestions"]["finetune"] = {"epoch": 1}
     with pytest.raises(FactftError, match=r"^datasets\.entityquestions\.finetune: .*'epoch' was unexpected"):
         check_config(config)
+
+
+def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_format():
+    config = validated(load("config.yaml"))
+    assert prompt_settings(config, "mmlu") == {"answer": " {letter}", "template": "{question}\n{choices}\nAnswer:"}
+    assert prompt_settings(config, "popqa") == config["prompt"]
+    config["datasets"]["mmlu"]["prompt"] = {"answer": " {answer}"}  # the options shown, each scored by its text
+    assert prompt_settings(config, "mmlu") == {"answer": " {answer}", "template": "Q: {question} A:"}
+    config["datasets"]["mmlu"]["prompt"] = {"answer": " {letter}"}
+    with pytest.raises(FactftError, match=r"^datasets\.mmlu\.prompt\.answer: \{letter\} names an option, but "
+                       r"prompt\.template does not show the options; add \{choices\}"):
+        check_config(config)
+    config["datasets"]["mmlu"]["prompt"] = {}
+    config["prompt"]["template"] = "{question}\n{choices}\nAnswer:"
+    with pytest.raises(FactftError, match=r"^prompt\.template: \{choices\} is for multiple-choice datasets and "
+                       r"'popqa' is open QA"):
+        check_config(config)
+    config["prompt"]["template"] = "Q: {question} A:"
+    config["datasets"]["popqa"]["prompt"] = {"answer": " {letter}"}
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.prompt\.answer: \{letter\} is for multiple-choice"):
+        check_config(config)
+    config["datasets"]["popqa"]["prompt"] = {"answer": " {answer} ({letter})"}
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.prompt\.answer: \{letter\}"):
+        check_config(config)
+    config["datasets"]["popqa"]["prompt"] = {"answer": "none"}
+    assert "does not match" in schema_error(config)
 
 
 def test_settings_are_sorted_and_the_users_named_maps_keep_their_order():

@@ -216,6 +216,22 @@ def test_multiple_choice_picks_the_most_likely_choice(tiny):
     assert list(per_token["choice"]) != [int(np.argmax(t)) for t in totals]
 
 
+def test_lettered_multiple_choice_picks_the_likeliest_letter_after_the_options(bpe_tokenizer):
+    # A real BPE tokenizer: each letter is its own token (the tiny model's words have none).
+    model = sliding_window_model(len(bpe_tokenizer))
+    test = make_test_table(with_choices=True)
+    lettered = {"template": "{question}\n{choices}\nAnswer:", "answer": " {letter}"}
+    predictions = predict(model, bpe_tokenizer, test, fmt="multiple_choice", prompt=lettered, max_new_tokens=4,
+                          batch_size=4)
+    for row, fact in enumerate(test.to_dict("records")):
+        options = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", fact["choices"]))
+        prompt = f"{fact['question']}{options}\nAnswer:"
+        direct = [_direct_logprob(model, bpe_tokenizer, prompt, f" {letter}") for letter in "ABCD"[: len(fact["choices"])]]
+        assert predictions["choice"].iloc[row] == int(np.argmax(direct))
+        assert predictions["prediction"].iloc[row] == fact["choices"][int(np.argmax(direct))]
+    assert list(predictions["correct"]) == list(predictions["choice"] == test["answer_index"])
+
+
 def sliding_window_model(vocab_size: int):
     """A random Mistral-shaped model whose sliding window (6) is shorter than the prompts."""
     config = MistralConfig(

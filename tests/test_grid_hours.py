@@ -165,22 +165,29 @@ def test_a_datasets_own_finetune_settings_set_its_work(tmp_path):
     assert work["finetune_tokens"] == pytest.approx(1 * (0.5 + 1.0) * 7_000 * 20)  # 1 epoch, not the block's 3
 
 
-def test_multiple_choice_runs_a_prompt_once_for_factft_and_once_per_choice_the_plain_way(tmp_path):
+@pytest.mark.parametrize("lettered", [True, False], ids=["options-and-letters", "cloze"])
+def test_multiple_choice_runs_a_prompt_once_for_factft_and_once_per_choice_the_plain_way(tmp_path, lettered):
     raw = yaml.safe_load(small_config(tmp_path).read_text())
     full = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     raw["datasets"] = {"mmlu": full["datasets"]["mmlu"]}  # scored by llama2-7b's 4-shot confidence
+    if not lettered:
+        del raw["datasets"]["mmlu"]["prompt"]  # the question alone, each choice's text after it
     raw["evaluate"]["fewshot"] = 2
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     (work,) = grid_hours.main([str(speed_table(tmp_path)), "--config", str(tmp_path / "config.yaml"), "--size", "mmlu=1000"])
-    test, tokens, popularity = 300, 70, 1000 * 5 * 70
+    # A question is 55 tokens and a choice's text 15. Shown as options ("A. " + text), the four
+    # add 4 x 17 to the prompt and each choice is scored as its letter (1 token).
+    prompt, target = (55 + 4 * 17, 1) if lettered else (55, 15)
+    test, tokens = 300, prompt + target
+    popularity = 1000 * 5 * tokens
     assert work["questions"] == 0
-    # Each evaluation of a question: its prompt (55 tokens) once, then the 4 choices (15 each);
-    # the 2-shot one adds two solved examples. The plain way: prompt and choice, 4 times.
-    factft = test * (4 * (55 + 4 * 15) + 2 * tokens) + popularity
+    # Each evaluation of a question: its prompt once, then the 4 choices; the 2-shot one adds
+    # two solved examples. The plain way: prompt and choice, 4 times.
+    factft = test * (4 * (prompt + 4 * target) + 2 * tokens) + popularity
     baseline = test * 4 * tokens * (3 + 3) + popularity  # the 2-shot evaluation is 3 examples long
     assert work["forward_tokens"] == pytest.approx({"factft": factft, "baseline": baseline})
     assert work["evaluations"] == 4  # two finetuned runs, the base model, its 2-shot evaluation
-    assert work["evaluate_min"] == pytest.approx(test * (55 + 4 * 15) / (2 * 20_000) / 60)  # forward-only, 2x
+    assert work["evaluate_min"] == pytest.approx(test * (prompt + 4 * target) / (2 * 20_000) / 60)  # forward-only, 2x
 
 
 def test_reference_rates_scale_by_the_tables_real_token_share(tmp_path):

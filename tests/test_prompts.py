@@ -2,9 +2,21 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from factft.prompts import IGNORE, answer_text, encode_example, few_shot_prefixes, gold_answer, prompt_text
+from factft.errors import FactftError
+from factft.prompts import (
+    IGNORE,
+    answer_text,
+    choice_answers,
+    encode_example,
+    fact_prompt,
+    few_shot_prefixes,
+    gold_answer,
+    prompt_text,
+)
 
 TEMPLATE, ANSWER = "Q: {question} A:", " {answer}"
+# MMLU's usual format (config/config.yaml's datasets.mmlu.prompt).
+LETTERED = {"template": "{question}\n{choices}\nAnswer:", "answer": " {letter}"}
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +35,36 @@ def test_templates_fill_question_and_answer_and_keep_other_braces_literal():
 
 
 def test_gold_answer_is_first_alias_for_open_and_gold_choice_for_multiple_choice():
-    assert gold_answer({"answers": ["Lyon", "Lyons"]}) == "Lyon"
-    assert gold_answer({"answers": ["B"], "choices": ["red", "green", "blue"], "answer_index": 2}) == "blue"
+    assert gold_answer({"answers": ["Lyon", "Lyons"]}, ANSWER) == " Lyon"
+    fact = {"answers": ["blue"], "choices": ["red", "green", "blue"], "answer_index": 2}
+    assert gold_answer(fact, ANSWER) == " blue"
+    assert gold_answer(fact, LETTERED["answer"]) == " C"
+
+
+def test_lettered_prompt_shows_the_options_and_each_choice_is_its_letter():
+    fact = {"question": "Which is a {colour}?", "choices": ["red", "B. green", "{question}"], "answer_index": 1}
+    # A field's value is never filled again: the question's and options' braces stay.
+    assert fact_prompt(fact, LETTERED["template"]) == (
+        "Which is a {colour}?\nA. red\nB. B. green\nC. {question}\nAnswer:"
+    )
+    assert choice_answers(fact["choices"], LETTERED["answer"]) == [" A", " B", " C"]
+    assert choice_answers(fact["choices"], " {letter}: {answer}") == [" A: red", " B: B. green", " C: {question}"]
+    assert fact_prompt({"question": "Where?"}, TEMPLATE) == "Q: Where? A:"
+    many = [str(i) for i in range(27)]
+    with pytest.raises(FactftError, match="27 choices: the prompt's letters go from A to Z"):
+        fact_prompt(dict(fact, choices=many), LETTERED["template"])
+    with pytest.raises(FactftError, match="27 choices"):
+        choice_answers(many, LETTERED["answer"])
+    assert len(choice_answers(many, ANSWER)) == 27  # as a cloze, no letters needed
+
+
+def test_lettered_example_is_trained_on_its_letter_and_eos(bpe_tokenizer):
+    fact = {"question": "What is the SI unit of force?", "choices": ["joule", "newton", "watt"], "answer_index": 1}
+    prompt = fact_prompt(fact, LETTERED["template"])
+    example = encode_example(bpe_tokenizer, prompt, gold_answer(fact, LETTERED["answer"]), max_length=64)
+    answer = answer_part(bpe_tokenizer, example)
+    assert bpe_tokenizer.convert_ids_to_tokens(answer[:-1]) == ["ĠB"]
+    assert answer[-1] == bpe_tokenizer.eos_token_id
 
 
 def test_word_level_labels_mask_the_prompt_and_end_with_eos(words):
@@ -85,3 +125,22 @@ def test_evaluation_demonstrations_come_from_the_pool_of_the_questions_relation(
     assert sorted(born.splitlines()) == ["Q: Where was Bera Tosk born ? A: Paris", "Q: Where was Kalo Mirr born ? A: Rome"]
     assert sorted(job.splitlines()) == ["Q: What does Ito Rask do ? A: pilot", "Q: What does Vena Lu do ? A: baker"]
     assert few_shot_prefixes(test, shots=2, prompt=prompt, demos=pool) == [born, job]
+
+
+def test_lettered_demonstrations_show_their_options_and_answer_letter_a_blank_line_apart():
+    test = pd.DataFrame({"question": ["Unit of power?"], "relation": ["physics"], "choices": [["watt", "volt"]],
+                         "answer_index": [0]})
+    pool = pd.DataFrame(
+        {
+            "question": ["Unit of force?", "Unit of charge?"],
+            "choices": [["joule", "newton"], ["coulomb", "ampere"]],
+            "answer_index": [1, 0],
+            "relation": ["physics", "physics"],
+        }
+    )
+    (prefix,) = few_shot_prefixes(test, shots=2, prompt=LETTERED, demos=pool)
+    demos = prefix.removesuffix("\n\n").split("\n\n")
+    assert sorted(demos) == [
+        "Unit of charge?\nA. coulomb\nB. ampere\nAnswer: A",
+        "Unit of force?\nA. joule\nB. newton\nAnswer: B",
+    ]

@@ -7,6 +7,7 @@ PopQA-format fixture and evaluated, end to end through `snakemake`.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,47 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         assert subject.lower() == fact["subject"].lower(), (subject, question)
     for target in targets[3:]:
         assert (tmp_path / target).stat().st_size > 10_000
+
+
+MMLU = ROOT / "tests" / "data" / "mmlu"
+
+
+@pytest.mark.slow
+def test_smollm2_on_mmlu_with_lettered_options_ranks_finetunes_and_scores_letters(tmp_path):
+    """config/config.yaml's MMLU entry on its hub-layout fixture: the model's own confidence
+    ranks the facts, finetuning and evaluation read the options and answer with letters."""
+    config = real_model_config(smollm2_folder())
+    full = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["datasets"] = {"mmlu": dict(full["datasets"]["mmlu"], source={"hf": str(MMLU), "name": "all", "split": "test"})}
+    config["split"] = {"fraction": 0.5, "test_fraction": 0.3, "stratify": "relation", "seed": 0}
+    config["prompt"] = {"template": "Q: {question} A:", "answer": " {answer}"}  # what open QA would use
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run = "results/smollm2/mmlu"
+    targets = [f"{run}/top/seed0/metrics.tsv", f"{run}/bottom/seed0/metrics.tsv", f"{run}/base/metrics.tsv"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), *targets, "--configfile", str(tmp_path / "config.yaml")]
+        + ["--cores", "2", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    facts = read_table(tmp_path / "results" / "mmlu" / "by-smollm2" / "facts.parquet")
+    assert len(facts) == 12 and facts["popularity"].between(0, 1, inclusive="neither").all()
+    test = read_table(tmp_path / "results" / "mmlu" / "by-smollm2" / "splits" / "test.parquet")
+    for name in ("base", "top/seed0", "bottom/seed0"):
+        predictions = read_table(tmp_path / run / name / "predictions.parquet")
+        assert list(predictions["id"]) == list(test["id"])
+        assert list(predictions["correct"]) == list(predictions["choice"] == test["answer_index"])
+    # The finetune read the question with its options and learned the gold letter.
+    log = (tmp_path / "logs" / "finetune" / "smollm2" / "mmlu" / "top" / "seed0.log").read_text()
+    first = re.search(r"the first: '(.*?)' -> '(.*?)';", log)
+    assert first, log[-2000:]
+    prompt, target = first.groups()
+    assert re.fullmatch(r".+\\nA\. .+\\nB\. .+\\nC\. .+\\nD\. .+\\nAnswer:", prompt), prompt
+    assert re.fullmatch(r" [ABCD]<\|im_end\|>", target), target  # the letter, then SmolLM2's eos
+    gold = facts.loc[facts["question"] == prompt.split("\\n")[0], "answer_index"].item()
+    assert target[1] == "ABCD"[gold]

@@ -15,7 +15,7 @@ import pandas as pd
 from factft.errors import FactftError
 from factft.generate import FORMATS, answer_logprobs, check_choices, choice_logprobs
 from factft.models import load_model
-from factft.prompts import answer_text, few_shot_prefixes, gold_answer, prompt_text
+from factft.prompts import choice_answers, fact_prompt, few_shot_prefixes, gold_answer
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,15 @@ def confidence_scores(
     Open QA: the product of the gold answer's token probabilities (teacher forcing).
     Multiple choice: the softmax over the choices' summed log-likelihoods, at the gold choice.
     """
+    records = facts.to_dict("records")
     prompts = [
-        prefix + prompt_text(str(q), prompt["template"])
-        for prefix, q in zip(few_shot_prefixes(facts, shots, prompt), facts["question"])
+        prefix + fact_prompt(fact, prompt["template"])
+        for prefix, fact in zip(few_shot_prefixes(facts, shots, prompt), records)
     ]
     if fmt == "open":
-        answers = [answer_text(gold_answer(fact), prompt["answer"]) for fact in facts.to_dict("records")]
+        answers = [gold_answer(fact, prompt["answer"]) for fact in records]
         return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size))
-    options = [[answer_text(str(c), prompt["answer"]) for c in choices] for choices in facts["choices"]]
+    options = [choice_answers(choices, prompt["answer"]) for choices in facts["choices"]]
     scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
     gold = facts["answer_index"].to_numpy(dtype=np.int64)
     return np.array([_softmax(s)[g] for s, g in zip(scores, gold)], dtype=np.float64)

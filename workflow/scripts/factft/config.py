@@ -1,4 +1,4 @@
-"""Checks of the config that a JSON schema cannot express, and merged finetune settings.
+"""Checks of the config that a JSON schema cannot express, and merged prompt and finetune settings.
 
 The schema (workflow/schemas/config.schema.yaml) checks shapes, types and ranges and fills
 defaults; these checks tie keys together (a scorer's model must be configured, ...). Both run
@@ -48,6 +48,7 @@ def check_config(config: dict) -> None:
             )
         if dataset["format"] == "multiple_choice" and "synthetic" in dataset["source"]:
             raise FactftError(f"{where}.format: synthetic worlds are open QA")
+        prompt_settings(config, name)
     for name, model in models.items():
         pretrain = model["source"].get("pretrain")
         if pretrain and pretrain["dataset"] not in synthetic:
@@ -81,6 +82,32 @@ def sort_settings(config: dict) -> None:
 
     for key in config:
         config[key] = sorted_block(config[key], (key,))
+
+
+def prompt_settings(config: dict, dataset: str) -> dict:
+    """The top-level prompt block with `datasets.<dataset>.prompt` over it, key by key,
+    checked against the dataset's format: {choices} and {letter} exist for multiple choice
+    only, and a letter names an option only if the prompt shows the lettered options."""
+    own = config["datasets"][dataset].get("prompt", {})
+    merged = {key: own.get(key, value) for key, value in sorted(config["prompt"].items())}
+
+    def where(key):
+        return f"datasets.{dataset}.prompt.{key}" if key in own else f"prompt.{key}"
+
+    template, answer = merged["template"], merged["answer"]
+    if config["datasets"][dataset]["format"] == "open":
+        for key, field in (("template", "{choices}"), ("answer", "{letter}")):
+            if field in merged[key]:
+                raise FactftError(
+                    f"{where(key)}: {field} is for multiple-choice datasets and '{dataset}' is open QA; "
+                    "give multiple-choice datasets their own prompt (datasets.<name>.prompt)"
+                )
+    elif "{letter}" in answer and "{choices}" not in template:
+        raise FactftError(
+            f"{where('answer')}: {{letter}} names an option, but {where('template')} does not show the "
+            "options; add {choices} to it"
+        )
+    return merged
 
 
 def finetune_settings(config: dict, model: str, dataset: str | None = None) -> dict:

@@ -29,7 +29,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
 from factft.models import load_model, peak_memory
-from factft.prompts import IGNORE, answer_text, encode_example, few_shot_prefixes, prompt_text
+from factft.prompts import IGNORE, choice_answers, encode_example, fact_prompt, few_shot_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -444,14 +444,14 @@ def predict(
 ) -> pd.DataFrame:
     """The predictions table for `test` (see factft.metrics.score_predictions).
 
-    Open QA: greedy generation after the prompt. Multiple choice: the choice whose text
-    (in the answer template) is most likely after the prompt, in all or per token
+    Open QA: greedy generation after the prompt. Multiple choice: the choice whose target
+    (its text or letter in the answer template) is most likely after the prompt, in all or per token
     (`choice_score` "sum" or "mean"). `prompt_column="statement"`
     uses the facts' cloze prefix verbatim instead of the question template. `prefixes`, one
     per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes).
     """
     if prompt_column == "question":
-        prompts = [prompt_text(str(q), prompt["template"]) for q in test["question"]]
+        prompts = [fact_prompt(fact, prompt["template"]) for fact in test.to_dict("records")]
     else:
         prompts = [str(s) for s in test[prompt_column]]
     if prefixes is not None:
@@ -466,7 +466,7 @@ def predict(
             static_cache=static_cache,
         )
         return score_predictions(test, texts, fmt)
-    options = [[answer_text(str(c), prompt["answer"]) for c in choices] for choices in test["choices"]]
+    options = [choice_answers(choices, prompt["answer"]) for choices in test["choices"]]
     scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, mean=choice_score == "mean")
     picked = [int(np.argmax(s)) for s in scores]
     texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]

@@ -1,36 +1,79 @@
-"""QA prompts and training examples: one place that turns a fact into text and tokens."""
+"""QA prompts and training examples: one place that turns a fact into text and tokens.
+
+A prompt block has a question `template` ({question}; for multiple choice also {choices},
+the options as lettered lines "A. ...") and an `answer` template ({answer}, the answer's
+text; for multiple choice also {letter}, the choice's letter: MMLU's usual format).
+"""
 
 from __future__ import annotations
 
+import re
+import string
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from factft.errors import FactftError
 
 # Labels the loss ignores (torch.nn.CrossEntropyLoss's default ignore_index).
 IGNORE = -100
 # Demonstrations are a fixed draw: the same facts and seed give the same prompts.
 DEMO_SEED = 0
+LETTERS = string.ascii_uppercase
+_FIELD = re.compile(r"\{(question|choices|answer|letter)\}")
+
+
+def fill(template: str, **fields: str) -> str:
+    """`template` with its {field}s replaced, in one pass: a value's own braces stay as they
+    are, and so does any other brace (a user's template may hold literal ones)."""
+    return _FIELD.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
 
 
 def prompt_text(question: str, template: str) -> str:
     """The question prompt, e.g. 'Q: Where was X born? A:'."""
-    # replace, not str.format: braces elsewhere in a user's template stay literal.
-    return template.replace("{question}", question)
+    return fill(template, question=question)
 
 
 def answer_text(answer: str, template: str) -> str:
     """The target text after the prompt, e.g. ' Lyon' (the leading space belongs to the answer)."""
-    return template.replace("{answer}", answer)
+    return fill(template, answer=answer)
 
 
-def gold_answer(fact: Mapping) -> str:
-    """The answer a fact is trained on: the gold choice's text for multiple choice, else answers[0]."""
+def letters(choices: Sequence) -> str:
+    """A letter for each choice, A for the first."""
+    if len(choices) > len(LETTERS):
+        raise FactftError(f"{len(choices)} choices: the prompt's letters go from A to Z ({len(LETTERS)})")
+    return LETTERS[: len(choices)]
+
+
+def lettered(choices: Sequence) -> str:
+    """The options as lines 'A. first', 'B. second', ..."""
+    return "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters(choices), choices))
+
+
+def fact_prompt(fact: Mapping, template: str) -> str:
+    """A fact's question prompt; a multiple-choice fact's options fill {choices}."""
+    choices = fact.get("choices")
+    if choices is None:
+        return prompt_text(str(fact["question"]), template)
+    return fill(template, question=str(fact["question"]), choices=lettered(choices))
+
+
+def choice_answers(choices: Sequence, template: str) -> list[str]:
+    """Each choice's target text: its text as {answer}, its letter as {letter}."""
+    if "{letter}" not in template:
+        return [answer_text(str(choice), template) for choice in choices]
+    return [fill(template, answer=str(choice), letter=letter) for letter, choice in zip(letters(choices), choices)]
+
+
+def gold_answer(fact: Mapping, template: str) -> str:
+    """The target a fact is trained on: its gold choice's for multiple choice, else answers[0]'s."""
     choices = fact.get("choices")
     if choices is not None and fact.get("answer_index") is not None:
-        return str(choices[int(fact["answer_index"])])
-    return str(fact["answers"][0])
+        return choice_answers(choices, template)[int(fact["answer_index"])]
+    return answer_text(str(fact["answers"][0]), template)
 
 
 def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
@@ -71,7 +114,8 @@ def few_shot_prefixes(
     seed: int = DEMO_SEED,
     demos: pd.DataFrame | None = None,
 ) -> list[str]:
-    """Per fact, `shots` solved demonstrations, one per line, ending in a newline.
+    """Per fact, `shots` solved demonstrations, one per line (a blank line between prompts of
+    several lines), ending in a newline.
 
     They are drawn from `demos` (for evaluation: the finetuning pool, whose subjects the test
     set never shares) or, without it, from the other facts of `facts` (popularity scoring).
@@ -81,6 +125,8 @@ def few_shot_prefixes(
     """
     if shots == 0:
         return [""] * len(facts)
+    # A prompt of several lines (a question and its options) needs a blank line to end it.
+    separator = "\n\n" if "\n" in prompt["template"] else "\n"
     records = facts.to_dict("records")
     candidates = records if demos is None else demos.to_dict("records")
     order = np.random.default_rng(seed).permutation(len(candidates))
@@ -102,8 +148,6 @@ def few_shot_prefixes(
         for j in picks:
             if j not in demo_text:
                 demo = candidates[j]
-                demo_text[j] = prompt_text(str(demo["question"]), prompt["template"]) + answer_text(
-                    gold_answer(demo), prompt["answer"]
-                )
-        prefixes.append("".join(demo_text[j] + "\n" for j in picks))
+                demo_text[j] = fact_prompt(demo, prompt["template"]) + gold_answer(demo, prompt["answer"])
+        prefixes.append("".join(demo_text[j] + separator for j in picks))
     return prefixes

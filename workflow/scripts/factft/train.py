@@ -27,7 +27,7 @@ import torch
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.models import compute_dtype, default_device, load_model, peak_memory
-from factft.prompts import IGNORE, answer_text, encode_example, gold_answer, prompt_text
+from factft.prompts import IGNORE, encode_example, fact_prompt, gold_answer
 from factft.tables import atomic_dir, check_new_dir, remove_stale_temps, write_tsv
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,28 @@ def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length:
     return [
         encode_example(
             tokenizer,
-            prompt_text(fact["question"], prompt["template"]),
-            answer_text(gold_answer(fact), prompt["answer"]),
+            fact_prompt(fact, prompt["template"]),
+            gold_answer(fact, prompt["answer"]),
             max_length,
         )
         for fact in examples.to_dict("records")
     ]
+
+
+def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
+    """The first example as the model reads it (prompt -> target), and how many fill
+    max_length (their prompts may have lost their start): a prompt template's effect, seen."""
+    first = encoded[0]
+    cut = sum(1 for label in first["labels"] if label == IGNORE)
+    full = sum(1 for example in encoded if len(example["input_ids"]) >= max_length)
+    log.info(
+        "%d examples, the first: %r -> %r; %d of them at max_length %d",
+        len(encoded),
+        tokenizer.decode(first["input_ids"][:cut]),
+        tokenizer.decode(first["input_ids"][cut:]),
+        full,
+        max_length,
+    )
 
 
 def epoch_batches(
@@ -533,6 +549,7 @@ def finetune(
         dtype=weights_dtype(method, device),
     )
     encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
+    log_examples(encoded, tokenizer, settings["max_length"])
     print_ = fingerprint(settings, model_spec, encoded)
     model = prepare_model(model, settings)
     if settings.get("compile"):
