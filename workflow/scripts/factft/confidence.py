@@ -32,6 +32,8 @@ def confidence_scores(
         prefix + fact_prompt(fact, prompt["template"])
         for prefix, fact in zip(few_shot_prefixes(facts, shots, prompt), records)
     ]
+    if prompts:
+        log.info("the first prompt: %r", prompts[0])
     if fmt == "open":
         answers = [gold_answer(fact, prompt["answer"]) for fact in records]
         return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size))

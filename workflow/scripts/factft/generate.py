@@ -456,6 +456,8 @@ def predict(
         prompts = [str(s) for s in test[prompt_column]]
     if prefixes is not None:
         prompts = [prefix + text for prefix, text in zip(prefixes, prompts, strict=True)]
+    if prompts:
+        log.info("the first prompt: %r", prompts[0])
     if fmt == "open":
         texts = generate_texts(
             model,
@@ -467,6 +469,8 @@ def predict(
         )
         return score_predictions(test, texts, fmt)
     options = [choice_answers(choices, prompt["answer"]) for choices in test["choices"]]
+    if options:
+        log.info("its choices: %r", options[0])
     scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, mean=choice_score == "mean")
     picked = [int(np.argmax(s)) for s in scores]
     texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]
