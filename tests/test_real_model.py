@@ -68,6 +68,20 @@ def real_model_config(model_folder: Path) -> dict:
     }
 
 
+def run_workflow(targets: list[str], config: Path, folder: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        # Targets first: --configfile takes every argument up to the next flag.
+        [str(Path(sys.executable).parent / "snakemake"), *targets, "--configfile", str(config)]
+        + ["--cores", "2", "--directory", str(folder), "-s", str(ROOT / "Snakefile")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.slow
 def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_path):
     config = tmp_path / "config.yaml"
@@ -83,17 +97,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         f"{figures}/attention_heatmap.png",
         f"{figures}/training_loss.png",
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run(
-        # Targets first: --configfile takes every argument up to the next flag.
-        [str(Path(sys.executable).parent / "snakemake"), *targets, "--configfile", str(config)]
-        + ["--cores", "2", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_workflow(targets, config, tmp_path)
 
     # The base model knows some fixture facts: predictions are answers, not template echoes.
     base = read_table(tmp_path / run / "base" / "predictions.parquet")
@@ -141,16 +145,7 @@ def test_smollm2_on_mmlu_with_lettered_options_ranks_finetunes_and_scores_letter
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run = "results/smollm2/mmlu"
     targets = [f"{run}/top/seed0/metrics.tsv", f"{run}/bottom/seed0/metrics.tsv", f"{run}/base/metrics.tsv"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), *targets, "--configfile", str(tmp_path / "config.yaml")]
-        + ["--cores", "2", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_workflow(targets, tmp_path / "config.yaml", tmp_path)
 
     facts = read_table(tmp_path / "results" / "mmlu" / "by-smollm2" / "facts.parquet")
     assert len(facts) == 12 and facts["popularity"].between(0, 1, inclusive="neither").all()
