@@ -204,6 +204,28 @@ def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_f
         check_config(config)
     config["datasets"]["popqa"]["prompt"] = {"answer": "none"}
     assert "does not match" in schema_error(config)
+    config["datasets"]["popqa"]["prompt"] = {}
+    config["datasets"]["mmlu"]["prompt"] = {"template": "{question}\n{choice}\nAnswer:", "answer": " {answer}"}
+    with pytest.raises(FactftError, match=r"^datasets\.mmlu\.prompt\.template: \{choice\} is not a field of a "
+                       r"prompt template; its fields are \{choices\}, \{question\}"):
+        check_config(config)
+    config["datasets"]["mmlu"]["prompt"] = {"template": "{question} {letter}?", "answer": " {answer}"}
+    with pytest.raises(FactftError, match=r"prompt\.template: \{letter\} is not a field"):
+        check_config(config)
+    config["datasets"]["mmlu"]["prompt"] = {"template": "{question} {not a field} {}", "answer": " {answer}"}
+    check_config(config)  # braces around no single word stay literal
+
+
+def test_a_kept_or_scored_column_named_like_a_facts_column_is_named_before_any_job():
+    config = load("config.yaml")
+    config["datasets"]["popqa"]["popularity"] = {"scorer": "column", "column": "popularity"}
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.popularity\.column: source column 'popularity' has "
+                       r"the name of a facts column"):
+        validated(config)
+    config["datasets"]["popqa"]["popularity"] = {"scorer": "column", "column": "s_pop"}
+    config["datasets"]["popqa"]["keep_columns"] = ["s_pop", "subject"]
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.keep_columns: source column 'subject'"):
+        validated(config)
 
 
 def test_settings_are_sorted_and_the_users_named_maps_keep_their_order():
@@ -216,7 +238,7 @@ def test_settings_are_sorted_and_the_users_named_maps_keep_their_order():
     assert list(config["models"]) == ["mistral-7b", "llama2-7b"]  # figures and tables follow the config
     assert list(config["datasets"]) == ["popqa", "entityquestions", "mmlu"]
     assert list(config["datasets"]["popqa"]) == sorted(config["datasets"]["popqa"])
-    assert list(config["simulation"]["sweeps"]) == ["zipf", "pretrain_steps", "qa_similarity"]
+    assert list(config["simulation"]["sweeps"]) == ["zipf", "pretrain_steps", "qa_similarity", "finetune_steps"]
     assert config["finetune"]["lora"]["target_modules"] == ["q_proj", "v_proj"]  # lists keep their order
     assert config["evaluate"]["percentiles"] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 

@@ -12,6 +12,7 @@ from factft.metrics import gold_metrics
 from factft.plots import (
     STYLES,
     final_losses,
+    log_ticks,
     make_figures,
     make_overview,
     make_training_figure,
@@ -224,3 +225,11 @@ def test_a_train_log_without_steps_or_columns_is_named(tmp_path):
         read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "empty.tsv"))])
     with pytest.raises(FactftError, match=r"train log .*odd.tsv: no columns \['epoch', 'loss'\]"):
         read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "odd.tsv"))])
+
+
+@pytest.mark.parametrize("low,high", [(0.3, 20.0), (4.6, 9.4), (5.1, 5.9), (9.5, 10.5)])
+def test_a_loss_axis_gets_at_least_three_labelled_ticks_inside_its_range(low, high):
+    ticks = log_ticks(low, high)
+    assert len(set(ticks)) == len(ticks) >= 3 and all(low <= t <= high for t in ticks)
+    if high / low > 10:
+        assert set(ticks) <= {m * 10.0**e for e in range(-2, 3) for m in (1, 2, 5)}  # round values

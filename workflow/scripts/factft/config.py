@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 
 import jsonschema
 import yaml
 
 from factft import subsets
+from factft.sources import kept_columns
 from factft.errors import FactftError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 SCORER_NEEDS = {"column": "column"}
+# What a prompt's templates may fill (factft.prompts); any other {word} is a typo that would
+# reach the model as it is.
+PROMPT_FIELDS = {"template": {"question", "choices"}, "answer": {"answer", "letter"}}
 
 
 def check_config(config: dict) -> None:
@@ -49,6 +54,7 @@ def check_config(config: dict) -> None:
         if dataset["format"] == "multiple_choice" and "synthetic" in dataset["source"]:
             raise FactftError(f"{where}.format: synthetic worlds are open QA")
         prompt_settings(config, name)
+        kept_columns(dict(dataset, name=name))
     for name, model in models.items():
         pretrain = model["source"].get("pretrain")
         if pretrain and pretrain["dataset"] not in synthetic:
@@ -94,6 +100,13 @@ def prompt_settings(config: dict, dataset: str) -> dict:
     def where(key):
         return f"datasets.{dataset}.prompt.{key}" if key in own else f"prompt.{key}"
 
+    for key, known in PROMPT_FIELDS.items():
+        unknown = sorted(set(re.findall(r"\{(\w+)\}", merged[key])) - known)
+        if unknown:
+            raise FactftError(
+                f"{where(key)}: {{{unknown[0]}}} is not a field of a prompt {key}; its fields are "
+                f"{', '.join('{' + field + '}' for field in sorted(known))}"
+            )
     template, answer = merged["template"], merged["answer"]
     if config["datasets"][dataset]["format"] == "open":
         for key, field in (("template", "{choices}"), ("answer", "{letter}")):

@@ -343,6 +343,16 @@ def final_losses(logs: pd.DataFrame, share: float = 0.1) -> pd.Series:
     return pd.DataFrame(last, columns=["subset", "loss"]).groupby("subset", sort=False)["loss"].mean()
 
 
+def log_ticks(low: float, high: float) -> list[float]:
+    """At least three labelled ticks for a log axis from `low` to `high`: round values (1, 2, 5
+    x 10^k) where the range holds three, finer ones in a narrower range."""
+    for multiples in ((1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0**e for e in range(-4, 4) for m in multiples if low <= m * 10.0**e <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return [float(f"{t:.3g}") for t in np.geomspace(low, high, 5)[1:-1]]
+
+
 def plot_training_loss(logs: pd.DataFrame, model: str, dataset: str) -> Figure:
     """Finetuning loss (answer tokens) against epochs over each subset's own facts: shows
     which subset the model fits worse (facts it does not store must be memorised) and tells
@@ -361,9 +371,8 @@ def plot_training_loss(logs: pd.DataFrame, model: str, dataset: str) -> Figure:
         ax.set_ylabel("finetuning loss on the answer tokens")
         # Log: the first steps' loss is ten times the end's, where the subsets differ.
         ax.set_yscale("log")
-        low, high = ax.get_ylim()
-        ticks = [t * 10.0**e for e in range(-3, 3) for t in (1, 2, 5) if low <= t * 10.0**e <= high]
-        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ticks = log_ticks(*ax.get_ylim())
+        ax.set_yticks(ticks, [f"{t:.3g}" for t in ticks])
         ax.minorticks_off()
         ax.set_title(f"{model} on {dataset}: how well each subset is fitted")
         spread = f"mean over {seeds} seeds, bands: ± 1 sd" if seeds > 1 else "one seed"

@@ -56,9 +56,12 @@ def lettered(choices: Sequence) -> str:
 def fact_prompt(fact: Mapping, template: str) -> str:
     """A fact's question prompt; a multiple-choice fact's options fill {choices}."""
     choices = fact.get("choices")
-    if choices is None:
+    if choices is None or "{choices}" not in template:
         return prompt_text(str(fact["question"]), template)
-    return fill(template, question=str(fact["question"]), choices=lettered(choices))
+    try:
+        return fill(template, question=str(fact["question"]), choices=lettered(choices))
+    except FactftError as error:
+        raise FactftError(f"{error}: {fact['question']!r}") from None
 
 
 def choice_answers(choices: Sequence, template: str) -> list[str]:

@@ -318,7 +318,7 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     """Map, parse and clean a source table into the raw facts table (see the module doc)."""
     name = spec["name"]
     mapping = _mapping(spec)
-    read = _kept_columns(spec)
+    read = kept_columns(spec)
     wanted = [(f"columns.{key}", column) for key, column in mapping.items()]
     _require_columns(table, name, wanted + read)
     kept = [column for _, column in read]
@@ -356,8 +356,7 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
         answers = table[mapping["answers"]]
         facts["answers"] = answers.map(parse_answers)
         invalid[MISSHAPED] = ~answers.map(_answers_shaped)
-    empty = facts["answers"].map(len) == 0
-    invalid["no answers"] = empty & ~invalid[MISSHAPED] if MISSHAPED in invalid else empty
+        invalid["no answers"] = (facts["answers"].map(len) == 0) & ~invalid[MISSHAPED]
     for column in kept:
         facts[column] = table[column]
 
@@ -392,20 +391,22 @@ SCORER_COLUMN = {"column": "column", "pageviews": "title_column"}
 SCORER_READS = ("scorer", *SCORER_COLUMN.values())
 
 
-def _kept_columns(spec: dict) -> list[tuple[str, str]]:
-    """(config key, column) of keep_columns, plus the column the popularity scorer reads."""
+def kept_columns(spec: dict) -> list[tuple[str, str]]:
+    """(config key, column) of keep_columns, plus the column the popularity scorer reads;
+    an error names the key of one that would overwrite a facts column."""
     kept = [("keep_columns", column) for column in spec.get("keep_columns") or []]
     popularity = spec.get("popularity") or {}
     key = SCORER_COLUMN.get(popularity.get("scorer"))
     if key and popularity.get(key) and popularity[key] not in [column for _, column in kept]:
         kept.append((f"popularity.{key}", popularity[key]))
-    reserved = {"id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"}
-    clash = [column for _, column in kept if column in reserved]
-    if clash:
-        raise FactftError(
-            f"dataset '{spec['name']}': keep_columns {clash} clash with facts columns; map them through "
-            f"datasets.{spec['name']}.columns instead"
-        )
+    reserved = ["id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"]
+    for key, column in kept:
+        if column in reserved:
+            raise FactftError(
+                f"datasets.{spec['name']}.{key}: source column '{column}' has the name of a facts column "
+                f"({', '.join(reserved)}); map those through datasets.{spec['name']}.columns, and give a "
+                "column to keep or score another name in the source"
+            )
     return kept
 
 
