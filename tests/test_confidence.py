@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from factft.confidence import model_confidence
+from factft.confidence import model_confidence, without_letter_prior
 from factft.errors import FactftError
-from factft.prompts import few_shot_prefixes
+from factft.prompts import fact_prompt, few_shot_prefixes
 
 PROMPT = {"template": "Q: {question} A:", "answer": " {answer}"}
 
@@ -116,7 +116,28 @@ def test_lettered_confidence_is_the_softmax_over_the_letters_after_lettered_demo
     assert sorted(prefix.split("\n\n")[:2]) == demos and prefix.endswith("\n\n")
     prompt = prefix + "Where was Bera Tosk born ?\nA. Paris\nB. Oslo\nC. Milan\nAnswer:"
     logprobs = choice_logprobs(model, bpe_tokenizer, [prompt], [[" A", " B", " C"]], batch_size=1)[0]
-    assert scores[1] == pytest.approx(np.exp(logprobs[1]) / np.exp(logprobs).sum(), rel=1e-6)
+    raw = np.exp(logprobs) / np.exp(logprobs).sum()
+    # The model's letter preference over the six facts divides out (without_letter_prior).
+    prefixes = few_shot_prefixes(facts, shots=2, prompt=lettered)
+    every = choice_logprobs(
+        model, bpe_tokenizer, [p + fact_prompt(f, lettered["template"]) for p, f in zip(prefixes, facts.to_dict("records"))],
+        [[" A", " B", " C"][: len(c)] for c in facts["choices"]], batch_size=4,
+    )  # fmt: skip
+    softmax = [np.exp(e) / np.exp(e).sum() for e in every]
+    preference = np.exp([np.mean([np.log(p[k]) for p in softmax if len(p) > k]) for k in range(3)])
+    calibrated = raw / (preference / preference.sum())
+    assert scores[1] == pytest.approx(calibrated[1] / calibrated.sum(), rel=1e-6)
+
+
+def test_a_letter_preference_multiplying_every_questions_odds_is_taken_out_exactly():
+    rng = np.random.default_rng(0)
+    unbiased = [rng.dirichlet([1.0] * 4) for _ in range(400)]
+    # Positions treated alike: each question's probabilities also appear in every rotation.
+    unbiased = [np.roll(p, k) for p in unbiased for k in range(4)]
+    favour_a = np.array([8.0, 1.0, 1.0, 1.0])
+    biased = [p * favour_a / (p * favour_a).sum() for p in unbiased]
+    for got, want in zip(without_letter_prior(biased), unbiased):
+        np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
 def test_missing_columns_name_the_scorer_and_the_columns(spec):

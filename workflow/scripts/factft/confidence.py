@@ -25,7 +25,8 @@ def confidence_scores(
     """Probability of each fact's gold answer under the few-shot prompt (float64 in [0, 1]).
 
     Open QA: the product of the gold answer's token probabilities (teacher forcing).
-    Multiple choice: the softmax over the choices' summed log-likelihoods, at the gold choice.
+    Multiple choice: the softmax over the choices' summed log-likelihoods, at the gold choice;
+    with lettered answers, with the model's letter preference taken out (without_letter_prior).
     """
     records = facts.to_dict("records")
     prompts = [
@@ -39,8 +40,30 @@ def confidence_scores(
         return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size))
     options = [choice_answers(choices, prompt["answer"]) for choices in facts["choices"]]
     scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
+    probabilities = [_softmax(s) for s in scores]
+    if "{letter}" in prompt["answer"]:
+        probabilities = without_letter_prior(probabilities)
     gold = facts["answer_index"].to_numpy(dtype=np.int64)
-    return np.array([_softmax(s)[g] for s, g in zip(scores, gold)], dtype=np.float64)
+    return np.array([p[g] for p, g in zip(probabilities, gold)], dtype=np.float64)
+
+
+def without_letter_prior(probabilities: list[np.ndarray]) -> list[np.ndarray]:
+    """Each fact's choice probabilities divided by the model's preference for each letter,
+    renormalised. A model that favours a letter, as small models favour A, would otherwise
+    rank the facts by which letter is right, and FT-Top would hold the facts answered A.
+
+    The preference is the geometric mean of each letter's probability over all the facts. A
+    bias that multiplies a letter's odds in every question moves that mean by exactly its
+    factor where the questions treat every position alike (MMLU's gold letters are about
+    balanced), so dividing it out recovers the unbiased probabilities.
+    """
+    widest = max(len(p) for p in probabilities)
+    logs = [np.log(np.maximum(p, np.finfo(np.float64).tiny)) for p in probabilities]
+    prior = np.exp([np.mean([lp[k] for lp in logs if len(lp) > k]) for k in range(widest)])
+    prior /= prior.sum()
+    log.info("letter preference taken out: %s", ", ".join(f"{x:.3f}" for x in prior))
+    calibrated = [p / prior[: len(p)] for p in probabilities]
+    return [c / c.sum() for c in calibrated]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
