@@ -188,7 +188,7 @@ def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_f
     assert prompt_settings(config, "mmlu") == {"answer": " {answer}", "template": "Q: {question} A:"}
     config["datasets"]["mmlu"]["prompt"] = {"answer": " {letter}"}
     with pytest.raises(FactftError, match=r"^datasets\.mmlu\.prompt\.answer: \{letter\} names an option, but "
-                       r"prompt\.template does not show the options; add \{choices\}"):
+                       r"prompt\.template does not show the options of dataset 'mmlu'; add \{choices\}"):
         check_config(config)
     config["datasets"]["mmlu"]["prompt"] = {}
     config["prompt"]["template"] = "{question}\n{choices}\nAnswer:"

@@ -118,7 +118,7 @@ def prompt_settings(config: dict, dataset: str) -> dict:
     elif "{letter}" in answer and "{choices}" not in template:
         raise FactftError(
             f"{where('answer')}: {{letter}} names an option, but {where('template')} does not show the "
-            "options; add {choices} to it"
+            f"options of dataset '{dataset}'; add {{choices}} to it"
         )
     return merged
 
