@@ -1,11 +1,17 @@
-"""Snakemake conventions hold for both shipped configs: formatted, lint-clean, log and benchmark on every rule."""
+"""Snakemake conventions hold for both shipped configs: formatted, lint-clean, log and benchmark on every rule,
+report captions that render."""
 
+import itertools
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import jinja2
 import pytest
+
+from factft.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE_FILES = [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]
@@ -43,3 +49,17 @@ def test_every_job_rule_has_log_and_benchmark(where, rule, body):
     else:
         for key in ("log:", "benchmark:", "conda:"):
             assert key in body, f"{where}: rule {rule} has no {key}"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def test_every_report_caption_renders_for_every_figure_of_the_shipped_configs(name):
+    # A caption that fails to render fails `--report` at the very end of a grid.
+    config = load_config(ROOT / "config" / name)
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    sweeps = ["base", *config["simulation"]["sweeps"]]
+    for caption in sorted((ROOT / "report").glob("*.rst")):
+        template = environment.from_string(caption.read_text())
+        for model, dataset, sweep in itertools.product(config["models"], config["datasets"], sweeps):
+            wildcards = types.SimpleNamespace(model=model, dataset=dataset, sweep=sweep)
+            text = template.render(snakemake=types.SimpleNamespace(config=config, wildcards=wildcards))
+            assert text.strip() and "{{" not in text and "{%" not in text, caption.name
