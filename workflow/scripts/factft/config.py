@@ -16,15 +16,13 @@ import jsonschema
 import yaml
 
 from factft import subsets
-from factft.sources import kept_columns
 from factft.errors import FactftError
+from factft.prompts import FIELDS
+from factft.sources import kept_columns
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 SCORER_NEEDS = {"column": "column"}
-# What a prompt's templates may fill (factft.prompts); any other {word} is a typo that would
-# reach the model as it is.
-PROMPT_FIELDS = {"template": {"question", "choices"}, "answer": {"answer", "letter"}}
 
 
 def check_config(config: dict) -> None:
@@ -100,8 +98,9 @@ def prompt_settings(config: dict, dataset: str) -> dict:
     def where(key):
         return f"datasets.{dataset}.prompt.{key}" if key in own else f"prompt.{key}"
 
-    for key, known in PROMPT_FIELDS.items():
-        unknown = sorted(set(re.findall(r"\{(\w+)\}", merged[key])) - known)
+    for key, known in FIELDS.items():
+        # A typo such as {choice} would reach the model as it is.
+        unknown = sorted(set(re.findall(r"\{(\w+)\}", merged[key])) - set(known))
         if unknown:
             raise FactftError(
                 f"{where(key)}: {{{unknown[0]}}} is not a field of a prompt {key}; its fields are "

@@ -22,7 +22,9 @@ IGNORE = -100
 # Demonstrations are a fixed draw: the same facts and seed give the same prompts.
 DEMO_SEED = 0
 LETTERS = string.ascii_uppercase
-_FIELD = re.compile(r"\{(question|choices|answer|letter)\}")
+# The fields each template may fill; any other {word} in one is a typo (factft.config says so).
+FIELDS = {"template": ("question", "choices"), "answer": ("answer", "letter")}
+_FIELD = re.compile(r"\{(" + "|".join(field for fields in FIELDS.values() for field in fields) + r")\}")
 
 
 def fill(template: str, **fields: str) -> str:
