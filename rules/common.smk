@@ -456,6 +456,10 @@ def figure_sources(wildcards):
     return metrics_sources(wildcards.model, wildcards.dataset, PAPER_SUBSETS)
 
 
+def popularity_scorer(wildcards):
+    return DATASETS[wildcards.dataset]["popularity"]["scorer"]
+
+
 def figure_inputs(wildcards):
     return [source["path"] for source in figure_sources(wildcards)]
 

@@ -32,6 +32,7 @@ rule figures:
         "../envs/figures.yaml"
     params:
         sources=figure_sources,
+        scorer=popularity_scorer,
     script:
         "../workflow/scripts/figures.py"
 
@@ -123,6 +124,7 @@ rule summary:
 rule overview:
     input:
         metrics=grid_metrics(),
+        summary=rules.summary.output.summary,
     output:
         png=report(
             f"{OVERVIEW}.png",

@@ -13,7 +13,9 @@ from factft.attention import (
     attention_by_layer,
     last_position_attention,
     make_attention_figures,
+    plot_attention_by_layer,
     prompt_tokens,
+    read_attention,
     select_questions,
     use_eager_attention,
 )
@@ -217,6 +219,18 @@ def test_figures_are_written_from_the_attention_tables(tmp_path):
     sources, examples = write_tables(tmp_path)
     make_attention_figures(sources, examples, "tiny", "synth", tmp_path / "a.png", tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 10_000 and (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_the_right_panel_shows_where_attention_off_the_subject_and_relation_goes(tmp_path):
+    sources, _ = write_tables(tmp_path)
+    data = read_attention(sources)
+    subject, relation, rest = plot_attention_by_layer(data, "tiny", "synth").axes
+    assert "subject" in subject.get_title() and "relation" in relation.get_title() and "rest" in rest.get_title()
+    top = data[data["subset"] == "top"]
+    expected = (1 - top["subject_mass"] - top["relation_mass"]).groupby(top["layer"]).mean()
+    drawn = [line for line in rest.get_lines() if line.get_label() == "FT-Top"][0]
+    np.testing.assert_allclose(drawn.get_ydata(), expected.to_numpy())
+    assert rest.get_ylim() == (0, 1)
 
 
 def test_a_missing_attention_table_is_an_error_naming_it(tmp_path):

@@ -10,6 +10,7 @@ from matplotlib.colors import to_hex
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
 from factft.plots import (
+    GOLD_LABEL,
     STYLES,
     final_losses,
     log_ticks,
@@ -83,6 +84,16 @@ def test_figure_has_its_panels_every_line_in_its_subset_colour_and_a_legend_entr
     assert [t.get_text() for t in deciles.get_xticklabels()][0] == "0–10%"
 
 
+def test_axes_say_model_confidence_where_it_ranks_the_facts(tmp_path):
+    data = accuracy_by_percentile(collect_metrics(make_sources(tmp_path, GRID)))
+    figure = plot_accuracy_vs_popularity(data, "tiny", "synth", scorer="model_confidence")
+    cumulative, deciles, guess = figure.axes
+    assert cumulative.get_xlabel() == "held-out facts: the top x% most confidently known"
+    assert deciles.get_xlabel().startswith("held-out facts: model confidence decile")
+    assert guess.get_xlabel() == "held-out facts: model confidence decile"
+    assert "popular" not in figure.get_suptitle() and "model confidence" in figure.get_suptitle()
+
+
 def test_guess_panel_shows_each_subsets_guessing_per_decile_against_the_gold_answers(tmp_path):
     # make_sources' wrong answers are all "London": per decile, a miss is a guess.
     sources = make_sources(tmp_path, GRID)
@@ -92,11 +103,14 @@ def test_guess_panel_shows_each_subsets_guessing_per_decile_against_the_gold_ans
     guess = figure.axes[2]
     assert "commonest answer" in guess.get_ylabel()
     lines = {line.get_label(): line for line in guess.get_lines() if not line.get_label().startswith("_")}
-    assert set(lines) == {"FT-Top", "FT-Bottom", "FT-Random", "FT-Whole", "Gold answers"}
+    assert set(lines) == {"FT-Top", "FT-Bottom", "FT-Random", "FT-Whole", GOLD_LABEL}
     # The least popular decile (plotted rightmost): every FT-Bottom seed misses it, so all guess.
     assert lines["FT-Bottom"].get_ydata()[-1] == pytest.approx(1.0)
-    assert list(lines["Gold answers"].get_ydata()) == [0.0] * 9 + [1.0]  # the tie goes to "a0"
-    assert "Gold answers" in [t.get_text() for t in figure.legends[0].get_texts()]
+    assert list(lines[GOLD_LABEL].get_ydata()) == [0.0] * 9 + [1.0]  # the tie goes to "a0"
+    assert GOLD_LABEL in [t.get_text() for t in figure.legends[0].get_texts()]
+    # The same line in the decile panel: the accuracy of always answering with it.
+    floor = [line for line in figure.axes[1].get_lines() if line.get_label() == GOLD_LABEL][0]
+    assert list(floor.get_ydata()) == [0.0] * 9 + [1.0]
     make_figures(sources, "tiny", "synth", [tmp_path / "with_gold.png"], test)
     assert (tmp_path / "with_gold.png").stat().st_size > 10_000
 
@@ -168,6 +182,19 @@ def test_overview_has_a_panel_per_dataset_a_bar_per_subset_and_the_gap_per_model
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
     assert legend == ["FT-Top", "FT-Bottom", "FT-Random", "FT-Whole"]
     make_overview(sources, [tmp_path / "overview.png"])
+    assert (tmp_path / "overview.png").stat().st_size > 10_000
+
+
+def test_overview_gives_the_gaps_bootstrap_interval_from_the_summary(tmp_path):
+    sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa")
+    summary = tmp_path / "summary.tsv"
+    pd.DataFrame(
+        {"model": ["m1"], "dataset": ["popqa"], "top_minus_bottom_ci_low": [0.21], "top_minus_bottom_ci_high": [0.38]}
+    ).to_csv(summary, sep="\t", index=False)
+    figure = plot_overview(collect_metrics(sources), pd.read_csv(summary, sep="\t"))
+    assert [t.get_text() for t in figure.axes[0].texts] == ["Δ +0.30\n[+0.21, +0.38]"]
+    assert "bootstrap interval" in figure.legends[0].get_title().get_text()
+    make_overview(sources, [tmp_path / "overview.png"], summary)
     assert (tmp_path / "overview.png").stat().st_size > 10_000
 
 

@@ -11,13 +11,25 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from matplotlib.colors import to_rgb
 from snakemake.utils import validate
 
 from factft.config import SCHEMA, load_config
 from factft.errors import FactftError
+from factft.plots import STYLES
 from factft.simulation import BASE, BASE_POINT, check_simulation, point_settings, point_value, run_of, sweep_points
 from factft.theory import OneLayerAttention, fact_salience, make_world, simulate, split_subjects
-from factft.theory_plots import plot_attention, plot_gap, plot_salience, plot_subsets, save, sweep_tables
+from factft.theory_plots import (
+    LABELS,
+    SETTING_LABELS,
+    SUBSETS,
+    plot_attention,
+    plot_gap,
+    plot_salience,
+    plot_subsets,
+    save,
+    sweep_tables,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,6 +226,119 @@ def test_base_point_tables_and_every_figure_are_written(tmp_path):
         save(figure, [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"])
         assert (tmp_path / f"{name}.png").stat().st_size > 0
         assert (tmp_path / f"{name}.pdf").stat().st_size > 0
+
+
+# Hand-made results in the shape of the simulation's tables, for the figures' layout tests.
+SEED_ACCURACY = {0: [0.5, 0.4, 0.45, 0.45], 1: [0.9, 0.8, 0.85, 0.85]}  # top above bottom in each seed
+
+
+def tiny_accuracy():
+    return pd.DataFrame(
+        [
+            {"seed": seed, "subset": subset, "accuracy": accuracy, "stored": 1.0, "pretrained_accuracy": 0.3}
+            for seed, row in SEED_ACCURACY.items()
+            for subset, accuracy in zip(SUBSETS, row)
+        ]
+    )
+
+
+def tiny_gap(values=(100, 300, 1000)):
+    return pd.DataFrame(
+        [
+            dict(value=value, seed=seed, top=0.5 + i / 10, bottom=0.4 + i / 10, gap=0.1, gap_head=0.05)
+            for i, value in enumerate(values)
+            for seed in (0, 1)
+        ]
+    )
+
+
+def tiny_salience():
+    roles = ["top", "bottom", "test"]
+    return pd.DataFrame({"mentions": [40, 10, 20], "salience": [2.0, 0.5, 1.0], "role": roles, "seed": 0})
+
+
+def tiny_attention():
+    return pd.DataFrame(
+        [
+            {"step": step, "subset": subset, "seed": 0, "test_attention_subject": 0.6, "test_accuracy": 0.5}
+            for step in (0, 10, 20)
+            for subset in SUBSETS
+        ]
+    )
+
+
+def subset_colours():
+    return {to_rgb(STYLES[subset]["color"]) for subset in SUBSETS}
+
+
+def test_gap_figure_ticks_the_swept_values_names_the_setting_and_draws_the_gap_in_no_subset_colour():
+    figure = plot_gap(tiny_gap(), "pretrain_steps")
+    gap_ax, accuracy_ax = figure.axes
+    for ax in (gap_ax, accuracy_ax):
+        assert ax.get_xscale() == "log"
+        assert list(ax.get_xticks()) == [100, 300, 1000]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["100", "300", "1000"]
+        assert list(ax.get_xticks(minor=True)) == []
+        assert ax.get_xlabel() == SETTING_LABELS["pretrain_steps"]
+    title = figure.get_suptitle()
+    assert SETTING_LABELS["pretrain_steps"] in title and "pretrain_steps" not in title
+    gap_lines = [line for line in gap_ax.get_lines() if line.get_label().startswith("gap")]
+    assert len(gap_lines) == 2
+    assert all(to_rgb(line.get_color()) not in subset_colours() for line in gap_lines)
+    # The absolute accuracies beside the gap, on a scale from 0 that shows a ceiling.
+    accuracies = {line.get_label(): list(line.get_ydata()) for line in accuracy_ax.get_lines()}
+    assert accuracies == {"FT-Top": pytest.approx([0.5, 0.6, 0.7]), "FT-Bottom": pytest.approx([0.4, 0.5, 0.6])}
+    assert accuracy_ax.get_ylim()[0] == 0
+
+
+def test_gap_figure_keeps_a_linear_axis_for_a_narrow_sweep_and_still_ticks_every_value():
+    ax = plot_gap(tiny_gap(values=(0.5, 1.0, 1.5, 2.0)), "zipf").axes[0]
+    assert ax.get_xscale() == "linear"
+    assert list(ax.get_xticks()) == [0.5, 1.0, 1.5, 2.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "1", "1.5", "2"]
+
+
+def test_every_simulation_figure_has_one_legend_outside_its_axes():
+    figures = {
+        "subsets": plot_subsets(tiny_accuracy()),
+        "gap": plot_gap(tiny_gap(), "zipf"),
+        "salience": plot_salience(tiny_salience()),
+        "attention": plot_attention(tiny_attention()),
+    }
+    for name, figure in figures.items():
+        figure.draw_without_rendering()
+        assert len(figure.legends) == 1 and all(ax.get_legend() is None for ax in figure.axes), name
+        legend = figure.legends[0].get_window_extent()
+        assert not any(legend.overlaps(ax.get_window_extent()) for ax in figure.axes), name
+
+
+def test_subsets_figure_joins_each_seeds_dots_across_the_subsets():
+    ax = plot_subsets(tiny_accuracy()).axes[0]
+    joined = [list(line.get_ydata()) for line in ax.get_lines() if len(line.get_xdata()) == len(SUBSETS)]
+    assert sorted(joined) == sorted(SEED_ACCURACY.values())
+    # One offset per seed in every bar, so a line runs parallel to the bars' positions.
+    for line in ax.get_lines():
+        if len(line.get_xdata()) == len(SUBSETS):
+            assert np.allclose(np.diff(line.get_xdata()), 1)
+
+
+def test_attention_figure_draws_every_subset_in_its_shared_style_on_one_0_1_scale():
+    figure = plot_attention(tiny_attention())
+    for ax in figure.axes:
+        assert ax.get_ylim() == (0, 1)
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for subset in SUBSETS:
+            line = lines[LABELS[subset]]
+            assert to_rgb(line.get_color()) == to_rgb(STYLES[subset]["color"])
+            assert line.get_marker() == STYLES[subset]["marker"]
+            assert line.get_linestyle() == STYLES[subset]["linestyle"]
+            assert line.get_alpha() is None
+
+
+def test_salience_figure_draws_test_subjects_underneath_the_finetuning_subsets():
+    ax = plot_salience(tiny_salience()).axes[0]
+    zorder = {points.get_label(): points.get_zorder() for points in ax.collections}
+    assert zorder["test subjects"] < min(zorder["FT-Top subjects"], zorder["FT-Bottom subjects"])
 
 
 @pytest.mark.slow

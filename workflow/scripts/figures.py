@@ -8,4 +8,5 @@ with to_log(snakemake.log[0]):
         snakemake.wildcards.dataset,
         [snakemake.output.png, snakemake.output.pdf],
         snakemake.input.test,
+        snakemake.params.scorer,
     )

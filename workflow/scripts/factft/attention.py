@@ -2,8 +2,8 @@
 
 The paper's Fig. 3: at the last prompt position, where the answer's first token is
 predicted, a model finetuned on well-known facts (FT-Top) puts more attention on the
-subject's tokens than one finetuned on little-known facts (FT-Bottom), which leans on the
-relation words and answers generically. Per test question, layer and head we take the
+subject's tokens than one finetuned on little-known facts (FT-Bottom), which answers
+generically for the relation. Per test question, layer and head we take the
 weights of the last position's attention row and summarise two parts of the prompt: the
 subject's tokens and the question's other words (the relation, for contrast). For each
 part: the largest weight on one of its tokens (`*_max`, the paper's measure) and the
@@ -320,7 +320,9 @@ def read_attention(sources: Iterable[Mapping]) -> pd.DataFrame:
 
 def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
     """Fig. 3a: per layer, the head-mean max attention on the subject (left) and on the
-    relation's words (right), one line per subset: mean over seeds, band +/- 1 sd."""
+    relation's words (middle), one line per subset: mean over seeds, band +/- 1 sd. Right:
+    the summed attention on the rest of the prompt, where attention taken off the subject
+    goes when it does not go to the relation."""
     import seaborn as sns
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -330,19 +332,28 @@ def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
 
     subsets = [s for s in SUBSETS if (data["subset"] == s).any()]
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
-        figure = Figure(figsize=(11, 4.6), layout="constrained")
-        axes = figure.subplots(1, 2, sharey=True)
-        for ax, (column, part) in zip(axes, PARTS.items()):
+        figure = Figure(figsize=(15, 4.6), layout="constrained")
+        subject_ax, relation_ax, rest_ax = figure.subplots(1, 3)
+        relation_ax.sharey(subject_ax)
+        data = data.assign(rest_mass=1 - data["subject_mass"] - data["relation_mass"])
+        panels = [
+            (subject_ax, "subject_max", f"Max attention on {PARTS['subject_max']}"),
+            (relation_ax, "relation_max", f"Max attention on {PARTS['relation_max']}"),
+            (rest_ax, "rest_mass", "Summed attention on the rest of the prompt"),
+        ]
+        for ax, column, title in panels:
             for subset in subsets:
                 rows = data[data["subset"] == subset].groupby("layer")[column].agg(["mean", "std"]).reset_index()
-                draw_mean_and_band(ax, rows["layer"], rows["mean"], rows["std"], subset)
+                draw_mean_and_band(ax, rows["layer"], rows["mean"], rows["std"], subset, label=LABELS[subset])
             ax.set_xlabel("layer")
-            ax.set_title(f"Max attention on {part}")
+            ax.set_title(title)
             if data["layer"].max() <= 16:
                 ax.set_xticks(sorted(data["layer"].unique()))
             ax.set_xlim(data["layer"].min() - 0.3, data["layer"].max() + 0.3)
-        axes[0].set_ylabel("attention from the last prompt position\n(max over the part's tokens, mean over heads)")
-        axes[0].set_ylim(bottom=0)
+            ax.set_ylim(bottom=0)
+        subject_ax.set_ylabel("attention from the last prompt position\n(max over the part's tokens, mean over heads)")
+        rest_ax.set_ylabel("summed over the other tokens (template,\nfirst token, punctuation), mean over heads")
+        rest_ax.set_ylim(top=1)
         seeds = data.groupby("subset")["seed"].nunique().max()
         questions = int(data["questions"].max())
         band = f"mean over {seeds} seeds, bands: ± 1 sd" if seeds > 1 else "1 seed (no band)"

@@ -43,17 +43,25 @@ STYLES = {
     "cloze": dict(color="0.15", marker="", linestyle=":"),
     "gold": dict(color="0.5", marker="", linestyle="-."),
 }
-GOLD_LABEL = "Gold answers"
+# One number, two readings: the share of gold answers that are their relation's commonest
+# (guess panel), and the accuracy of always answering it (decile panel): the guessing floor.
+GOLD_LABEL = "Gold: relation's commonest answer"
 # How each kind of subset picks its facts (the subset-size figure's legend).
 _SELECTION = {"top": "most popular first", "bottom": "least popular first", "random": "seeded sample"}
 
 
 def plot_accuracy_vs_popularity(
-    data: pd.DataFrame, model: str, dataset: str, gold: pd.DataFrame | None = None
+    data: pd.DataFrame, model: str, dataset: str, gold: pd.DataFrame | None = None, scorer: str = "column"
 ) -> Figure:
     """The three-panel figure from one (model, dataset)'s rows of accuracy_by_percentile;
-    `gold` (factft.metrics.gold_metrics of the test split) draws the guessing reference.
+    `gold` (factft.metrics.gold_metrics of the test split) draws the guessing reference;
+    `scorer` (the dataset's popularity.scorer) names what ranks the facts on the axes.
     """
+    # Where a model's confidence stands in for popularity (MMLU has none), the axes say so.
+    if scorer == "model_confidence":
+        ranking, ranked_first = "model confidence", "most confidently known"
+    else:
+        ranking, ranked_first = "popularity", "most popular"
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
         figure = Figure(figsize=(16, 4.8), layout="constrained")
         top_ax, decile_ax, guess_ax = figure.subplots(1, 3)
@@ -73,27 +81,28 @@ def plot_accuracy_vs_popularity(
         if gold is not None:
             reference = gold[gold["scope"] == "decile"].assign(x=lambda d: _decile_position(d["x"]))
             reference = reference.sort_values("x")
-            guess_ax.plot(
-                reference["x"], reference["relation_guess"], label=GOLD_LABEL, linewidth=2, **STYLES["gold"]
-            )
+            for ax in (decile_ax, guess_ax):
+                ax.plot(reference["x"], reference["relation_guess"], label=GOLD_LABEL, linewidth=2, **STYLES["gold"])
         guess_ax.set_xlim(deciles["x"].min() - 3, deciles["x"].max() + 3)
         guess_ax.set_ylim(0, 1.02)
         top_ax.set_xticks(sorted(top["x"].unique()))
         top_ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}%")
-        top_ax.set_xlabel("held-out facts: the top x% most popular")
+        top_ax.set_xlabel(f"held-out facts: the top x% {ranked_first}")
         top_ax.set_ylabel("held-out accuracy")
-        top_ax.set_title("Top-x% most popular (cumulative, as in the paper's Fig. 4/5)")
+        top_ax.set_title(f"Top-x% {ranked_first} (cumulative, as in the paper's Fig. 4/5)")
         positions = sorted(deciles["x"].unique())
         labels = [f"{p - 10:g}–{p:g}%" for p in positions]
         for ax in (decile_ax, guess_ax):
             ax.set_xticks(positions, labels, rotation=30, ha="right", rotation_mode="anchor")
-        decile_ax.set_xlabel("held-out facts: popularity decile (% from the most popular)")
-        guess_ax.set_xlabel("held-out facts: popularity decile")
-        decile_ax.set_title("Per popularity decile (the rare tail on the right)")
+        decile_ax.set_xlabel(f"held-out facts: {ranking} decile (% from the {ranked_first})")
+        guess_ax.set_xlabel(f"held-out facts: {ranking} decile")
+        decile_ax.set_title(f"Per {ranking} decile (the tail on the right)")
         guess_ax.set_ylabel("share answered with\nthe relation's commonest answer")
         guess_ax.set_title("Guessing from the relation, per decile")
-        top_ax.set_ylim(bottom=0)
-        figure.suptitle(f"{model} on {dataset}: held-out accuracy vs. fact popularity", fontweight="bold")
+        # Just below 0: a reference line at zero accuracy (a base model never trained on
+        # QA prompts) stays visible above the axis.
+        top_ax.set_ylim(bottom=-0.02)
+        figure.suptitle(f"{model} on {dataset}: held-out accuracy vs. fact {ranking}", fontweight="bold")
         present = [s for s in SUBSETS + REFERENCES if (data["subset"] == s).any()]
         handles = [Line2D([], [], label=LABELS[s], **STYLES[s]) for s in present]
         if gold is not None:
@@ -154,16 +163,18 @@ def make_figures(
     dataset: str,
     outputs: Iterable[str | Path],
     test: str | Path | None = None,
+    scorer: str = "column",
 ) -> None:
     """Read one (model, dataset)'s metrics sources and write the figure to each output path;
-    `test`, the dataset's test split, gives the gold answers' guessing reference."""
+    `test`, the dataset's test split, gives the gold answers' guessing reference; `scorer`
+    the dataset's popularity.scorer."""
     metrics = collect_metrics(sources)
     data = accuracy_by_percentile(metrics)
     data = data[(data["model"] == model) & (data["dataset"] == dataset)]
     if data.empty:
         raise FactftError(f"no metrics for model '{model}' on dataset '{dataset}' among the sources to plot")
     gold = None if test is None else gold_metrics(read_table(test), percentiles=())
-    figure = plot_accuracy_vs_popularity(data, model, dataset, gold)
+    figure = plot_accuracy_vs_popularity(data, model, dataset, gold, scorer)
     for path in outputs:
         save_figure(figure, path)
 
@@ -242,11 +253,16 @@ def make_size_figure(
         save_figure(figure, path)
 
 
-def plot_overview(metrics: pd.DataFrame) -> Figure:
+def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame | None = None) -> Figure:
     """The whole grid at a glance (the paper's Table 1 as a figure): one panel per dataset,
     per model a bar per finetuning subset (mean over seeds, +/- 1 sd) with each seed as a
-    dot, and FT-Top - FT-Bottom (mean over seeds with both) written above the model's bars.
+    dot, and FT-Top - FT-Bottom (mean over seeds with both) written above the model's bars,
+    with its 95% bootstrap interval over test questions where `summary` (summary.tsv) has it.
     """
+    intervals = {}
+    if summary is not None:
+        for row in summary.dropna(subset=["top_minus_bottom_ci_low"]).itertuples():
+            intervals[row.model, row.dataset] = (row.top_minus_bottom_ci_low, row.top_minus_bottom_ci_high)
     overall = metrics[(metrics["scope"] == "all") & metrics["subset"].isin(SUBSETS)]
     datasets = list(dict.fromkeys(overall["dataset"]))
     models = list(dict.fromkeys(overall["model"]))
@@ -266,15 +282,18 @@ def plot_overview(metrics: pd.DataFrame) -> Figure:
             for position, model in enumerate(models):
                 if {"top", "bottom"} <= set(gap.columns) and model in gap.index.get_level_values(0):
                     difference = (gap.loc[model, "top"] - gap.loc[model, "bottom"]).mean()
+                    text = f"Δ {difference:+.2f}"
+                    if (model, dataset) in intervals:
+                        text += "\n[{:+.2f}, {:+.2f}]".format(*intervals[model, dataset])
                     ax.annotate(
-                        f"Δ {difference:+.2f}",
+                        text,
                         (position, 1.0),
                         xycoords=("data", "axes fraction"),
                         ha="center",
                         va="bottom",
                         fontsize="small",
                     )
-            ax.set_title(dataset, pad=18)
+            ax.set_title(dataset, pad=32 if intervals else 18)
             ax.set_xlabel("")
             ax.get_legend().remove()
         axes[0].set_ylabel("held-out accuracy")
@@ -283,15 +302,19 @@ def plot_overview(metrics: pd.DataFrame) -> Figure:
             loc="outside lower center",
             ncol=len(subsets),
             frameon=False,
-            title="bars: mean over seeds, ± 1 sd; dots: single seeds; Δ: FT-Top − FT-Bottom, mean over seeds",
+            title="bars: mean over seeds, ± 1 sd; dots: single seeds\nΔ: FT-Top − FT-Bottom, mean over seeds"
+            + (" [95% bootstrap interval over test questions]" if intervals else ""),
             title_fontsize="small",
         )
     return figure
 
 
-def make_overview(sources: Iterable[Mapping], outputs: Iterable[str | Path]) -> None:
-    """Read every metrics source of the grid and write the overview figure to each output path."""
-    figure = plot_overview(collect_metrics(sources))
+def make_overview(
+    sources: Iterable[Mapping], outputs: Iterable[str | Path], summary: str | Path | None = None
+) -> None:
+    """Read every metrics source of the grid (and summary.tsv, for the gap's interval) and
+    write the overview figure to each output path."""
+    figure = plot_overview(collect_metrics(sources), None if summary is None else pd.read_csv(summary, sep="\t"))
     for path in outputs:
         save_figure(figure, path)
 
@@ -376,7 +399,7 @@ def plot_training_loss(logs: pd.DataFrame, model: str, dataset: str) -> Figure:
         ax.minorticks_off()
         ax.set_title(f"{model} on {dataset}: how well each subset is fitted")
         spread = f"mean over {seeds} seeds, bands: ± 1 sd" if seeds > 1 else "one seed"
-        ax.legend(title=f"{spread}; (loss over the last tenth of steps)", title_fontsize="small", frameon=False)
+        ax.legend(title=f"{spread}\nin brackets: loss over the last tenth of steps", title_fontsize="small", frameon=False)
     return figure
 
 
