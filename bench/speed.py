@@ -12,7 +12,7 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   (`finetune.packing`), for LoRA on q,v, LoRA on all linear layers and QLoRA (NF4;
   bitsandbytes runs it on a CPU too, slowly), with the same LoRA settings, examples, batch
   size and learning rate: real (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per
-  token against 989 TFLOP/s, CUDA only) and peak memory; last, LoRA q,v with compiled
+  token against 989 TFLOP/s, CUDA only) and peak memory; and LoRA q,v with compiled
   blocks (`finetune.compile`), timed over a second epoch (the first compiles them);
 - loading: the model read from disk onto the device, page cache evicted (every GPU job's
   first cost; bench/grid_hours.py counts it per job);
@@ -76,7 +76,8 @@ SHAPES = {
     "cpu": {"hidden": 256, "layers": 4, "heads": 8, "mlp": 688, "vocab": 4096},
 }
 SIZES = {  # examples per finetune run, evaluation questions (of them with AnswersEnd), factft's eval batch
-    "cuda": {"examples": 2048, "questions": 5000, "ending_questions": 2000, "eval_batch": 512},
+    # eval_batch 500: ten equal batches of 5,000, one compile of the static cache's step.
+    "cuda": {"examples": 2048, "questions": 5000, "ending_questions": 1000, "eval_batch": 500},
     "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "eval_batch": 256},
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
@@ -92,7 +93,7 @@ COLUMNS = [
     "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
     "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
     "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "forward_passes", "mfu", "peak_gb",
-    "compile_s", "mean_loss", "agreement", "note",
+    "peak_reserved_gb", "compile_s", "mean_loss", "agreement", "note",
 ]  # fmt: skip
 
 
@@ -213,6 +214,8 @@ class Clock:
         self.cpu = time.process_time() - self.cpu_start
         self.seconds = self.wall if self.cuda else self.cpu
         self.peak_gb = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+        # What the allocator held: what must fit on a smaller card.
+        self.peak_reserved_gb = torch.cuda.max_memory_reserved() / 2**30 if self.cuda else float("nan")
 
 
 def base_parameters(model) -> int:
@@ -420,13 +423,15 @@ def environment(device: str) -> dict:
     }
 
 
-def finetune_row(table, variant: str, path: str, args, model, clock, stats: dict) -> None:
+def finetune_row(table, variant: str, path: str, args, clock, stats: dict) -> None:
     speed = stats["real"] / clock.seconds
+    # N of the bf16 model (args.base_parameters): an NF4 model's packed weights count half their elements.
     table.add(
         stage="finetune", variant=variant, path=path, batch_size=args.batch_size, items=stats["items"],
         real_tokens=stats["real"], computed_tokens=stats["computed"], seconds=clock.seconds, wall_s=clock.wall,
-        cpu_s=clock.cpu, tokens_per_s=speed, mfu=mfu(speed, base_parameters(model), stats["trainable"], args.device),
-        peak_gb=clock.peak_gb, mean_loss=stats["loss"], **{k: v for k, v in stats.items() if k in ("compile_s", "note")},
+        cpu_s=clock.cpu, tokens_per_s=speed, mfu=mfu(speed, args.base_parameters, stats["trainable"], args.device),
+        peak_gb=clock.peak_gb, peak_reserved_gb=clock.peak_reserved_gb, mean_loss=stats["loss"],
+        **{k: v for k, v in stats.items() if k in ("compile_s", "note")},
     )  # fmt: skip
 
 
@@ -438,7 +443,7 @@ def finetune_rows(table, model, tokenizer, encoded, variant, args, workdir) -> o
             model, clock, stats = train_baseline(model, tokenizer, encoded, settings, args.device, workdir)
         else:
             model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-        finetune_row(table, variant, path, args, model, clock, stats)
+        finetune_row(table, variant, path, args, clock, stats)
     return model
 
 
@@ -460,14 +465,16 @@ def eval_row(
         computed_tokens=passes.tokens if passes else float("nan"),
         forward_passes=passes.passes if passes else float("nan"), seconds=clock.seconds, wall_s=clock.wall,
         cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
+        peak_reserved_gb=clock.peak_reserved_gb,
         agreement=float(np.mean([a == b for a, b in zip(reference, texts)])) if reference else float("nan"),
     )  # fmt: skip
 
 
-def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> list[str]:
+def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> tuple[list[str], object]:
     """Naive generate on the unmerged LoRA model, then factft's path on the merged one: on
     every question as the random model answers, then on the first args.ending_questions with
-    AnswersEnd. Returns the first kind's naive answers, the static-cache path's reference."""
+    AnswersEnd. Returns the first kind's naive answers (the static-cache path's reference)
+    and the merged model (`model` itself, its weights changed)."""
     ending = questions.iloc[: args.ending_questions]
     runs = {
         EVAL_LABEL: (question_prompts(questions), None),
@@ -493,7 +500,7 @@ def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> lis
             eval_row(
                 table, args, path, args.eval_batch, prompts, real, clock, passes, naive[label], fast, label=label
             )
-    return naive[EVAL_LABEL]
+    return naive[EVAL_LABEL], merged
 
 
 def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
@@ -524,13 +531,9 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     )  # fmt: skip
 
 
-def static_cache_row(table, spec: dict, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
-    """factft's path with the static KV cache, on the same merged model reloaded in bf16.
-    The time includes transformers' compilation of the decoding step: what one job pays."""
-    from factft.models import load_model
-
-    model, _ = load_model(spec, device=args.device)
-    merged = eval_adapter(model).merge_and_unload()
+def static_cache_row(table, merged, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
+    """factft's path with the static KV cache, on evaluate_rows' merged model. The time
+    includes transformers' compilation of the decoding step: what one job pays."""
     prompts = question_prompts(questions)
     real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
     # Not counted: a hook's Python side effects would not survive transformers' compilation.
@@ -604,18 +607,16 @@ def qlora_rows(table, spec: dict, tokenizer, encoded: list[dict], variant: str, 
     model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
     settings = settings_for(variant, args.batch_size, gradient_checkpointing=True, packing=True)
     model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-    finetune_row(table, variant, "factft-packed-gc", args, model, clock, stats)
+    finetune_row(table, variant, "factft-packed-gc", args, clock, stats)
 
 
-def compiled_row(table, spec: dict, tokenizer, encoded: list[dict], args) -> None:
-    """factft's padded path on LoRA q,v with compiled blocks (`finetune.compile`), on the
-    model reloaded, as the compiled blocks must not reach the other rows."""
-    from factft.models import load_model
-
-    model, _ = load_model(spec, device=args.device, for_training=True)
+def compiled_row(table, model, tokenizer, encoded: list[dict], args) -> None:
+    """factft's padded path on LoRA q,v with compiled blocks (`finetune.compile`). The
+    blocks stay compiled: the in-memory model's last use (its weights may be the evaluation's
+    merged ones; random either way)."""
     settings = settings_for(COMPILED, args.batch_size, compile=True)
     model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-    finetune_row(table, COMPILED, "factft-compiled", args, model, clock, stats)
+    finetune_row(table, COMPILED, "factft-compiled", args, clock, stats)
 
 
 @contextlib.contextmanager
@@ -694,37 +695,41 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     questions = facts.iloc[args.examples :]
     model = build_model(shape, args.device)
     label = "{hidden}x{layers} L, MLP {mlp}, vocab {vocab}".format(**shape)
-    n = base_parameters(model)
+    n = args.base_parameters = base_parameters(model)
     table = Table(args.out, {**environment(args.device), "model": f"llama {label} ({n / 1e9:.3g}e9 params)"})
     print(f"{table.common}\n{len(encoded)} finetuning examples, {len(questions)} questions", flush=True)
 
+    # Issue 4's goals first (finetuning speed, evaluation speed, then QLoRA's memory and a job's
+    # load): a run cut at its time limit loses the rows no goal needs.
     with tempfile.TemporaryDirectory(dir=args.scratch) as workdir:
-        # Warm-up (kernel selection, allocator, lazy imports) outside every measurement.
+        # Warm-up of both paths (kernel selection, allocator, lazy imports) outside every measurement.
         warm = settings_for("lora-qv", args.batch_size, max_steps=3)
         model, _, _ = train_factft(model, encoded, warm, args.device, tokenizer.pad_token_id)
+        model, _, _ = train_baseline(model, tokenizer, encoded[: 3 * args.batch_size], warm, args.device, workdir)
         for variant in [v for v in variants if v.startswith("lora")]:
-            model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
-        qlora = [v for v in variants if v.startswith("qlora")]
+            with recorded_failure(table, "finetune", variant):
+                model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
         with Clock(args.device) as clock:
             spec = save_model(model, tokenizer, Path(workdir) / "model")
         print(f"saved the model for the rows that reload it in {clock.wall:.0f} s", flush=True)
-        with recorded_failure(table, "load", "model"):
-            load_row(table, spec, args)
         if args.evaluate:
-            naive = evaluate_rows(table, model, tokenizer, questions, args)
-            choice_rows(table, model, tokenizer, questions, args)  # on the merged model
-        del model
-        gc.collect()
-        for variant in qlora:
-            with recorded_failure(table, "finetune", variant):
-                qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)
-        # Last: compiling (the static cache's decoding step, the blocks) is the least predictable part.
-        if args.static_cache and args.device == "cuda":
             with recorded_failure(table, "evaluate", EVAL_LABEL):
-                static_cache_row(table, spec, tokenizer, questions, naive, args)
+                naive, model = evaluate_rows(table, model, tokenizer, questions, args)
+                if args.static_cache:
+                    with recorded_failure(table, "evaluate", EVAL_LABEL):
+                        static_cache_row(table, model, tokenizer, questions, naive, args)
+            with recorded_failure(table, "evaluate", CHOICE_LABEL):
+                choice_rows(table, model, tokenizer, questions, args)
         if args.compile:
             with recorded_failure(table, "finetune", COMPILED):
-                compiled_row(table, spec, tokenizer, encoded, args)
+                compiled_row(table, model, tokenizer, encoded, args)
+        del model
+        gc.collect()
+        for variant in [v for v in variants if v.startswith("qlora")]:
+            with recorded_failure(table, "finetune", variant):
+                qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)
+        with recorded_failure(table, "load", "model"):
+            load_row(table, spec, args)
 
     result = pd.DataFrame(table.rows).reindex(columns=COLUMNS)
     print(f"\n{args.out}\n" + "\n".join(ratios(result)), flush=True)

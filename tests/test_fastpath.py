@@ -269,6 +269,23 @@ def test_static_cache_generation_equals_dynamic_cache_generation(peaked):
     assert len(set(dynamic)) > 1  # the prompts get different answers: the comparison has teeth
 
 
+def test_static_cache_generation_fills_the_last_batch_up_to_the_batch_size(peaked, monkeypatch):
+    # On CUDA a new batch size would compile the decoding step again: every call keeps one size.
+    model, tokenizer = peaked
+    prompts = [f"Q: {q} ? A:" for q in ["Ilmo Varsk", "Suna", "Vena Lu", "Kalo Mirr", "Bera Tosk"]]
+    sizes, generate = [], model.generate
+
+    def recording(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    static = generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, static_cache=True)
+    assert sizes == [2, 2, 2]
+    monkeypatch.setattr(model, "generate", generate)
+    assert static == generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+
+
 def test_after_running_out_of_gpu_memory_every_batch_is_cut_until_it_fits():
     # A real out-of-memory error needs a GPU; this run function fails as one does above 2 rows.
     attempts, done = [], []
@@ -308,8 +325,9 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
     assert list(written.columns) == bench.COLUMNS and len(written) == len(table)
     finetune_rows = written[written["stage"] == "finetune"]
     paths = ["baseline", "factft", "factft-packed"]
-    assert finetune_rows["path"].tolist() == paths + paths + ["factft-packed-gc", "factft-compiled"]
-    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 3 + ["qlora-all"] * 4 + ["lora-qv"]
+    # The goals' rows first (LoRA q,v, compiled), then QLoRA's: a run cut at its limit keeps those.
+    assert finetune_rows["path"].tolist() == paths + ["factft-compiled"] + paths + ["factft-packed-gc"]
+    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 4 + ["qlora-all"] * 4
     compiled = finetune_rows.set_index("path").loc["factft-compiled"]
     assert compiled["compile_s"] > 0 and compiled["computed_tokens"] >= compiled["real_tokens"]
     # The same examples on every path; padding only where a path pads.
@@ -326,6 +344,7 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
     (load,) = written[written["stage"] == "load"].itertuples()
     assert load.seconds > 0 and "GB of safetensors on" in load.note  # the evicted model read back, as a job does
     assert (written["date"].notna() & written["torch"].notna()).all()
+    assert written["stage"].tolist()[-1] == "load" and "failed" not in written["path"].tolist()
 
 
 @pytest.mark.usefixtures("one_thread")

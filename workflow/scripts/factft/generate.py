@@ -123,7 +123,8 @@ def generate_texts(
     `static_cache` preallocates the KV cache, which transformers then compiles the decoding
     step for on CUDA (CUDA graphs: no per-kernel launch cost). Longest batch first, the
     first batch's cache fits every later one, so the compiled step is reused; so it decodes
-    in one round, whose shapes do not change. `logits_processor` goes to `generate` (the
+    in one round, whose shapes do not change, and a short last batch is filled up to the
+    batch size with copies of its last row (a new batch size would compile the step again). `logits_processor` goes to `generate` (the
     benchmark shapes a random model's answers with it).
     """
     encoded = tokenizer(list(prompts))["input_ids"]
@@ -144,10 +145,15 @@ def generate_texts(
     finished = np.zeros(len(encoded), dtype=bool)
     cut_off = np.zeros(len(encoded), dtype=bool)  # stopped by max_new_tokens, not by their own end
 
+    full_batch = min(batch_size, len(encoded))
+
     def run(batch: np.ndarray, budget: int) -> None:
         steps = budget - len(answers[batch[0]])  # the rows of a batch have decoded as many tokens
-        ids, mask = left_pad([encoded[i] + answers[i] for i in batch], pad, model.device)
-        starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in batch], device=model.device)
+        rows = batch
+        if static_cache and len(batch) < full_batch:
+            rows = np.concatenate([batch, np.repeat(batch[-1:], full_batch - len(batch))])
+        ids, mask = left_pad([encoded[i] + answers[i] for i in rows], pad, model.device)
+        starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in rows], device=model.device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -165,6 +171,7 @@ def generate_texts(
             breaks = first_line_breaks(output, starts, flags)
             found, first = breaks.any(-1).tolist(), breaks.int().argmax(-1).tolist()
             line_ends = [k - begin + 1 if f else None for f, k, begin in zip(found, first, begins)]
+        # zip stops at the batch's own rows: the copies that filled it up are dropped.
         for i, tokens, begin, line_end in zip(batch, output.tolist(), begins, line_ends):
             answer = tokens[begin:]
             # Finished rows are filled up with padding, which may be a real token.
