@@ -161,6 +161,7 @@ rule attention_figures:
             subcategory="{model}",
             labels={"model": "{model}", "dataset": "{dataset}", "figure": "by layer"},
         ),
+        by_layer_pdf=f"{ATTENTION_FIGURE}_by_layer.pdf",
         heatmap=report(
             f"{ATTENTION_FIGURE}_heatmap.png",
             caption="../report/attention_heatmap.rst",
@@ -168,6 +169,7 @@ rule attention_figures:
             subcategory="{model}",
             labels={"model": "{model}", "dataset": "{dataset}", "figure": "heatmap"},
         ),
+        heatmap_pdf=f"{ATTENTION_FIGURE}_heatmap.pdf",
     log:
         "logs/attention_figures/{model}/{dataset}.log",
     benchmark:

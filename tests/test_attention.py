@@ -217,8 +217,10 @@ def write_tables(folder, subsets=("top", "bottom"), seeds=(0, 1), layers=3):
 
 def test_figures_are_written_from_the_attention_tables(tmp_path):
     sources, examples = write_tables(tmp_path)
-    make_attention_figures(sources, examples, "tiny", "synth", tmp_path / "a.png", tmp_path / "b.png")
+    by_layer, heatmap = [tmp_path / "a.png", tmp_path / "a.pdf"], [tmp_path / "b.png", tmp_path / "b.pdf"]
+    make_attention_figures(sources, examples, "tiny", "synth", by_layer, heatmap)
     assert (tmp_path / "a.png").stat().st_size > 10_000 and (tmp_path / "b.png").stat().st_size > 10_000
+    assert (tmp_path / "a.pdf").read_bytes().startswith(b"%PDF") and (tmp_path / "b.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_the_right_panel_shows_where_attention_off_the_subject_and_relation_goes(tmp_path):
@@ -237,5 +239,5 @@ def test_a_missing_attention_table_is_an_error_naming_it(tmp_path):
     sources, examples = write_tables(tmp_path)
     sources[1]["path"] = str(tmp_path / "gone.tsv")
     with pytest.raises(FactftError, match=r"gone.tsv is missing; run the `attention` rule"):
-        make_attention_figures(sources, examples, "tiny", "synth", tmp_path / "a.png", tmp_path / "b.png")
+        make_attention_figures(sources, examples, "tiny", "synth", [tmp_path / "a.png"], [tmp_path / "b.png"])
     assert not (tmp_path / "a.png").exists()

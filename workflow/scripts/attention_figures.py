@@ -7,6 +7,6 @@ with to_log(snakemake.log[0]):
         snakemake.params.examples,
         snakemake.wildcards.model,
         snakemake.wildcards.dataset,
-        snakemake.output.by_layer,
-        snakemake.output.heatmap,
+        [snakemake.output.by_layer, snakemake.output.by_layer_pdf],
+        [snakemake.output.heatmap, snakemake.output.heatmap_pdf],
     )

@@ -416,11 +416,11 @@ def make_attention_figures(
     examples: Mapping[str, str | Path],
     model: str,
     dataset: str,
-    by_layer_path: str | Path,
-    heatmap_path: str | Path,
+    by_layer_paths: Iterable[str | Path],
+    heatmap_paths: Iterable[str | Path],
 ) -> None:
-    """Read the attention tables of one (model, dataset) and write both figures.
-    `examples` maps a subset to its example table (one seed)."""
+    """Read the attention tables of one (model, dataset) and write both figures, each to
+    every path of its list (png, pdf). `examples` maps a subset to its example table (one seed)."""
     from factft.plots import save_figure
 
     data = read_attention(sources)
@@ -432,5 +432,9 @@ def make_attention_figures(
         tables[subset] = pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"token": str})
     if not tables:
         raise FactftError(f"no attention example for model '{model}' on dataset '{dataset}' to plot")
-    save_figure(plot_attention_by_layer(data, model, dataset), by_layer_path)
-    save_figure(plot_attention_heatmaps(tables, model, dataset), heatmap_path)
+    for figure, paths in (
+        (plot_attention_by_layer(data, model, dataset), by_layer_paths),
+        (plot_attention_heatmaps(tables, model, dataset), heatmap_paths),
+    ):
+        for path in paths:
+            save_figure(figure, path)
