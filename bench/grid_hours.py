@@ -35,6 +35,7 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 from factft import subsets  # noqa: E402
 from factft.config import finetune_settings, load_config, prompt_settings  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
+from factft.popularity import SCORERS  # noqa: E402
 
 # Questions in each full source (PopQA test; EntityQuestions' train + dev + test, re-split by
 # subject; MMLU test).
@@ -115,7 +116,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
         evaluation = {"questions": 0.0, "forward_tokens": {who: test * n for who, n in per_question.items()}}
     popularity = dataset["popularity"]
     scorers = 0  # models that score every fact's gold answer once: the one named, or each
-    if popularity["scorer"] == "model_confidence":
+    if SCORERS[popularity["scorer"]].needs_model:
         scorers = 1 if popularity.get("model") else models
         for who in forward:
             forward[who] += scorers * size * (popularity.get("shots", 4) + 1) * tokens

@@ -29,7 +29,11 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft.config import load_config  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
+from factft.popularity import SCORERS  # noqa: E402
 from factft.simulation import run_of, sweep_points  # noqa: E402
+
+# Scorers that rank by a model: their datasets' files sit under by-<model>/.
+MODEL_SCORERS = {name for name, scorer in SCORERS.items() if scorer.needs_model}
 
 # Rules whose benchmark path starts with {model}: they run that model (rules/evaluate.smk,
 # rules/finetune.smk), on a GPU when it is a hub model (rules/common.smk, model_gpus).
@@ -74,7 +78,7 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         # (rules/common.smk, ranked()).
         scorer = rest.pop(0).removeprefix("by-") if rest and rest[0].startswith("by-") else None
         popularity = config["datasets"].get(first, {}).get("popularity", {})
-        if (scorer is None) == (popularity.get("scorer") == "model_confidence"):
+        if (scorer is None) == (popularity.get("scorer") in MODEL_SCORERS):
             return None  # a file of an earlier ranking
         model, dataset = (scorer if rule == "popularity" else None), first
     elif rule == "simulate":  # {sweep}/{point}/seed{seed}

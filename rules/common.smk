@@ -9,10 +9,10 @@ from factft.config import (
     sort_settings,
 )
 from factft.errors import FactftError
-from factft.popularity import SCORER_SETTINGS
+from factft.popularity import DOWNLOAD_READS, SCORERS
 from factft.simulation import BASE as SIM_BASE
 from factft.simulation import point_settings, point_value, run_of, sweep_points
-from factft.sources import SCORER_READS
+from factft.split import SPLITS
 from factft.subsets import is_sized
 
 try:
@@ -57,7 +57,7 @@ BY = "by-"
 def scoring_model(dataset, model):
     """The model whose confidence ranks `dataset` for runs of `model`; None if no model does."""
     popularity = DATASETS[dataset]["popularity"]
-    if popularity["scorer"] != "model_confidence":
+    if not SCORERS[popularity["scorer"]].needs_model:
         return None
     return popularity.get("model") or model
 
@@ -132,7 +132,7 @@ def dataset_spec(wildcards):
     name = getattr(wildcards, "fetched", None) or wildcards.dataset
     entry = DATASETS[name]
     read = ("source", "format", "columns", "keep_columns")
-    popularity = {k: v for k, v in entry["popularity"].items() if k in SCORER_READS}
+    popularity = {k: v for k, v in entry["popularity"].items() if k in DOWNLOAD_READS}
     return dict(
         {k: entry[k] for k in read if k in entry}, popularity=popularity, name=name
     )
@@ -143,11 +143,12 @@ def world_params(wildcards):
 
 
 def popularity_params(wildcards):
-    """What the dataset's scorer reads of its popularity block (factft.popularity's
-    SCORER_SETTINGS), with the model that scores where a model's confidence ranks it."""
+    """What the dataset's scorer reads of its popularity block (its Scorer's settings in
+    factft.popularity), with the model that scores where a model's confidence ranks it.
+    """
     dataset, scoring = ranking_of(wildcards)
     popularity = DATASETS[dataset]["popularity"]
-    keys = SCORER_SETTINGS[popularity["scorer"]]
+    keys = SCORERS[popularity["scorer"]].settings
     settings = {k: popularity[k] for k in keys if k in popularity and k != "model"}
     if scoring is not None:
         settings["model"] = scoring
@@ -164,7 +165,7 @@ def popularity_inputs(wildcards):
     inputs = {"raw": raw_table(dataset)}
     if scorer is not None:
         inputs["model"] = model_dir(scorer)
-    if DATASETS[dataset]["popularity"]["scorer"] == "pageviews":
+    if SCORERS[DATASETS[dataset]["popularity"]["scorer"]].needs_pageviews:
         inputs["pageviews"] = pageviews_file(dataset)
     return inputs
 
@@ -207,7 +208,7 @@ def popularity_gpus(wildcards):
 
 
 def popularity_mem_mb(wildcards, attempt):
-    """Host memory: as evaluate's where a hub model scores the facts, else a CPU job's."""
+    """Host memory: model_mem_mb's where a hub model scores the facts, else a CPU job's."""
     return (32000 if popularity_gpus(wildcards) else 4000) * attempt
 
 
@@ -221,7 +222,7 @@ def download_targets():
     fetched = set(DATASETS) - set(datasets_with("synthetic"))
     targets = [raw_table(name) for name in sorted(fetched)]
     for name in sorted(DATASETS):
-        if DATASETS[name]["popularity"]["scorer"] == "pageviews":
+        if SCORERS[DATASETS[name]["popularity"]["scorer"]].needs_pageviews:
             targets.append(pageviews_file(name))
     return targets
 
@@ -247,9 +248,6 @@ def sized_split_params(wildcards):
 
 def split_fraction():
     return config["split"]["fraction"]
-
-
-SPLITS = ("top", "bottom", "random", "whole", "test")
 
 
 def split_outputs(prefix):
@@ -333,8 +331,10 @@ def model_gpus(wildcards):
     return 0 if tiny_model(wildcards.model) else 1
 
 
-def finetune_mem_mb(wildcards, attempt):
-    """Host memory: loading a 7B checkpoint takes ~2x its bf16 size; a tiny model, little."""
+def model_mem_mb(wildcards, attempt):
+    """Host memory of a job that loads the model (finetune, evaluate, attention): a 7B
+    checkpoint passes through host memory on its way to the GPU (~2x its bf16 size); a tiny
+    model takes little."""
     return (2000 if tiny_model(wildcards.model) else 32000) * attempt
 
 
@@ -382,11 +382,6 @@ def fewshot_metrics(model, dataset):
     if not fewshot_shots():
         return []
     return [f"{FEWSHOT.format(model=model, dataset=dataset)}/metrics.tsv"]
-
-
-def evaluate_mem_mb(wildcards, attempt):
-    """Host memory: a 7B checkpoint passes through host memory on its way to the GPU."""
-    return (2000 if tiny_model(wildcards.model) else 32000) * attempt
 
 
 def evaluate_runtime(wildcards, attempt):

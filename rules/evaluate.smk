@@ -21,7 +21,7 @@ rule evaluate:
     threads: 1
     resources:
         gpu=model_gpus,
-        mem_mb=evaluate_mem_mb,
+        mem_mb=model_mem_mb,
         runtime=evaluate_runtime,
     params:
         spec=base_model_spec,
@@ -106,7 +106,7 @@ rule attention:
     threads: 1
     resources:
         gpu=model_gpus,
-        mem_mb=evaluate_mem_mb,
+        mem_mb=model_mem_mb,
         runtime=evaluate_runtime,
     params:
         spec=base_model_spec,

@@ -23,7 +23,7 @@ from factft.plots import (
     read_train_logs,
     training_curves,
 )
-from factft.summary import accuracy_by_percentile, collect_metrics
+from factft.summary import accuracy_by_percentile, collect_metrics, summary_table
 from factft.tables import read_table
 from test_summary import GRID, make_sources, write_test
 
@@ -168,11 +168,16 @@ def test_plotting_an_experiment_without_metrics_is_an_error_naming_it(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def overview_of(sources, intervals=None):
+    metrics = collect_metrics(sources)
+    return plot_overview(metrics, summary_table(metrics, intervals=intervals))
+
+
 def test_overview_has_a_panel_per_dataset_a_bar_per_subset_and_the_gap_per_model(tmp_path):
     sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa") + make_sources(
         tmp_path, {"top": {0: 5, 1: 7}, "bottom": {0: 4, 1: 4}}, model="m1", dataset="mmlu"
     )
-    figure = plot_overview(collect_metrics(sources))
+    figure = overview_of(sources)
     popqa, mmlu = figure.axes
     assert (popqa.get_title(), mmlu.get_title()) == ("popqa", "mmlu")
     heights = sorted(round(bar.get_height(), 4) for bar in popqa.patches if bar.get_height() > 0)
@@ -181,20 +186,18 @@ def test_overview_has_a_panel_per_dataset_a_bar_per_subset_and_the_gap_per_model
     assert [t.get_text() for t in mmlu.texts] == ["Δ +0.20"]  # (0.1 + 0.3) / 2
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
     assert legend == ["FT-Top", "FT-Bottom", "FT-Random", "FT-Whole"]
-    make_overview(sources, [tmp_path / "overview.png"])
-    assert (tmp_path / "overview.png").stat().st_size > 10_000
+    assert "bootstrap" not in figure.legends[0].get_title().get_text()  # no interval, none named
 
 
 def test_overview_gives_the_gaps_bootstrap_interval_from_the_summary(tmp_path):
     sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa")
-    summary = tmp_path / "summary.tsv"
-    pd.DataFrame(
-        {"model": ["m1"], "dataset": ["popqa"], "top_minus_bottom_ci_low": [0.21], "top_minus_bottom_ci_high": [0.38]}
-    ).to_csv(summary, sep="\t", index=False)
-    figure = plot_overview(collect_metrics(sources), pd.read_csv(summary, sep="\t"))
+    figure = overview_of(sources, intervals={("m1", "popqa"): (0.21, 0.38)})
     assert [t.get_text() for t in figure.axes[0].texts] == ["Δ +0.30\n[+0.21, +0.38]"]
     assert "bootstrap interval" in figure.legends[0].get_title().get_text()
-    make_overview(sources, [tmp_path / "overview.png"], summary)
+    summary = tmp_path / "summary.tsv"
+    metrics = collect_metrics(sources)
+    summary_table(metrics, intervals={("m1", "popqa"): (0.21, 0.38)}).to_csv(summary, sep="\t", index=False)
+    make_overview(sources, summary, [tmp_path / "overview.png"])
     assert (tmp_path / "overview.png").stat().st_size > 10_000
 
 

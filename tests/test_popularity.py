@@ -7,7 +7,7 @@ import pytest
 
 from factft.errors import FactftError
 from factft.pageviews import RateLimit, article_title, fact_articles, pageview_table
-from factft.popularity import SCORER_SETTINGS, SCORERS, ScoringContext, add_popularity
+from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.tables import check_facts, write_table
 
 DAYS = "daily/20230101/20230103"
@@ -61,6 +61,16 @@ def test_unknown_scorer_lists_the_known_ones():
     assert set(SCORERS) == {"column", "pageviews", "model_confidence", "pretraining_count"}
 
 
+def test_the_schemas_scorers_are_the_registered_ones():
+    import yaml
+
+    from factft.config import SCHEMA
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    popularity = schema["properties"]["datasets"]["additionalProperties"]["properties"]["popularity"]
+    assert set(popularity["properties"]["scorer"]["enum"]) == set(SCORERS)
+
+
 def test_each_scorers_settings_are_popularity_keys_of_the_schema_and_cover_them():
     """What a popularity job's params hold (rules/common.smk): each scorer's own keys."""
     import yaml
@@ -69,8 +79,7 @@ def test_each_scorers_settings_are_popularity_keys_of_the_schema_and_cover_them(
 
     schema = yaml.safe_load(SCHEMA.read_text())
     keys = set(schema["properties"]["datasets"]["additionalProperties"]["properties"]["popularity"]["properties"])
-    assert set(SCORER_SETTINGS) == set(SCORERS)
-    used = {key for settings in SCORER_SETTINGS.values() for key in settings}
+    used = {key for scorer in SCORERS.values() for key in scorer.settings}
     assert used == keys - {"scorer", "requests_per_second"}  # the request rate is how fast, not what
 
 

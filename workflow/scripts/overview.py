@@ -2,4 +2,4 @@ from factft.logging import to_log
 from factft.plots import make_overview
 
 with to_log(snakemake.log[0]):
-    make_overview(snakemake.params.sources, [snakemake.output.png, snakemake.output.pdf], snakemake.input.summary)
+    make_overview(snakemake.params.sources, snakemake.input.summary, [snakemake.output.png, snakemake.output.pdf])

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 TEST_COLUMNS = ("id", "question", "subject", "popularity")
 LAYER_COLUMNS = ("layer", "subject_max", "subject_mass", "relation_max", "relation_mass", "questions")
-EXAMPLE_COLUMNS = ("id", "question", "answer", "layer", "position", "token", "part", "weight")
 # The sample of test questions is the same for every run of a dataset, so FT-Top and
 # FT-Bottom are compared on the same questions.
 SAMPLE_SEED = 0
@@ -170,13 +169,11 @@ def last_position_attention(
     """Per prompt, its last position's attention weights over its own tokens: an array
     (layers, heads, tokens), float32. Batches are left-padded, so the last column is every
     row's last position; position ids count real tokens only, as for an unpadded prompt."""
-    import inspect
-
     import torch
 
-    from factft.generate import left_pad, length_batches
+    from factft.generate import accepts_logits_to_keep, left_pad, length_batches
 
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keeps_logits = accepts_logits_to_keep(model)
     weights: list[np.ndarray | None] = [None] * len(prompts)
     with torch.inference_mode():
         for batch in length_batches([len(p.input_ids) for p in prompts], batch_size):
@@ -265,9 +262,10 @@ def analyse_attention(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-layer statistics, the example question's heatmap data) of a model on `test`.
 
-    `spec` is `model_spec(name)` and `params` is `attention_params` from rules/common.smk:
-    questions (the cap), batch_size, prompt, max_drop_fraction.
+    `spec` is `model_spec(name)` and `params` is `attention_params` from rules/common.smk
+    (questions, the cap; batch_size; prompt) plus max_drop_fraction, which the script adds.
     """
+    from factft.generate import pad_id
     from factft.models import load_model
 
     where = f"attention of model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
@@ -283,8 +281,7 @@ def analyse_attention(
         prompt_tokens(tokenizer, str(q), str(s), template, f"{where}, test fact {i}")
         for q, s, i in zip(questions["question"], questions["subject"], questions["id"])
     ]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    weights = last_position_attention(model, prompts, pad_id=pad_id, batch_size=params["batch_size"])
+    weights = last_position_attention(model, prompts, pad_id=pad_id(tokenizer), batch_size=params["batch_size"])
     by_layer = attention_by_layer(weights, prompts)
     chosen = example_index(questions)
     example = attention_example(weights[chosen], prompts[chosen], questions.loc[chosen])

@@ -17,13 +17,11 @@ import yaml
 
 from factft import subsets
 from factft.errors import FactftError
+from factft.popularity import SCORERS
 from factft.prompts import FIELDS
 from factft.sources import kept_columns
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
-
-SCORER_NEEDS = {"column": "column"}
-
 
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
@@ -35,19 +33,20 @@ def check_config(config: dict) -> None:
         popularity = dataset.get("popularity")
         if popularity is None:
             raise FactftError(f"{where}.popularity: missing; say how to rank facts, e.g. {{scorer: column, column: s_pop}}")
-        scorer = popularity["scorer"]
-        needed = SCORER_NEEDS.get(scorer)
-        if needed and needed not in popularity:
-            raise FactftError(f"{where}.popularity.{needed}: required by scorer '{scorer}'")
-        if scorer == "model_confidence" and "model" in popularity and popularity["model"] not in models:
+        scorer_name = popularity["scorer"]
+        scorer = SCORERS[scorer_name]
+        for needed in scorer.required:
+            if needed not in popularity:
+                raise FactftError(f"{where}.popularity.{needed}: required by scorer '{scorer_name}'")
+        if scorer.needs_model and "model" in popularity and popularity["model"] not in models:
             raise FactftError(
                 f"{where}.popularity.model: '{popularity['model']}' is not a configured model; "
                 f"models are: {sorted(models)}"
             )
-        if scorer == "pretraining_count" and name not in synthetic:
+        if scorer.synthetic_only and name not in synthetic:
             raise FactftError(
-                f"{where}.popularity.scorer: pretraining_count needs a synthetic source "
-                "(exact mention counts exist only for generated worlds)"
+                f"{where}.popularity.scorer: {scorer_name} needs a synthetic source "
+                "(it reads what only a generated world records, such as exact mention counts)"
             )
         if dataset["format"] == "multiple_choice" and "synthetic" in dataset["source"]:
             raise FactftError(f"{where}.format: synthetic worlds are open QA")
@@ -181,10 +180,15 @@ def _finetune_validator() -> jsonschema.Draft202012Validator:
 
 
 def load_config(path: str | Path) -> dict:
-    """Load and validate a config file the way the Snakefile does (for tests and scripts)."""
+    """Load, validate, check and sort a config file the way the Snakefile and
+    rules/common.smk and simulation.smk do (for tests and scripts)."""
     from snakemake.utils import validate
+
+    from factft.simulation import check_simulation
 
     config = yaml.safe_load(Path(path).read_text())
     validate(config, str(SCHEMA))
     check_config(config)
+    check_simulation(config["simulation"])
+    sort_settings(config)
     return config

@@ -79,7 +79,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if token_id is not None:
             return int(token_id)
@@ -136,7 +136,7 @@ def generate_texts(
             f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
             f"{limit} positions; shorten prompt.template, lower evaluate.fewshot or evaluate.max_new_tokens"
         )
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     cache = {"cache_implementation": "static"} if static_cache else {}
     vocabulary = max(len(tokenizer), model.get_input_embeddings().num_embeddings)
@@ -281,7 +281,7 @@ def answer_logprobs(
     pairs = [prompt_answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
     sequences = [p + a for p, a in pairs]
     answer_lengths = np.array([len(a) for _, a in pairs])
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     keeps_logits = accepts_logits_to_keep(model)
     scores = np.zeros(len(sequences), dtype=np.float64)
 
@@ -341,7 +341,7 @@ def choice_logprobs(
             )
     scores = [np.zeros(len(options), dtype=np.float64) for options in choices]
     widest = max((len(options) for options in choices), default=1)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     keeps_logits = accepts_logits_to_keep(model)
 
     def run(batch: np.ndarray) -> None:
@@ -499,9 +499,10 @@ def evaluate_model(
     """(predictions, metrics) of the model in `spec` (plus a finetune `adapter`) on `test`.
 
     `params` is `evaluate_params` from rules/common.smk: max_new_tokens, batch_size,
-    percentiles, format, prompt, choice_score (multiple choice), and optionally static_cache
-    (used on CUDA only: on a CPU nothing compiles it and it only costs memory). With `shots`, every question follows that
-    many solved demonstrations from `demos` (the finetuning pool), of its relation where it can.
+    percentiles, format, prompt, choice_score (multiple choice) and static_cache (used on
+    CUDA only: on a CPU nothing compiles it and it only costs memory). With `shots`, every
+    question follows that many solved demonstrations from `demos` (the finetuning pool), of
+    its relation where it can.
     """
     where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
     check_test_table(test, params["format"], where, prompt_column)

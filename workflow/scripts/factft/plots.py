@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from factft import subsets as subset_names
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
-from factft.summary import LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics
+from factft.summary import GAP, LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics
 from factft.tables import atomic_path, read_table
 
 # One colour and marker per subset in every figure (seaborn's colourblind palette; the
@@ -253,16 +253,14 @@ def make_size_figure(
         save_figure(figure, path)
 
 
-def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame | None = None) -> Figure:
+def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     """The whole grid at a glance (the paper's Table 1 as a figure): one panel per dataset,
     per model a bar per finetuning subset (mean over seeds, +/- 1 sd) with each seed as a
-    dot, and FT-Top - FT-Bottom (mean over seeds with both) written above the model's bars,
-    with its 95% bootstrap interval over test questions where `summary` (summary.tsv) has it.
+    dot, and above the model's bars FT-Top - FT-Bottom from `summary` (summary.tsv: mean over
+    the seeds with both, and its 95% bootstrap interval over test questions where it has one).
     """
-    intervals = {}
-    if summary is not None:
-        for row in summary.dropna(subset=["top_minus_bottom_ci_low"]).itertuples():
-            intervals[row.model, row.dataset] = (row.top_minus_bottom_ci_low, row.top_minus_bottom_ci_high)
+    gaps = summary.set_index(["model", "dataset"])
+    has_interval = gaps[f"{GAP}_ci_low"].notna().any()
     overall = metrics[(metrics["scope"] == "all") & metrics["subset"].isin(SUBSETS)]
     datasets = list(dict.fromkeys(overall["dataset"]))
     models = list(dict.fromkeys(overall["model"]))
@@ -278,22 +276,22 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame | None = None) ->
             common = dict(data=data, x="model", y="accuracy", hue="subset", order=models, hue_order=subsets, ax=ax)
             sns.barplot(**common, palette=palette, saturation=1, errorbar="sd", capsize=0.1, err_kws={"linewidth": 1})
             sns.stripplot(**common, dodge=True, palette={s: "0.15" for s in subsets}, size=3, legend=False)
-            gap = data.pivot_table(index=["model", "seed"], columns="subset", values="accuracy")
             for position, model in enumerate(models):
-                if {"top", "bottom"} <= set(gap.columns) and model in gap.index.get_level_values(0):
-                    difference = (gap.loc[model, "top"] - gap.loc[model, "bottom"]).mean()
-                    text = f"Δ {difference:+.2f}"
-                    if (model, dataset) in intervals:
-                        text += "\n[{:+.2f}, {:+.2f}]".format(*intervals[model, dataset])
-                    ax.annotate(
-                        text,
-                        (position, 1.0),
-                        xycoords=("data", "axes fraction"),
-                        ha="center",
-                        va="bottom",
-                        fontsize="small",
-                    )
-            ax.set_title(dataset, pad=32 if intervals else 18)
+                gap = gaps.loc[(model, dataset)] if (model, dataset) in gaps.index else None
+                if gap is None or pd.isna(gap[f"{GAP}_mean"]):
+                    continue
+                text = f"Δ {gap[f'{GAP}_mean']:+.2f}"
+                if pd.notna(gap[f"{GAP}_ci_low"]):
+                    text += f"\n[{gap[f'{GAP}_ci_low']:+.2f}, {gap[f'{GAP}_ci_high']:+.2f}]"
+                ax.annotate(
+                    text,
+                    (position, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="bottom",
+                    fontsize="small",
+                )
+            ax.set_title(dataset, pad=32 if has_interval else 18)
             ax.set_xlabel("")
             ax.get_legend().remove()
         axes[0].set_ylabel("held-out accuracy")
@@ -303,18 +301,18 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame | None = None) ->
             ncol=len(subsets),
             frameon=False,
             title="bars: mean over seeds, ± 1 sd; dots: single seeds\nΔ: FT-Top − FT-Bottom, mean over seeds"
-            + (" [95% bootstrap interval over test questions]" if intervals else ""),
+            + (" [95% bootstrap interval over test questions]" if has_interval else ""),
             title_fontsize="small",
         )
     return figure
 
 
-def make_overview(
-    sources: Iterable[Mapping], outputs: Iterable[str | Path], summary: str | Path | None = None
-) -> None:
-    """Read every metrics source of the grid (and summary.tsv, for the gap's interval) and
-    write the overview figure to each output path."""
-    figure = plot_overview(collect_metrics(sources), None if summary is None else pd.read_csv(summary, sep="\t"))
+def make_overview(sources: Iterable[Mapping], summary: str | Path, outputs: Iterable[str | Path]) -> None:
+    """Read every metrics source of the grid and summary.tsv (the gap) and write the overview
+    figure to each output path."""
+    # Names as text: a model or dataset named like a number stays the config's name.
+    table = pd.read_csv(summary, sep="\t", dtype={"model": str, "dataset": str})
+    figure = plot_overview(collect_metrics(sources), table)
     for path in outputs:
         save_figure(figure, path)
 

@@ -1,14 +1,16 @@
 """Popularity scorers: how well-known each fact's subject is (the paper's ranking signal).
 
 A scorer is `fn(facts, params, context) -> pd.Series` (numbers aligned with `facts`); `params`
-is the dataset's `popularity` config block. Adding a scorer = one function + its SCORERS and
-SCORER_SETTINGS entries.
+is the dataset's `popularity` config block. Adding a scorer = one function + its SCORERS entry
+(a Scorer: what the config check, the download and the rules must know of it) + its name in
+the schema's `popularity.scorer` enum.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,21 +77,33 @@ def pretraining_count(facts: pd.DataFrame, params: dict, context: ScoringContext
     return facts["mentions"]
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """A scorer and what the workflow must know of it."""
+
+    score: Callable[[pd.DataFrame, dict, ScoringContext], pd.Series]
+    # The popularity keys it reads besides `scorer` (the page-view request rate is how fast,
+    # not what): a job's params hold only these, so another scorer's setting (page-view dates
+    # on a column-scored dataset) changes nothing it computed.
+    settings: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()  # keys the config check demands
+    source_column: str | None = None  # the key naming a source column it reads: kept at download
+    needs_model: bool = False  # a model's confidence ranks: the model is part of the results path
+    needs_pageviews: bool = False  # reads the table the `pageviews` rule fetches
+    synthetic_only: bool = False  # reads the statement counts a synthetic world writes
+
+
 SCORERS = {
-    "column": column,
-    "pageviews": pageviews,
-    "model_confidence": model_confidence,
-    "pretraining_count": pretraining_count,
+    "column": Scorer(column, settings=("column",), required=("column",), source_column="column"),
+    "pageviews": Scorer(
+        pageviews, settings=("project", "start", "end", "title_column"), source_column="title_column",
+        needs_pageviews=True,
+    ),  # fmt: skip
+    "model_confidence": Scorer(model_confidence, settings=("model", "shots"), needs_model=True),
+    "pretraining_count": Scorer(pretraining_count, synthetic_only=True),
 }
-# The popularity keys each scorer reads besides `scorer` (the page-view request rate is how
-# fast, not what): a job's params hold only these, so another scorer's setting (page-view
-# dates on a column-scored dataset) changes nothing it computed.
-SCORER_SETTINGS = {
-    "column": ("column",),
-    "pageviews": ("project", "start", "end", "title_column"),
-    "model_confidence": ("model", "shots"),
-    "pretraining_count": (),
-}
+# The popularity keys that loading a dataset reads: other keys (page-view dates) leave the download alone.
+DOWNLOAD_READS = ("scorer", *sorted({s.source_column for s in SCORERS.values() if s.source_column}))
 
 
 def describe(params: dict) -> str:
@@ -120,7 +134,7 @@ def add_popularity(
         )
     where = f"dataset '{context.dataset}' (popularity {describe(params)})"
     facts = raw.reset_index(drop=True)
-    scores = pd.to_numeric(SCORERS[scorer](facts, params, context), errors="coerce").astype("float64")
+    scores = pd.to_numeric(SCORERS[scorer].score(facts, params, context), errors="coerce").astype("float64")
     facts["popularity"] = scores.reindex(facts.index)
     facts["popularity_source"] = describe(params)
     finite = facts["popularity"].map(math.isfinite)

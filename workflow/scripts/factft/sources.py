@@ -385,18 +385,15 @@ def _mapping(spec: dict) -> dict:
     return mapping
 
 
-# The source column a scorer reads from the raw table, by the popularity key that names it.
-SCORER_COLUMN = {"column": "column", "pageviews": "title_column"}
-# The keys of a popularity block that loading a dataset reads.
-SCORER_READS = ("scorer", *SCORER_COLUMN.values())
-
-
 def kept_columns(spec: dict) -> list[tuple[str, str]]:
     """(config key, column) of keep_columns, plus the column the popularity scorer reads;
     an error names the key of one that would overwrite a facts column."""
+    from factft.popularity import SCORERS  # popularity imports this module (drop_invalid)
+
     kept = [("keep_columns", column) for column in spec.get("keep_columns") or []]
     popularity = spec.get("popularity") or {}
-    key = SCORER_COLUMN.get(popularity.get("scorer"))
+    scorer = SCORERS.get(popularity.get("scorer"))
+    key = scorer and scorer.source_column
     if key and popularity.get(key) and popularity[key] not in [column for _, column in kept]:
         kept.append((f"popularity.{key}", popularity[key]))
     reserved = ["id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"]

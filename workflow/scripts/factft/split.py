@@ -35,7 +35,6 @@ def split_facts(
     pool_size: int | None = None,
     test_size: int | None = None,
     seed: int = 0,
-    max_drop_fraction: float | None = None,  # the split block's drop limit is for download/popularity
 ) -> dict[str, pd.DataFrame]:
     """The five tables top, bottom, random, whole, test, each with `split` and `popularity_pct`.
 

@@ -1,7 +1,7 @@
 """Summaries over seeds of the metrics tables: the paper's Table 1 analog and the plotted data.
 
 Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accuracy,
-exact_match). A *source* labels one such file: {model, dataset, subset, seed, path}, where
+exact_match, relation_guess: the share answered with the relation's commonest answer). A *source* labels one such file: {model, dataset, subset, seed, path}, where
 subset is a finetuning subset (top, bottom, random, whole, or a sized one such as top25:
 factft.subsets; one table per seed) or a reference without seed: "base" (the pretrained
 model answering zero-shot), "fewshot" (the same after k solved questions, evaluate.fewshot)

@@ -33,10 +33,10 @@ from torch import nn
 
 from factft.errors import FactftError
 from factft.simulation import BASE, check_settings, dimension, vocabulary_size
+from factft.subsets import KINDS as SUBSETS
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("top", "bottom", "random", "whole")
 EMBEDDINGS = ("gaussian", "orthogonal")
 
 

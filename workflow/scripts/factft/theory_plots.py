@@ -17,10 +17,9 @@ from matplotlib.figure import Figure
 
 from factft.errors import FactftError
 from factft.plots import STYLES, save_figure
+from factft.summary import LABELS, SUBSETS
 from factft.tables import read_table, write_tsv
 
-SUBSETS = ("top", "bottom", "random", "whole")
-LABELS = {"top": "FT-Top", "bottom": "FT-Bottom", "random": "FT-Random", "whole": "FT-Whole"}
 SETTING_LABELS = {
     "zipf": "Zipf exponent of subject popularity",
     "pretrain_steps": "pretraining steps",

@@ -523,7 +523,8 @@ def finetune(
 ) -> dict:
     """Finetune `model_spec` on `examples` and write the result to `out_dir`.
 
-    `settings` is the merged finetune config plus `seed`; `prompt` is config["prompt"].
+    `settings` is the merged finetune config plus `seed`; `prompt` is the dataset's prompt
+    block (`prompt_params` in rules/common.smk: the top-level one with the dataset's over it).
     Resumes from the newest matching checkpoint in `checkpoint_dir` and deletes the
     checkpoints once `out_dir` is written. `train_log` receives one row per step; `meta`
     (dataset, subset, ...) is recorded in trained.json; `on_step(step, loss)` runs after
