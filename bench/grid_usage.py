@@ -30,7 +30,7 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 from factft.config import load_config  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 from factft.popularity import SCORERS  # noqa: E402
-from factft.simulation import run_of, sweep_points  # noqa: E402
+from factft.sweeps import run_of, sweep_points  # noqa: E402
 
 # Scorers that rank by a model: their datasets' files sit under by-<model>/.
 MODEL_SCORERS = {name for name, scorer in SCORERS.items() if scorer.needs_model}

@@ -10,8 +10,8 @@ from factft.config import (
 )
 from factft.errors import FactftError
 from factft.popularity import DOWNLOAD_READS, SCORERS
-from factft.simulation import BASE as SIM_BASE
-from factft.simulation import point_settings, point_value, run_of, sweep_points
+from factft.sweeps import BASE as SIM_BASE
+from factft.sweeps import point_settings, point_value, run_of, sweep_points
 from factft.split import SPLITS
 from factft.subsets import is_sized
 

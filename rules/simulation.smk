@@ -2,7 +2,7 @@
 # (sweep, point, seed), then tables per sweep and the figures. Helpers are in common.smk.
 import re
 
-from factft.simulation import check_simulation
+from factft.sweeps import check_simulation
 
 try:
     check_simulation(SIMULATION)

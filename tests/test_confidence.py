@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from factft.confidence import model_confidence, without_letter_prior
+from factft.confidence import model_confidence_scores, without_letter_prior
 from factft.errors import FactftError
 from factft.prompts import fact_prompt, few_shot_prefixes
 
@@ -57,7 +57,7 @@ def test_open_confidence_is_a_probability_equal_to_the_direct_product_of_answer_
     from factft.models import load_model
 
     facts = facts_table()
-    scores = model_confidence(facts, spec, shots=2, prompt=PROMPT, fmt="open", batch_size=4)
+    scores = model_confidence_scores(facts, spec, shots=2, prompt=PROMPT, fmt="open", batch_size=4)
     assert scores.dtype == "float64" and list(scores.index) == list(facts.index)
     assert ((scores > 0) & (scores <= 1)).all()
 
@@ -80,7 +80,7 @@ def test_multiple_choice_confidence_is_the_softmax_over_choices_at_the_gold_one(
         choices=[["Lyon", "Rome"], ["Paris", "Oslo", "Milan"], ["Rome", "Lyon"], ["baker", "pilot"]] + [["a", "b"]] * 2,
         answer_index=[0, 1, 0, 1, 0, 1],
     )
-    scores = model_confidence(facts, spec, shots=1, prompt=PROMPT, fmt="multiple_choice")
+    scores = model_confidence_scores(facts, spec, shots=1, prompt=PROMPT, fmt="multiple_choice")
     model, tokenizer = load_model(spec, device="cpu")
     prefix = few_shot_prefixes(facts, shots=1, prompt=PROMPT)[1]
     options = [" Paris", " Oslo", " Milan"]
@@ -88,7 +88,7 @@ def test_multiple_choice_confidence_is_the_softmax_over_choices_at_the_gold_one(
     assert scores.loc[11] == pytest.approx(np.exp(logprobs[1]) / np.exp(logprobs).sum(), rel=1e-6)
     assert ((scores > 0) & (scores < 1)).all()
     # The probabilities over one fact's choices sum to one: flipping the gold of a 2-choice fact.
-    flipped = model_confidence(facts.assign(answer_index=[1, 1, 0, 1, 0, 1]), spec, 1, PROMPT, "multiple_choice")
+    flipped = model_confidence_scores(facts.assign(answer_index=[1, 1, 0, 1, 0, 1]), spec, 1, PROMPT, "multiple_choice")
     assert scores.loc[10] + flipped.loc[10] == pytest.approx(1.0)
 
 
@@ -142,4 +142,4 @@ def test_a_letter_preference_multiplying_every_questions_odds_is_taken_out_exact
 
 def test_missing_columns_name_the_scorer_and_the_columns(spec):
     with pytest.raises(FactftError, match=r"model_confidence.*\['choices', 'answer_index'\]"):
-        model_confidence(facts_table(), spec, 2, PROMPT, "multiple_choice")
+        model_confidence_scores(facts_table(), spec, 2, PROMPT, "multiple_choice")

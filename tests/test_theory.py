@@ -1,4 +1,4 @@
-"""The one-layer theory model (factft.theory), its sweeps (factft.simulation) and tables/figures."""
+"""The one-layer theory model (factft.theory), its sweeps (factft.sweeps) and tables/figures."""
 
 import copy
 import os
@@ -17,7 +17,7 @@ from snakemake.utils import validate
 from factft.config import SCHEMA, load_config
 from factft.errors import FactftError
 from factft.plots import STYLES
-from factft.simulation import BASE, BASE_POINT, check_simulation, point_settings, point_value, run_of, sweep_points
+from factft.sweeps import BASE, BASE_POINT, check_simulation, point_settings, point_value, run_of, sweep_points
 from factft.theory import OneLayerAttention, fact_salience, make_world, simulate, split_subjects
 from factft.theory_plots import (
     LABELS,

@@ -71,7 +71,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
-def model_confidence(
+def model_confidence_scores(
     facts: pd.DataFrame,
     model: dict,
     shots: int,

@@ -184,7 +184,7 @@ def load_config(path: str | Path) -> dict:
     rules/common.smk and simulation.smk do (for tests and scripts)."""
     from snakemake.utils import validate
 
-    from factft.simulation import check_simulation
+    from factft.sweeps import check_simulation
 
     config = yaml.safe_load(Path(path).read_text())
     validate(config, str(SCHEMA))

@@ -60,11 +60,11 @@ def pageviews(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.
 
 def model_confidence(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
     """The scoring model's probability of the gold answer under a few-shot prompt."""
-    from factft.confidence import model_confidence as score  # torch: imported only when used
+    from factft.confidence import model_confidence_scores  # torch: imported only when used
 
     if context.model is None:
         raise FactftError(f"dataset '{context.dataset}': scorer model_confidence needs popularity.model")
-    return score(facts, context.model, params["shots"], context.prompt, context.fmt)
+    return model_confidence_scores(facts, context.model, params["shots"], context.prompt, context.fmt)
 
 
 def pretraining_count(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:

@@ -17,7 +17,7 @@ format. Answers of a relation follow a skewed pool, so a generic relation-only g
 the model can lower its loss either by attending to the subject (useful when the subject's
 facts are salient) or to the relation token, whose value can hold the plausible guess.
 
-Settings are one flat dict (a point of factft.simulation's sweeps; the schema supplies defaults).
+Settings are one flat dict (a point of factft.sweeps; the schema supplies defaults).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from factft.errors import FactftError
-from factft.simulation import BASE, check_settings, dimension, vocabulary_size
+from factft.sweeps import BASE, check_settings, dimension, vocabulary_size
 from factft.subsets import KINDS as SUBSETS
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def respond(model: OneLayerAttention, world: World, subjects, relations, qa: boo
     return logits, attention
 
 
-def pretrain(world: World, settings: dict) -> OneLayerAttention:
+def pretrain_one_layer(world: World, settings: dict) -> OneLayerAttention:
     """Train on the statement stream in order, one batch per step."""
     model = OneLayerAttention(world.embeddings, world.answer_tokens)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["pretrain_learning_rate"])
@@ -255,7 +255,7 @@ def ask(
     }
 
 
-def finetune(
+def finetune_one_layer(
     model: OneLayerAttention, world: World, subjects: np.ndarray, test: np.ndarray, settings: dict, seed: int
 ) -> pd.DataFrame:
     """QA-finetune on the subjects' facts; record attention and test accuracy along the way."""
@@ -309,7 +309,7 @@ def simulate(settings: dict, seed: int, sweep: str = BASE, value=None) -> dict[s
     """
     check_settings(settings)
     world = make_world(settings, seed)
-    pretrained = pretrain(world, settings)
+    pretrained = pretrain_one_layer(world, settings)
     splits = split_subjects(world, settings, seed)
     test = splits["test"]
     test_s, test_r = facts_of(world, test)
@@ -323,7 +323,7 @@ def simulate(settings: dict, seed: int, sweep: str = BASE, value=None) -> dict[s
     accuracy, attention = [], []
     for subset in SUBSETS:
         model = copy.deepcopy(pretrained)
-        history = finetune(model, world, splits[subset], test, settings, seed)
+        history = finetune_one_layer(model, world, splits[subset], test, settings, seed)
         attention.append(history.assign(subset=subset))
         answered = ask(model, world, test_s, test_r, settings["candidates"])
         correct = answered["correct"]

@@ -221,7 +221,7 @@ def write_sweep_tables(accuracy_paths: Iterable[str | Path], outputs, sweep: str
     """Read a sweep's per-point accuracy tables; write accuracy, gap and gap_summary (tsv).
 
     Each table is tagged with the sweep and its value here: a point at the base settings
-    reads the base run's table (factft.simulation.run_of), tagged as the base point.
+    reads the base run's table (factft.sweeps.run_of), tagged as the base point.
     """
     tables = [
         table.assign(sweep=sweep, value=value)
