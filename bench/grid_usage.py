@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
+from factft import subsets  # noqa: E402
 from factft.config import load_config  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 from factft.popularity import SCORERS  # noqa: E402
@@ -71,6 +72,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
     """The model a job ran (None for a job that runs none) and its dataset (None for a job of
     no dataset); None for a job of a model, dataset, subset or seed the config lacks."""
     first, *rest = job.split("/")
+    if rule == "size_figure" and not any(subsets.is_sized(name) for name in config["subsets"]):
+        return None  # drawn only with sized subsets: a file of an earlier config
     if rule in MODEL_RULES:
         model, dataset = first, rest[0]
     elif rule in DATASET_RULES:

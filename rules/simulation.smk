@@ -83,9 +83,9 @@ rule simulation_subsets_figure:
         ),
         pdf=f"{SIM_FIGURES}/subsets.pdf",
     log:
-        "logs/simulation_figures/subsets.log",
+        "logs/simulation_subsets_figure/subsets.log",
     benchmark:
-        "benchmarks/simulation_figures/subsets.tsv"
+        "benchmarks/simulation_subsets_figure/subsets.tsv"
     conda:
         "../envs/figures.yaml"
     script:
@@ -104,9 +104,9 @@ rule simulation_gap_figure:
         ),
         pdf=f"{SIM_FIGURES}/gap_vs_{{sweep}}.pdf",
     log:
-        "logs/simulation_figures/gap_vs_{sweep}.log",
+        "logs/simulation_gap_figure/{sweep}.log",
     benchmark:
-        "benchmarks/simulation_figures/gap_vs_{sweep}.tsv"
+        "benchmarks/simulation_gap_figure/{sweep}.tsv"
     conda:
         "../envs/figures.yaml"
     script:
@@ -133,9 +133,9 @@ rule simulation_mechanism_figures:
         ),
         attention_pdf=f"{SIM_FIGURES}/attention_through_finetuning.pdf",
     log:
-        "logs/simulation_figures/mechanism.log",
+        "logs/simulation_mechanism_figures/mechanism.log",
     benchmark:
-        "benchmarks/simulation_figures/mechanism.tsv"
+        "benchmarks/simulation_mechanism_figures/mechanism.tsv"
     conda:
         "../envs/figures.yaml"
     script:

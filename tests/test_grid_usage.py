@@ -38,6 +38,7 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     benchmark(folder, "evaluate/llama2-7b/popqa/top25/seed0", 999.0)  # nor this subset
     benchmark(folder, "attention/llama2-7b/popqa/top/seed7", 999.0)  # nor this seed
     benchmark(folder, "sized_split/popqa/top25", 1.0)
+    benchmark(folder, "size_figure/llama2-7b/popqa", 999.0)  # drawn only when the config has sized subsets
     benchmark(folder, "simulate/zipf/0.5/seed0", 4.0)
     benchmark(folder, "simulate/zipf/1.0/seed0", 999.0)  # the base value: read from the base runs since
     benchmark(folder, "simulate/zipf/0.5/seed9", 999.0)  # a seed the config no longer has
@@ -58,7 +59,7 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     assert f"8 jobs of {grid_usage.ROOT / 'config/config.yaml'}" in printed
     assert f"4 on a GPU: {(1800 + 3600 + 120 + 600) / 3600:.2f} GPU-h" in printed
     assert "GPU-h by model/dataset: llama2-7b/mmlu 0.17, llama2-7b/popqa 1.50, mistral-7b/popqa 0.03" in printed
-    assert "left out: 8 files of models, datasets, subsets, seeds or simulation points not in the config" in printed
+    assert "left out: 9 files of models, datasets, subsets, seeds or simulation points not in the config" in printed
 
 
 def test_a_folder_without_benchmarks_of_the_config_is_a_one_line_error(tmp_path):
