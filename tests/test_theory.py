@@ -16,7 +16,7 @@ from snakemake.utils import validate
 
 from factft.config import SCHEMA, load_config
 from factft.errors import FactftError
-from factft.plots import STYLES
+from factft.plots import STYLES, save_figure
 from factft.sweeps import BASE, BASE_POINT, check_simulation, point_settings, point_value, run_of, sweep_points
 from factft.theory import OneLayerAttention, fact_salience, make_world, simulate, split_subjects
 from factft.theory_plots import (
@@ -27,7 +27,6 @@ from factft.theory_plots import (
     plot_gap,
     plot_salience,
     plot_subsets,
-    save,
     sweep_tables,
 )
 
@@ -223,7 +222,7 @@ def test_base_point_tables_and_every_figure_are_written(tmp_path):
         "attention": plot_attention(attention),
     }
     for name, figure in figures.items():
-        save(figure, [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"])
+        save_figure(figure, [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"])
         assert (tmp_path / f"{name}.png").stat().st_size > 0
         assert (tmp_path / f"{name}.pdf").stat().st_size > 0
 

@@ -429,9 +429,5 @@ def make_attention_figures(
         tables[subset] = pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"token": str})
     if not tables:
         raise FactftError(f"no attention example for model '{model}' on dataset '{dataset}' to plot")
-    for figure, paths in (
-        (plot_attention_by_layer(data, model, dataset), by_layer_paths),
-        (plot_attention_heatmaps(tables, model, dataset), heatmap_paths),
-    ):
-        for path in paths:
-            save_figure(figure, path)
+    save_figure(plot_attention_by_layer(data, model, dataset), by_layer_paths)
+    save_figure(plot_attention_heatmaps(tables, model, dataset), heatmap_paths)

@@ -124,8 +124,9 @@ def generate_texts(
     step for on CUDA (CUDA graphs: no per-kernel launch cost). Longest batch first, the
     first batch's cache fits every later one, so the compiled step is reused; so it decodes
     in one round, whose shapes do not change, and a short last batch is filled up to the
-    batch size with copies of its last row (a new batch size would compile the step again). `logits_processor` goes to `generate` (the
-    benchmark shapes a random model's answers with it).
+    batch size with copies of its last row (a new batch size would compile the step again).
+    `logits_processor` goes to `generate` (the benchmark shapes a random model's answers
+    with it).
     """
     encoded = tokenizer(list(prompts))["input_ids"]
     # Past its trained positions a model's answers are noise, not a finding.

@@ -148,13 +148,14 @@ def _data_note(data: pd.DataFrame) -> str:
     return f"{n_test} held-out facts; finetuned lines: {seeds} seed (no band)"
 
 
-def save_figure(figure: Figure, path: str | Path) -> None:
-    """Write the figure atomically; the format follows the file name (png, pdf)."""
-    fmt = Path(path).suffix.lstrip(".")
-    # No creation date in the PDF: the same metrics give the same bytes.
-    metadata = {"CreationDate": None} if fmt == "pdf" else None
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
+def save_figure(figure: Figure, paths: Iterable[str | Path]) -> None:
+    """Write the figure to each path atomically; the format follows the file name (png, pdf)."""
+    for path in paths:
+        fmt = Path(path).suffix.lstrip(".")
+        # No creation date in the PDF: the same metrics give the same bytes.
+        metadata = {"CreationDate": None} if fmt == "pdf" else None
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
 
 
 def make_figures(
@@ -175,8 +176,7 @@ def make_figures(
         raise FactftError(f"no metrics for model '{model}' on dataset '{dataset}' among the sources to plot")
     gold = None if test is None else gold_metrics(read_table(test), percentiles=())
     figure = plot_accuracy_vs_popularity(data, model, dataset, gold, scorer)
-    for path in outputs:
-        save_figure(figure, path)
+    save_figure(figure, outputs)
 
 
 def plot_accuracy_vs_subset_size(metrics: pd.DataFrame, model: str, dataset: str, fraction: float) -> Figure:
@@ -249,8 +249,7 @@ def make_size_figure(
 ) -> None:
     """Read one (model, dataset)'s metrics sources and write the subset-size figure to each path."""
     figure = plot_accuracy_vs_subset_size(collect_metrics(sources), model, dataset, fraction)
-    for path in outputs:
-        save_figure(figure, path)
+    save_figure(figure, outputs)
 
 
 def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
@@ -313,8 +312,7 @@ def make_overview(sources: Iterable[Mapping], summary: str | Path, outputs: Iter
     # Names as text: a model or dataset named like a number stays the config's name.
     table = pd.read_csv(summary, sep="\t", dtype={"model": str, "dataset": str})
     figure = plot_overview(collect_metrics(sources), table)
-    for path in outputs:
-        save_figure(figure, path)
+    save_figure(figure, outputs)
 
 
 # ---- finetuning loss ----------------------------------------------------------------
@@ -406,5 +404,4 @@ def make_training_figure(
 ) -> None:
     """Read one (model, dataset)'s train logs and write the loss figure to each output path."""
     figure = plot_training_loss(read_train_logs(sources), model, dataset)
-    for path in outputs:
-        save_figure(figure, path)
+    save_figure(figure, outputs)

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from factft.errors import FactftError
-from factft.plots import STYLES, save_figure
+from factft.plots import STYLES
 from factft.summary import LABELS, SUBSETS
 from factft.tables import read_table, write_tsv
 
@@ -231,7 +231,3 @@ def write_sweep_tables(accuracy_paths: Iterable[str | Path], outputs, sweep: str
         write_tsv(table, outputs[name])
 
 
-def save(figure: Figure, paths: Iterable[str | Path]) -> None:
-    """Write the figure to each path (png, pdf), atomically."""
-    for path in paths:
-        save_figure(figure, path)
