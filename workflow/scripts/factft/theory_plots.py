@@ -229,5 +229,3 @@ def write_sweep_tables(accuracy_paths: Iterable[str | Path], outputs, sweep: str
     ]
     for name, table in sweep_tables(tables).items():
         write_tsv(table, outputs[name])
-
-
