@@ -220,7 +220,7 @@ def test_figures_are_written_from_the_attention_tables(tmp_path):
     by_layer, heatmap = [tmp_path / "a.png", tmp_path / "a.pdf"], [tmp_path / "b.png", tmp_path / "b.pdf"]
     make_attention_figures(sources, examples, "tiny", "synth", by_layer, heatmap)
     assert (tmp_path / "a.png").stat().st_size > 10_000 and (tmp_path / "b.png").stat().st_size > 10_000
-    assert (tmp_path / "a.pdf").read_bytes().startswith(b"%PDF") and (tmp_path / "b.pdf").read_bytes().startswith(b"%PDF")
+    assert all((tmp_path / name).read_bytes().startswith(b"%PDF") for name in ("a.pdf", "b.pdf"))
 
 
 def test_the_right_panel_shows_where_attention_off_the_subject_and_relation_goes(tmp_path):

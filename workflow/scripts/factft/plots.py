@@ -395,7 +395,8 @@ def plot_training_loss(logs: pd.DataFrame, model: str, dataset: str) -> Figure:
         ax.minorticks_off()
         ax.set_title(f"{model} on {dataset}: how well each subset is fitted")
         spread = f"mean over {seeds} seeds, bands: ± 1 sd" if seeds > 1 else "one seed"
-        ax.legend(title=f"{spread}\nin brackets: loss over the last tenth of steps", title_fontsize="small", frameon=False)
+        title = f"{spread}\nin brackets: loss over the last tenth of steps"
+        ax.legend(title=title, title_fontsize="small", frameon=False)
     return figure
 
 

@@ -1,13 +1,15 @@
 """Summaries over seeds of the metrics tables: the paper's Table 1 analog and the plotted data.
 
 Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accuracy,
-exact_match, relation_guess: the share answered with the relation's commonest answer). A *source* labels one such file: {model, dataset, subset, seed, path}, where
-subset is a finetuning subset (top, bottom, random, whole, or a sized one such as top25:
+exact_match, relation_guess: the share answered with the relation's commonest answer). A
+*source* labels one such file: {model, dataset, subset, seed, path}, where subset is a
+finetuning subset (top, bottom, random, whole, or a sized one such as top25:
 factft.subsets; one table per seed) or a reference without seed: "base" (the pretrained
 model answering zero-shot), "fewshot" (the same after k solved questions, evaluate.fewshot)
 or "cloze" (the pretrained model completing the fact's statement: what it stores, as
-opposed to what QA extracts). A finetuned run's source also names its per-question `predictions`, from which
-come the gap's bootstrap interval over test questions and the accuracy per relation.
+opposed to what QA extracts). A finetuned run's source also names its per-question
+`predictions`, from which come the gap's bootstrap interval over test questions and the
+accuracy per relation.
 rules/common.smk builds the sources from the config.
 
 `python -m factft.summary results/tables/summary.tsv` prints the summary for a reader.
