@@ -109,6 +109,15 @@ for _ in $(seq 300); do
     [[ $(squeue -h -j "$jobid" -o %T) == PENDING ]] && break
     sleep 0.2
 done
+# The node revokes the first run's credential as that run ends, to the second: a restart
+# within the same second is refused ("Job credential revoked") and the job fails (seen in
+# CI, 2026-11-29). So the restart waits until the first run's processes are gone and the
+# clock has moved on.
+for _ in $(seq 300); do
+    pgrep -f "slurmstepd: \[$jobid\." >/dev/null || break
+    sleep 0.2
+done
+sleep 2
 scontrol update jobid="$jobid" StartTime=now
 if ! finish_snakemake; then
     tail -n 60 "$ROOT/requeue.log" >&2
