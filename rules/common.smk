@@ -54,12 +54,16 @@ def models_with(kind):
 BY = "by-"
 
 
+def scorer_of(dataset):
+    """The dataset's popularity Scorer (factft.popularity.SCORERS)."""
+    return SCORERS[DATASETS[dataset]["popularity"]["scorer"]]
+
+
 def scoring_model(dataset, model):
     """The model whose confidence ranks `dataset` for runs of `model`; None if no model does."""
-    popularity = DATASETS[dataset]["popularity"]
-    if not SCORERS[popularity["scorer"]].needs_model:
+    if not scorer_of(dataset).needs_model:
         return None
-    return popularity.get("model") or model
+    return DATASETS[dataset]["popularity"].get("model") or model
 
 
 def ranked(dataset, model):
@@ -148,7 +152,7 @@ def popularity_params(wildcards):
     """
     dataset, scoring = ranking_of(wildcards)
     popularity = DATASETS[dataset]["popularity"]
-    keys = SCORERS[popularity["scorer"]].settings
+    keys = scorer_of(dataset).settings
     settings = {k: popularity[k] for k in keys if k in popularity and k != "model"}
     if scoring is not None:
         settings["model"] = scoring
@@ -165,7 +169,7 @@ def popularity_inputs(wildcards):
     inputs = {"raw": raw_table(dataset)}
     if scorer is not None:
         inputs["model"] = model_dir(scorer)
-    if SCORERS[DATASETS[dataset]["popularity"]["scorer"]].needs_pageviews:
+    if scorer_of(dataset).needs_pageviews:
         inputs["pageviews"] = pageviews_file(dataset)
     return inputs
 
@@ -222,7 +226,7 @@ def download_targets():
     fetched = set(DATASETS) - set(datasets_with("synthetic"))
     targets = [raw_table(name) for name in sorted(fetched)]
     for name in sorted(DATASETS):
-        if SCORERS[DATASETS[name]["popularity"]["scorer"]].needs_pageviews:
+        if scorer_of(name).needs_pageviews:
             targets.append(pageviews_file(name))
     return targets
 

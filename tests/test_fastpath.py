@@ -285,6 +285,14 @@ def test_static_cache_generation_fills_the_last_batch_up_to_the_batch_size(peake
     monkeypatch.setattr(model, "generate", generate)
     assert static == generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
 
+    def fits_one_row(**kwargs):  # a GPU that holds one row: batches are cut, never filled up again
+        if kwargs["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", fits_one_row)
+    assert generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, static_cache=True) == static
+
 
 def test_after_running_out_of_gpu_memory_every_batch_is_cut_until_it_fits():
     # A real out-of-memory error needs a GPU; this run function fails as one does above 2 rows.

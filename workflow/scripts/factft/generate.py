@@ -146,15 +146,12 @@ def generate_texts(
     finished = np.zeros(len(encoded), dtype=bool)
     cut_off = np.zeros(len(encoded), dtype=bool)  # stopped by max_new_tokens, not by their own end
 
-    full_batch = min(batch_size, len(encoded))
-
     def run(batch: np.ndarray, budget: int) -> None:
+        if finished[batch].all():
+            return  # the copies that filled up a last batch, cut off from it after running out of memory
         steps = budget - len(answers[batch[0]])  # the rows of a batch have decoded as many tokens
-        rows = batch
-        if static_cache and len(batch) < full_batch:
-            rows = np.concatenate([batch, np.repeat(batch[-1:], full_batch - len(batch))])
-        ids, mask = left_pad([encoded[i] + answers[i] for i in rows], pad, model.device)
-        starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in rows], device=model.device)
+        ids, mask = left_pad([encoded[i] + answers[i] for i in batch], pad, model.device)
+        starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in batch], device=model.device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -172,7 +169,6 @@ def generate_texts(
             breaks = first_line_breaks(output, starts, flags)
             found, first = breaks.any(-1).tolist(), breaks.int().argmax(-1).tolist()
             line_ends = [k - begin + 1 if f else None for f, k, begin in zip(found, first, begins)]
-        # zip stops at the batch's own rows: the copies that filled it up are dropped.
         for i, tokens, begin, line_end in zip(batch, output.tolist(), begins, line_ends):
             answer = tokens[begin:]
             # Finished rows are filled up with padding, which may be a real token.
@@ -192,13 +188,18 @@ def generate_texts(
             run(batch, max_new_tokens)
         else:
             run(batch, budgets[0])
-            first_round_rows.extend(batch)
+            first_round_rows.extend(np.unique(batch))  # a filled-up last batch repeats a row
 
     for k, budget in enumerate(budgets):
         pending = np.flatnonzero(~finished)
-        batches = length_batches([len(encoded[i]) + len(answers[i]) for i in pending], batch_size)
+        lengths = [len(encoded[i]) + len(answers[i]) for i in pending]
+        batches = [pending[b] for b in length_batches(lengths, batch_size)]
+        if static_cache and len(batches) > 1:
+            # Before in_batches, so that a batch cut after running out of memory stays cut.
+            last = batches[-1]
+            batches[-1] = np.concatenate([last, np.repeat(last[-1:], len(batches[0]) - len(last))])
         log.info("decoding up to %d new tokens: %d rows in %d batches", budget, len(pending), len(batches))
-        in_batches([pending[b] for b in batches], first_round if k == 0 else functools.partial(run, budget=budget))
+        in_batches(batches, first_round if k == 0 else functools.partial(run, budget=budget))
         if k == 0 and len(first_round_rows) < len(pending):
             log.info("most answers run past %d new tokens: %d rows decoded to the end at once",
                      budget, len(pending) - len(first_round_rows))  # fmt: skip
