@@ -135,12 +135,15 @@ def test_a_bin_with_no_facts_keeps_its_row_with_zero_n():
 
 def test_relation_guess_flags_the_commonest_answer_of_each_relation():
     # born_in: "lyon" 3 of 4; capital_of: a tie of two answers goes to the one sorting first.
-    answers = ["lyon", "lyon", "paris", "lyon", "rome", "oslo"]
-    relations = ["born_in"] * 4 + ["capital_of"] * 2
-    assert list(relation_guess(answers, relations)) == [True, True, False, True, False, True]
+    answers = ["lyon", "lyon", "paris", "lyon", "rome", "oslo", "oslo", "rome"]
+    relations = ["born_in"] * 4 + ["capital_of"] * 4
+    assert list(relation_guess(answers, relations)) == [True, True, False, True, False, True, True, False]
     assert relation_guess(["london"] * 3, ["born_in"] * 3).all()
-    # Silence is no guess, however common: "" never counts, and the commonest is "lyon".
-    assert list(relation_guess(["", "", "", "lyon"], ["born_in"] * 4)) == [False, False, False, True]
+    # An answer given once is no collapse: a lone question, or distinct answers, count no guess.
+    assert not relation_guess(["rome", "oslo", "lyon"], ["capital_of", "capital_of", "born_in"]).any()
+    # Silence is no guess, however common: "" never counts.
+    assert list(relation_guess(["", "", "", "lyon", "lyon"], ["born_in"] * 5)) == [False] * 3 + [True] * 2
+    assert not relation_guess(["", "", "lyon"], ["born_in"] * 3).any()
     assert len(relation_guess([], [])) == 0
     with pytest.raises(ValueError, match="2 answers for 1 relations"):
         relation_guess(["a", "b"], ["r"])

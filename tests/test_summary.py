@@ -55,11 +55,12 @@ def write_predictions(path, correct):
 
 
 def write_test(path, n=10):
-    """A test split whose gold answers are all different (gold guess rate 1 / n)."""
+    """A test split where two facts share the gold answer "lyon", the others' all differ:
+    gold guess rate 2 / n (an answer given once is no guess)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     test = pd.DataFrame(
         {
-            "answers": [[f"a{i}", "alias"] for i in range(n)],
+            "answers": [["lyon", "alias"]] * 2 + [[f"a{i}", "alias"] for i in range(2, n)],
             "relation": "born_in",
             "popularity_pct": [100 * (i + 1) / n for i in range(n)],
         }
@@ -210,8 +211,8 @@ def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(t
     assert "tiny on synth: held-out accuracy on 10 test facts (mean +/- sd over 3 seeds)" in out
     assert "FT-Whole" in out and "0.700 +/- 0.100" in out
     assert "FT-Top - FT-Bottom = +0.30 (sd 0.10 over 3 seeds; 95% CI over test questions +0." in out
-    assert "answered with the relation's commonest answer: FT-Top 0.27, FT-Bottom 0.57" in out
-    assert "(gold answers 0.10)" in out
+    assert "answered with the relation's commonest answer: FT-Top 0.23, FT-Bottom 0.57" in out
+    assert "(gold answers 0.20)" in out
     figure = results / "figures" / "tiny" / "synth" / "accuracy_vs_popularity.png"
     assert f"figure: {figure} (not made yet)" in out
     assert f"the whole grid at a glance: {results / 'figures' / 'overview.png'} (not made yet)" in out
@@ -232,9 +233,9 @@ def test_a_missing_metrics_table_is_an_error_naming_the_file(tmp_path):
 
 def test_guess_rates_are_means_over_seeds_with_the_gold_answers_as_reference(tmp_path):
     # Wrong answers are all "London": FT-Top's seeds miss 4, 3, 1 of 10 (rates 0.4, 0.3 and
-    # 0.1, where one miss ties with the distinct right answers), FT-Bottom's 6, 7, 4.
+    # 0: "London" once is no collapse), FT-Bottom's 6, 7, 4.
     row = summary_table(collect_metrics(make_sources(tmp_path, GRID)), {"synth": 0.1}).iloc[0]
-    assert row["top_guess"] == pytest.approx(0.8 / 3)
+    assert row["top_guess"] == pytest.approx(0.7 / 3)
     assert row["bottom_guess"] == pytest.approx(1.7 / 3)
     assert row["random_guess"] == pytest.approx(0.5)
     assert row["gold_guess"] == pytest.approx(0.1)
@@ -245,7 +246,7 @@ def test_gold_guess_is_read_from_each_datasets_test_split(tmp_path):
     tests = {"synth": write_test(tmp_path / "test.parquet")}
     make_summary(sources, tests, tmp_path / "s.tsv", tmp_path / "p.tsv", tmp_path / "r.tsv")
     summary = pd.read_csv(tmp_path / "s.tsv", sep="\t")
-    assert summary.iloc[0]["gold_guess"] == pytest.approx(0.1)
+    assert summary.iloc[0]["gold_guess"] == pytest.approx(0.2)
     # The interval sits beside the gap it qualifies.
     columns = list(summary.columns)
     assert columns[columns.index("top_minus_bottom_seeds") + 1 :][:2] == [

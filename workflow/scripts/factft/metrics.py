@@ -79,14 +79,17 @@ def relation_guess(answers: Sequence, relations: Sequence) -> np.ndarray:
 
     The commonest answer of a relation is the one given most often (a tie goes to the answer
     that sorts first), so the share of True is the sum over relations of the commonest
-    answer's count over the number of questions. An empty answer is no answer, never a guess:
-    a model that stays silent is not guessing from the relation.
+    answer's count over the number of questions. An answer given once is no collapse: without
+    that rule a relation with one test question, or with all answers distinct, would count one
+    guess, which inflates the share on small test sets. An empty answer is no answer, never a
+    guess: a model that stays silent is not guessing from the relation.
     """
     if len(answers) != len(relations):
         raise ValueError(f"{len(answers)} answers for {len(relations)} relations")
     table = pd.DataFrame({"relation": np.asarray(relations), "answer": np.asarray(answers)})
     answered = table[table["answer"].astype(str) != ""]
     counts = answered.value_counts(["relation", "answer"]).rename("count").reset_index()
+    counts = counts[counts["count"] > 1]
     counts = counts.sort_values(["relation", "count", "answer"], ascending=[True, False, True])
     commonest = counts.drop_duplicates("relation").set_index("relation")["answer"]
     return (table["answer"] == table["relation"].map(commonest)).to_numpy(dtype=bool)
