@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
@@ -92,6 +93,18 @@ def test_axes_say_model_confidence_where_it_ranks_the_facts(tmp_path):
     assert deciles.get_xlabel().startswith("held-out facts: model confidence decile")
     assert guess.get_xlabel() == "held-out facts: model confidence decile"
     assert "popular" not in figure.get_suptitle() and "model confidence" in figure.get_suptitle()
+
+
+def test_each_subsets_band_spans_its_mean_plus_and_minus_one_sd_over_seeds(tmp_path):
+    data = accuracy_by_percentile(collect_metrics(make_sources(tmp_path, GRID)))
+    cumulative = figure_for(make_sources(tmp_path, GRID)).axes[0]
+    colour = {to_hex(band.get_facecolor()[0][:3]): band for band in cumulative.collections}
+    for subset in ("top", "bottom"):
+        rows = data[(data["subset"] == subset) & (data["scope"] == "top")]
+        band = colour[to_hex(STYLES[subset]["color"])].get_paths()[0].vertices
+        for x, mean, sd in zip(rows["x"], rows["mean"], rows["sd"].fillna(0)):
+            at_x = band[np.isclose(band[:, 0], x), 1]
+            assert at_x.min() == pytest.approx(mean - sd) and at_x.max() == pytest.approx(mean + sd)
 
 
 def test_guess_panel_shows_each_subsets_guessing_per_decile_against_the_gold_answers(tmp_path):

@@ -63,6 +63,20 @@ def test_top_and_bottom_do_not_overlap_and_respect_popularity_within_relation(fa
         assert top_r["popularity"].min() >= bottom_r["popularity"].max()
 
 
+def test_random_is_a_uniform_sample_of_the_pool_not_top_or_bottom(facts):
+    # Over many split seeds a fact of FT-Top lands in FT-Random about half the time, and so
+    # does one of FT-Bottom: a random subset tied to either end of the ranking would not.
+    in_random = {"top": [], "bottom": []}
+    for seed in range(40):
+        splits = split_facts(facts, fraction=0.5, seed=seed)
+        chosen = set(splits["random"]["id"])
+        for name in in_random:
+            in_random[name] += [fact in chosen for fact in splits[name]["id"]]
+    assert 0.45 < np.mean(in_random["top"]) < 0.55 and 0.45 < np.mean(in_random["bottom"]) < 0.55
+    one, other = (set(split_facts(facts, seed=seed)["random"]["id"]) for seed in (0, 1))
+    assert one != other
+
+
 def test_stratified_subsets_share_the_relation_mix_unstratified_do_not(facts):
     stratified = split_facts(facts, stratify="relation", seed=0)
     mixes = [

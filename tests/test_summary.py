@@ -12,6 +12,7 @@ from factft.summary import (
     collect_metrics,
     format_summary,
     gap_confidence_interval,
+    gap_interval,
     main,
     make_summary,
     paper_table,
@@ -300,6 +301,21 @@ def test_gap_interval_pairs_questions_by_id_not_by_row_order():
     bottom = correct_table(rng.random(300) < 0.4)
     shuffled = bottom.sample(frac=1.0, random_state=3)
     assert gap_confidence_interval([(top, shuffled)]) == gap_confidence_interval([(top, bottom)])
+
+
+def test_gap_interval_pairs_each_seeds_top_with_its_own_bottom_and_averages_the_seeds():
+    # Seed 0: FT-Top right on every question, FT-Bottom on none; seed 1 the reverse. Paired
+    # by seed and averaged per question, every question's gap is 0, so the interval is 0
+    # (FT-Top paired with seed 0's FT-Bottom would give +0.5; the seeds' questions pooled as
+    # more questions would spread it around 0). Runs without a partner are left out.
+    right, wrong = run_predictions([True] * 20), run_predictions([False] * 20)
+    runs = {("top", 0): right, ("bottom", 0): wrong, ("top", 1): wrong, ("bottom", 1): right,
+            ("top", 2): right, ("whole", 0): wrong}  # fmt: skip
+    assert gap_interval(runs) == (0.0, 0.0)
+    assert gap_interval({("top", 0): right, ("bottom", 0): wrong, ("top", 1): wrong, ("bottom", 1): wrong}) == (
+        0.5,
+        0.5,
+    )
 
 
 def test_gap_interval_refuses_predictions_of_different_questions():

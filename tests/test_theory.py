@@ -127,6 +127,54 @@ def test_a_tiny_sweep_point_reports_every_subset_fact_and_recorded_step():
     assert start["test_accuracy"].nunique() == 1
 
 
+def test_world_tokens_pools_and_mentions_are_what_the_settings_say():
+    for embedding in ("orthogonal", "gaussian"):
+        settings = dict(TINY, embedding=embedding, dim=64 if embedding == "gaussian" else None)
+        world = make_world(settings, seed=1)
+        relation = torch.arange(world.relations)
+        pre, qa = world.embeddings[world.pretrain_token(relation)], world.embeddings[world.qa_token(relation)]
+        cosine = (pre * qa).sum(-1) / (pre.norm(dim=-1) * qa.norm(dim=-1))
+        if embedding == "orthogonal":  # exact: orthonormal rows
+            assert torch.allclose(cosine, torch.full_like(cosine, TINY["qa_similarity"]), atol=1e-5)
+        # Each fact's answer lies in its relation's pool; each fact is stated min_mentions times at least.
+        owner = world.answers // TINY["answers_per_relation"]
+        assert (owner == relation[None, :]).all()
+        assert world.mentions.sum() == TINY["pretrain_steps"] * TINY["batch_size"]
+        assert world.mentions.min() >= TINY["min_mentions"] * world.relations
+
+
+def test_salience_margin_is_the_gold_answers_salience_minus_the_best_other_in_its_pool():
+    world = make_world(TINY, seed=2)
+    model = OneLayerAttention(world.embeddings, world.answer_tokens)
+    with torch.no_grad():
+        model.w_v.copy_(torch.randn(model.w_v.shape, generator=torch.Generator().manual_seed(0)))
+    subjects, relations = torch.tensor([0, 3, 7, 11]), torch.tensor([0, 1, 1, 0])
+    margin = model.salience_margin(world, subjects, relations)
+    for i, (s, r) in enumerate(zip(subjects.tolist(), relations.tolist())):
+        gold = int(world.answers[s, r])
+        pool = [a for a in range(world.relations * world.answers_per_relation) if bool(world.pools()[r, a])]
+        with torch.no_grad():
+            salience = {a: float(model.salience(torch.tensor([s]), torch.tensor([a]))[0]) for a in pool}
+        best_other = max(v for a, v in salience.items() if a != gold)
+        assert float(margin[i]) == pytest.approx(salience[gold] - best_other, abs=1e-5)
+
+
+def test_the_accuracy_table_agrees_with_the_salience_table_and_its_halves():
+    settings = dict(TINY, subjects=24)
+    tables = simulate(settings, 0)
+    accuracy, salience = tables["accuracy"], tables["salience"]
+    test = salience[salience["role"] == "test"]
+    assert (accuracy["stored"] == test["stored"].mean()).all()
+    assert (salience["stored"] == (salience["salience_margin"] > 0)).all()
+    # accuracy is the test facts' mean: the head half's and the tail half's, weighted by size.
+    subjects = test["subject"].nunique()
+    head = (subjects + 1) // 2 * settings["relations"]
+    tail = len(test) - head
+    weighted = (head * accuracy["accuracy_head"] + tail * accuracy["accuracy_tail"]) / len(test)
+    assert np.allclose(accuracy["accuracy"], weighted)
+    assert (accuracy["test_facts"] == len(test)).all()
+
+
 def test_test_subjects_are_never_finetuned_and_top_is_more_mentioned_than_bottom():
     settings = dict(TINY, subjects=40, pretrain_steps=40)
     world = make_world(settings, seed=0)
