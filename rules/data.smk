@@ -48,6 +48,7 @@ rule pageviews:
     params:
         popularity=popularity_params,
         requests_per_second=running(requests_per_second),
+        contact=running(config["contact"]),
         cache=running(pageview_cache()),
     script:
         "../workflow/scripts/pageviews.py"

@@ -28,12 +28,14 @@ class ScriptedServer:
     """An HTTP server on 127.0.0.1: `reply(path, *responses)` scripts what a GET of `path`
     returns, one response per request, the last one repeating; other paths are 404.
     A response is (status, body) or (status, body, headers); a dict body is sent as JSON.
-    `requests` lists every requested path (percent-decoded), in order. Each reply waits
+    `requests` lists every requested path (percent-decoded), in order, `agents` their
+    User-Agent headers. Each reply waits
     `delay` seconds; `most_at_once` is the most requests the server held at one time."""
 
     def __init__(self) -> None:
         self.routes: dict[str, list] = {}
         self.requests: list[str] = []
+        self.agents: list[str] = []
         self.delay, self.at_once, self.most_at_once = 0.0, 0, 0
         lock = threading.Lock()
         server = self
@@ -43,6 +45,7 @@ class ScriptedServer:
                 path = unquote(self.path)
                 with lock:
                     server.requests.append(path)
+                    server.agents.append(self.headers.get("User-Agent", ""))
                     server.at_once += 1
                     server.most_at_once = max(server.most_at_once, server.at_once)
                 time.sleep(server.delay)

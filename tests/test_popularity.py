@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from factft.errors import FactftError
-from factft.pageviews import RateLimit, article_title, fact_articles, pageview_table
+from factft.pageviews import MIN_RATE, RateLimit, article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.tables import check_facts, write_table
 
@@ -164,6 +164,37 @@ def test_pageviews_retry_429_and_5xx_with_backoff(http_server, tmp_path):
     )
     assert fetch(http_server, ["Solaris"], tmp_path)["views"].tolist() == [7]
     assert len(http_server.requests) == 3
+
+
+def test_a_429_halves_the_rate_once_per_burst_down_to_the_floor():
+    now = [100.0]
+    limit = RateLimit(8, clock=lambda: now[0], sleep=lambda s: None)
+    assert limit.slow_down() and limit.per_second == 4
+    assert not limit.slow_down() and limit.per_second == 4  # the same burst, within a second
+    for _ in range(5):
+        now[0] += 1.0
+        limit.slow_down()
+    assert limit.per_second == MIN_RATE
+
+
+def test_pageviews_slow_down_after_429_and_send_the_configured_contact(http_server, tmp_path, caplog):
+    http_server.reply(route("Solaris"), (429, "slow down", {"Retry-After": "0"}), (200, daily(7)))
+    with caplog.at_level(logging.WARNING, logger="factft.pageviews"):
+        table = fetch(http_server, ["Solaris"], tmp_path, contact="ada@example.org")
+    assert table["views"].tolist() == [7]
+    assert "HTTP 429 (too many requests); now at most 500 requests/s" in caplog.text
+    assert "no `contact`" not in caplog.text
+    assert all(agent.startswith("factft/0.1 (ada@example.org; ") for agent in http_server.agents)
+
+
+def test_pageviews_without_contact_warn_and_a_403_says_to_set_it(http_server, tmp_path, caplog):
+    http_server.reply(route("Solaris"), (403, "Please set a user-agent"))
+    with caplog.at_level(logging.WARNING, logger="factft.pageviews"), pytest.raises(
+        FactftError, match=r"HTTP 403 from .*Solaris.*: set `contact` in the config"
+    ):
+        fetch(http_server, ["Solaris"], tmp_path)
+    assert "no `contact` in the config" in caplog.text
+    assert http_server.agents[0].startswith("factft/0.1 (research workflow")
 
 
 def test_pageviews_missing_article_counts_zero_and_is_cached(http_server, tmp_path):

@@ -20,7 +20,7 @@ from factft.tables import read_table
 from conftest import SMOLLM2_GGUF, smollm2_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-POPQA = ROOT / "tests" / "data" / "popqa" / "data" / "test-00000-of-00001.parquet"
+POPQA = ROOT / "tests" / "data" / "popqa" / "test.tsv"
 # Two worked examples: a 135M base model then answers in a few words on the first line
 # (zero-shot it tends to echo "A:" or start a new question), so its predictions can be
 # scored. The examples' subjects are not fixture subjects.

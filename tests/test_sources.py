@@ -49,6 +49,21 @@ def test_hub_dataset_id_goes_through_load_dataset_and_parses_popqa_answers(data_
     assert (tmp_path / "cache" / "datasets").is_dir()
 
 
+def test_hub_tsv_keeps_subjects_that_read_as_missing_values(tmp_path):
+    # PopQA is a hub test.tsv: datasets' csv reader would turn "None" and "NA" into missing
+    # values (pandas' defaults), and these facts would be dropped as having no subject.
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    rows = [("1", "None", "genre", "What genre is None?", '["rock"]'),
+            ("2", "NA", "genre", "What genre is NA?", '["jazz", "NA"]'),
+            ("3", "Miles Davis", "genre", "What genre is Miles Davis?", '["jazz"]')]  # fmt: skip
+    lines = ["id\tsubj\tprop\tquestion\tpossible_answers"] + ["\t".join(row) for row in rows]
+    (folder / "test.tsv").write_text("\n".join(lines) + "\n")
+    facts = load_facts(spec({"hf": str(folder)}, "popqa", columns=POPQA_COLUMNS), tmp_path / "cache", 0.0)
+    assert list(facts["subject"]) == ["None", "NA", "Miles Davis"]
+    assert facts["answers"].iloc[1] == ["jazz", "NA"]
+
+
 def test_hub_split_that_does_not_exist_names_the_config_key(data_dir, tmp_path):
     popqa = spec({"hf": str(data_dir / "popqa"), "split": "train"}, "popqa", columns=POPQA_COLUMNS)
     with pytest.raises(
@@ -60,7 +75,8 @@ def test_hub_split_that_does_not_exist_names_the_config_key(data_dir, tmp_path):
 def test_unreachable_hub_is_one_line_saying_where_to_download_or_what_to_set(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1", "run the tests with HF_HUB_OFFLINE=1"
     with pytest.raises(FactftError) as caught:
-        load_facts(spec({"hf": "akariasai/PopQA", "split": "test"}, "popqa"), tmp_path, max_drop_fraction=0.1)
+        # An id no local cache holds: with a cached copy, offline loading would succeed.
+        load_facts(spec({"hf": "factft-tests/never-cached", "split": "test"}, "popqa"), tmp_path, max_drop_fraction=0.1)
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("dataset 'popqa': cannot reach the Hugging Face hub (")
@@ -110,15 +126,18 @@ def write_zip(path, members):
             archive.writestr(name, json.dumps(items))
 
 
-def test_entityquestions_question_outside_its_template_names_file_and_question(tmp_path):
-    write_zip(
-        tmp_path / "dataset.zip",
-        {"dataset/test/P19.test.json": [{"question": "Who is Ada?", "answers": ["x"]}]},
-    )
-    with pytest.raises(
-        FactftError, match=r"dataset\.zip:dataset/test/P19\.test\.json: question 'Who is Ada\?'"
-    ):
-        read_entityquestions(tmp_path / "dataset.zip")
+def test_entityquestions_question_outside_its_template_is_named_then_dropped_and_counted(tmp_path, caplog):
+    items = [{"question": "Who is Ada?", "answers": ["x"]}, {"question": "Where was Ada born?", "answers": ["y"]}]
+    write_zip(tmp_path / "dataset.zip", {"dataset/test/P19.test.json": items})
+    source = {"url": "file://unused", "reader": "entityquestions"}
+    with caplog.at_level(logging.WARNING, logger="factft.sources"):
+        table = read_entityquestions(tmp_path / "dataset.zip")
+    assert "1 questions fit no template of their relation" in caplog.text
+    assert "dataset/test/P19.test.json: 'Who is Ada?'" in caplog.text
+    facts = to_facts(table, spec(source, "eq"), max_drop_fraction=0.5)
+    assert facts["subject"].tolist() == ["Ada"]
+    with pytest.raises(FactftError, match=r"dataset 'eq': 1 of 2 rows are invalid \(\{'empty subject': 1\}\)"):
+        to_facts(table, spec(source, "eq"), max_drop_fraction=0.1)
 
 
 def test_entityquestions_relation_without_template_is_an_error(tmp_path):

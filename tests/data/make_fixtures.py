@@ -2,8 +2,9 @@
 
     .venv/bin/python tests/data/make_fixtures.py
 
-popqa/          the hub's parquet layout of akariasai/PopQA (data/test-00000-of-00001.parquet),
-                loadable with datasets.load_dataset(<folder>, split="test") offline
+popqa/test.tsv  the hub's layout of akariasai/PopQA: one tab-separated test.tsv with its columns,
+                possible_answers a JSON list as text; loadable with
+                datasets.load_dataset(<folder>, split="test") offline
 mmlu/           the hub layout of cais/mmlu with a config named `all` (README.md + all/*.parquet)
 entityquestions/dataset.zip   EntityQuestions' archive: dataset/{train,dev,test}/P*.{split}.json
 custom/trivia.csv             a config-only dataset: its own column names and popularity column
@@ -75,19 +76,26 @@ POPQA_FACTS = [
 def popqa() -> pd.DataFrame:
     rows = []
     for row, (subject, relation, answers, s_pop) in enumerate(POPQA_FACTS):
+        # The hub file's columns, in its order.
         rows.append(
             {
                 "id": 4_000_000 + row * 7,
                 "subj": subject,
                 "prop": relation,
                 "obj": answers[0],
+                "subj_id": 100_000 + row,
+                "prop_id": 100 + sorted(POPQA_TEMPLATES).index(relation),
+                "obj_id": 200_000 + row,
+                "s_aliases": json.dumps([], ensure_ascii=False),
+                "o_aliases": json.dumps(answers[1:], ensure_ascii=False),
+                "s_uri": f"http://www.wikidata.org/entity/Q{100_000 + row}",
+                "o_uri": f"http://www.wikidata.org/entity/Q{200_000 + row}",
                 "s_wiki_title": subject,
+                "o_wiki_title": answers[0],
                 "s_pop": s_pop,
                 "o_pop": 1000 + 37 * row,
                 "question": POPQA_TEMPLATES[relation].format(subject),
                 "possible_answers": json.dumps(answers, ensure_ascii=False),
-                "s_aliases": json.dumps([], ensure_ascii=False),
-                "o_aliases": json.dumps(answers[1:], ensure_ascii=False),
             }
         )
     return pd.DataFrame(rows)
@@ -259,7 +267,8 @@ def custom() -> pd.DataFrame:
 
 
 def main() -> None:
-    write_parquet(popqa(), HERE / "popqa" / "data" / "test-00000-of-00001.parquet")
+    (HERE / "popqa").mkdir(exist_ok=True)
+    popqa().to_csv(HERE / "popqa" / "test.tsv", sep="\t", index=False)
     mmlu = pd.DataFrame(MMLU, columns=["question", "subject", "choices", "answer"])
     write_parquet(mmlu, HERE / "mmlu" / "all" / "test-00000-of-00001.parquet")
     (HERE / "mmlu" / "README.md").write_text(MMLU_README)

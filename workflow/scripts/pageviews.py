@@ -11,5 +11,6 @@ with to_log(snakemake.log[0]):
         start=popularity["start"],
         end=popularity["end"],
         requests_per_second=snakemake.params.requests_per_second,
+        contact=snakemake.params.contact,
     )
     write_table(views, snakemake.output.views)

@@ -23,7 +23,7 @@ import pandas as pd
 import requests
 
 from factft.errors import FactftError
-from factft.sources import get_with_retries
+from factft.sources import get_with_retries, user_agent
 from factft.tables import atomic_path
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,32 @@ MISSING_STATUS = frozenset({400, 404})
 # Threads enough to keep the rate with round trips of up to this many seconds.
 ROUND_TRIP_S = 0.5
 MAX_THREADS = 32
+MIN_RATE = 1.0  # requests/s that a run of 429s (too many requests) slows down to, at most
 PROGRESS_EVERY = 5000  # fetched articles between progress lines
 
 
 class RateLimit:
-    """Spaces calls of `wait()` from any thread at least 1/per_second apart."""
+    """Spaces calls of `wait()` from any thread at least 1/per_second apart; `slow_down()`
+    halves the rate."""
 
     def __init__(self, per_second: float, clock=time.monotonic, sleep=time.sleep):
         self.interval, self.clock, self.sleep = 1.0 / per_second, clock, sleep
         self.lock = threading.Lock()
-        self.next_slot = float("-inf")
+        self.next_slot = self.slowed_at = float("-inf")
+
+    @property
+    def per_second(self) -> float:
+        return 1.0 / self.interval
+
+    def slow_down(self) -> bool:
+        """Halve the rate, down to MIN_RATE, once a second at most: threads that meet the same
+        burst of 429s slow it down once. Whether it did."""
+        with self.lock:
+            now = self.clock()
+            if now - self.slowed_at < 1.0 or self.interval >= 1.0 / MIN_RATE:
+                return False
+            self.interval, self.slowed_at = min(2 * self.interval, 1.0 / MIN_RATE), now
+            return True
 
     def wait(self) -> None:
         with self.lock:
@@ -91,11 +107,14 @@ def pageview_table(
     attempts: int = 5,
     backoff: float = 1.0,
     timeout: float = 30,
+    contact: str | None = None,
 ) -> pd.DataFrame:
     """Columns article, views (int64): each distinct article's summed daily views.
 
     Missing articles (and empty titles) count 0 views. Articles in the cache cost no request;
     each fetched one is cached at once, so a run stopped by an error keeps what it fetched.
+    `contact` (email or URL) goes into the User-Agent, as Wikimedia asks; an answer "too many
+    requests" (429) halves the rate for the rest of the run.
     """
     _check_range(start, end)
     folder = Path(cache_dir) / project / f"{start}-{end}"
@@ -113,7 +132,16 @@ def pageview_table(
         project, start, end, len(articles), len(articles) - len(todo), len(todo), requests_per_second, threads,
         len(todo) / requests_per_second / 60,
     )  # fmt: skip
-    limit, local, sessions = RateLimit(requests_per_second), threading.local(), []
+    if todo and not contact:
+        log.warning(
+            "no `contact` in the config: Wikimedia asks clients for an email or URL in the User-Agent "
+            "and may rate-limit those without"
+        )
+    agent, limit, local, sessions = user_agent(contact), RateLimit(requests_per_second), threading.local(), []
+
+    def throttled() -> None:
+        if limit.slow_down():
+            log.warning("pageviews: HTTP 429 (too many requests); now at most %.3g requests/s", limit.per_second)
 
     def fetch(article: str) -> tuple[int, bool]:
         """(views, whether the article is missing), cached."""
@@ -122,13 +150,19 @@ def pageview_table(
             sessions.append(local.session)
         limit.wait()  # Wikimedia asks clients to keep a modest request rate
         url = f"{base_url}/{project}/all-access/user/{quote(article, safe='')}/daily/{start}/{end}"
-        response = get_with_retries(local.session, url, attempts=attempts, backoff=backoff, timeout=timeout)
+        response = get_with_retries(
+            local.session, url, attempts=attempts, backoff=backoff, timeout=timeout, agent=agent,
+            on_throttled=throttled,
+        )  # fmt: skip
         if response.status_code in MISSING_STATUS:
             total = 0
         elif response.status_code == 200:
             total = sum(int(item["views"]) for item in response.json().get("items", []))
         else:
-            raise FactftError(f"pageviews of '{article}': HTTP {response.status_code} from {url}")
+            problem = f"pageviews of '{article}': HTTP {response.status_code} from {url}"
+            if response.status_code == 403 and not contact:
+                problem += "; Wikimedia refuses clients it cannot identify: set `contact` in the config"
+            raise FactftError(problem)
         with atomic_path(_cache_file(folder, article)) as tmp:
             tmp.write_text(json.dumps({"article": article, "views": total}))
         return total, response.status_code in MISSING_STATUS
