@@ -72,7 +72,7 @@ def test_fraction_outside_zero_one_is_rejected(fraction):
     config = load("config.yaml")
     config["split"]["fraction"] = fraction
     message = schema_error(config)
-    assert "fraction" in message
+    assert "schema['properties']['split']['properties']['fraction']" in message
 
 
 def test_unknown_scorer_is_rejected_with_the_known_ones():

@@ -447,20 +447,25 @@ def test_a_real_pretrained_model_answers_well_known_questions():
 def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     """The rules on ready-made inputs: a model folder, a LoRA adapter, a test split.
 
-    evaluate_base is evaluate without the adapter, as cloze and evaluate_fewshot (with
-    demonstrations) are; each job costs a Python start with torch, so it is left out here.
+    The adapter's weights are random (a fresh LoRA adds zero), so evaluate's predictions must
+    differ from evaluate_base's, the model alone: an evaluate that dropped the adapter would
+    not. evaluate_fewshot (with demonstrations) and cloze are evaluate_base's other callers.
     """
     import subprocess
 
     import yaml
     from peft import LoraConfig, get_peft_model
 
-    spec, model, _ = tiny
+    spec = tiny[0]
     make_test_table().to_parquet(tmp_path / "test.parquet")
     (tmp_path / "results/synth/splits").mkdir(parents=True)
     make_test_table().to_parquet(tmp_path / "results/synth/splits/test.parquet")
     run = tmp_path / "results/tinyp/synth/top/seed0"
-    lora = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        LlamaForCausalLM.from_pretrained(spec["path"]),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     lora.save_pretrained(run / "adapter")
     config = {
         "seeds": [0],
@@ -471,18 +476,21 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     make_test_table().to_parquet(tmp_path / "results/synth/splits/whole.parquet")  # the demonstrations
-    targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "cloze", "fewshot")]
+    targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "base", "cloze", "fewshot")]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [str(root / ".venv/bin/snakemake"), "-s", str(root / "Snakefile"), "--configfile", "config.yaml",
-         "--cores", "1", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "--", *targets],
+         "--cores", "2", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "--", *targets],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    predictions = {}
     for target in targets:
-        metrics = pd.read_csv(tmp_path / target, sep="\t")
-        assert metrics.query("scope == 'all'")["n"].iloc[0] == 7
-        predictions = pd.read_parquet(tmp_path / target.replace("metrics.tsv", "predictions.parquet"))
-        assert list(predictions["id"]) == list(make_test_table()["id"])
+        metrics = pd.read_csv(tmp_path / target, sep="\t").query("scope == 'all'")
+        predictions[target] = pd.read_parquet(tmp_path / target.replace("metrics.tsv", "predictions.parquet"))
+        assert list(predictions[target]["id"]) == list(make_test_table()["id"])
+        assert metrics["n"].iloc[0] == 7 and metrics["accuracy"].iloc[0] == predictions[target]["correct"].mean()
+    finetuned, base = (predictions[t]["prediction"] for t in targets[:2])
+    assert (finetuned != base).any(), list(base)
     assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()
     assert "1-shot" in (tmp_path / "logs/evaluate_fewshot/tinyp/synth.log").read_text()

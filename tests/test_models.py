@@ -129,3 +129,5 @@ def test_a_gguf_model_loads_dequantized_and_generates():
     batch = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    # Dequantised right, the 135M model knows this one (garbage weights would not).
+    assert tokenizer.decode(out[0, batch["input_ids"].shape[1] :]).startswith(" Paris")

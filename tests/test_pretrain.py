@@ -1,5 +1,7 @@
 """The tiny pretrained Llama: a folder that loads like a hub model, seeded, covering QA words."""
 
+import json
+
 import torch
 from safetensors.torch import load_file
 import pytest
@@ -100,8 +102,10 @@ def test_pretraining_is_deterministic_for_a_seed(pretrained, world, tmp_path):
 def test_pretraining_lowers_the_loss_and_records_the_run(pretrained, world):
     folder, summary = pretrained
     assert summary["loss_per_epoch"][-1] < summary["loss_per_epoch"][0]
-    assert summary["steps"] >= TINY["epochs"]
-    assert (folder / "pretrain.json").exists()
+    assert summary["steps"] >= TINY["epochs"] and len(summary["loss_per_epoch"]) == TINY["epochs"]
+    # pretrain.json is the summary, with every setting the run used.
+    assert json.loads((folder / "pretrain.json").read_text()) == summary
+    assert {key: summary[key] for key in TINY} == TINY
 
 
 def test_an_existing_model_folder_is_never_overwritten(pretrained, world):
