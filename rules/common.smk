@@ -178,6 +178,11 @@ def pageview_cache():
     return f"{config['cache_dir']}/pageviews"
 
 
+def pageview_contact():
+    """Who runs the workflow (email or URL), for the page-view requests' User-Agent."""
+    return config["contact"]
+
+
 def pageviews_file(dataset):
     return f"resources/datasets/{dataset}/pageviews.parquet"
 

@@ -48,7 +48,7 @@ rule pageviews:
     params:
         popularity=popularity_params,
         requests_per_second=running(requests_per_second),
-        contact=running(config["contact"]),
+        contact=running(pageview_contact()),
         cache=running(pageview_cache()),
     script:
         "../workflow/scripts/pageviews.py"

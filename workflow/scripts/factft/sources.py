@@ -31,7 +31,6 @@ from factft.tables import atomic_path
 log = logging.getLogger(__name__)
 
 
-
 def user_agent(contact: str | None = None) -> str:
     """factft's User-Agent, with the operator's contact (email or URL) when the config gives
     one: Wikimedia's policy asks clients for it and may rate-limit those without."""
