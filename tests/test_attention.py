@@ -15,6 +15,7 @@ from factft.attention import (
     make_attention_figures,
     plot_attention_by_layer,
     prompt_tokens,
+    example_index,
     read_attention,
     select_questions,
     use_eager_attention,
@@ -241,3 +242,9 @@ def test_a_missing_attention_table_is_an_error_naming_it(tmp_path):
     with pytest.raises(FactftError, match=r"gone.tsv is missing; run the `attention` rule"):
         make_attention_figures(sources, examples, "tiny", "synth", [tmp_path / "a.png"], [tmp_path / "b.png"])
     assert not (tmp_path / "a.png").exists()
+
+
+def test_the_heatmaps_question_is_the_most_popular_ties_going_to_the_smallest_id():
+    questions = pd.DataFrame({"id": ["q9", "q10", "q2", "q3"], "popularity": [5.0, 7.0, 7.0, 1.0]}, index=[4, 5, 6, 7])
+    assert example_index(questions) == 5  # "q10" sorts before "q2"
+    assert example_index(questions.iloc[::-1]) == 5  # whatever the row order

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factft.errors import FactftError
-from factft.models import download_model, load_model
+from factft.models import download_model, hub_file, load_model
 from conftest import SMOLLM2_GGUF, smollm2_folder
 
 
@@ -131,3 +131,20 @@ def test_a_gguf_model_loads_dequantized_and_generates():
     assert out.shape[1] == batch["input_ids"].shape[1] + 3
     # Dequantised right, the 135M model knows this one (garbage weights would not).
     assert tokenizer.decode(out[0, batch["input_ids"].shape[1] :]).startswith(" Paris")
+
+
+def test_a_hub_download_keeps_safetensors_configs_and_tokenizer_and_skips_duplicates():
+    # A 7B repository's files (Llama-3's layout: pickled .bin shards beside safetensors, and
+    # the original/ checkpoint for Meta's own code), as the hub lists them.
+    listing = [
+        "LICENSE", "README.md", "config.json", "generation_config.json",
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "consolidated.00.pth",
+        "original/params.json", "original/tokenizer.model", "original/model.safetensors",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    ]  # fmt: skip
+    assert [name for name in listing if hub_file(name)] == [
+        "config.json", "generation_config.json",
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    ]  # fmt: skip

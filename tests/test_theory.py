@@ -238,6 +238,10 @@ def test_orthogonal_embeddings_with_too_few_dimensions_fail_before_any_training(
     simulation["settings"]["dim"] = None
     with pytest.raises(FactftError, match="pretrain_steps = 1"):
         check_simulation(simulation)
+    # A sweep point with so few subjects that one test subject would be left.
+    simulation["sweeps"] = {"subjects": [4]}
+    with pytest.raises(FactftError, match="4 subjects leave 1 test subjects"):
+        check_simulation(simulation)
 
 
 def test_gap_is_top_minus_bottom_per_seed_and_summary_counts_seeds_where_top_wins():
