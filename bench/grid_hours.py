@@ -96,7 +96,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     evaluations = finetunes + models  # every run and the base model
     shots = config["evaluate"].get("fewshot", 0)
     fewshot = models if shots else 0  # the base model once more, after `shots` solved questions
-    # Fig. 3's attention analysis: every run of the paper's subsets, on open QA.
+    # The attention analysis: every run of the paper's subsets, on open QA.
     paper_subsets = [s for s in config["subsets"] if not subsets.is_sized(s)]
     attention = models * len(paper_subsets) * seeds if dataset["format"] == "open" else 0
     if dataset["format"] == "open":

@@ -523,7 +523,7 @@ def summary_inputs():
     )
 
 
-# ---- attention analysis (the paper's Fig. 3, rules attention, attention_figures) ----
+# ---- attention analysis (the paper's attention analysis: rules attention, attention_figures) ----
 
 ATTENTION_FIGURE = "results/figures/{model}/{dataset}/attention"
 # The heatmap shows one question under FT-Top and FT-Bottom (else the first two subsets).
@@ -567,7 +567,7 @@ def attention_example_inputs(wildcards):
 
 
 def attention_targets(model, dataset):
-    """Fig. 3's figures, for open QA only: a multiple-choice dataset's `subject` is a topic
+    """The attention figures, for open QA only: a multiple-choice dataset's `subject` is a topic
     that its questions do not contain. None for a grid of sized subsets only."""
     if DATASETS[dataset]["format"] != "open" or not PAPER_SUBSETS:
         return []

@@ -86,7 +86,7 @@ use rule evaluate as cloze with:
         prompt_column="statement",
 
 
-# Where a finetuned model looks when it answers (the paper's Fig. 3): the last prompt
+# Where a finetuned model looks when it answers (the paper's attention analysis): the last prompt
 # position's attention on the subject's and the relation's tokens, per layer. The model is
 # switched to eager attention for this rule only (SDPA returns no weights).
 rule attention:

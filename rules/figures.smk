@@ -120,7 +120,7 @@ rule summary:
         "../workflow/scripts/summary.py"
 
 
-# The whole grid at a glance: the paper's Table 1 as a figure.
+# The whole grid at a glance: the paper's results table as a figure.
 rule overview:
     input:
         metrics=grid_metrics(),
@@ -148,7 +148,7 @@ localrules:
     attention_figures,
 
 
-# The paper's Fig. 3: attention on the subject per layer (a), one question's heatmap (b).
+# The paper's attention analysis: attention on the subject per layer, one question's heatmap.
 rule attention_figures:
     input:
         layers=attention_inputs,

@@ -1,4 +1,4 @@
-# The paper's one-layer theory model (factft.theory, Fig. 2): one `simulate` job per
+# The paper's one-layer theory model (factft.theory): one `simulate` job per
 # (sweep, point, seed), then tables per sweep and the figures. Helpers are in common.smk.
 import re
 

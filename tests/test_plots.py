@@ -172,7 +172,7 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     html = (tmp_path / "results/report.html").read_text()
     assert "Held-out accuracy of <strong>tiny</strong> on <strong>synth</strong>" in html
     assert "the mean over the seeds 0, 1, 2" in html
-    assert "the analog of the paper's Table 1" in html
+    assert "the analog of the paper's results table" in html
 
 
 def test_plotting_an_experiment_without_metrics_is_an_error_naming_it(tmp_path):

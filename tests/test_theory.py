@@ -97,7 +97,7 @@ def test_answer_logits_are_the_attention_weighted_salience_of_subject_and_relati
 
 
 def test_at_the_demo_base_point_salience_follows_mentions_and_ft_top_beats_ft_bottom_in_every_seed():
-    """The paper's Fig. 2a claim at config/demo.yaml's base settings (gap 0.09 over 3 seeds)."""
+    """The paper's claim in the theory model at config/demo.yaml's base settings (gap 0.09 over 3 seeds)."""
     settings = demo_config()["simulation"]["settings"]
     for seed in (0, 1, 2):
         tables = simulate(settings, seed)

@@ -1,12 +1,12 @@
 """Where a finetuned model looks when it answers: attention from the last prompt position.
 
-The paper's Fig. 3: at the last prompt position, where the answer's first token is
+The paper's attention analysis: at the last prompt position, where the answer's first token is
 predicted, a model finetuned on well-known facts (FT-Top) puts more attention on the
 subject's tokens than one finetuned on little-known facts (FT-Bottom), which answers
 generically for the relation. Per test question, layer and head we take the
 weights of the last position's attention row and summarise two parts of the prompt: the
 subject's tokens and the question's other words (the relation, for contrast). For each
-part: the largest weight on one of its tokens (`*_max`, the paper's measure) and the
+part: the largest weight on one of its tokens (`*_max`) and the
 summed weight on all of them (`*_mass`). Heads are averaged, then questions.
 
 The subject's tokens are found through the tokenizer's offset mapping (the subject's
@@ -316,7 +316,7 @@ def read_attention(sources: Iterable[Mapping]) -> pd.DataFrame:
 
 
 def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
-    """Fig. 3a: per layer, the head-mean max attention on the subject (left) and on the
+    """Per layer, the head-mean max attention on the subject (left) and on the
     relation's words (middle), one line per subset: mean over seeds, band +/- 1 sd. Right:
     the summed attention on the rest of the prompt, where attention taken off the subject
     goes when it does not go to the relation."""
@@ -367,7 +367,7 @@ def plot_attention_by_layer(data: pd.DataFrame, model: str, dataset: str):
 
 
 def plot_attention_heatmaps(examples: Mapping[str, pd.DataFrame], model: str, dataset: str):
-    """Fig. 3b: one question's attention from the last position (layers x prompt tokens,
+    """One question's attention from the last position (layers x prompt tokens,
     mean over heads), one panel per subset, on one colour scale; subject tokens in bold red."""
     import seaborn as sns
     from matplotlib.colors import PowerNorm

@@ -38,7 +38,7 @@ def default_device() -> str:
 
 
 def compute_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs (the paper's setting), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    """bf16 on GPUs, fp32 on CPU (bf16 matmuls are slow and lossy there)."""
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 

@@ -1,4 +1,4 @@
-"""Accuracy vs fact popularity per (model, dataset): the paper's Fig. 4/5, plus the tail;
+"""Accuracy vs fact popularity per (model, dataset): the paper's accuracy-by-popularity plots, plus the tail;
 accuracy vs the size of the finetuning subset (plot_accuracy_vs_subset_size, for sized
 subsets such as top25); the finetuning loss per subset (plot_training_loss); and the
 overview of the whole grid (plot_overview).
@@ -89,7 +89,7 @@ def plot_accuracy_vs_popularity(
         top_ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}%")
         top_ax.set_xlabel(f"held-out facts: the top x% {ranked_first}")
         top_ax.set_ylabel("held-out accuracy")
-        top_ax.set_title(f"Top-x% {ranked_first} (cumulative, as in the paper's Fig. 4/5)")
+        top_ax.set_title(f"Top-x% {ranked_first} (cumulative, as in the paper)")
         positions = sorted(deciles["x"].unique())
         labels = [f"{p - 10:g}–{p:g}%" for p in positions]
         for ax in (decile_ax, guess_ax):
@@ -253,7 +253,7 @@ def make_size_figure(
 
 
 def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
-    """The whole grid at a glance (the paper's Table 1 as a figure): one panel per dataset,
+    """The whole grid at a glance (the paper's results table as a figure): one panel per dataset,
     per model a bar per finetuning subset (mean over seeds, +/- 1 sd) with each seed as a
     dot, and above the model's bars FT-Top - FT-Bottom from `summary` (summary.tsv: mean over
     the seeds with both, and its 95% bootstrap interval over test questions where it has one).

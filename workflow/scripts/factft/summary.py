@@ -1,4 +1,4 @@
-"""Summaries over seeds of the metrics tables: the paper's Table 1 analog and the plotted data.
+"""Summaries over seeds of the metrics tables: the analog of the paper's results table, and the plotted data.
 
 Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accuracy,
 exact_match, relation_guess: the share answered with the relation's commonest answer). A
@@ -371,7 +371,7 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
 
 
 def paper_table(summary: pd.DataFrame, fmt: str) -> str:
-    """The paper's Table 1 from summary.tsv, for a paper or a lab note: held-out accuracy in %
+    """The paper's results table from summary.tsv, for a paper or a lab note: held-out accuracy in %
     (mean +/- sd over seeds) per subset the summary has, and FT-Top - FT-Bottom, one row per
     (model, dataset). fmt: "markdown" or "latex" (booktabs; model and dataset names escaped).
     """
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table",
         choices=TABLE_FORMATS,
-        help="print only the paper's Table 1 (accuracy in %%, mean +/- sd over seeds) in this format",
+        help="print only the paper's results table (accuracy in %%, mean +/- sd over seeds) in this format",
     )
     args = parser.parse_args(argv)
     if not args.summary.exists():

@@ -1,6 +1,6 @@
 """Sweeps of the theory model from the config: points, their settings, checks (no torch).
 
-`simulation.settings` is the base point (Fig. 2a and the mechanism plots); each entry of
+`simulation.settings` is the base point (the subsets figure and the mechanism plots); each entry of
 `simulation.sweeps` varies one setting over a list of values, every other setting at its base
 value. A point's name is its value as written (the `point` wildcard); the base point is
 sweep "base", point "default". A sweep value equal to the base value is the base point: its

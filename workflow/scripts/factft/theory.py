@@ -1,4 +1,4 @@
-"""The paper's one-layer theory model (Sec. 4, Fig. 2), simulated on a CPU.
+"""The paper's one-layer theory model, simulated on a CPU.
 
 A world of subjects, relations and answers has FIXED token embeddings phi. One attention head
 reads the sequence [subject s, relation token r] and answers from the last position:

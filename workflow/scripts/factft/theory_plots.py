@@ -1,7 +1,7 @@
-"""Tables and figures over the theory model's results (factft.theory): the paper's Fig. 2.
+"""Tables and figures over the theory model's results (factft.theory): the paper's theory experiments.
 
 Kept apart from factft.theory so that these run without torch (envs/figures.yaml).
-Fig. 2a: held-out accuracy per finetuning subset at the base point. Fig. 2b/2c: FT-Top minus
+The subsets figure: held-out accuracy per finetuning subset at the base point. The gap figures: FT-Top minus
 FT-Bottom against a swept setting (Zipf exponent, pretraining steps). Mechanism: salience
 against pretraining mentions, and the attention on the subject through finetuning.
 """
@@ -98,7 +98,7 @@ def _legend_below(figure: Figure, ncol: int, **options) -> None:
 
 
 def plot_subsets(accuracy: pd.DataFrame) -> Figure:
-    """Fig. 2a: held-out QA accuracy per subset, with what the pretrained model stores."""
+    """The subsets figure: held-out QA accuracy per subset, with what the pretrained model stores."""
     figure = Figure(figsize=(5.5, 4.6), layout="constrained")
     ax = figure.subplots()
     positions = np.arange(len(SUBSETS))
@@ -132,7 +132,7 @@ def plot_subsets(accuracy: pd.DataFrame) -> Figure:
 
 
 def plot_gap(gap: pd.DataFrame, setting: str) -> Figure:
-    """Fig. 2b/2c: FT-Top minus FT-Bottom held-out accuracy against the swept setting (left),
+    """A gap figure: FT-Top minus FT-Bottom held-out accuracy against the swept setting (left),
     and the two accuracies it is the difference of (right)."""
     figure = Figure(figsize=(9, 4.4), layout="constrained")
     gap_ax, accuracy_ax = figure.subplots(1, 2, sharex=True)
