@@ -14,6 +14,7 @@ from factft.attention import (
     last_position_attention,
     make_attention_figures,
     plot_attention_by_layer,
+    plot_attention_heatmaps,
     prompt_tokens,
     example_index,
     read_attention,
@@ -187,6 +188,24 @@ def test_analysis_tables_hold_per_layer_statistics_and_the_most_popular_question
     assert first_layer["weight"].sum() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_per_layer_statistics_are_the_max_and_sum_of_the_example_questions_token_weights(tiny_model_dir):
+    # One question: its per-layer mass is the sum of its head-mean token weights; its max, a
+    # mean over heads of each head's max, lies between the largest head-mean weight and the mass.
+    test = pd.DataFrame(
+        {"id": ["b"], "question": ["What does Suna Dee play?"], "answers": [["piano"]], "subject": ["Suna Dee"],
+         "popularity": [9.0]}
+    )  # fmt: skip
+    params = {"questions": 10, "batch_size": 2, "prompt": {"template": TEMPLATE}, "max_drop_fraction": 0.1}
+    by_layer, example = analyse_attention({"name": "tiny", "path": str(tiny_model_dir)}, test, params, device="cpu")
+    for layer, weights in example.groupby("layer"):
+        row = by_layer.set_index("layer").loc[layer]
+        for part in ("subject", "relation"):
+            mine = weights.loc[weights["part"] == part, "weight"]
+            assert len(mine) > 0
+            assert row[f"{part}_mass"] == pytest.approx(mine.sum(), abs=1e-6)
+            assert mine.max() - 1e-6 <= row[f"{part}_max"] <= row[f"{part}_mass"] + 1e-6
+
+
 def write_tables(folder, subsets=("top", "bottom"), seeds=(0, 1), layers=3):
     sources, examples = [], {}
     for k, subset in enumerate(subsets):
@@ -222,6 +241,20 @@ def test_figures_are_written_from_the_attention_tables(tmp_path):
     make_attention_figures(sources, examples, "tiny", "synth", by_layer, heatmap)
     assert (tmp_path / "a.png").stat().st_size > 10_000 and (tmp_path / "b.png").stat().st_size > 10_000
     assert all((tmp_path / name).read_bytes().startswith(b"%PDF") for name in ("a.pdf", "b.pdf"))
+
+
+def test_each_heatmap_panel_is_its_subsets_weights_layer_by_token_subject_in_red(tmp_path):
+    _, paths = write_tables(tmp_path)
+    examples = {s: pd.read_csv(p, sep="\t", keep_default_na=False, dtype={"token": str}) for s, p in paths.items()}
+    examples["bottom"] = examples["bottom"].assign(weight=examples["bottom"]["weight"] * examples["bottom"]["layer"] / 3)
+    figure = plot_attention_heatmaps(examples, "tiny", "synth")
+    for ax, (subset, example) in zip(figure.axes, examples.items()):
+        drawn = ax.images[0].get_array()
+        expected = example.pivot(index="layer", columns="position", values="weight").to_numpy()
+        np.testing.assert_allclose(drawn, expected)  # row 0 = layer 1, drawn at the bottom
+        red = [label.get_text() for label in ax.get_xticklabels() if label.get_color() == "tab:red"]
+        assert red == ["NA"]
+    assert figure.axes[0].images[0].norm.vmax == max(e["weight"].max() for e in examples.values())
 
 
 def test_the_right_panel_shows_where_attention_off_the_subject_and_relation_goes(tmp_path):
