@@ -242,7 +242,10 @@ def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path
     model, tokenizer = load_model(spec(tiny_model_dir), tmp_path / "full", device="cpu")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
-    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    # Every weight trained, not only an adapter's or the head's (embedding rows of unused tokens stay).
+    trained = dict(model.named_parameters())
+    for name, weight in base.named_parameters():
+        assert "embed_tokens" in name or not torch.equal(trained[name], weight), name
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
 
 
