@@ -67,6 +67,15 @@ def test_wrong_type_names_the_key():
 
 
 # At 1 FT-Top, FT-Bottom and FT-Random would each be the whole pool.
+def test_contact_must_fit_an_http_header():
+    config = load("config.yaml")
+    config["contact"] = "ada@example.org (https://example.org/lab)"
+    validated(config)
+    for bad in ("ada@example.org\n", "Łukasz <l@example.pl>"):
+        config["contact"] = bad
+        assert "schema['properties']['contact']" in schema_error(config)
+
+
 @pytest.mark.parametrize("fraction", [0, -0.1, 1, 1.5])
 def test_fraction_outside_zero_one_is_rejected(fraction):
     config = load("config.yaml")

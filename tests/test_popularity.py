@@ -4,10 +4,12 @@ import logging
 
 import pandas as pd
 import pytest
+import requests
 
 from factft.errors import FactftError
 from factft.pageviews import MIN_RATE, RateLimit, article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
+from factft.sources import get_with_retries
 from factft.tables import check_facts, write_table
 
 DAYS = "daily/20230101/20230103"
@@ -175,6 +177,18 @@ def test_a_429_halves_the_rate_once_per_burst_down_to_the_floor():
         now[0] += 1.0
         limit.slow_down()
     assert limit.per_second == MIN_RATE
+
+
+def test_every_attempt_waits_its_turn_retries_included_and_each_429_is_reported(http_server):
+    http_server.reply("/x", (429, "slow down", {"Retry-After": "0"}), (503, "busy"), (200, "ok"))
+    paced, throttled = [], []
+    with requests.Session() as session:
+        response = get_with_retries(
+            session, f"{http_server.url}/x", backoff=0.01, pace=lambda: paced.append(len(http_server.requests)),
+            on_throttled=lambda: throttled.append(len(http_server.requests)),
+        )  # fmt: skip
+    assert response.status_code == 200
+    assert paced == [0, 1, 2] and throttled == [1]  # before each of the 3 requests; after the 429
 
 
 def test_pageviews_slow_down_after_429_and_send_the_configured_contact(http_server, tmp_path, caplog):

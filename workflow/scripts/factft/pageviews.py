@@ -151,11 +151,11 @@ def pageview_table(
         if not hasattr(local, "session"):
             local.session = requests.Session()  # a Session is not shared between threads
             sessions.append(local.session)
-        limit.wait()  # Wikimedia asks clients to keep a modest request rate
         url = f"{base_url}/{project}/all-access/user/{quote(article, safe='')}/daily/{start}/{end}"
+        # Every attempt waits its turn (Wikimedia asks clients to keep a modest request rate).
         response = get_with_retries(
             local.session, url, attempts=attempts, backoff=backoff, timeout=timeout, agent=agent,
-            on_throttled=throttled,
+            pace=limit.wait, on_throttled=throttled,
         )  # fmt: skip
         if response.status_code in MISSING_STATUS:
             total = 0

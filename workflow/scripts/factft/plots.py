@@ -1,11 +1,11 @@
-"""Accuracy vs fact popularity per (model, dataset): the paper's accuracy-by-popularity plots, plus the tail;
-accuracy vs the size of the finetuning subset (plot_accuracy_vs_subset_size, for sized
-subsets such as top25); the finetuning loss per subset (plot_training_loss); and the
-overview of the whole grid (plot_overview).
+"""Accuracy vs fact popularity per (model, dataset): the paper's accuracy-by-popularity
+plots, plus the tail; accuracy vs the size of the finetuning subset
+(plot_accuracy_vs_subset_size, for sized subsets such as top25); the finetuning loss per
+subset (plot_training_loss); and the overview of the whole grid (plot_overview).
 
-Left panel: accuracy on the top-x% most popular held-out facts (cumulative, the paper's
-x-axis). Middle: accuracy per popularity decile, where the rare tail is not averaged away.
-Right: per decile, the share of questions answered with the relation's commonest answer
+Left panel: accuracy on the top-x% most popular held-out facts (cumulative). Middle:
+accuracy per popularity decile, where the rare tail is not averaged away. Right: per decile,
+the share of questions answered with the relation's commonest answer
 (factft.metrics.relation_guess), the finetuned models' guessing against the gold answers'
 own share. Every panel puts the most popular facts on the left. The finetuned subsets are
 lines (mean over seeds) with a +/- 1 sd band; the base model answering zero-shot is dashed
@@ -44,7 +44,9 @@ STYLES = {
     "gold": dict(color="0.5", marker="", linestyle="-."),
 }
 # One number, two readings: the share of gold answers that are their relation's commonest
-# (guess panel), and the accuracy of always answering it (decile panel): the guessing floor.
+# (given at least twice; guess panel), and the accuracy of always answering it (decile panel):
+# the guessing floor. They differ only where a relation's gold answers all differ: the line
+# shows 0 there, where always answering one of them would be right once.
 GOLD_LABEL = "Gold: relation's commonest answer"
 # How each kind of subset picks its facts (the subset-size figure's legend).
 _SELECTION = {"top": "most popular first", "bottom": "least popular first", "random": "seeded sample"}

@@ -10,6 +10,7 @@ relation (+ choices, answer_index for multiple choice, + kept columns).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import logging
@@ -107,17 +108,24 @@ def read_hf(name: str, source: dict, cache_dir: str | Path) -> pd.DataFrame:
     A hub dataset of csv/tsv files (PopQA is one test.tsv) is read with only empty cells
     missing, as read_file reads them: datasets' csv reader otherwise takes pandas' default
     missing-value strings, and a subject "None" or "NA" would become empty and be dropped.
+    Those options are part of the dataset's cache key, so they are asked for first (offline,
+    only the cache made with them is found); a builder that is not csv refuses them, as does
+    an offline cache made without them, and the dataset is then loaded as it comes.
     """
     import datasets
-    from datasets.packaged_modules.csv.csv import CsvConfig
 
-    where = dict(revision=source.get("revision"), cache_dir=str(Path(cache_dir) / "datasets"))
+    builder_of = functools.partial(
+        datasets.load_dataset_builder,
+        source["hf"],
+        source.get("name"),
+        revision=source.get("revision"),
+        cache_dir=str(Path(cache_dir) / "datasets"),
+    )
     try:
-        builder = datasets.load_dataset_builder(source["hf"], source.get("name"), **where)
-        if isinstance(builder.config, CsvConfig):
-            builder = datasets.load_dataset_builder(
-                source["hf"], source.get("name"), keep_default_na=False, na_values=[""], **where
-            )
+        try:
+            builder = builder_of(keep_default_na=False, na_values=[""])
+        except ValueError:
+            builder = builder_of()
         builder.download_and_prepare()
         loaded = builder.as_dataset(split=source.get("split", "test"))
     except ConnectionError as error:
@@ -191,18 +199,22 @@ def get_with_retries(
     timeout: float = 60,
     stream: bool = False,
     agent: str = USER_AGENT,
+    pace: Callable[[], None] | None = None,
     on_throttled: Callable[[], None] | None = None,
 ) -> requests.Response:
     """GET `url`; retry connection errors, 429 and 5xx with exponential backoff.
 
     Returns the last response (any other status is the caller's to judge); raises FactftError
     when every attempt failed. Retry-After is honoured but capped, so the loop stays bounded.
-    `on_throttled` is called on each 429 (too many requests), for a caller that sets the pace.
+    For a caller that sets the pace: `pace` is called before every attempt, retries included,
+    and `on_throttled` on each 429 (too many requests).
     """
     problem = ""
     for attempt in range(attempts):
         if attempt:
             time.sleep(_retry_delay(problem, backoff, attempt))
+        if pace is not None:
+            pace()
         try:
             response = session.get(url, timeout=timeout, stream=stream, headers={"User-Agent": agent})
         except (requests.ConnectionError, requests.Timeout) as error:
