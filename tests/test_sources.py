@@ -132,7 +132,8 @@ def test_entityquestions_question_outside_its_template_is_named_then_dropped_and
     source = {"url": "file://unused", "reader": "entityquestions"}
     with caplog.at_level(logging.WARNING, logger="factft.sources"):
         table = read_entityquestions(tmp_path / "dataset.zip")
-    assert "1 questions fit no template of their relation" in caplog.text
+    assert "questions that fit no template of their relation, their subject left empty" in caplog.text
+    assert "split.max_drop_fraction): 1, the first" in caplog.text
     assert "dataset/test/P19.test.json: 'Who is Ada?'" in caplog.text
     facts = to_facts(table, spec(source, "eq"), max_drop_fraction=0.5)
     assert facts["subject"].tolist() == ["Ada"]

@@ -327,7 +327,8 @@ def read_entityquestions(path: str | Path) -> pd.DataFrame:
         raise FactftError(f"cannot read {path} as EntityQuestions' dataset.zip: {error}") from None
     if misfits:
         log.warning(
-            "%s: %d questions fit no template of their relation, their subject left empty (first: %s)",
+            "%s: questions that fit no template of their relation, their subject left empty (dropped, "
+            "split.max_drop_fraction): %d, the first %s",
             path, len(misfits), misfits[0],
         )  # fmt: skip
     return pd.DataFrame.from_records(rows)
