@@ -246,7 +246,8 @@ def test_figures_are_written_from_the_attention_tables(tmp_path):
 def test_each_heatmap_panel_is_its_subsets_weights_layer_by_token_subject_in_red(tmp_path):
     _, paths = write_tables(tmp_path)
     examples = {s: pd.read_csv(p, sep="\t", keep_default_na=False, dtype={"token": str}) for s, p in paths.items()}
-    examples["bottom"] = examples["bottom"].assign(weight=examples["bottom"]["weight"] * examples["bottom"]["layer"] / 3)
+    bottom = examples["bottom"]
+    examples["bottom"] = bottom.assign(weight=bottom["weight"] * bottom["layer"] / 3)  # panels that differ
     figure = plot_attention_heatmaps(examples, "tiny", "synth")
     for ax, (subset, example) in zip(figure.axes, examples.items()):
         drawn = ax.images[0].get_array()

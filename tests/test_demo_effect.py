@@ -60,7 +60,8 @@ def test_ft_bottom_guesses_from_the_relation_more_than_ft_top_on_most_relations(
     by_relation = pd.read_csv(demo / "tables/accuracy_by_relation.tsv", sep="\t")
     wide = by_relation.pivot(index="relation", columns="subset", values=["mean", "guess_mean"])
     assert (wide[("mean", "top")] > wide[("mean", "bottom")]).all()
-    # FT-Bottom guesses more on most relations and less on none (the demo: 6 of 6 on one machine, 5 of 6 and a tie on another).
+    # FT-Bottom guesses more on most relations and less on none (the demo: 6 of 6 on one
+    # machine, 5 of 6 and a tie on another).
     guess_bottom, guess_top = wide[("guess_mean", "bottom")], wide[("guess_mean", "top")]
     assert (guess_bottom >= guess_top - 1e-9).all() and (guess_bottom > guess_top).sum() > len(wide) / 2
 
