@@ -37,16 +37,6 @@ def test_tokenizer_without_pad_token_gets_eos_as_pad(tiny_model_dir, tmp_path):
     assert loaded.pad_token == loaded.eos_token == "</s>"
 
 
-def test_folder_without_safetensors_is_a_clear_error_even_with_pickled_weights(tiny_model_dir, tmp_path):
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, folder / name)
-    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(FactftError, match=r"model 'llama': no safetensors weights in .*pickled"):
-        load_model(spec_for(folder, name="llama"), device="cpu")
-
-
 def test_missing_model_folder_says_how_to_get_it(tmp_path):
     with pytest.raises(FactftError, match=r"model 'llama'.*download_models.*models\.llama\.source\.path"):
         load_model(spec_for(tmp_path / "nowhere", name="llama"), device="cpu")

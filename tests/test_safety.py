@@ -107,7 +107,7 @@ def test_a_model_folder_with_only_pickled_weights_is_refused_without_unpickling_
         shutil.copy(tiny_model_dir / name, folder)
     marker = tmp_path / "code-ran"
     hostile_pickle(folder / "pytorch_model.bin", marker)
-    with pytest.raises(FactftError, match=r"no safetensors weights .*pickled \.bin weights can run code"):
+    with pytest.raises(FactftError, match=r"model 'tiny': no safetensors weights in .*pickled \.bin weights can run code"):
         load_model(spec(folder), device="cpu")
     assert not marker.exists()
 
