@@ -3,6 +3,10 @@
 import hashlib
 import logging
 import os
+import socket
+import subprocess
+import sys
+import threading
 
 import pandas as pd
 import pytest
@@ -81,6 +85,64 @@ def test_unreachable_hub_is_one_line_saying_where_to_download_or_what_to_set(tmp
     assert "\n" not in message
     assert message.startswith("dataset 'popqa': cannot reach the Hugging Face hub (")
     assert "run `snakemake download_datasets` where there is internet, or set datasets.popqa.source.path" in message
+
+
+@pytest.fixture
+def refusing_proxy():
+    """A real HTTP proxy on localhost that refuses every request (407), as a cluster's proxy
+    does without credentials: hub traffic goes to it, never to the internet."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve():
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (
+            "from factft.sources import read_hf; read_hf('popqa', {'hf': 'akariasai/PopQA'}, 'cache')",
+            "dataset 'popqa': cannot reach the Hugging Face hub (ProxyError: 407 Proxy Authentication Required; "
+            "check HTTPS_PROXY and HTTP_PROXY); run `snakemake download_datasets` where there is internet",
+        ),
+        (
+            "from factft.models import download_model; "
+            "download_model('llama2-7b', {'hf': 'meta-llama/Llama-2-7b-hf', 'cache_dir': 'hf'}, 'model')",
+            "model 'llama2-7b': cannot reach the hub for meta-llama/Llama-2-7b-hf (ProxyError: 407 Proxy "
+            "Authentication Required; check HTTPS_PROXY and HTTP_PROXY); run `snakemake download_models`",
+        ),
+        (
+            "from factft.sources import fetch_url; fetch_url('https://example.org/eq.zip', 'cache', attempts=1)",
+            "cannot fetch https://example.org/eq.zip: gave up after 1 attempts (ProxyError: ",
+        ),
+    ],
+    ids=["dataset", "model", "url"],
+)
+def test_a_refusing_proxy_is_a_one_line_error_naming_the_proxy_settings(refusing_proxy, tmp_path, call, expected):
+    # Online, in a fresh process: the hub clients read HF_HUB_OFFLINE once, on import.
+    offline = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"}
+    env = {k: v for k, v in os.environ.items() if k not in offline and not k.lower().endswith("_proxy")}
+    env.update(HTTPS_PROXY=refusing_proxy, HTTP_PROXY=refusing_proxy, HF_HOME=str(tmp_path / "home"))
+    code = f"from factft.errors import FactftError\ntry:\n    {call}\nexcept FactftError as e:\n    print(e)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith(expected), done.stdout
+    assert "; check HTTPS_PROXY and HTTP_PROXY" in done.stdout
+    # Nothing is left of what was not fetched.
+    assert not (tmp_path / "model").exists() and not list((tmp_path / "cache").glob("*eq.zip*"))
 
 
 def test_mmlu_answer_is_the_choice_at_answer_index_and_hub_config_name_is_used(data_dir, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from factft.errors import FactftError
+from factft.sources import hub_connection_errors, hub_failure
 from factft.tables import atomic_dir, check_new_dir
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,6 @@ def download_model(name: str, source: dict, target: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -259,9 +259,9 @@ def download_model(name: str, source: dict, target: str | Path) -> Path:
         ) from None
     except RepositoryNotFoundError:
         raise FactftError(f"model '{name}': no hub repository {repo} (models.{name}.source.hf)") from None
-    except (LocalEntryNotFoundError, OSError) as error:
+    except (OSError, *hub_connection_errors()) as error:
         raise FactftError(
-            f"model '{name}': cannot reach the hub for {repo} ({type(error).__name__}); run "
+            f"model '{name}': cannot reach the hub for {repo} ({hub_failure(error)}); run "
             f"`snakemake download_models` where there is internet, or set models.{name}.source.path "
             "to a local model folder"
         ) from None

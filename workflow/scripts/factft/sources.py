@@ -41,6 +41,8 @@ def user_agent(contact: str | None = None) -> str:
 
 USER_AGENT = user_agent()
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Clusters often reach the internet through a proxy, which refuses without credentials.
+PROXY_HINT = "; check HTTPS_PROXY and HTTP_PROXY"
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".zip")
 # A drop reason of its own: the answers column holds something else (a dict, a bool), not just nothing.
 MISSHAPED = "answers not a list or a string"
@@ -128,16 +130,16 @@ def read_hf(name: str, source: dict, cache_dir: str | Path) -> pd.DataFrame:
             builder = builder_of()
         builder.download_and_prepare()
         loaded = builder.as_dataset(split=source.get("split", "test"))
-    except ConnectionError as error:
-        raise FactftError(
-            f"dataset '{name}': cannot reach the Hugging Face hub ({error}); run "
-            f"`snakemake download_datasets` where there is internet, or set datasets.{name}.source.path "
-            "to a local copy"
-        ) from None
     except datasets.exceptions.DatasetNotFoundError as error:
         raise FactftError(
             f"dataset '{name}': {error}; check datasets.{name}.source.hf (gated datasets also need "
             "`hf auth login`)"
+        ) from None
+    except hub_connection_errors() as error:
+        raise FactftError(
+            f"dataset '{name}': cannot reach the Hugging Face hub ({hub_failure(error)}); run "
+            f"`snakemake download_datasets` where there is internet, or set datasets.{name}.source.path "
+            "to a local copy"
         ) from None
     except ValueError as error:
         # Unknown split or configuration name: datasets lists the ones that exist.
@@ -145,6 +147,26 @@ def read_hf(name: str, source: dict, cache_dir: str | Path) -> pd.DataFrame:
             f"dataset '{name}': {error}; check datasets.{name}.source.split and .name"
         ) from None
     return loaded.to_pandas()
+
+
+def hub_connection_errors() -> tuple[type[Exception], ...]:
+    """What the hub clients raise when the hub cannot be reached: datasets' ConnectionError,
+    and the HTTP client's own errors (a proxy's refusal among them), which are not OSErrors."""
+    from huggingface_hub.utils import httpx
+
+    return ConnectionError, httpx.HTTPError
+
+
+def hub_failure(error: Exception) -> str:
+    """A failed hub call in a few words: the error's type, its first line where that is short
+    and specific (not huggingface_hub's paragraph of advice), a hint for a refusing proxy."""
+    lines = str(error).strip().splitlines()
+    reason = type(error).__name__
+    if lines and len(lines[0]) <= 160:
+        reason += f": {lines[0]}"
+    if "proxy" in reason.lower():
+        reason += PROXY_HINT
+    return reason
 
 
 def read_file(path: str | Path) -> pd.DataFrame:
@@ -219,6 +241,8 @@ def get_with_retries(
             response = session.get(url, timeout=timeout, stream=stream, headers={"User-Agent": agent})
         except (requests.ConnectionError, requests.Timeout) as error:
             problem = f"{type(error).__name__}: {error}"
+            if isinstance(error, requests.exceptions.ProxyError):
+                problem += PROXY_HINT
             continue
         if response.status_code not in RETRY_STATUS:
             return response
