@@ -218,6 +218,13 @@ def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_f
         check_config(config)
     config["datasets"]["mmlu"]["prompt"] = {"template": "{question} {not a field} {}", "answer": " {answer}"}
     check_config(config)  # braces around no single word stay literal
+    config["datasets"]["mmlu"]["prompt"] = {}
+    config["prompt"] = {"template": "Q: {question} A: ", "answer": "{answer}"}
+    with pytest.raises(FactftError, match=r"^prompt\.template ends in whitespace \('Q: \{question\} A: '\); put the "
+                       r"space at the start of prompt\.answer instead \(e\.g\. ' \{answer\}'\)"):
+        check_config(config)
+    config["prompt"] = {"template": "Question: {question}\nAnswer:\n", "answer": "{answer}"}
+    check_config(config)  # a line break ends a prompt well: nothing joins it to the next word
 
 
 def test_a_kept_or_scored_column_named_like_a_facts_column_is_named_before_any_job():

@@ -106,6 +106,13 @@ def prompt_settings(config: dict, dataset: str) -> dict:
                 f"{', '.join('{' + field + '}' for field in sorted(known))}"
             )
     template, answer = merged["template"], merged["answer"]
+    if template[-1:] in (" ", "\t"):
+        # Tokenizers join a space to the word after it (' Paris' is one token): a prompt that
+        # ends in one asks the model for a word without its space, unlike all it has read.
+        raise FactftError(
+            f"{where('template')} ends in whitespace ({template!r}); put the space at the start of "
+            f"{where('answer')} instead (e.g. ' {{answer}}'), as the default prompt does"
+        )
     if config["datasets"][dataset]["format"] == "open":
         for key, field in (("template", "{choices}"), ("answer", "{letter}")):
             if field in merged[key]:
