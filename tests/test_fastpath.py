@@ -72,7 +72,8 @@ def settings(**overrides):
 
 def lora_model(tiny_model_dir, **overrides):
     """The tiny model with LoRA whose B matrices are non-zero, so every weight gets a gradient."""
-    model, tokenizer = load_model(spec(tiny_model_dir), device="cpu", for_training=True)
+    quantize = "nf4" if overrides.get("method") == "qlora" else None
+    model, tokenizer = load_model(spec(tiny_model_dir), device="cpu", for_training=True, quantize=quantize)
     seed_everything(0)
     model = prepare_model(model, settings(**overrides))
     with torch.no_grad():
@@ -161,14 +162,27 @@ def test_a_right_padded_batch_needs_no_attention_mask(tiny_model_dir, facts):
         assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, facts):
-    plain, tokenizer = lora_model(tiny_model_dir)
-    checkpointed, _ = lora_model(tiny_model_dir, gradient_checkpointing=True)
+def mlp_calls(model) -> list[int]:
+    """A counter of the first decoder layer's MLP calls (counted as they start: a recompute
+    stops once it has what the backward pass needs, before the MLP returns)."""
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = [0]
+    layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients(tiny_model_dir, facts, method):
+    plain, tokenizer = lora_model(tiny_model_dir, method=method)
+    checkpointed, _ = lora_model(tiny_model_dir, method=method, gradient_checkpointing=True)
     encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
     batch = collate(encoded, [0, 3, 4, 9], tokenizer.pad_token_id, "cpu")
     plain.train(), checkpointed.train()
+    calls, calls_gc = mlp_calls(plain), mlp_calls(checkpointed)
     loss, grads = loss_and_grads(plain, batch)
     loss_gc, grads_gc = loss_and_grads(checkpointed, batch)
+    # Checkpointing is on: the backward pass runs each layer's forward again.
+    assert calls == [1] and calls_gc == [2]
     assert torch.allclose(loss_gc, loss, atol=1e-6)
     assert grads_gc.keys() == grads.keys()
     for name, grad in grads.items():

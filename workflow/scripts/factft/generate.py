@@ -192,6 +192,8 @@ def generate_texts(
 
     for k, budget in enumerate(budgets):
         pending = np.flatnonzero(~finished)
+        if not len(pending):
+            break
         lengths = [len(encoded[i]) + len(answers[i]) for i in pending]
         batches = [pending[b] for b in length_batches(lengths, batch_size)]
         if static_cache and len(batches) > 1:

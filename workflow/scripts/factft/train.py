@@ -199,22 +199,19 @@ def prepare_model(model, settings: dict):
     method = settings["method"]
     checkpointing = settings.get("gradient_checkpointing", False)
     model.config.use_cache = False  # a KV cache is useless in teacher-forced training
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched on below: peft's own call uses a name transformers 6 drops.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if checkpointing:
+        enable_checkpointing(model)
     if method == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-        if checkpointing:
-            enable_checkpointing(model)
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif checkpointing:
-        enable_checkpointing(model)
     config = lora_config(settings["lora"])
     try:
         return get_peft_model(model, config)
@@ -501,7 +498,9 @@ def save_output(out_dir: Path, model, tokenizer, summary: dict, method: str) -> 
             # Saved in the compute dtype, as evaluation loads it: half the disk of fp32 on a GPU.
             model.to(compute_dtype(next(model.parameters()).device))
             tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp)
+        # factft adds no tokens, so no embedding layer to save: peft's check for added ones
+        # looks for a config.json a GGUF model folder lacks, and warns in every such log.
+        model.save_pretrained(tmp, **({} if method == "full" else {"save_embedding_layers": False}))
         (tmp / "trained.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
