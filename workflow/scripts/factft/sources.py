@@ -151,7 +151,8 @@ def read_hf(name: str, source: dict, cache_dir: str | Path) -> pd.DataFrame:
 
 def hub_connection_errors() -> tuple[type[Exception], ...]:
     """What the hub clients raise when the hub cannot be reached: datasets' ConnectionError,
-    and the HTTP client's own errors (a proxy's refusal among them), which are not OSErrors."""
+    and the HTTP client's own errors, a proxy's refusal among them (neither of the two kinds
+    derives from the other)."""
     from huggingface_hub.utils import httpx
 
     return ConnectionError, httpx.HTTPError
