@@ -4,6 +4,8 @@ from snakemake.exceptions import WorkflowError
 
 from factft.config import (
     check_config,
+    evaluate_job_settings,
+    finetune_job_settings,
     finetune_settings,
     prompt_settings,
     sort_settings,
@@ -309,19 +311,11 @@ def pretrain_facts(wildcards):
     return raw_table(pretrain_params(wildcards)["dataset"])
 
 
-# Finetune switches added after finished runs may exist: left out of a job's params while
-# off, since Snakemake reruns a job whose params change (the library reads them with .get).
-LATER_SWITCHES = ("compile",)
-
-
 def finetune_params(wildcards):
     """What decides a finetune's result; checkpoint_every goes through `running`."""
-    settings = finetune_settings(config, wildcards.model, wildcards.dataset)
-    del settings["checkpoint_every"]
-    for key in LATER_SWITCHES:
-        if not settings[key]:
-            del settings[key]
-    return dict(settings, seed=int(wildcards.seed))
+    return finetune_job_settings(
+        config, wildcards.model, wildcards.dataset, wildcards.seed
+    )
 
 
 def checkpoint_every(wildcards):
@@ -368,16 +362,8 @@ CLOZE = "results/{model}/{dataset}/cloze"
 
 
 def evaluate_params(wildcards):
-    """What answering and scoring need. evaluate.fewshot and attention_questions stay out:
-    Snakemake reruns a job whose params change, and they concern other rules; choice_score
-    is in only for a multiple-choice dataset."""
-    keys = ["max_new_tokens", "batch_size", "static_cache", "percentiles"]
-    fmt = DATASETS[wildcards.dataset]["format"]
-    if fmt == "multiple_choice":
-        keys.append("choice_score")
     return dict(
-        {key: config["evaluate"][key] for key in keys},
-        format=fmt,
+        evaluate_job_settings(config, wildcards.dataset),
         prompt=prompt_params(wildcards),
     )
 

@@ -9,7 +9,15 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from factft.config import SCHEMA, check_config, finetune_settings, prompt_settings, sort_settings
+from factft.config import (
+    SCHEMA,
+    check_config,
+    evaluate_job_settings,
+    finetune_job_settings,
+    finetune_settings,
+    prompt_settings,
+    sort_settings,
+)
 from factft.errors import FactftError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +190,23 @@ def test_per_dataset_finetune_overrides_merge_and_a_clash_with_a_models_is_named
     config["datasets"]["entityquestions"]["finetune"] = {"epoch": 1}
     with pytest.raises(FactftError, match=r"^datasets\.entityquestions\.finetune: .*'epoch' was unexpected"):
         check_config(config)
+
+
+def test_a_job_gets_its_own_datasets_settings_its_seed_and_nothing_that_should_not_rerun_it():
+    config = validated(load("config.yaml"))
+    popqa = finetune_job_settings(config, "llama2-7b", "popqa", "2")
+    mmlu = finetune_job_settings(config, "llama2-7b", "mmlu", 0)
+    assert (popqa["max_length"], mmlu["max_length"]) == (128, 512)  # MMLU's own, room for its options
+    assert (popqa["seed"], mmlu["seed"]) == (2, 0)
+    # How often progress is saved decides nothing; a switch added later shows only when on.
+    assert "checkpoint_every" not in popqa and "compile" not in popqa
+    config["finetune"]["compile"] = True
+    assert finetune_job_settings(config, "llama2-7b", "popqa", 0)["compile"] is True
+    mc, open_qa = evaluate_job_settings(config, "mmlu"), evaluate_job_settings(config, "popqa")
+    assert mc["format"] == "multiple_choice" and mc["choice_score"] == config["evaluate"]["choice_score"]
+    assert open_qa["format"] == "open" and "choice_score" not in open_qa
+    assert open_qa["max_new_tokens"] == config["evaluate"]["max_new_tokens"]
+    assert not {"fewshot", "attention_questions"} & (mc.keys() | open_qa.keys())  # other rules' settings
 
 
 def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_format():

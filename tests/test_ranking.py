@@ -74,3 +74,6 @@ def test_a_named_scoring_model_ranks_the_facts_of_every_run(tmp_path):
     plan = snakemake(config, tmp_path / "work", *targets, "-n").stdout
     assert finetune_inputs(plan) == {m: "results/synth/by-tiny/splits/top.parquet" for m in MODELS}
     assert re.search(r"^popularity\s+1$", plan, re.M)
+    # A tiny scoring model runs on a CPU: its job holds no GPU (a CPU-only cluster could not run it).
+    popularity = re.search(r"^rule popularity:\n((?:    .*\n)+)", plan, re.M)[1]
+    assert re.search(r"resources: .*\bgpu=0\b", popularity), popularity

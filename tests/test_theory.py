@@ -396,7 +396,7 @@ def test_salience_figure_draws_test_subjects_underneath_the_finetuning_subsets()
 def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     config = demo_config()
     # zipf 1.0 is the base value: that point reads the base run, computed once.
-    config["simulation"] = {"seeds": [0], "settings": TINY, "sweeps": {"zipf": [1.0, 1.5]}}
+    config["simulation"] = {"seeds": [0, 1], "settings": TINY, "sweeps": {"zipf": [1.0, 1.5]}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     target = "results/figures/simulation/gap_vs_zipf.png"
@@ -410,6 +410,9 @@ def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     assert (tmp_path / target).stat().st_size > 0
     summary = pd.read_csv(tmp_path / "results/simulation/zipf/gap_summary.tsv", sep="\t")
     assert list(summary["value"]) == [1.0, 1.5] and set(summary["sweep"]) == {"zipf"}
+    # Each run's table is tagged with its own point and seed.
+    gaps = pd.read_csv(tmp_path / "results/simulation/zipf/gap.tsv", sep="\t")
+    assert sorted(zip(gaps["value"], gaps["seed"])) == [(1.0, 0), (1.0, 1), (1.5, 0), (1.5, 1)]
     assert np.isfinite(summary["gap"]).all()
     base = pd.read_csv(tmp_path / f"results/simulation/{BASE}/gap_summary.tsv", sep="\t")
     assert summary.iloc[0]["gap"] == base.iloc[0]["gap"]

@@ -1,4 +1,5 @@
-"""Checks of the config that a JSON schema cannot express, and merged prompt and finetune settings.
+"""Checks of the config that a JSON schema cannot express, merged prompt and finetune settings,
+and the settings each finetune and evaluation job gets (its Snakemake params).
 
 The schema (workflow/schemas/config.schema.yaml) checks shapes, types and ranges and fills
 defaults; these checks tie keys together (a scorer's model must be configured, ...). Both run
@@ -155,6 +156,33 @@ def finetune_settings(config: dict, model: str, dataset: str | None = None) -> d
     except jsonschema.ValidationError as error:
         raise FactftError(f"{_override_at_fault(overrides, error)}: {error.message}") from None
     return merged
+
+
+# Finetune switches added after finished runs may exist: left out of a job's params while
+# off, since Snakemake reruns a job whose params change (the library reads them with .get).
+LATER_SWITCHES = ("compile",)
+# What answering and scoring need. evaluate.fewshot and attention_questions stay out: they
+# concern other rules, and a job whose params change is rerun.
+EVALUATE_KEYS = ("max_new_tokens", "batch_size", "static_cache", "percentiles")
+
+
+def finetune_job_settings(config: dict, model: str, dataset: str, seed: int | str) -> dict:
+    """What decides one finetune's result: its merged settings and its seed. checkpoint_every
+    (how often progress is saved, not what is learned) reaches the job another way."""
+    settings = finetune_settings(config, model, dataset)
+    del settings["checkpoint_every"]
+    for key in LATER_SWITCHES:
+        if not settings[key]:
+            del settings[key]
+    return dict(settings, seed=int(seed))
+
+
+def evaluate_job_settings(config: dict, dataset: str) -> dict:
+    """The evaluate block's keys an evaluation of `dataset` uses (choice_score only for a
+    multiple-choice dataset), and the dataset's format."""
+    fmt = config["datasets"][dataset]["format"]
+    keys = [*EVALUATE_KEYS, *(["choice_score"] if fmt == "multiple_choice" else [])]
+    return dict({key: config["evaluate"][key] for key in keys}, format=fmt)
 
 
 def _override_at_fault(overrides: dict[str, dict], error: jsonschema.ValidationError) -> str:
