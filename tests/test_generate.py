@@ -448,9 +448,11 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     """The rules on ready-made inputs: a model folder, a LoRA adapter, a test split.
 
     The adapter's weights are random (a fresh LoRA adds zero), so evaluate's predictions must
-    differ from evaluate_base's, the model alone: an evaluate that dropped the adapter would
-    not. evaluate_fewshot (with demonstrations) and cloze are evaluate_base's other callers.
+    differ from evaluate_base's, the model alone, and attention's weights from the model's
+    alone: a rule that dropped the adapter would not. evaluate_fewshot (with demonstrations)
+    and cloze are evaluate_base's other callers.
     """
+    from factft.attention import analyse_attention
     import subprocess
 
     import yaml
@@ -472,7 +474,7 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         "subsets": ["top"],
         "datasets": {"synth": {"source": {"synthetic": {"subjects": 20}}, "popularity": {"scorer": "pretraining_count"}}},
         "models": {"tinyp": {"source": {"path": spec["path"]}}},
-        "evaluate": {"max_new_tokens": 3, "batch_size": 4, "fewshot": 1},
+        "evaluate": {"max_new_tokens": 3, "batch_size": 4, "fewshot": 1, "attention_questions": 7},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     make_test_table().to_parquet(tmp_path / "results/synth/splits/whole.parquet")  # the demonstrations
@@ -480,7 +482,8 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [str(root / ".venv/bin/snakemake"), "-s", str(root / "Snakefile"), "--configfile", "config.yaml",
-         "--cores", "2", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "--", *targets],
+         "--cores", "2", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention",
+         "--", *targets, "results/tinyp/synth/top/seed0/attention.tsv"],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -494,3 +497,16 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     assert (finetuned != base).any(), list(base)
     assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()
     assert "1-shot" in (tmp_path / "logs/evaluate_fewshot/tinyp/synth.log").read_text()
+    # Each rule reads the prompt it is for: the template around the question, or the statement.
+    first_prompt = {rule: (tmp_path / f"logs/{rule}/tinyp/synth.log").read_text() for rule in ("evaluate_base", "cloze")}
+    assert "the first prompt: 'Q: Where was Ilmo Varsk born ? A:'" in first_prompt["evaluate_base"]
+    assert "the first prompt: 'Ilmo Varsk was born in'" in first_prompt["cloze"]
+    attention = pd.read_csv(run / "attention.tsv", sep="\t")
+    params = {"questions": 7, "batch_size": 4, "prompt": {"template": "Q: {question} A:", "answer": " {answer}"},
+              "max_drop_fraction": 0.0}  # fmt: skip
+    alone, _ = analyse_attention({**spec, "name": "tinyp"}, make_test_table(), params)
+    adapted, _ = analyse_attention({**spec, "name": "tinyp"}, make_test_table(), params, adapter=run / "adapter")
+    numbers = alone.select_dtypes("number").columns
+    assert list(attention.columns) == list(alone.columns) and len(numbers)
+    assert np.allclose(attention[numbers], adapted[numbers], atol=1e-6)  # the rule's settings, these
+    assert not np.allclose(attention[numbers], alone[numbers], atol=1e-4)

@@ -231,5 +231,9 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
     top = read_table(tmp_path / "results" / "trivia" / "splits" / "top.parquet")
     bottom = read_table(tmp_path / "results" / "trivia" / "splits" / "bottom.parquet")
     assert len(top) == len(bottom) > 0 and top["popularity"].mean() > bottom["popularity"].mean()
-    assert len(read_table(tmp_path / "results" / "trivia" / "splits" / "whole.parquet")) == 12
+    splits = {name: read_table(tmp_path / "results" / "trivia" / "splits" / f"{name}.parquet") for name in SPLITS}
+    assert len(splits["whole"]) == 12
     assert "split.pool_size 12: a seeded sample of 12" in (tmp_path / "logs" / "split" / "trivia.log").read_text()
+    # Each table in its own file: the held-out subjects apart from the pool, FT-Random inside it.
+    assert set(splits["test"]["subject"]).isdisjoint(splits["whole"]["subject"]) and len(splits["test"])
+    assert set(splits["random"]["id"]) < set(splits["whole"]["id"]) and len(splits["random"]) == len(top)

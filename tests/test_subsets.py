@@ -149,6 +149,7 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     """The rules on the demo config plus sized subsets, with metrics standing in for evaluate."""
     config = load("demo.yaml")
     config["subsets"] = [*config["subsets"], *[s for s in SWEEP if subsets.is_sized(s)]]
+    config["split"].update(seed=3, fraction=0.3)  # not the defaults: the rules must pass them on
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     make_sources(tmp_path / "results", SWEEP)
     write_test(tmp_path / "results/synth/splits/test.parquet")
@@ -163,8 +164,12 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     rules = ["sized_split", "size_figure", "summary"]
     run = snakemake_in(tmp_path, config_path, targets, "--cores", "1", "--allowed-rules", *rules)
     assert run.returncode == 0, run.stderr[-3000:]
+    whole = split_facts(facts, seed=0)["whole"]
     top25 = read_table(tmp_path / "results/synth/splits/top25.parquet")
-    assert top25["id"].tolist() == sized_subset(split_facts(facts, seed=0)["whole"], "top25")["id"].tolist()
+    assert top25["id"].tolist() == sized_subset(whole, "top25", seed=3)["id"].tolist()
+    random10 = read_table(tmp_path / "results/synth/splits/random10.parquet")["id"].tolist()
+    assert random10 == sized_subset(whole, "random10", seed=3)["id"].tolist()
+    assert random10 != sized_subset(whole, "random10", seed=0)["id"].tolist()
     assert "top25 takes" in (tmp_path / "logs/sized_split/synth/top25.log").read_text()
     assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_subset_size.pdf").stat().st_size > 5_000
     summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
@@ -172,4 +177,4 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     report = snakemake_in(tmp_path, config_path, targets[2:], "--report", "results/report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "results/report.html").read_text()
-    assert "50% are the paper's FT-Top" in html  # the caption, with split.fraction filled in
+    assert "30% are the paper's FT-Top" in html  # the caption, with split.fraction filled in
