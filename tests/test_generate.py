@@ -498,9 +498,9 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()
     assert "1-shot" in (tmp_path / "logs/evaluate_fewshot/tinyp/synth.log").read_text()
     # Each rule reads the prompt it is for: the template around the question, or the statement.
-    first_prompt = {rule: (tmp_path / f"logs/{rule}/tinyp/synth.log").read_text() for rule in ("evaluate_base", "cloze")}
-    assert "the first prompt: 'Q: Where was Ilmo Varsk born ? A:'" in first_prompt["evaluate_base"]
-    assert "the first prompt: 'Ilmo Varsk was born in'" in first_prompt["cloze"]
+    logs = {rule: (tmp_path / f"logs/{rule}/tinyp/synth.log").read_text() for rule in ("evaluate_base", "cloze")}
+    assert "the first prompt: 'Q: Where was Ilmo Varsk born ? A:'" in logs["evaluate_base"]
+    assert "the first prompt: 'Ilmo Varsk was born in'" in logs["cloze"]
     attention = pd.read_csv(run / "attention.tsv", sep="\t")
     params = {"questions": 7, "batch_size": 4, "prompt": {"template": "Q: {question} A:", "answer": " {answer}"},
               "max_drop_fraction": 0.0}  # fmt: skip
