@@ -34,7 +34,7 @@ RUN = Path("results/tinyp/synth/top/seed0")
 TARGET = str(RUN / "adapter")
 STEP = "step-{:08d}"
 
-STALL_HOOK = '''
+STALL_HOOK = r'''
 """Test hook: halt a finetune job at $FACTFT_STALL, write $FACTFT_STALL_MARKER, wait to be killed."""
 import importlib.abc, importlib.machinery, os, re, sys, time
 from contextlib import contextmanager
