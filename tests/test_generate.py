@@ -452,11 +452,12 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     alone: a rule that dropped the adapter would not. evaluate_fewshot (with demonstrations)
     and cloze are evaluate_base's other callers.
     """
-    from factft.attention import analyse_attention
     import subprocess
 
     import yaml
     from peft import LoraConfig, get_peft_model
+
+    from factft.attention import analyse_attention
 
     spec = tiny[0]
     make_test_table().to_parquet(tmp_path / "test.parquet")

@@ -228,10 +228,9 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
     facts = read_table(tmp_path / "results" / "trivia" / "facts.parquet")
     check_facts(facts, "trivia")
     assert len(facts) == 30 and set(facts["popularity_source"]) == {"column:fame"}
-    top = read_table(tmp_path / "results" / "trivia" / "splits" / "top.parquet")
-    bottom = read_table(tmp_path / "results" / "trivia" / "splits" / "bottom.parquet")
-    assert len(top) == len(bottom) > 0 and top["popularity"].mean() > bottom["popularity"].mean()
     splits = {name: read_table(tmp_path / "results" / "trivia" / "splits" / f"{name}.parquet") for name in SPLITS}
+    top, bottom = splits["top"], splits["bottom"]
+    assert len(top) == len(bottom) > 0 and top["popularity"].mean() > bottom["popularity"].mean()
     assert len(splits["whole"]) == 12
     assert "split.pool_size 12: a seeded sample of 12" in (tmp_path / "logs" / "split" / "trivia.log").read_text()
     # Each table in its own file: the held-out subjects apart from the pool, FT-Random inside it.
