@@ -41,8 +41,6 @@ def user_agent(contact: str | None = None) -> str:
 
 USER_AGENT = user_agent()
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-# Clusters often reach the internet through a proxy, which refuses without credentials.
-PROXY_HINT = "; check HTTPS_PROXY and HTTP_PROXY"
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".zip")
 # A drop reason of its own: the answers column holds something else (a dict, a bool), not just nothing.
 MISSHAPED = "answers not a list or a string"
@@ -165,9 +163,13 @@ def hub_failure(error: Exception) -> str:
     reason = type(error).__name__
     if lines and len(lines[0]) <= 160:
         reason += f": {lines[0]}"
-    if "proxy" in reason.lower():
-        reason += PROXY_HINT
-    return reason
+    return reason + proxy_hint(error)
+
+
+def proxy_hint(error: Exception) -> str:
+    """Where a proxy refused (the hub client's or requests' ProxyError), what to check: clusters
+    often reach the internet through one, which refuses without credentials."""
+    return "; check HTTPS_PROXY and HTTP_PROXY" if "proxy" in type(error).__name__.lower() else ""
 
 
 def read_file(path: str | Path) -> pd.DataFrame:
@@ -241,9 +243,7 @@ def get_with_retries(
         try:
             response = session.get(url, timeout=timeout, stream=stream, headers={"User-Agent": agent})
         except (requests.ConnectionError, requests.Timeout) as error:
-            problem = f"{type(error).__name__}: {error}"
-            if isinstance(error, requests.exceptions.ProxyError):
-                problem += PROXY_HINT
+            problem = f"{type(error).__name__}: {error}{proxy_hint(error)}"
             continue
         if response.status_code not in RETRY_STATUS:
             return response
