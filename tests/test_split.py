@@ -190,7 +190,12 @@ def test_the_seed_changes_the_test_subjects(facts):
 
 @pytest.mark.slow
 def test_dataset_added_only_by_config_flows_through_download_popularity_and_split(data_dir, tmp_path):
-    shutil.copy(data_dir / "custom" / "trivia.csv", tmp_path / "trivia.csv")
+    # The 30 good rows, then 4 without answers (dropped by download) and 4 without a number
+    # for fame (dropped by popularity): 4 of 38 rows, then 4 of 34, both more than the default
+    # split.max_drop_fraction of 0.1.
+    bad = [f"Which river flows through Nowhere{i}?,,Nowhere{i},rivers,5\n" for i in range(4)]
+    bad += [f"Which river flows through Unsung{i}?,Danube,Unsung{i},rivers,unknown\n" for i in range(4)]
+    (tmp_path / "trivia.csv").write_text((data_dir / "custom" / "trivia.csv").read_text() + "".join(bad))
     config = {
         "datasets": {
             "trivia": {
@@ -204,26 +209,27 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
         "models": {"local": {"source": {"path": "no-such-model"}}},
         "split": {"test_fraction": 0.2},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake = Path(sys.executable).parent / "snakemake"
-    result = subprocess.run(
-        [
-            str(snakemake),
-            "--cores",
-            "1",
-            "--configfile",
-            "config.yaml",
-            "--directory",
-            str(tmp_path),
-            "-s",
-            str(ROOT / "Snakefile"),
-            "results/trivia/splits/top.parquet",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+
+    def snakemake(max_drop_fraction: float, target: str) -> subprocess.CompletedProcess:
+        config["split"]["max_drop_fraction"] = max_drop_fraction
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "snakemake"), target, "--cores", "1", "--configfile", "config.yaml",
+             "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    # At 0.11 the download keeps its 34 rows (4 of 38 is 0.105) and the popularity job stops.
+    result = snakemake(0.11, "results/trivia/facts.parquet")
+    assert result.returncode != 0
+    assert len(read_table(tmp_path / "resources" / "datasets" / "trivia" / "raw.parquet")) == 34
+    assert "dataset 'trivia': kept 34 of 38 rows" in (tmp_path / "logs" / "download" / "trivia.log").read_text()
+    stop = "dataset 'trivia' (popularity column:fame): 4 of 34 rows are invalid"
+    assert f"{stop} ({{'popularity missing or not a number': 4}}), more than split.max_drop_fraction 0.11" in (
+        tmp_path / "logs" / "popularity" / "trivia.log"
+    ).read_text()
+    assert not (tmp_path / "results" / "trivia" / "facts.parquet").exists()
+    result = snakemake(0.2, "results/trivia/splits/top.parquet")
     assert result.returncode == 0, result.stderr[-3000:]
     facts = read_table(tmp_path / "results" / "trivia" / "facts.parquet")
     check_facts(facts, "trivia")
