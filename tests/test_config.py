@@ -61,6 +61,13 @@ def test_unknown_top_level_key_is_rejected_by_name():
     assert "seedz" in schema_error(config)
 
 
+@pytest.mark.parametrize("block", ["datasets", "models"])
+def test_a_config_without_datasets_or_models_names_the_missing_block(block):
+    config = load("demo.yaml")
+    del config[block]
+    assert f"'{block}' is a required property" in schema_error(config)
+
+
 def test_unknown_nested_key_is_rejected_by_name():
     config = load("config.yaml")
     config["split"]["fractoin"] = 0.5
