@@ -4,6 +4,7 @@ the facts of its own runs, so its FT-Top holds the facts it knows best."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,8 +55,17 @@ def finetune_inputs(plan: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_without_a_scoring_model_each_model_ranks_the_facts_of_its_own_runs(tmp_path):
     config, work = two_model_config(tmp_path), tmp_path / "work"
-    targets = [f"results/{model}/synth/top/seed0/adapter" for model in MODELS]
+    seeds = {"tiny": 0, "other": 1}
+    targets = [f"results/{model}/synth/top/seed{seeds[model]}/adapter" for model in MODELS]
     snakemake(config, work, *targets)
+    # Each model pretrained with its own block, each run finetuned with its own labels.
+    models = yaml.safe_load(config.read_text())["models"]
+    for model, target in zip(MODELS, targets):
+        block = models[model]["source"]["pretrain"]
+        pretrained = json.loads((work / f"resources/models/{model}/pretrain.json").read_text())
+        assert {key: pretrained[key] for key in block} == block
+        trained = json.loads((work / target / "trained.json").read_text())
+        assert (trained["dataset"], trained["subset"], trained["seed"], trained["steps"]) == ("synth", "top", seeds[model], 2)
     tops, tests = {}, {}
     for model in MODELS:
         folder = work / f"results/synth/by-{model}"

@@ -219,7 +219,14 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
             cwd=tmp_path, capture_output=True, text=True, timeout=240,
         )  # fmt: skip
 
-    # At 0.11 the download keeps its 34 rows (4 of 38 is 0.105) and the popularity job stops.
+    # At 0.1 the download stops (4 of 38 is 0.105); at 0.11 it keeps its 34 rows and the
+    # popularity job stops (4 of 34).
+    result = snakemake(0.1, "results/trivia/facts.parquet")
+    assert result.returncode != 0
+    assert "dataset 'trivia': 4 of 38 rows are invalid ({'no answers': 4}), more than split.max_drop_fraction 0.1;" in (
+        tmp_path / "logs" / "download" / "trivia.log"
+    ).read_text()
+    assert not (tmp_path / "resources" / "datasets" / "trivia" / "raw.parquet").exists()
     result = snakemake(0.11, "results/trivia/facts.parquet")
     assert result.returncode != 0
     assert len(read_table(tmp_path / "resources" / "datasets" / "trivia" / "raw.parquet")) == 34

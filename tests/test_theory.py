@@ -399,15 +399,15 @@ def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     config["simulation"] = {"seeds": [0, 1], "settings": TINY, "sweeps": {"zipf": [1.0, 1.5]}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    target = "results/figures/simulation/gap_vs_zipf.png"
+    targets = [f"results/figures/simulation/{name}.png" for name in ("gap_vs_zipf", "subsets")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(configfile),
-         "--directory", str(tmp_path), "--cores", "1", "--quiet", "progress", "--", target, f"results/simulation/{BASE}/gap_summary.tsv"],
+         "--directory", str(tmp_path), "--cores", "1", "--quiet", "progress", "--", *targets, f"results/simulation/{BASE}/gap_summary.tsv"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / target).stat().st_size > 0
+    assert all((tmp_path / target).stat().st_size > 0 for target in targets)
     summary = pd.read_csv(tmp_path / "results/simulation/zipf/gap_summary.tsv", sep="\t")
     assert list(summary["value"]) == [1.0, 1.5] and set(summary["sweep"]) == {"zipf"}
     # Each run's table is tagged with its own point and seed.
@@ -416,4 +416,9 @@ def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     assert np.isfinite(summary["gap"]).all()
     base = pd.read_csv(tmp_path / f"results/simulation/{BASE}/gap_summary.tsv", sep="\t")
     assert summary.iloc[0]["gap"] == base.iloc[0]["gap"]
+    # The point at the base value holds the base runs, seed by seed, and the other point not.
+    columns = ["seed", *SUBSETS]
+    base_runs = pd.read_csv(tmp_path / f"results/simulation/{BASE}/gap.tsv", sep="\t")[columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(gaps[gaps["value"] == 1.0][columns].reset_index(drop=True), base_runs)
+    assert not gaps[gaps["value"] == 1.5][columns].reset_index(drop=True).equals(base_runs)
     assert not (tmp_path / "results/simulation/zipf/1.0").exists()
