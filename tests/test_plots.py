@@ -150,7 +150,7 @@ def test_missing_subsets_keep_the_colours_of_the_full_grid(tmp_path):
 @pytest.mark.slow
 def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tmp_path):
     """The rules on the demo config, with metrics and predictions standing in for the evaluate stage."""
-    make_sources(tmp_path / "results", GRID)
+    sources = make_sources(tmp_path / "results", GRID)
     write_test(tmp_path / "results/synth/splits/test.parquet")
     targets = [
         "results/tables/summary.tsv",
@@ -166,6 +166,9 @@ def test_snakemake_runs_figures_and_summary_and_builds_a_report_with_captions(tm
     assert summary["gold_guess"] == pytest.approx(0.2)
     by_relation = pd.read_csv(tmp_path / "results/tables/accuracy_by_relation.tsv", sep="\t")
     assert list(by_relation["subset"]) == ["top", "bottom", "random", "whole"]  # one relation
+    # The overview the rule drew is the one of every run (pdfs of the same data are identical).
+    make_overview(sources, tmp_path / "results/tables/summary.tsv", [tmp_path / "expected.pdf"])
+    assert (tmp_path / "results/figures/overview.pdf").read_bytes() == (tmp_path / "expected.pdf").read_bytes()
     # The report of just these targets: the other stages (attention, simulation) never ran here.
     report = snakemake_in(tmp_path, demo, targets, "--report", "results/report.html")
     assert report.returncode == 0, report.stderr[-3000:]

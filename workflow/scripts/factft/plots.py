@@ -276,7 +276,10 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             data = overall[overall["dataset"] == dataset]
             common = dict(data=data, x="model", y="accuracy", hue="subset", order=models, hue_order=subsets, ax=ax)
             sns.barplot(**common, palette=palette, saturation=1, errorbar="sd", capsize=0.1, err_kws={"linewidth": 1})
-            sns.stripplot(**common, dodge=True, palette={s: "0.15" for s in subsets}, size=3, legend=False)
+            # No jitter: seaborn draws it from numpy's global generator, so the same runs would
+            # give another file each time.
+            dots = {s: "0.15" for s in subsets}
+            sns.stripplot(**common, dodge=True, jitter=False, palette=dots, size=3, legend=False)
             for position, model in enumerate(models):
                 gap = gaps.loc[(model, dataset)] if (model, dataset) in gaps.index else None
                 if gap is None or pd.isna(gap[f"{GAP}_mean"]):
