@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from matplotlib.image import imread
 
 from factft.tables import read_table
 from conftest import SMOLLM2_GGUF, smollm2_folder
@@ -128,6 +129,12 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         assert subject.lower() == fact["subject"].lower(), (subject, question)
     for target in targets[3:]:
         assert (tmp_path / target).stat().st_size > 10_000
+    # Each figure in its own file: the by-layer lines are a wide row of three panels, the
+    # heatmap has a row per layer (30).
+    height, width, _ = imread(tmp_path / f"{figures}/attention_by_layer.png").shape
+    assert width > 2 * height
+    height, width, _ = imread(tmp_path / f"{figures}/attention_heatmap.png").shape
+    assert width < 2 * height
 
 
 MMLU = ROOT / "tests" / "data" / "mmlu"
