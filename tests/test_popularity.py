@@ -1,16 +1,23 @@
 """Popularity scorers: a registry by config name, clean numbers out, page views fetched once."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
+import yaml
 
 from factft.errors import FactftError
 from factft.pageviews import MIN_RATE, RateLimit, article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.sources import get_with_retries
-from factft.tables import check_facts, write_table
+from factft.tables import check_facts, read_table, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DAYS = "daily/20230101/20230103"
 
@@ -276,3 +283,40 @@ def test_a_title_column_names_the_article_when_the_subject_is_not_its_title(http
 def test_a_missing_title_column_is_named_with_the_dataset(tmp_path):
     with pytest.raises(FactftError, match=r"dataset 'popqa': column 's_wiki_title' named in popularity\.title_column"):
         fact_articles(raw(), {**PAGEVIEWS, "title_column": "s_wiki_title"}, "popqa")
+
+
+@pytest.mark.slow
+def test_the_pageviews_rule_counts_the_configured_project_and_days_from_the_cache(http_server, data_dir, tmp_path):
+    """The `pageviews` job looks up the config's project and days in the config's cache: filled
+    here from the local server, so the job makes no request."""
+    subjects = pd.read_csv(data_dir / "custom" / "trivia.csv")["entity"].tolist()
+    for i, subject in enumerate(subjects):
+        route = f"/de.wikipedia/all-access/user/{article_title(subject)}/daily/20230301/20230302"
+        http_server.reply(route, (200, daily(i, 1)))
+    pageview_table(
+        [article_title(s) for s in subjects], tmp_path / "hf" / "pageviews", project="de.wikipedia",
+        start="20230301", end="20230302", base_url=http_server.url, requests_per_second=1000,
+    )  # fmt: skip
+    popularity = {"scorer": "pageviews", "project": "de.wikipedia", "start": "20230301", "end": "20230302"}
+    columns = {"question": "prompt", "answers": "gold", "subject": "entity", "relation": "rel"}
+    trivia = {"source": {"path": str(data_dir / "custom" / "trivia.csv")}, "columns": columns, "popularity": popularity}
+    config = {
+        "cache_dir": "hf",
+        "contact": "factft-tests@example.org",
+        "datasets": {"trivia": trivia},
+        "models": {"local": {"source": {"path": "no-such-model"}}},  # never built here
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "results/trivia/facts.parquet", "--cores", "1", "--configfile",
+         "config.yaml", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "30 articles, 0 fetched (0 without an article), 30 from the cache" in (
+        tmp_path / "logs" / "pageviews" / "trivia.log"
+    ).read_text()
+    facts = read_table(tmp_path / "results" / "trivia" / "facts.parquet")
+    assert dict(zip(facts["subject"], facts["popularity"])) == {s: i + 1 for i, s in enumerate(subjects)}
+    assert set(facts["popularity_source"]) == {"pageviews:de.wikipedia:20230301-20230302"}
