@@ -1,14 +1,20 @@
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factft.errors import FactftError
 from factft.models import download_model, hub_file, load_model
 from conftest import SMOLLM2_GGUF, smollm2_folder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def spec_for(path, name="tiny", **extra):
@@ -107,6 +113,31 @@ def test_download_model_fills_the_target_from_the_cache_with_safetensors_configs
     assert sorted(p.name for p in Path(target).iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert (target / "config.json").read_text() == "config.json"
     assert f"factft-test/cached at commit {'0' * 40}" in caplog.text  # what to pin as source.revision
+
+
+@pytest.mark.slow
+def test_the_download_model_rule_takes_the_pinned_revision_from_the_configured_cache(tmp_path):
+    repo = tmp_path / "hf" / "models--factft-test--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for commit in ("0" * 40, "1" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text(f'{{"commit": "{commit}"}}')
+        (repo / "snapshots" / commit / "model.safetensors").write_text("weights")
+    config = {
+        "cache_dir": "hf",
+        "models": {"cached": {"source": {"hf": "factft-test/cached", "revision": "1" * 40}}},
+        "datasets": {"trivia": {"source": {"path": "never-read.csv"}, "popularity": {"scorer": "column", "column": "x"}}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "resources/models/cached", "--cores", "1", "--configfile", "config.yaml",
+         "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "resources/models/cached/config.json").read_text() == f'{{"commit": "{"1" * 40}"}}'
 
 
 @pytest.mark.slow
