@@ -149,11 +149,14 @@ def test_smollm2_on_mmlu_with_lettered_options_ranks_finetunes_and_scores_letter
     config["datasets"] = {"mmlu": dict(full["datasets"]["mmlu"], source={"hf": str(MMLU), "name": "all", "split": "test"})}
     config["split"] = {"fraction": 0.5, "test_fraction": 0.3, "stratify": "relation", "seed": 0}
     config["prompt"] = {"template": "Q: {question} A:", "answer": " {answer}"}  # what open QA would use
+    config["cache_dir"] = "shared/hf"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run = "results/smollm2/mmlu"
     targets = [f"{run}/top/seed0/metrics.tsv", f"{run}/bottom/seed0/metrics.tsv", f"{run}/base/metrics.tsv"]
     run_workflow(targets, tmp_path / "config.yaml", tmp_path)
 
+    # The hub reader's cache is the configured one.
+    assert (tmp_path / "shared/hf/datasets").is_dir() and not (tmp_path / "resources/hf").exists()
     facts = read_table(tmp_path / "results" / "mmlu" / "by-smollm2" / "facts.parquet")
     assert len(facts) == 12 and facts["popularity"].between(0, 1, inclusive="neither").all()
     test = read_table(tmp_path / "results" / "mmlu" / "by-smollm2" / "splits" / "test.parquet")
