@@ -124,10 +124,11 @@ def test_the_download_model_rule_takes_the_pinned_revision_from_the_configured_c
         (repo / "snapshots" / commit).mkdir(parents=True)
         (repo / "snapshots" / commit / "config.json").write_text(f'{{"commit": "{commit}"}}')
         (repo / "snapshots" / commit / "model.safetensors").write_text("weights")
+    never_read = {"source": {"path": "never-read.csv"}, "popularity": {"scorer": "column", "column": "x"}}
     config = {
         "cache_dir": "hf",
         "models": {"cached": {"source": {"hf": "factft-test/cached", "revision": "1" * 40}}},
-        "datasets": {"trivia": {"source": {"path": "never-read.csv"}, "popularity": {"scorer": "column", "column": "x"}}},
+        "datasets": {"trivia": never_read},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = subprocess.run(

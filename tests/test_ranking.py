@@ -65,7 +65,8 @@ def test_without_a_scoring_model_each_model_ranks_the_facts_of_its_own_runs(tmp_
         pretrained = json.loads((work / f"resources/models/{model}/pretrain.json").read_text())
         assert {key: pretrained[key] for key in block} == block
         trained = json.loads((work / target / "trained.json").read_text())
-        assert (trained["dataset"], trained["subset"], trained["seed"], trained["steps"]) == ("synth", "top", seeds[model], 2)
+        labels = (trained["dataset"], trained["subset"], trained["seed"], trained["steps"])
+        assert labels == ("synth", "top", seeds[model], 2)
     tops, tests = {}, {}
     for model in MODELS:
         folder = work / f"results/synth/by-{model}"

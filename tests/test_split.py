@@ -1,7 +1,6 @@
 """Splits: test subjects held out, top/bottom by popularity within relation, deterministic."""
 
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
