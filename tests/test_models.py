@@ -1,8 +1,5 @@
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from factft.errors import FactftError
 from factft.models import download_model, hub_file, load_model
 from conftest import SMOLLM2_GGUF, smollm2_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_plots import snakemake_in
 
 
 def spec_for(path, name="tiny", **extra):
@@ -131,12 +127,7 @@ def test_the_download_model_rule_takes_the_pinned_revision_from_the_configured_c
         "datasets": {"trivia": never_read},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "resources/models/cached", "--cores", "1", "--configfile", "config.yaml",
-         "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )  # fmt: skip
+    run = snakemake_in(tmp_path, tmp_path / "config.yaml", ["resources/models/cached"], "--cores", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "resources/models/cached/config.json").read_text() == f'{{"commit": "{"1" * 40}"}}'
 

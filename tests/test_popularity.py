@@ -1,10 +1,6 @@
 """Popularity scorers: a registry by config name, clean numbers out, page views fetched once."""
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,8 +12,7 @@ from factft.pageviews import MIN_RATE, RateLimit, article_title, fact_articles, 
 from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.sources import get_with_retries
 from factft.tables import check_facts, read_table, write_table
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_plots import snakemake_in
 
 DAYS = "daily/20230101/20230103"
 
@@ -71,8 +66,6 @@ def test_unknown_scorer_lists_the_known_ones():
 
 
 def test_the_schemas_scorers_are_the_registered_ones():
-    import yaml
-
     from factft.config import SCHEMA
 
     schema = yaml.safe_load(SCHEMA.read_text())
@@ -82,8 +75,6 @@ def test_the_schemas_scorers_are_the_registered_ones():
 
 def test_each_scorers_settings_are_popularity_keys_of_the_schema_and_cover_them():
     """What a popularity job's params hold (rules/common.smk): each scorer's own keys."""
-    import yaml
-
     from factft.config import SCHEMA
 
     schema = yaml.safe_load(SCHEMA.read_text())
@@ -307,12 +298,7 @@ def test_the_pageviews_rule_counts_the_configured_project_and_days_from_the_cach
         "models": {"local": {"source": {"path": "no-such-model"}}},  # never built here
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "results/trivia/facts.parquet", "--cores", "1", "--configfile",
-         "config.yaml", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )  # fmt: skip
+    run = snakemake_in(tmp_path, tmp_path / "config.yaml", ["results/trivia/facts.parquet"], "--cores", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "30 articles, 0 fetched (0 without an article), 30 from the cache" in (
         tmp_path / "logs" / "pageviews" / "trivia.log"

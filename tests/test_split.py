@@ -2,8 +2,6 @@
 
 import logging
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,8 +11,7 @@ import yaml
 from factft.errors import FactftError
 from factft.split import SPLITS, percentiles, split_facts
 from factft.tables import check_facts, read_table, write_table
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_plots import snakemake_in
 
 
 @pytest.fixture
@@ -212,11 +209,7 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
     def snakemake(max_drop_fraction: float, target: str) -> subprocess.CompletedProcess:
         config["split"]["max_drop_fraction"] = max_drop_fraction
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-        return subprocess.run(
-            [str(Path(sys.executable).parent / "snakemake"), target, "--cores", "1", "--configfile", "config.yaml",
-             "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile")],
-            cwd=tmp_path, capture_output=True, text=True, timeout=240,
-        )  # fmt: skip
+        return snakemake_in(tmp_path, tmp_path / "config.yaml", [target], "--cores", "1")
 
     # At 0.1 the download stops (4 of 38 is 0.105); at 0.11 it keeps its 34 rows and the
     # popularity job stops (4 of 34).
