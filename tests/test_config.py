@@ -106,11 +106,12 @@ def test_unknown_scorer_is_rejected_with_the_known_ones():
     assert "'fame'" in message and "pageviews" in message and "popularity" in message
 
 
-def test_dataset_without_source_is_rejected():
+@pytest.mark.parametrize("key", ["source", "popularity"])
+def test_dataset_without_source_or_popularity_is_rejected(key):
     config = load("config.yaml")
-    del config["datasets"]["popqa"]["source"]
+    del config["datasets"]["popqa"][key]
     message = schema_error(config)
-    assert "'source' is a required property" in message and "popqa" in message
+    assert f"'{key}' is a required property" in message and "popqa" in message
 
 
 def test_source_with_two_kinds_is_rejected():

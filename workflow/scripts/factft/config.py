@@ -31,9 +31,7 @@ def check_config(config: dict) -> None:
     synthetic = {name for name, d in datasets.items() if "synthetic" in d["source"]}
     for name, dataset in datasets.items():
         where = f"datasets.{name}"
-        popularity = dataset.get("popularity")
-        if popularity is None:
-            raise FactftError(f"{where}.popularity: missing; say how to rank facts, e.g. {{scorer: column, column: s_pop}}")
+        popularity = dataset["popularity"]
         scorer_name = popularity["scorer"]
         scorer = SCORERS[scorer_name]
         for needed in scorer.required:
