@@ -169,8 +169,9 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero():
 
 
 def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoints(
-    tiny_model_dir, facts, tmp_path, caplog
+    tiny_model_dir, facts, tmp_path, caplog, monkeypatch
 ):
+    monkeypatch.setattr("factft.train.PROGRESS_EVERY_S", float("inf"))  # progress lines at the ends only
     with caplog.at_level(logging.INFO, logger="factft.train"):
         summary, _ = run(tiny_model_dir, facts, tmp_path)
     trained = json.loads((tmp_path / "adapter" / "trained.json").read_text())
@@ -190,6 +191,16 @@ def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoi
     logged = re.search(r"([0-9]+) real tokens/s over the steps ->", done)  # on CPU no GPU memory to report
     steps_seconds = (log["tokens"] / log["tokens_per_s"]).sum()
     assert float(logged.group(1)) == pytest.approx(summary["tokens"] / steps_seconds, abs=1)
+    # Progress as whole lines (a batch job's log has no use for \r bars): the first step and the last.
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" loss ")[0] for line in progress] == ["step 1/9", "step 9/9"]
+    last = re.fullmatch(r"step 9/9 loss (\S+) lr \S+ ([0-9]+) tokens/s, 0 s left", progress[-1])
+    assert float(last.group(1)) == pytest.approx(summary["final_loss"], rel=1e-3)
+    assert float(last.group(2)) == pytest.approx(log["tokens"][1:].sum() / steps_seconds_after_first(log), abs=1)
+
+
+def steps_seconds_after_first(log: pd.DataFrame) -> float:
+    return (log["tokens"] / log["tokens_per_s"])[1:].sum()
 
 
 def test_same_seed_gives_the_same_adapter_and_another_seed_another(tiny_model_dir, facts, tmp_path):
@@ -215,6 +226,7 @@ def test_interrupted_run_resumes_to_the_same_adapter_and_loss(tiny_model_dir, fa
     with caplog.at_level(logging.INFO, logger="factft"):
         resumed, weights = run(tiny_model_dir, facts, tmp_path / "resumed", method=method)
     assert "resuming from" in caplog.text and "step 4 of 9" in caplog.text
+    assert "step 5/9 loss " in caplog.text  # the resumed run's first progress line
     assert same_weights(weights, expected, atol=1e-6)
     assert resumed["final_loss"] == pytest.approx(whole["final_loss"], abs=1e-6)
     assert pd.read_csv(tmp_path / "resumed" / "train_log.tsv", sep="\t")["step"].tolist() == list(range(1, 10))

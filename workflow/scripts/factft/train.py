@@ -39,6 +39,8 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s"]
 MEGA_BATCHES = 50
 CHECKPOINT_PREFIX = "step-"
 STATE = "state.json"  # written last inside a checkpoint: its presence marks it complete
+# Seconds between progress lines: one line each, readable in a batch job's log (no \r bars).
+PROGRESS_EVERY_S = 30
 
 
 # ---- data ------------------------------------------------------------------------
@@ -328,8 +330,6 @@ def train_steps(
     `settings['packing']` concatenates each micro-batch into one unpadded row
     (collate_packed): the same examples and loss, no padding tokens computed.
     """
-    from tqdm import tqdm
-
     seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
     lengths = [len(e["input_ids"]) for e in encoded]
@@ -348,7 +348,7 @@ def train_steps(
     cuda = str(device).startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     model.train()
-    progress = tqdm(total=total, initial=step, desc=f"finetune {settings['method']}", mininterval=10, ascii=True)
+    reported: tuple[float, int] | None = None  # (time, step) of the last progress line
     while step < total:
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -377,12 +377,24 @@ def train_steps(
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
             }
         )
-        progress.update(1)
-        progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}", refresh=False)
+        if reported is None or step == total or time.perf_counter() - reported[0] >= PROGRESS_EVERY_S:
+            _log_progress(rows, total, since_step=reported[1] if reported else step - 1)
+            reported = (time.perf_counter(), step)
         if after_step is not None:
             after_step(step, rows)
-    progress.close()
     return rows
+
+
+def _log_progress(rows: list[dict], total: int, since_step: int) -> None:
+    """One progress line: the last step's loss, and tokens/s over the steps since `since_step`."""
+    recent = [r for r in rows if r["step"] > since_step]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in recent if r["tokens_per_s"] > 0)
+    tokens_per_s = sum(r["tokens"] for r in recent) / seconds if seconds > 0 else float("nan")
+    step = rows[-1]["step"]
+    log.info(
+        "step %d/%d loss %.4f lr %.2e %.0f tokens/s, %.0f s left",
+        step, total, rows[-1]["loss"], rows[-1]["lr"], tokens_per_s, seconds / len(recent) * (total - step),
+    )  # fmt: skip
 
 
 # ---- checkpoints -----------------------------------------------------------------
