@@ -1,5 +1,7 @@
 # Helpers shared by the rules: config lookups, wildcard constraints, target lists.
 # Rules never dig into nested config; they call these.
+import os
+
 from snakemake.exceptions import WorkflowError
 
 from factft.config import (
@@ -22,6 +24,11 @@ try:
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
 sort_settings(config)
+
+# Every job inherits this: its log is a file, where the hub libraries' progress bars would be
+# \r-joined lines (finetune logs its own progress lines). Set either to 0 to see them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 DATASETS = config["datasets"]
 MODELS = config["models"]

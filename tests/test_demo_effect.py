@@ -130,3 +130,14 @@ def test_the_demos_benchmark_files_give_every_jobs_time_and_no_gpu_hours(demo, t
     assert set(usage.index) == written and (usage["device"] == "cpu").all()
     assert usage.loc["finetune", "jobs"] == usage.loc["evaluate", "jobs"] == 12  # 4 subsets x 3 seeds
     assert (usage.loc[["pretrain", "finetune"], "hours"] > 0).all()
+
+
+@pytest.mark.slow
+def test_every_job_log_is_whole_lines_with_the_finetunes_progress(demo):
+    """A job's log is a file (tail -f, grep, a SLURM job's output): no progress bar's \r-joined
+    updates, the hub libraries' included; a finetune logs its progress as lines instead."""
+    logs = sorted((demo.parent / "logs").rglob("*.log"))
+    assert {path.relative_to(demo.parent / "logs").parts[0] for path in logs} >= {"pretrain", "finetune", "evaluate"}
+    assert [path for path in logs if "\r" in path.read_text()] == []
+    finetune = (demo.parent / "logs/finetune/tiny/synth/top/seed0.log").read_text()
+    assert re.search(r"step ([0-9]+)/\1 loss [0-9.]+ lr ", finetune)
