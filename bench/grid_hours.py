@@ -167,14 +167,14 @@ def factft_finetune_path(settings: dict) -> str:
     return path
 
 
-def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: Path) -> pd.Series:
+def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: str) -> pd.Series:
     found = table[(table["stage"] == stage) & (table["variant"] == variant) & (table["path"] == path)]
     if found.empty:
         raise SystemExit(f"{source}: no row for stage {stage}, variant {variant}, path {path}; rerun bench/speed.py")
     return found.iloc[-1]
 
 
-def rates(table: pd.DataFrame, config: dict, source: Path, reference: bool) -> dict:
+def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> dict:
     """Real tokens/s of finetuning and questions/s of evaluation, factft's and the baseline's."""
     settings = [finetune_settings(config, m, d) for m in config["models"] for d in config["datasets"]]
     variants = {finetune_variant(s) for s in settings}
@@ -269,12 +269,22 @@ def goal_lines(table: pd.DataFrame, hours: float) -> list[str]:
             f"evaluate, answers that end as a finetuned model's: factft {ending['factft']:,.0f} questions/s, "
             f"{ending['factft'] / ending['baseline']:.2f}x the baseline (no goal; the grid's hours use 16 tokens)"
         )
-    peaks = speeds("finetune", "qlora-all", "peak_gb")
-    if "factft-packed-gc" in peaks.index:
-        peak = peaks["factft-packed-gc"]
+    # What must fit on the card: the allocator's peak reservation and the CUDA context beside
+    # it (older tables: the allocated peak alone), for the examples and at max_length.
+    qlora = table[(table["stage"] == "finetune") & (table["variant"] == "qlora-all")]
+    checkpointed = qlora[qlora["path"].isin(["factft-packed-gc", "factft-packed-gc-long"])].groupby("path").last()
+    if len(checkpointed):
+        if "peak_reserved_gb" in checkpointed and checkpointed["peak_reserved_gb"].notna().all():
+            context = checkpointed["context_gb"].fillna(0.0) if "context_gb" in checkpointed else 0.0
+            needed = checkpointed["peak_reserved_gb"] + context
+            what = "reserved + CUDA context"
+        else:
+            needed, what = checkpointed["peak_gb"], "allocated"
+        path = needed.idxmax()
+        worst = "at max_length" if path.endswith("-long") else "on the examples"
         lines.append(
-            f"QLoRA, packing + gradient checkpointing: peak {peak:.1f} GB (goal <= {GOALS['qlora_gb']} GB): "
-            f"{verdict(peak <= GOALS['qlora_gb'])}"
+            f"QLoRA, packing + gradient checkpointing: peak {needed[path]:.1f} GB {what}, {worst} "
+            f"(goal <= {GOALS['qlora_gb']} GB): {verdict(needed[path] <= GOALS['qlora_gb'])}"
         )
     lines.append(f"paper grid: {hours:.1f} GPU-h with factft (goal <= {GOALS['grid_h']:.0f}): {verdict(hours <= GOALS['grid_h'])}")
     return lines
@@ -282,7 +292,9 @@ def goal_lines(table: pd.DataFrame, hours: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("speed", type=Path, help="a tsv written by bench/speed.py")
+    parser.add_argument(
+        "speed", type=Path, nargs="+", help="tsvs written by bench/speed.py; a later one's rows replace an earlier's"
+    )
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
     parser.add_argument("--reference", action="store_true", help="reference H200 rates x the table's real-token share")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=QUESTIONS", help="a dataset's size")
@@ -292,9 +304,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (OSError, FactftError, WorkflowError) as error:  # unreadable, or fails the schema or its checks
         first = " ".join(str(error).split("\n\n")[0].splitlines())  # not the schema dump after it
         raise SystemExit(f"{args.config}: {first}") from None
-    if not args.speed.is_file():
-        raise SystemExit(f"{args.speed}: no such speed table; bench/speed.py writes one (make bench-gpu, bench-cpu)")
-    table = pd.read_csv(args.speed, sep="\t")
+    for path in args.speed:
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such speed table; bench/speed.py writes one (make bench-gpu, bench-cpu)")
+    table = pd.concat([pd.read_csv(path, sep="\t") for path in args.speed], ignore_index=True)
+    source = " + ".join(map(str, args.speed))
     sizes = dict(SIZES)
     for item in args.size:
         name, _, value = item.partition("=")
@@ -305,14 +319,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if missing:
         raise SystemExit(f"no size for datasets {missing}: add --size NAME=QUESTIONS")
 
-    speed = rates(table, config, args.speed, args.reference)
+    speed = rates(table, config, source, args.reference)
     works = [dataset_work(config, name, sizes[name]) for name in config["datasets"]]
     where = "reference H200 rates x real-token shares of" if args.reference else "measured in"
     first = table.iloc[0]
     shown = args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config
     print(
         f"{shown}: {sum(w['finetunes'] for w in works)} finetunes ({speed['variant']}), "
-        f"{sum(w['evaluations'] for w in works)} evaluations; rates {where} {args.speed} "
+        f"{sum(w['evaluations'] for w in works)} evaluations; rates {where} {source} "
         f"({first['device_name']}, {first['date']})"
     )
     for who in ("factft", "baseline"):

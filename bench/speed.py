@@ -27,7 +27,8 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   cache).
 
 Every finished row is written at once (atomically) to the tsv, so a run stopped at a time
-limit keeps what it measured; the ratios are printed at the end.
+limit keeps what it measured; each row's ratio to its baseline is printed as it lands, and
+all of them at the end.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))  # factft without installing it (GPU image)
@@ -93,7 +94,7 @@ COLUMNS = [
     "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
     "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
     "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "forward_passes", "mfu", "peak_gb",
-    "peak_reserved_gb", "compile_s", "mean_loss", "agreement", "note",
+    "peak_reserved_gb", "context_gb", "compile_s", "mean_loss", "agreement", "note",
 ]  # fmt: skip
 
 
@@ -214,8 +215,13 @@ class Clock:
         self.cpu = time.process_time() - self.cpu_start
         self.seconds = self.wall if self.cuda else self.cpu
         self.peak_gb = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
-        # What the allocator held: what must fit on a smaller card.
+        # What the allocator held, and what the device holds beside it (the CUDA context, loaded
+        # kernels): together, what must fit on a smaller card.
         self.peak_reserved_gb = torch.cuda.max_memory_reserved() / 2**30 if self.cuda else float("nan")
+        self.context_gb = float("nan")
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info()
+            self.context_gb = (total - free - torch.cuda.memory_reserved()) / 2**30
 
 
 def base_parameters(model) -> int:
@@ -295,6 +301,21 @@ class CountingCollator:
         return batch
 
 
+class TrainingLoopClock(TrainerCallback):
+    """Times Trainer's training loop alone (a Clock from its first step's start to its last
+    step's end): its optimizer and accelerate setup left out, as train_factft leaves out
+    factft's (prepare_model, make_optimizer)."""
+
+    def __init__(self, device: str):
+        self.clock = Clock(device)
+
+    def on_train_begin(self, *args, **kwargs) -> None:
+        self.clock.__enter__()
+
+    def on_train_end(self, *args, **kwargs) -> None:
+        self.clock.__exit__(None, None, None)
+
+
 def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device: str, workdir: str):
     """transformers Trainer + peft, defaults apart from what both paths share."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -320,9 +341,10 @@ def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device
     )
     collator = CountingCollator(tokenizer)
     features = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded]
-    trainer = Trainer(model=peft_model, args=args, train_dataset=features, data_collator=collator)
-    with Clock(device) as clock:
-        result = trainer.train()
+    timer = TrainingLoopClock(device)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=features, data_collator=collator, callbacks=[timer])
+    result = trainer.train()
+    clock = timer.clock
     n_trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
     stats = {
         "loss": result.training_loss, "real": sum(len(e["input_ids"]) for e in encoded), "items": len(encoded),
@@ -392,9 +414,13 @@ class Table:
 
     def add(self, **row) -> None:
         self.rows.append({**self.common, **row})
-        write_tsv(pd.DataFrame(self.rows).reindex(columns=COLUMNS), self.out)
+        table = pd.DataFrame(self.rows).reindex(columns=COLUMNS)
+        write_tsv(table, self.out)
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if v == v}
         print(f"[{time.strftime('%H:%M:%S')}]", shown, flush=True)
+        # Its ratio at once: a run cut at a time limit still shows the ones it measured.
+        for line in ratios(table, only=table.iloc[-1]):
+            print(line, flush=True)
 
 
 def environment(device: str) -> dict:
@@ -430,7 +456,8 @@ def finetune_row(table, variant: str, path: str, args, clock, stats: dict) -> No
         stage="finetune", variant=variant, path=path, batch_size=args.batch_size, items=stats["items"],
         real_tokens=stats["real"], computed_tokens=stats["computed"], seconds=clock.seconds, wall_s=clock.wall,
         cpu_s=clock.cpu, tokens_per_s=speed, mfu=mfu(speed, args.base_parameters, stats["trainable"], args.device),
-        peak_gb=clock.peak_gb, peak_reserved_gb=clock.peak_reserved_gb, mean_loss=stats["loss"],
+        peak_gb=clock.peak_gb, peak_reserved_gb=clock.peak_reserved_gb, context_gb=clock.context_gb,
+        mean_loss=stats["loss"],
         **{k: v for k, v in stats.items() if k in ("compile_s", "note")},
     )  # fmt: skip
 
@@ -521,13 +548,14 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     table.add(
         **common, path="baseline", batch_size=64, computed_tokens=real, seconds=clock.seconds, wall_s=clock.wall,
         cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
+        peak_reserved_gb=clock.peak_reserved_gb,
     )  # fmt: skip
     with Clock(args.device) as clock:
         scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=args.eval_batch)
     table.add(
         **common, path="factft", batch_size=args.eval_batch, computed_tokens=shared, seconds=clock.seconds,
         wall_s=clock.wall, cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
-        agreement=float(np.mean([np.argmax(s) == p for s, p in zip(scores, picked)])),
+        peak_reserved_gb=clock.peak_reserved_gb, agreement=float(np.mean([np.argmax(s) == p for s, p in zip(scores, picked)])),
     )  # fmt: skip
 
 
@@ -596,18 +624,32 @@ def save_model(model, tokenizer, folder: Path) -> dict:
 
 
 def qlora_rows(table, spec: dict, tokenizer, encoded: list[dict], variant: str, args, workdir: str) -> None:
-    """The three paths on the NF4 model, then factft's memory-saving setting (gradient
-    checkpointing; docs/benchmarks.md derives what fits in 24 GB)."""
+    """factft's memory-saving setting on the NF4 model (packing + gradient checkpointing) first,
+    on the examples and on examples at max_length (the 24 GB goal's worst case), then the
+    three paths."""
     from factft.models import load_model
 
     gc.collect()
     with Clock(args.device) as clock:
         model, _ = load_model(spec, quantize="nf4", device=args.device, for_training=True)
     print(f"loaded the model in NF4 in {clock.wall:.0f} s", flush=True)
-    model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
     settings = settings_for(variant, args.batch_size, gradient_checkpointing=True, packing=True)
-    model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-    finetune_row(table, variant, "factft-packed-gc", args, clock, stats)
+    long = long_examples(tokenizer, 8 * args.batch_size, settings["max_length"])
+    for path, examples in [("factft-packed-gc", encoded), ("factft-packed-gc-long", long)]:
+        model, clock, stats = train_factft(model, examples, settings, args.device, tokenizer.pad_token_id)
+        finetune_row(table, variant, path, args, clock, stats)
+    finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
+
+
+def long_examples(tokenizer, n: int, max_length: int) -> list[dict]:
+    """n examples of exactly max_length tokens (a 2-word answer and eos after the prompt): a
+    batch's most memory."""
+    words = len(tokenizer) - 7  # make_tokenizer's w0, w1, ...
+    questions = [" ".join(f"w{(i + k) % words}" for k in range(max_length - 8)) for i in range(n)]
+    facts = pd.DataFrame({"question": questions, "answers": [["w1 w2"]] * n})
+    examples = encode_examples(facts, tokenizer, PROMPT, max_length=max_length)
+    assert {len(e["input_ids"]) for e in examples} == {max_length}, "long_examples: not max_length tokens"
+    return examples
 
 
 def compiled_row(table, model, tokenizer, encoded: list[dict], args) -> None:
@@ -632,7 +674,12 @@ def recorded_failure(table, stage: str, variant: str):
         table.add(stage=stage, variant=variant, path="failed", note=f"{type(error).__name__}: {error}"[:300])
 
 
-def ratios(table: pd.DataFrame) -> list[str]:
+def ratios(table: pd.DataFrame, only: pd.Series | None = None) -> list[str]:
+    """Each path's speed over its (stage, variant)'s baseline, one line each; `only`: that
+    row's line alone."""
+    if only is not None:
+        table = table[(table["stage"] == only["stage"]) & (table["variant"] == only["variant"])]
+        table = table[table["path"].isin(["baseline", only["path"]])]
     lines = []
     for (stage, variant), group in table.groupby(["stage", "variant"], sort=False):
         column = "tokens_per_s" if stage == "finetune" else "questions_per_s"
@@ -664,7 +711,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help=f"also time finetuning {COMPILED} with compiled blocks (last; compile_s: the one-off compile time)",
+        help=f"also time finetuning {COMPILED} with compiled blocks (compile_s: the one-off compile time)",
     )
     parser.add_argument(
         "--evaluate",

@@ -3,6 +3,7 @@ compiled blocks, the static KV cache and the out-of-memory split, checked on the
 on CPU."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -337,22 +338,33 @@ def load_bench():
 
 
 @pytest.mark.slow
-def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path):
+def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     bench = load_bench()
     bench.SHAPES["cpu"] = {"hidden": 32, "layers": 1, "heads": 2, "mlp": 64, "vocab": 256}
     out = tmp_path / "speed.tsv"
     args = ["--device", "cpu", "--examples", "32", "--questions", "24", "--eval-batch", "16", "--out", str(out)]
-    table = bench.main([*args, "--variants", "lora-qv,qlora-all"])
+    table = bench.main([*args, "--variants", "lora-qv,qlora-all", "--batch-size", "4"])
+    printed = capsys.readouterr().out
     written = pd.read_csv(out, sep="\t")
     assert list(written.columns) == bench.COLUMNS and len(written) == len(table)
     finetune_rows = written[written["stage"] == "finetune"]
     paths = ["baseline", "factft", "factft-packed"]
-    # The goals' rows first (LoRA q,v, compiled), then QLoRA's: a run cut at its limit keeps those.
-    assert finetune_rows["path"].tolist() == paths + ["factft-compiled"] + paths + ["factft-packed-gc"]
-    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 4 + ["qlora-all"] * 4
+    # The goals' rows first (LoRA q,v, compiled), then QLoRA's, its memory-saving setting first:
+    # a run cut at its limit keeps those.
+    gc_paths = ["factft-packed-gc", "factft-packed-gc-long"]
+    assert finetune_rows["path"].tolist() == paths + ["factft-compiled"] + gc_paths + paths
+    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 4 + ["qlora-all"] * 5
+    assert (finetune_rows["seconds"] > 0).all()  # the baseline's from its training loop's own clock
     compiled = finetune_rows.set_index("path").loc["factft-compiled"]
     assert compiled["compile_s"] > 0 and compiled["computed_tokens"] >= compiled["real_tokens"]
-    # The same examples on every path; padding only where a path pads.
+    # Each ratio is printed as its row lands, not only at the end: a run cut short still shows it.
+    first_ratio = re.search(r"^finetune +lora-qv +factft +[0-9.]+x baseline$", printed, re.MULTILINE)
+    assert first_ratio and first_ratio.start() < printed.index("'path': 'factft-packed'")
+    # The worst case for memory: 8 batches of max_length (128) tokens each.
+    long = finetune_rows.set_index("path").loc["factft-packed-gc-long"]
+    assert (long["items"], long["real_tokens"]) == (32, 32 * 128)
+    # The same examples on every other path; padding only where a path pads.
+    finetune_rows = finetune_rows[finetune_rows["path"] != "factft-packed-gc-long"]
     assert finetune_rows["real_tokens"].nunique() == 1
     assert (finetune_rows["computed_tokens"] >= finetune_rows["real_tokens"]).all()
     packed = finetune_rows[finetune_rows["path"].str.startswith("factft-packed")]
