@@ -283,6 +283,10 @@ def unwrap(peft_model):
     base = peft_model.unload()
     for parameter in base.parameters():
         parameter.requires_grad_(False)
+    # Checkpointing is set on the blocks and outlives the adapter: the next run starts without it.
+    # (transformers 5.23 renamed gradient_checkpointing_disable; the GPU image has 5.17.)
+    disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+    disable()
     return base
 
 

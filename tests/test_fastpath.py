@@ -382,6 +382,18 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_a_benchmark_run_with_gradient_checkpointing_leaves_the_next_run_without_it():
+    bench = load_bench()
+    shape = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "vocab": 256}
+    tokenizer, model = bench.make_tokenizer(shape["vocab"]), bench.build_model(shape, "cpu")
+    encoded = encode_examples(bench.make_facts(8, shape["vocab"], seed=0), tokenizer, bench.PROMPT, max_length=64)
+    settings = bench.settings_for("lora-qv", 4, gradient_checkpointing=True, packing=True)
+    model, _, _ = bench.train_factft(model, encoded, settings, "cpu", tokenizer.pad_token_id)
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_benchmark_answers_end_after_their_drawn_length_but_a_few_never():
     bench = load_bench()
     shape = {"hidden": 32, "layers": 1, "heads": 2, "mlp": 64, "vocab": 512}
