@@ -6,8 +6,8 @@ min_version("9.0")
 
 
 # A --configfile replaces the paper grid rather than merging into it (the demo must not
-# inherit the 7B models and hub datasets).
-if not config:
+# inherit the 7B models and hub datasets); --config alone overrides keys of the paper grid.
+if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 

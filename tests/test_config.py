@@ -1,6 +1,8 @@
 """The config is checked before any job runs: schema errors name the key, defaults fill in."""
 
 import copy
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +302,15 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     assert run.returncode != 0
     assert "fraction" in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_config_on_the_command_line_overrides_a_key_of_the_paper_grid(tmp_path):
+    (tmp_path / "config").symlink_to(ROOT / "config")  # the default config's path is read in --directory
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "all", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
+         "--config", "subsets=[top]"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    # 3 datasets x 2 models x FT-Top alone x 3 seeds: config.yaml's grid, one key changed.
+    assert re.search(r"^finetune\s+18$", run.stdout, re.MULTILINE), run.stdout[-3000:]
