@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -478,7 +479,12 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         "evaluate": {"max_new_tokens": 3, "batch_size": 4, "fewshot": 1, "attention_questions": 7},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    make_test_table().to_parquet(tmp_path / "results/synth/splits/whole.parquet")  # the demonstrations
+    # The demonstrations' pool: other subjects than the test set's (as a subject split gives).
+    pool = make_test_table()
+    names = dict(zip(pool["subject"], ["Oda Wren", "Pim Sorl", "Tavi Quen", "Lor Ense", "Mara Holt", "Quin Dass", "Oda"]))
+    pool["question"] = [q.replace(s, names[s]) for q, s in zip(pool["question"], pool["subject"])]
+    pool["id"], pool["subject"] = [f"w{i}" for i in range(len(pool))], pool["subject"].map(names)
+    pool.to_parquet(tmp_path / "results/synth/splits/whole.parquet")
     targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "base", "cloze", "fewshot")]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
@@ -493,15 +499,23 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         metrics = pd.read_csv(tmp_path / target, sep="\t").query("scope == 'all'")
         predictions[target] = pd.read_parquet(tmp_path / target.replace("metrics.tsv", "predictions.parquet"))
         assert list(predictions[target]["id"]) == list(make_test_table()["id"])
-        assert metrics["n"].iloc[0] == 7 and metrics["accuracy"].iloc[0] == predictions[target]["correct"].mean()
+        assert metrics["n"].iloc[0] == 7 and metrics["accuracy"].iloc[0] == pytest.approx(predictions[target]["correct"].mean(), abs=1e-6)
     finetuned, base = (predictions[t]["prediction"] for t in targets[:2])
     assert (finetuned != base).any(), list(base)
     assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()
     assert "1-shot" in (tmp_path / "logs/evaluate_fewshot/tinyp/synth.log").read_text()
-    # Each rule reads the prompt it is for: the template around the question, or the statement.
-    logs = {rule: (tmp_path / f"logs/{rule}/tinyp/synth.log").read_text() for rule in ("evaluate_base", "cloze")}
+    # Each rule reads the prompt it is for: the template around the question, or the statement;
+    # few-shot's demonstration comes from the pool (whole), never from the test set.
+    logs = {
+        rule: (tmp_path / f"logs/{rule}/tinyp/synth.log").read_text()
+        for rule in ("evaluate_base", "cloze", "evaluate_fewshot")
+    }
     assert "the first prompt: 'Q: Where was Ilmo Varsk born ? A:'" in logs["evaluate_base"]
     assert "the first prompt: 'Ilmo Varsk was born in'" in logs["cloze"]
+    (fewshot,) = re.findall(r"the first prompt: '(.*)'$", logs["evaluate_fewshot"], re.MULTILINE)
+    demonstration, question = fewshot.split("\\n")
+    assert question == "Q: Where was Ilmo Varsk born ? A:"
+    assert re.fullmatch(r"Q: (.*) A: \w+", demonstration).group(1) in set(pool["question"])
     attention = pd.read_csv(run / "attention.tsv", sep="\t")
     params = {"questions": 7, "batch_size": 4, "prompt": {"template": "Q: {question} A:", "answer": " {answer}"},
               "max_drop_fraction": 0.0}  # fmt: skip
