@@ -63,3 +63,19 @@ def test_every_report_caption_renders_for_every_figure_of_the_shipped_configs(na
             wildcards = types.SimpleNamespace(model=model, dataset=dataset, sweep=sweep)
             text = template.render(snakemake=types.SimpleNamespace(config=config, wildcards=wildcards))
             assert text.strip() and "{{" not in text and "{%" not in text, caption.name
+
+
+def test_every_job_rule_logs_to_a_path_of_its_own():
+    # Two rules on one log path would overwrite each other's logs.
+    logs = {}
+    for where, rule, body in rules_with_bodies():
+        (path,) = re.findall(r"^    log:\n\s+([^\s,]+),?$", body, re.M)  # one each
+        logs.setdefault(path, []).append(f"{where}: {rule}")
+    assert {path: rules for path, rules in logs.items() if len(rules) > 1} == {}
+
+
+def test_every_report_caption_is_the_caption_of_one_output():
+    # A caption named twice is the wrong one for one of its outputs (and another goes unused).
+    named = [re.findall(r'caption="\.\./report/([\w.]+)"', path.read_text()) for path in RULE_FILES]
+    named = sorted(itertools.chain.from_iterable(named))
+    assert named == sorted(path.name for path in (ROOT / "report").glob("*.rst"))
