@@ -228,8 +228,12 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
         tmp_path / "logs" / "popularity" / "trivia.log"
     ).read_text()
     assert not (tmp_path / "results" / "trivia" / "facts.parquet").exists()
+    raw = tmp_path / "resources" / "datasets" / "trivia" / "raw.parquet"
+    downloaded = raw.stat().st_mtime_ns
     result = snakemake(0.2, "results/trivia/splits/top.parquet")
     assert result.returncode == 0, result.stderr[-3000:]
+    # A run-time setting: the finished download is not redone for it (nor is anything after it).
+    assert raw.stat().st_mtime_ns == downloaded
     facts = read_table(tmp_path / "results" / "trivia" / "facts.parquet")
     check_facts(facts, "trivia")
     assert len(facts) == 30 and set(facts["popularity_source"]) == {"column:fame"}
