@@ -399,7 +399,8 @@ def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     config["simulation"] = {"seeds": [0, 1], "settings": TINY, "sweeps": {"zipf": [1.0, 1.5]}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    targets = [f"results/figures/simulation/{name}.png" for name in ("gap_vs_zipf", "subsets")]
+    mechanism = ("salience_vs_mentions", "attention_through_finetuning")
+    targets = [f"results/figures/simulation/{name}.png" for name in ("gap_vs_zipf", "subsets", *mechanism)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(configfile),
@@ -422,3 +423,10 @@ def test_workflow_runs_a_tiny_simulation_sweep_to_its_gap_figure(tmp_path):
     pd.testing.assert_frame_equal(gaps[gaps["value"] == 1.0][columns].reset_index(drop=True), base_runs)
     assert not gaps[gaps["value"] == 1.5][columns].reset_index(drop=True).equals(base_runs)
     assert not (tmp_path / "results/simulation/zipf/1.0").exists()
+    # The mechanism figures draw the base runs' own tables: each as drawn here from them.
+    for name, table, plot in [(mechanism[0], "salience", plot_salience), (mechanism[1], "attention", plot_attention)]:
+        runs = sorted((tmp_path / f"results/simulation/{BASE}/{BASE_POINT}").glob(f"seed*/{table}.parquet"))
+        assert len(runs) == 2
+        save_figure(plot(pd.concat(map(pd.read_parquet, runs), ignore_index=True)), [tmp_path / f"{name}.pdf"])
+        drawn = (tmp_path / f"results/figures/simulation/{name}.pdf").read_bytes()
+        assert drawn == (tmp_path / f"{name}.pdf").read_bytes(), name
