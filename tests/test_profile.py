@@ -140,11 +140,28 @@ def test_rules_that_need_the_internet_run_on_the_login_node_and_gpu_rules_do_not
     assert not GPU_RULES & local
 
 
-def test_memory_and_runtime_double_with_the_attempt(grid, grid_second_attempt):
+def test_rules_that_only_draw_tables_and_figures_run_on_the_login_node():
+    # Seconds of pandas and plotting (envs/figures.yaml): not worth a queued job each.
+    drawing = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        for rule, body in re.findall(r"^rule (\w+):\n((?:    .*\n|\n)+)", smk.read_text(), re.M):
+            if '"../envs/figures.yaml"' in body:
+                drawing.add(rule)
+    assert {"summary", "figures", "overview", "simulation_mechanism_figures"} <= drawing
+    assert drawing <= localrules(), drawing - localrules()
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/ci-slurm.yaml"])
+def test_memory_and_runtime_double_with_the_attempt(configfile, grid, grid_second_attempt, tmp_path):
+    if configfile == "config/config.yaml":
+        planned = grid[1], grid_second_attempt[1]
+    else:  # the synthetic world's rules: pretraining and the world itself
+        planned = [dry_run("slurm", configfile, tmp_path / str(n), "--attempt", str(n))[1] for n in (1, 2)]
     local = localrules()
-    first = {(j.rule, j.wildcards): j.resources for j in grid[1] if j.rule not in local}
-    second = {(j.rule, j.wildcards): j.resources for j in grid_second_attempt[1] if j.rule not in local}
+    first, second = ({(j.rule, j.wildcards): j.resources for j in jobs if j.rule not in local} for jobs in planned)
     assert first.keys() == second.keys() and first
+    if configfile != "config/config.yaml":
+        assert {"pretrain", "synthetic_world"} <= {rule for rule, _ in first}
     for key, resources in first.items():
         for name in ("mem_mb", "runtime"):
             # Doubled: a 7B finetune cut at its time limit resumes with as much time again.
