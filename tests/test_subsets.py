@@ -174,6 +174,11 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_subset_size.pdf").stat().st_size > 5_000
     summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
     assert summary["bottom25_mean"] == pytest.approx(np.mean([0.2, 0.3, 0.2]), abs=1e-6)
+    # The popularity figure compares the paper's four subsets: it waits for no sized run.
+    figure = ["results/figures/tiny/synth/accuracy_vs_popularity.png"]
+    planned = snakemake_in(tmp_path, config_path, figure, "--dry-run", "--allowed-rules", "figures")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert "results/tiny/synth/bottom/seed2/metrics.tsv" in planned.stdout and "25/seed" not in planned.stdout
     report = snakemake_in(tmp_path, config_path, targets[2:], "--report", "results/report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "results/report.html").read_text()
