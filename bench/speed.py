@@ -559,7 +559,8 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     table.add(
         **common, path="factft", batch_size=args.eval_batch, computed_tokens=shared, seconds=clock.seconds,
         wall_s=clock.wall, cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
-        peak_reserved_gb=clock.peak_reserved_gb, agreement=float(np.mean([np.argmax(s) == p for s, p in zip(scores, picked)])),
+        peak_reserved_gb=clock.peak_reserved_gb,
+        agreement=float(np.mean([np.argmax(s) == p for s, p in zip(scores, picked)])),
     )  # fmt: skip
 
 
