@@ -17,6 +17,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
+from factft.plots import make_training_figure
 from factft.tables import read_table
 from conftest import SMOLLM2_GGUF, smollm2_folder
 
@@ -135,6 +136,10 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
     assert width > 2 * height
     height, width, _ = imread(tmp_path / f"{figures}/attention_heatmap.png").shape
     assert width < 2 * height
+    # The training figure: each run's train log, titled with this model and dataset.
+    sources = [{"subset": s, "seed": 0, "path": tmp_path / run / s / "seed0" / "train_log.tsv"} for s in ("top", "bottom")]
+    make_training_figure(sources, "smollm2", "popqa", [tmp_path / "training_loss.pdf"])
+    assert (tmp_path / f"{figures}/training_loss.pdf").read_bytes() == (tmp_path / "training_loss.pdf").read_bytes()
 
 
 MMLU = ROOT / "tests" / "data" / "mmlu"
