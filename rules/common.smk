@@ -586,10 +586,6 @@ def simulation_settings(wildcards):
     return point_settings(SIMULATION, wildcards.sweep, wildcards.point)
 
 
-def simulation_value(wildcards):
-    return point_value(SIMULATION, wildcards.sweep, wildcards.point)
-
-
 def sweep_runs(sweep):
     """(point, seed) of every run of a sweep, in the order its tables are read."""
     return [

@@ -42,7 +42,6 @@ rule simulate:
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         settings=simulation_settings,
-        value=simulation_value,
     script:
         "../workflow/scripts/simulate.py"
 

@@ -115,11 +115,11 @@ def test_the_same_seed_gives_identical_tables_and_another_seed_does_not():
 
 
 def test_a_tiny_sweep_point_reports_every_subset_fact_and_recorded_step():
-    tables = simulate(TINY, 0, sweep="zipf", value=1.0)
+    tables = simulate({**TINY, "zipf": 1.5}, 0, sweep="zipf")
     accuracy, salience, attention = tables["accuracy"], tables["salience"], tables["attention"]
     assert list(accuracy["subset"]) == ["top", "bottom", "random", "whole"]
     assert accuracy["accuracy"].between(0, 1).all()
-    assert (accuracy["sweep"] == "zipf").all() and (accuracy["value"] == 1.0).all()
+    assert (accuracy["sweep"] == "zipf").all() and (accuracy["value"] == 1.5).all()
     assert len(salience) == TINY["subjects"] * TINY["relations"]
     assert sorted(attention["step"].unique()) == [0, 5, 10]
     # Finetuning starts from the same pretrained model for every subset.

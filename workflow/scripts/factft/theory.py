@@ -298,10 +298,11 @@ def finetune_one_layer(
 # ---- one sweep point --------------------------------------------------------------
 
 
-def simulate(settings: dict, seed: int, sweep: str = BASE, value=None) -> dict[str, pd.DataFrame]:
+def simulate(settings: dict, seed: int, sweep: str = BASE) -> dict[str, pd.DataFrame]:
     """Pretrain once, finetune a copy on each subset, test on held-out subjects.
 
-    Returns three tables, each tagged with sweep, value and seed: `accuracy` (one row per
+    Returns three tables, each tagged with sweep, the swept setting's value (none for the base
+    run) and seed: `accuracy` (one row per
     subset: held-out QA accuracy overall and on the more / less mentioned half of the test
     subjects, generic answers, subject attention, and what the pretrained model stores),
     `salience` (one row per fact after pretraining) and `attention` (subject attention and
@@ -367,4 +368,5 @@ def simulate(settings: dict, seed: int, sweep: str = BASE, value=None) -> dict[s
         "salience": salience,
         "attention": pd.concat(attention, ignore_index=True),
     }
+    value = None if sweep == BASE else settings[sweep]
     return {name: table.assign(sweep=sweep, value=value, seed=seed) for name, table in tables.items()}
