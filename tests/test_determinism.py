@@ -1,5 +1,5 @@
-"""The demo is deterministic on CPU: run twice, in two folders, it writes byte-identical splits
-and identical metrics. The same two runs carry an HF token in their environment, which must
+"""The demo is deterministic on CPU: run twice, in two folders with two hash seeds, it writes
+byte-identical splits and identical metrics. The same two runs carry an HF token in their environment, which must
 reach no file (it is checked here to spare a third run of the workflow)."""
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ def two_runs(tmp_path_factory) -> list[Path]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_TOKEN=SECRET)
     # Side by side: neither run can lean on the other's files, and the pair takes half as long.
     runs = []
-    for folder in folders:
+    # Two hash seeds: an output that follows the order of a set would differ.
+    for folder, hash_seed in zip(folders, ("0", "123")):
         with open(folder / "snakemake.out", "w") as output:
             runs.append(
                 subprocess.Popen(
                     # Targets first: --configfile takes every argument up to the next flag.
                     [str(SNAKEMAKE), *TARGETS, "-s", str(ROOT / "Snakefile"), "-d", str(folder),
                      "--configfile", str(folder / "config.yaml"), "--cores", "1"],
-                    env=env, stdout=output, stderr=subprocess.STDOUT,
+                    env=dict(env, PYTHONHASHSEED=hash_seed), stdout=output, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             )
     for folder, run in zip(folders, runs):
@@ -67,7 +68,9 @@ def two_runs(tmp_path_factory) -> list[Path]:
 @pytest.mark.slow
 def test_two_demo_runs_write_byte_identical_splits_and_identical_metrics(two_runs):
     first, second = two_runs
-    for path in TARGETS + [f"{RUN}/predictions.parquet", "results/synth/facts.parquet"]:
+    # The adapter's config too: peft holds all-linear's layers in a set.
+    written = [f"{RUN}/predictions.parquet", "results/synth/facts.parquet", f"{RUN}/adapter/adapter_config.json"]
+    for path in TARGETS + written:
         assert (first / path).read_bytes() == (second / path).read_bytes(), f"{path} differs between the runs"
     adapters = [load_file(run / RUN / "adapter/adapter_model.safetensors") for run in two_runs]
     assert adapters[0].keys() == adapters[1].keys()

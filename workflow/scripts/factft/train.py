@@ -510,6 +510,11 @@ def save_output(out_dir: Path, model, tokenizer, summary: dict, method: str) -> 
             # Saved in the compute dtype, as evaluation loads it: half the disk of fp32 on a GPU.
             model.to(compute_dtype(next(model.parameters()).device))
             tokenizer.save_pretrained(tmp)
+        else:
+            # peft resolves all-linear into a set, written in an order that follows the hash seed.
+            for config in model.peft_config.values():
+                if isinstance(config.target_modules, (set, frozenset)):
+                    config.target_modules = sorted(config.target_modules)
         # factft adds no tokens, so no embedding layer to save: peft's check for added ones
         # looks for a config.json a GGUF model folder lacks, and warns in every such log.
         model.save_pretrained(tmp, **({} if method == "full" else {"save_embedding_layers": False}))
