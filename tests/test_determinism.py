@@ -1,6 +1,6 @@
 """The demo is deterministic on CPU: run twice, in two folders with two hash seeds, it writes
-byte-identical splits and identical metrics. The same two runs carry an HF token in their environment, which must
-reach no file (it is checked here to spare a third run of the workflow)."""
+byte-identical splits and identical metrics. The same two runs carry an HF token in their
+environment, which must reach no file (it is checked here to spare a third run of the workflow)."""
 
 from __future__ import annotations
 

@@ -499,7 +499,8 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         metrics = pd.read_csv(tmp_path / target, sep="\t").query("scope == 'all'")
         predictions[target] = pd.read_parquet(tmp_path / target.replace("metrics.tsv", "predictions.parquet"))
         assert list(predictions[target]["id"]) == list(make_test_table()["id"])
-        assert metrics["n"].iloc[0] == 7 and metrics["accuracy"].iloc[0] == pytest.approx(predictions[target]["correct"].mean(), abs=1e-6)
+        assert metrics["n"].iloc[0] == 7
+        assert metrics["accuracy"].iloc[0] == pytest.approx(predictions[target]["correct"].mean(), abs=1e-6)
     finetuned, base = (predictions[t]["prediction"] for t in targets[:2])
     assert (finetuned != base).any(), list(base)
     assert (tmp_path / "benchmarks/cloze/tinyp/synth.tsv").exists()

@@ -137,7 +137,8 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
     height, width, _ = imread(tmp_path / f"{figures}/attention_heatmap.png").shape
     assert width < 2 * height
     # The training figure: each run's train log, titled with this model and dataset.
-    sources = [{"subset": s, "seed": 0, "path": tmp_path / run / s / "seed0" / "train_log.tsv"} for s in ("top", "bottom")]
+    logs = {subset: tmp_path / run / subset / "seed0" / "train_log.tsv" for subset in ("top", "bottom")}
+    sources = [{"subset": subset, "seed": 0, "path": path} for subset, path in logs.items()]
     make_training_figure(sources, "smollm2", "popqa", [tmp_path / "training_loss.pdf"])
     assert (tmp_path / f"{figures}/training_loss.pdf").read_bytes() == (tmp_path / "training_loss.pdf").read_bytes()
 
