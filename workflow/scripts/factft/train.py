@@ -385,10 +385,15 @@ def train_steps(
     return rows
 
 
+def steps_seconds(rows: list[dict]) -> float:
+    """The time the train log's steps took (their own clock: no loading or saving)."""
+    return sum(r["tokens"] / r["tokens_per_s"] for r in rows if r["tokens_per_s"] > 0)
+
+
 def _log_progress(rows: list[dict], total: int, since_step: int) -> None:
     """One progress line: the last step's loss, and tokens/s over the steps since `since_step`."""
     recent = [r for r in rows if r["step"] > since_step]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in recent if r["tokens_per_s"] > 0)
+    seconds = steps_seconds(recent)
     tokens_per_s = sum(r["tokens"] for r in recent) / seconds if seconds > 0 else float("nan")
     step = rows[-1]["step"]
     log.info(
@@ -626,7 +631,7 @@ def finetune(
         write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
     save_output(out_dir, model, tokenizer, summary, method)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows if r["tokens_per_s"] > 0)
+    seconds = steps_seconds(rows)
     log.info(
         "finetuned %d steps, final loss %.4f, %.0f real tokens/s over the steps%s -> %s",
         step,
