@@ -30,6 +30,7 @@ rule download_model:
 
 # Checkpoints go to RUN/checkpoints, deliberately undeclared: Snakemake deletes declared
 # outputs of a failed or requeued job, and the checkpoints must survive to be resumed.
+# RUN/checkpoints.lock, held while the job runs, stops a second copy of it (factft.train).
 rule finetune:
     input:
         model=base_model,

@@ -158,6 +158,19 @@ def test_a_killed_writers_temporaries_are_removed_when_the_folder_is_written_aga
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_a_file_outputs_stale_temporary_goes_when_it_is_written_again_but_not_in_a_shared_cache(tmp_path):
+    stale = tmp_path / ".a.png.k1ll3d.tmp"  # left by a writer of a.png killed with SIGKILL
+    others = [tmp_path / ".a.png.x.abc.tmp", tmp_path / ".b.png.abc.tmp"]  # a.png.x's, b.png's
+    for path in [stale, *others]:
+        path.write_text("half")
+    with atomic_path(tmp_path / "a.png", shared=True) as tmp:
+        tmp.write_text("png")
+    assert stale.exists()  # a cache's: maybe another process's, still being written
+    with atomic_path(tmp_path / "a.png") as tmp:
+        tmp.write_text("png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.png.x.abc.tmp", ".b.png.abc.tmp", "a.png"]
+
+
 def test_outputs_get_the_usual_permissions_not_the_temporarys_private_ones(tmp_path):
     previous = os.umask(0o022)
     try:

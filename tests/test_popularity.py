@@ -137,6 +137,21 @@ def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp
     assert again.equals(table) and len(http_server.requests) == 2
 
 
+def test_an_unreadable_cache_entry_is_fetched_again_and_replaced(http_server, tmp_path, caplog):
+    http_server.reply(route("Ada_Lovelace"), (200, daily(10, 20, 30)))
+    http_server.reply(route("Hallstatt"), (200, daily(1, 2, 3)))
+    fetch(http_server, ["Ada Lovelace", "Hallstatt"], tmp_path)
+    (entry,) = [p for p in tmp_path.rglob("*.json") if "Hallstatt" in p.read_text()]
+    entry.write_text("")  # what a node crash can leave of a file written just before it
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        table = fetch(http_server, ["Ada Lovelace", "Hallstatt"], tmp_path)
+    assert table["views"].tolist() == [60, 6]
+    assert f"1 cached entries cannot be read (e.g. {entry}); fetching them again" in caplog.text
+    assert http_server.requests.count(route("Hallstatt")) == 2 and http_server.requests.count(route("Ada_Lovelace")) == 1
+    fetch(http_server, ["Hallstatt"], tmp_path)  # the entry was written anew
+    assert http_server.requests.count(route("Hallstatt")) == 2
+
+
 def test_pageviews_are_fetched_on_several_threads_each_result_its_own(http_server, tmp_path):
     names = [f"Person {i}" for i in range(12)]
     for i, name in enumerate(names):

@@ -166,8 +166,9 @@ def run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(snakemake(workdir, *extra), env=env(), capture_output=True, text=True, timeout=300)
 
 
-def run_and_kill_at(workdir: Path, hook: Path, point: str) -> None:
-    """Run the workflow until the finetune job reaches `point`, then SIGKILL the process group."""
+def run_and_kill_at(workdir: Path, hook: Path, point: str, *, snakemake_only: bool = False) -> int:
+    """Run the workflow until the finetune job reaches `point`, then SIGKILL the process group
+    (or Snakemake alone, whose job then runs on, halted); returns the job's pid."""
     marker = workdir.parent / f"{workdir.name}-{point.replace(':', '-')}.stalled"
     output = workdir.parent / f"{workdir.name}-{point.replace(':', '-')}.out"
     with open(output, "w") as stream:
@@ -187,9 +188,14 @@ def run_and_kill_at(workdir: Path, hook: Path, point: str) -> None:
             pytest.fail(f"the run did not reach {point} in 300 s")
         time.sleep(0.05)
     stalled = int(marker.read_text())
+    if snakemake_only:
+        process.kill()
+        process.wait()
+        return stalled
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert_dead(stalled)
+    return stalled
 
 
 def assert_dead(pid: int) -> None:
@@ -283,6 +289,30 @@ def test_finetune_killed_at_three_points_resumes_to_the_uninterrupted_adapter_an
     assert "resuming" not in finetune_log(reference)
     assert_same_result(reference / RUN, work / RUN)
     assert_same_metrics(reference, work)
+
+
+@pytest.mark.slow
+def test_a_finetune_that_a_killed_snakemake_left_running_is_not_run_twice(workflow_dir, stall_hook, tmp_path):
+    work = fresh_copy(workflow_dir, tmp_path / "orphaned")
+    # Snakemake alone dies (a lost login node); its finetune job runs on, here halted after step 2.
+    orphan = run_and_kill_at(work, stall_hook, "after-checkpoint:2", snakemake_only=True)
+    try:
+        os.kill(orphan, 0)  # still running
+        unlock(work)
+        second = run(work, "--rerun-incomplete")
+        assert second.returncode != 0
+        assert f"another finetune of this run is running (host " in second.stderr
+        assert f", pid {orphan}, " in second.stderr, second.stderr[-3000:]
+        # The running copy's checkpoint and its place are untouched.
+        assert checkpoints(work) == [STEP.format(2)] and complete(work / RUN / "checkpoints" / STEP.format(2))
+        assert (work / RUN / "checkpoints.lock").is_file()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    assert_dead(orphan)
+    done = run(work, "--rerun-incomplete")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {RUN}/checkpoints/{STEP.format(2)} (step 2 of 10)" in finetune_log(work)
+    assert sorted(p.name for p in (work / RUN).iterdir()) == ["adapter", "train_log.tsv"]
 
 
 def assert_same_result(expected: Path, found: Path) -> None:

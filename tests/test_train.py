@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import re
 
 import pandas as pd
@@ -273,6 +274,53 @@ def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path
 )
 def test_full_finetunes_keep_fp32_master_weights(method, device, dtype):
     assert weights_dtype(method, device) == dtype
+
+
+@pytest.mark.parametrize(
+    "broken, error", [("trainable.safetensors", "SafetensorError"), ("optimizer.pt", "EOFError"), ("state.json", "JSONDecodeError")]
+)
+def test_an_unreadable_checkpoint_is_named_and_kept(tiny_model_dir, facts, tmp_path, broken, error):
+    def crash_at_step_3(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, facts, tmp_path, on_step=crash_at_step_3)
+    checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    (checkpoint / broken).write_bytes(b"")  # what a node crash can leave of a file written just before it
+    with pytest.raises(FactftError, match=rf"checkpoint {checkpoint} cannot be read \({error}: .*delete that folder"):
+        run(tiny_model_dir, facts, tmp_path)
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
+        ["state.json", "trainable.safetensors", "optimizer.pt", "rng.safetensors"]
+    )
+
+
+def test_a_second_copy_of_a_running_finetune_stops_before_touching_its_checkpoints(tiny_model_dir, facts, tmp_path):
+    """Two jobs of one run: e.g. one resubmitted while the first, orphaned by a killed
+    Snakemake, still runs. flock locks of two open() calls conflict in one process too."""
+    _, expected = run(tiny_model_dir, facts, tmp_path / "alone")
+    folder, refused = tmp_path / "run", []
+
+    def second_copy_at_step_3(step, loss):
+        if step != 3:
+            return
+        writing = folder / "checkpoints" / ".step-00000004.abc123.tmp"  # as if mid-checkpoint
+        writing.mkdir()
+        with pytest.raises(FactftError) as error:
+            run(tiny_model_dir, facts, folder)
+        refused.append(str(error.value))
+        assert writing.is_dir() and (folder / "checkpoints" / "step-00000002" / "state.json").is_file()
+        writing.rmdir()
+
+    _, weights = run(tiny_model_dir, facts, folder, on_step=second_copy_at_step_3)
+    (message,) = refused
+    assert re.fullmatch(
+        rf"another finetune of this run is running \(host \S+, pid {os.getpid()}, SLURM job \S+, since [0-9: -]+; "
+        rf"it holds {folder}/checkpoints\.lock\): cancel it \(scancel, kill\) or let it finish; .*",
+        message,
+    ), message
+    assert same_weights(weights, expected, atol=0)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter", "train_log.tsv"]  # the lock file too is gone
 
 
 def test_existing_output_is_never_overwritten(tiny_model_dir, facts, tmp_path):

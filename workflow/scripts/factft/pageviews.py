@@ -120,13 +120,21 @@ def pageview_table(
     folder = Path(cache_dir) / project / f"{start}-{end}"
     articles = sorted(set(articles))
     views = {"": 0}  # facts without a title (fact_articles warned)
+    unreadable = []
     for article in articles:
         if not article:
             continue
         try:  # one file-system call per article, not two: 200,000 of them on a cluster's NFS
-            views[article] = json.loads(_cache_file(folder, article).read_text())["views"]
+            views[article] = int(json.loads(_cache_file(folder, article).read_text())["views"])
         except FileNotFoundError:
             pass
+        except (ValueError, KeyError, TypeError):  # e.g. emptied by a crash: fetched again
+            unreadable.append(article)
+    if unreadable:
+        log.warning(
+            "pageviews: %d cached entries cannot be read (e.g. %s); fetching them again",
+            len(unreadable), _cache_file(folder, unreadable[0]),
+        )  # fmt: skip
     todo = [article for article in articles if article not in views]
     threads = max(1, min(MAX_THREADS, math.ceil(requests_per_second * ROUND_TRIP_S)))
     log.info(
@@ -166,7 +174,7 @@ def pageview_table(
             if response.status_code == 403 and not contact:
                 problem += "; Wikimedia refuses clients it cannot identify: set `contact` in the config"
             raise FactftError(problem)
-        with atomic_path(_cache_file(folder, article)) as tmp:
+        with atomic_path(_cache_file(folder, article), shared=True) as tmp:
             tmp.write_text(json.dumps({"article": article, "views": total}))
         return total, response.status_code in MISSING_STATUS
 

@@ -282,7 +282,7 @@ def fetch_url(
     log.info("fetching %s", url)
     with requests.Session() as session:
         response = get_with_retries(session, url, attempts=attempts, backoff=backoff, stream=True)
-        with response, atomic_path(target) as tmp:
+        with response, atomic_path(target, shared=True) as tmp:
             if response.status_code != 200:
                 raise FactftError(f"cannot fetch {url}: HTTP {response.status_code}; check source.url")
             digest = hashlib.sha256()

@@ -48,11 +48,32 @@ def temp_name(target: Path) -> str:
     return f".{target.name}."
 
 
+def _durable_replace(tmp: str | Path, target: str | Path) -> None:
+    """Rename `tmp` (a file or folder) onto `target` once its bytes are on disk: after a node
+    crash, `target` is whole or as it was, never a new name over lost data."""
+    tmp, target = Path(tmp), Path(target)
+    contents = [p for p in tmp.rglob("*") if not p.is_symlink()] if tmp.is_dir() else []
+    for path in [*contents, tmp]:
+        _fsync(path)
+    os.replace(tmp, target)
+    _fsync(target.parent)  # the rename itself
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder opens read-only too, and fsyncs its entries
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(target: str | Path):
+def atomic_path(target: str | Path, *, shared: bool = False):
     """Yield a temporary path beside `target`; rename it onto `target` only on success.
 
     No reader ever sees a half-written file, and a failure leaves an older `target` intact.
+    Temporaries of `target` that a killed writer left are deleted first, except in a
+    `shared` folder (a cache that other processes may be writing into at the same moment).
     """
     target = Path(target)
     if target.is_dir():
@@ -61,13 +82,15 @@ def atomic_path(target: str | Path):
             "(it is never overwritten)"
         )
     make_parent(target)
+    if not shared:
+        remove_stale_temps(target.parent, target.name)
     fd, tmp = tempfile.mkstemp(prefix=temp_name(target), suffix=TEMP_SUFFIX, dir=target.parent)
     # mkstemp makes the file private (0600); an output gets the permissions any new file gets.
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, target)
+        _durable_replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -91,7 +114,7 @@ def atomic_dir(target: str | Path):
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes the folder private (0700)
         yield tmp
-        os.replace(tmp, target)
+        _durable_replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -114,7 +137,10 @@ def remove_stale_temps(folder: str | Path, name: str = "*") -> None:
     Only for outputs that a single job writes (a Snakemake output, a job's checkpoints):
     a shared cache may hold another process's temporary that is still being written.
     """
-    for stale in Path(folder).glob(f"{temp_name(Path(name))}*{TEMP_SUFFIX}"):
+    prefix = temp_name(Path(name))
+    for stale in Path(folder).glob(f"{prefix}*{TEMP_SUFFIX}"):
+        if name != "*" and "." in stale.name[len(prefix) : -len(TEMP_SUFFIX)]:
+            continue  # another output's: `.a.png.x.<random>.tmp` is a.png.x's, not a.png's
         log.info("removing %s, left by an interrupted run", stale)
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

@@ -8,6 +8,8 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -16,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +31,7 @@ from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.models import compute_dtype, default_device, load_model, peak_memory
 from factft.prompts import IGNORE, encode_example, fact_prompt, gold_answer
-from factft.tables import atomic_dir, check_new_dir, remove_stale_temps, write_tsv
+from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_temps, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +466,8 @@ def latest_checkpoint(directory: Path, print_: str) -> tuple[Path, dict] | None:
         if not all(f.is_file() for f in files):
             log.info("skipping incomplete checkpoint %s", candidate)
             continue
-        state = json.loads((candidate / STATE).read_text())
+        with unreadable_checkpoint(candidate):
+            state = json.loads((candidate / STATE).read_text())
         if state.get("fingerprint") != print_:
             log.info("skipping checkpoint %s: trained with other settings or data", candidate)
             continue
@@ -471,19 +475,70 @@ def latest_checkpoint(directory: Path, print_: str) -> tuple[Path, dict] | None:
     return None
 
 
+@contextlib.contextmanager
+def one_writer(checkpoint_dir: Path):
+    """Hold `<checkpoint_dir>.lock` while a finetune runs: a second copy of the same run (one
+    resubmitted while the first still runs, e.g. after the Snakemake that submitted it died)
+    stops at once, instead of sharing and then deleting the first one's checkpoints.
+
+    flock: released by the kernel when its holder dies, however it dies, and seen across
+    nodes on NFS and on Lustre mounted with `flock`; where the file system has no locks,
+    the run goes on unguarded, with a warning.
+    """
+    lock = checkpoint_dir.with_name(checkpoint_dir.name + ".lock")
+    make_parent(lock)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FactftError(
+            f"another finetune of this run is running ({holder}; it holds {lock}): cancel it "
+            "(scancel, kill) or let it finish; this copy stops before touching its checkpoints"
+        ) from None
+    except OSError as error:
+        log.warning("cannot lock %s (%s): a second copy of this finetune would go unnoticed", lock, error)
+    else:
+        job = os.environ.get("SLURM_JOB_ID", "-")
+        holder = f"host {socket.gethostname()}, pid {os.getpid()}, SLURM job {job}, since {time.strftime('%F %T')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a copy that opens it later locks a new file
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def unreadable_checkpoint(path: Path):
+    """A checkpoint that cannot be read (its storage failed) is a clear error, not a
+    traceback each retry repeats; it is not deleted here, in case the failure passes."""
+    try:
+        yield
+    except Exception as error:  # only reads in the block: json, safetensors, torch.load errors
+        raise FactftError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); delete that folder "
+            "to start this finetune over"
+        ) from None
+
+
 def load_checkpoint(path: Path, model, optimizer) -> None:
     from safetensors.torch import load_file
 
     parameters = trainable_parameters(model)
-    weights = load_file(path / "trainable.safetensors")
+    with unreadable_checkpoint(path):
+        weights = load_file(path / "trainable.safetensors")
+        # weights_only: a checkpoint folder must not be able to run code when loaded.
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        rng = load_file(path / "rng.safetensors")
     if set(weights) != set(parameters):
         raise FactftError(f"checkpoint {path} does not match the model's trainable weights; delete it")
     with torch.no_grad():
         for name, tensor in weights.items():
             parameters[name].copy_(tensor)
-    # weights_only: a checkpoint folder must not be able to run code when loaded.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = load_file(path / "rng.safetensors")
+    optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
@@ -547,97 +602,99 @@ def finetune(
     `settings` is the merged finetune config plus `seed`; `prompt` is the dataset's prompt
     block (`prompt_params` in rules/common.smk: the top-level one with the dataset's over it).
     Resumes from the newest matching checkpoint in `checkpoint_dir` and deletes the
-    checkpoints once `out_dir` is written. `train_log` receives one row per step; `meta`
+    checkpoints once `out_dir` is written; a second copy of the same run, started while this
+    one runs, stops at once (one_writer). `train_log` receives one row per step; `meta`
     (dataset, subset, ...) is recorded in trained.json; `on_step(step, loss)` runs after
     each step and its checkpoint. Returns the summary written as trained.json.
     """
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
-    method, seed = settings["method"], int(settings["seed"])
-    if method not in METHODS:
-        raise FactftError(f"finetune.method '{method}' is unknown; use one of {METHODS}")
-    device = device or default_device()
-    check_new_dir(out_dir)
-    if settings.get("compile"):
-        check_compile(device)
-    # A checkpoint a killed attempt was writing when it died; its last complete one stays.
-    remove_stale_temps(checkpoint_dir)
-    log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    seed_everything(seed)
-    model, tokenizer = load_model(
-        model_spec,
-        quantize="nf4" if method == "qlora" else None,
-        device=device,
-        for_training=True,
-        dtype=weights_dtype(method, device),
-    )
-    encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
-    log_examples(encoded, tokenizer, settings["max_length"])
-    print_ = fingerprint(settings, model_spec, encoded)
-    model = prepare_model(model, settings)
-    if settings.get("compile"):
-        compile_blocks(model)
-    parameters = trainable_parameters(model)
-    n_trainable = sum(p.numel() for p in parameters.values())
-    log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
+    with one_writer(checkpoint_dir):
+        method, seed = settings["method"], int(settings["seed"])
+        if method not in METHODS:
+            raise FactftError(f"finetune.method '{method}' is unknown; use one of {METHODS}")
+        device = device or default_device()
+        check_new_dir(out_dir)
+        if settings.get("compile"):
+            check_compile(device)
+        # A checkpoint a killed attempt was writing when it died; its last complete one stays.
+        remove_stale_temps(checkpoint_dir)
+        log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        seed_everything(seed)
+        model, tokenizer = load_model(
+            model_spec,
+            quantize="nf4" if method == "qlora" else None,
+            device=device,
+            for_training=True,
+            dtype=weights_dtype(method, device),
+        )
+        encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
+        log_examples(encoded, tokenizer, settings["max_length"])
+        print_ = fingerprint(settings, model_spec, encoded)
+        model = prepare_model(model, settings)
+        if settings.get("compile"):
+            compile_blocks(model)
+        parameters = trainable_parameters(model)
+        n_trainable = sum(p.numel() for p in parameters.values())
+        log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
 
-    optimizer = make_optimizer(model, settings, device)
-    total = total_steps(len(encoded), settings)
-    step, rows = 0, []
-    found = latest_checkpoint(checkpoint_dir, print_)
-    if found:
-        path, state = found
-        load_checkpoint(path, model, optimizer)
-        step, rows = state["step"], state["rows"]
-        log.info("resuming from %s (step %d of %d)", path, step, total)
+        optimizer = make_optimizer(model, settings, device)
+        total = total_steps(len(encoded), settings)
+        step, rows = 0, []
+        found = latest_checkpoint(checkpoint_dir, print_)
+        if found:
+            path, state = found
+            load_checkpoint(path, model, optimizer)
+            step, rows = state["step"], state["rows"]
+            log.info("resuming from %s (step %d of %d)", path, step, total)
 
-    def after_step(step: int, rows: list[dict]) -> None:
-        if step % settings["checkpoint_every"] == 0 and step < total:
-            save_checkpoint(checkpoint_dir, step, model, optimizer, {"fingerprint": print_, "rows": rows})
-        if on_step is not None:
-            on_step(step, rows[-1]["loss"])
+        def after_step(step: int, rows: list[dict]) -> None:
+            if step % settings["checkpoint_every"] == 0 and step < total:
+                save_checkpoint(checkpoint_dir, step, model, optimizer, {"fingerprint": print_, "rows": rows})
+            if on_step is not None:
+                on_step(step, rows[-1]["loss"])
 
-    rows = train_steps(
-        model,
-        optimizer,
-        encoded,
-        settings,
-        device=device,
-        pad_id=tokenizer.pad_token_id,
-        step=step,
-        rows=rows,
-        after_step=after_step,
-    )
-    step = rows[-1]["step"] if rows else 0
-    accum, per_epoch = settings.get("grad_accum", 1), math.ceil(len(encoded) / settings["batch_size"])
+        rows = train_steps(
+            model,
+            optimizer,
+            encoded,
+            settings,
+            device=device,
+            pad_id=tokenizer.pad_token_id,
+            step=step,
+            rows=rows,
+            after_step=after_step,
+        )
+        step = rows[-1]["step"] if rows else 0
+        accum, per_epoch = settings.get("grad_accum", 1), math.ceil(len(encoded) / settings["batch_size"])
 
-    model.eval()
-    summary = {
-        "model": model_spec["name"],
-        **(meta or {}),
-        "seed": seed,
-        "method": method,
-        "settings": settings,
-        "prompt": prompt,
-        "examples": len(encoded),
-        "steps": step,
-        "epochs": step * accum / per_epoch,
-        "tokens": int(sum(r["tokens"] for r in rows)),
-        "trainable_params": n_trainable,
-        "final_loss": rows[-1]["loss"] if rows else None,
-        "fingerprint": print_,
-        "versions": library_versions(method),
-    }
-    if train_log is not None:
-        write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
-    save_output(out_dir, model, tokenizer, summary, method)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    seconds = steps_seconds(rows)
-    log.info(
-        "finetuned %d steps, final loss %.4f, %.0f real tokens/s over the steps%s -> %s",
-        step,
-        summary["final_loss"],
-        summary["tokens"] / seconds if seconds else float("nan"),
-        peak_memory(device),
-        out_dir,
-    )
-    return summary
+        model.eval()
+        summary = {
+            "model": model_spec["name"],
+            **(meta or {}),
+            "seed": seed,
+            "method": method,
+            "settings": settings,
+            "prompt": prompt,
+            "examples": len(encoded),
+            "steps": step,
+            "epochs": step * accum / per_epoch,
+            "tokens": int(sum(r["tokens"] for r in rows)),
+            "trainable_params": n_trainable,
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "fingerprint": print_,
+            "versions": library_versions(method),
+        }
+        if train_log is not None:
+            write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
+        save_output(out_dir, model, tokenizer, summary, method)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        seconds = steps_seconds(rows)
+        log.info(
+            "finetuned %d steps, final loss %.4f, %.0f real tokens/s over the steps%s -> %s",
+            step,
+            summary["final_loss"],
+            summary["tokens"] / seconds if seconds else float("nan"),
+            peak_memory(device),
+            out_dir,
+        )
+        return summary
