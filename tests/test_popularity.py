@@ -147,7 +147,8 @@ def test_an_unreadable_cache_entry_is_fetched_again_and_replaced(http_server, tm
         table = fetch(http_server, ["Ada Lovelace", "Hallstatt"], tmp_path)
     assert table["views"].tolist() == [60, 6]
     assert f"1 cached entries cannot be read (e.g. {entry}); fetching them again" in caplog.text
-    assert http_server.requests.count(route("Hallstatt")) == 2 and http_server.requests.count(route("Ada_Lovelace")) == 1
+    assert http_server.requests.count(route("Hallstatt")) == 2
+    assert http_server.requests.count(route("Ada_Lovelace")) == 1
     fetch(http_server, ["Hallstatt"], tmp_path)  # the entry was written anew
     assert http_server.requests.count(route("Hallstatt")) == 2
 

@@ -301,7 +301,7 @@ def test_a_finetune_that_a_killed_snakemake_left_running_is_not_run_twice(workfl
         unlock(work)
         second = run(work, "--rerun-incomplete")
         assert second.returncode != 0
-        assert f"another finetune of this run is running (host " in second.stderr
+        assert "another finetune of this run is running (host " in second.stderr
         assert f", pid {orphan}, " in second.stderr, second.stderr[-3000:]
         # The running copy's checkpoint and its place are untouched.
         assert checkpoints(work) == [STEP.format(2)] and complete(work / RUN / "checkpoints" / STEP.format(2))

@@ -277,7 +277,8 @@ def test_full_finetunes_keep_fp32_master_weights(method, device, dtype):
 
 
 @pytest.mark.parametrize(
-    "broken, error", [("trainable.safetensors", "SafetensorError"), ("optimizer.pt", "EOFError"), ("state.json", "JSONDecodeError")]
+    "broken, error",
+    [("trainable.safetensors", "SafetensorError"), ("optimizer.pt", "EOFError"), ("state.json", "JSONDecodeError")],
 )
 def test_an_unreadable_checkpoint_is_named_and_kept(tiny_model_dir, facts, tmp_path, broken, error):
     def crash_at_step_3(step, loss):
