@@ -1,6 +1,8 @@
 # factft: QA finetuning on well-known vs little-known facts (Ghosal et al., ICML 2024).
 # Each stage lives in rules/<stage>.smk; config lookups go through rules/common.smk.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version, update_config, validate
+
+from factft.config import command_line_config
 
 min_version("9.0")
 
@@ -12,6 +14,8 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# Snakemake reads the items of a --config list or map as strings (seeds=[0] gives ["0"]).
+update_config(config, command_line_config(workflow.config_settings.config_args))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 from factft.config import (
     SCHEMA,
     check_config,
+    command_line_config,
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
@@ -304,13 +305,37 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_config_on_the_command_line_overrides_a_key_of_the_paper_grid(tmp_path):
+def test_config_on_the_command_line_overrides_keys_of_the_paper_grid(tmp_path):
     (tmp_path / "config").symlink_to(ROOT / "config")  # the default config's path is read in --directory
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "all", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
-         "--config", "subsets=[top]"],
+         "--config", "subsets=[top]", "seeds=[0, 2]", "split={pool_size: 2000}"],
         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    # 3 datasets x 2 models x FT-Top alone x 3 seeds: config.yaml's grid, one key changed.
-    assert re.search(r"^finetune\s+18$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+    # 3 datasets x 2 models x FT-Top alone x seeds 0 and 2: config.yaml's grid, three keys changed.
+    assert re.search(r"^finetune\s+12$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+
+
+def test_command_line_lists_and_maps_are_read_as_the_config_file_reads_them():
+    config = load("config.yaml")
+    # What Snakemake passes on: each argument as typed, its value after the first "=".
+    typed = command_line_config(["seeds=[0, 2]", "split={pool_size: 2000, test_size: null}", "contact=a=b", "x=[0"])
+    assert typed == {"seeds": [0, 2], "split": {"pool_size": 2000, "test_size": None}}
+    update_config(config, typed)
+    config = validated(config)
+    assert config["seeds"] == [0, 2]
+    # A map merges into the key's map, as Snakemake's own --config does.
+    assert config["split"] == {**load("config.yaml")["split"], "pool_size": 2000, "test_size": None}
+
+
+def test_a_malformed_command_line_list_is_named_by_the_schema(tmp_path):
+    (tmp_path / "config").symlink_to(ROOT / "config")
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
+         "--config", "seeds=[0, 1"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "'[0, 1' is not of type 'array'" in run.stderr + run.stdout
+    assert not (tmp_path / "results").exists()

@@ -29,8 +29,11 @@ say() { echo "[slurm-ci] $*" >&2; }
 # SIGINT does (and cancels its jobs). HF_HUB_OFFLINE stays unset here: jobs must get it from
 # the profile's precommand (verify.py checks), and this config's local rules (tables,
 # figures) never reach for the hub.
+# The --config values repeat the file's: each SLURM job gets them again and must read the
+# list and map as numbers, as the submitting Snakemake does, or it fails validation.
 SNAKEMAKE=(env -u HF_HUB_OFFLINE -u HF_DATASETS_OFFLINE -u TRANSFORMERS_OFFLINE "$PYTHON" -m snakemake
     --snakefile "$REPO/Snakefile" --profile "$PROFILE" --configfile "$REPO/config/ci-slurm.yaml"
+    --config "seeds=[0]" "evaluate={fewshot: 1}"
     --slurm-keep-successful-logs --slurm-init-seconds-before-status-checks 2 --retries 0)
 
 # Snakemake runs in the background so that a signal to this script acts at once: the EXIT

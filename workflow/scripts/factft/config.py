@@ -212,6 +212,24 @@ def _finetune_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
+def command_line_config(config_args: list[str] | None) -> dict:
+    """The lists and maps among `--config key=value` arguments, read as the config file's YAML is.
+
+    Snakemake reads their items as strings (YAML's BaseLoader: `seeds=[0]` gives `["0"]`,
+    `split={pool_size: 2000}` gives `"2000"`), which the schema then refuses. Scalars are left
+    to Snakemake, which already reads numbers and booleans; a malformed list stays its string.
+    """
+    typed = {}
+    for arg in config_args or ():
+        key, _, value = arg.partition("=")
+        if value.lstrip().startswith(("[", "{")):
+            try:
+                typed[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass  # Snakemake kept it as a string; the schema names the key
+    return typed
+
+
 def load_config(path: str | Path) -> dict:
     """Load, validate, check and sort a config file the way the Snakefile and
     rules/common.smk and simulation.smk do (for tests and scripts)."""
