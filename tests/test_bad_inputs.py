@@ -333,6 +333,10 @@ CATALOGUE = [
     # environment
     ("env-qlora-without-bitsandbytes", without_module("bitsandbytes", finetuned(method="qlora")),
      "finetune.method qlora needs bitsandbytes (4-bit NF4 base): pip install 'factft[qlora]'"),
+    ("env-adamw8bit-without-bitsandbytes",
+     without_module("bitsandbytes", finetuned(method="full", optimizer="adamw8bit")),
+     "finetune.optimizer adamw8bit needs bitsandbytes (8-bit moments): pip install 'factft[qlora]' (envs/torch.yaml "
+     "has it), or use adamw"),
     ("env-model-folder-without-weights", model_folder("config.json", "tokenizer.json"),
      "model 'tiny': no safetensors weights in "),
     ("env-model-folder-with-only-pickled-weights", model_folder("config.json", "pytorch_model.bin"),

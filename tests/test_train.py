@@ -11,11 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factft.errors import FactftError
 from factft.models import load_model
+from factft import train
 from factft.train import (
     collate,
     encode_examples,
     finetune,
     fingerprint,
+    make_optimizer,
     learning_rate,
     epoch_batches,
     prepare_model,
@@ -76,7 +78,8 @@ def run(tiny_model_dir, facts, folder, **kwargs):
         device="cpu",
         **options,
     )
-    return summary, load_file(folder / "adapter" / "adapter_model.safetensors")
+    weights = "model.safetensors" if kwargs.get("method") == "full" else "adapter_model.safetensors"
+    return summary, load_file(folder / "adapter" / weights)
 
 
 def same_weights(a, b, atol=1e-6):
@@ -212,20 +215,27 @@ def test_same_seed_gives_the_same_adapter_and_another_seed_another(tiny_model_di
     assert not same_weights(first, other, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_interrupted_run_resumes_to_the_same_adapter_and_loss(tiny_model_dir, facts, tmp_path, caplog, method):
-    whole, expected = run(tiny_model_dir, facts, tmp_path / "whole", method=method)
+@pytest.mark.parametrize(
+    "method, optimizer", [("lora", "adamw"), ("qlora", "adamw"), ("full", "adamw8bit")]
+)  # fmt: skip
+def test_interrupted_run_resumes_to_the_same_adapter_and_loss(
+    tiny_model_dir, facts, tmp_path, caplog, monkeypatch, method, optimizer
+):
+    monkeypatch.setattr(train, "MIN_8BIT_SIZE", 64)  # 8-bit moments for the tiny model's weights too
+    whole, expected = run(tiny_model_dir, facts, tmp_path / "whole", method=method, optimizer=optimizer)
 
     def crash_at_step_5(step, loss):
         if step == 5:
             raise KeyboardInterrupt("job killed")
 
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_model_dir, facts, tmp_path / "resumed", on_step=crash_at_step_5, method=method)
+        run(
+            tiny_model_dir, facts, tmp_path / "resumed", on_step=crash_at_step_5, method=method, optimizer=optimizer
+        )
     assert not (tmp_path / "resumed" / "adapter").exists()
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000004"]
     with caplog.at_level(logging.INFO, logger="factft"):
-        resumed, weights = run(tiny_model_dir, facts, tmp_path / "resumed", method=method)
+        resumed, weights = run(tiny_model_dir, facts, tmp_path / "resumed", method=method, optimizer=optimizer)
     assert "resuming from" in caplog.text and "step 4 of 9" in caplog.text
     assert "step 5/9 loss " in caplog.text  # the resumed run's first progress line
     assert same_weights(weights, expected, atol=1e-6)
@@ -274,6 +284,36 @@ def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path
 )
 def test_full_finetunes_keep_fp32_master_weights(method, device, dtype):
     assert weights_dtype(method, device) == dtype
+
+
+def test_adamw8bit_keeps_a_quarter_of_adamws_moment_bytes_and_steps_alike():
+    def toy_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+
+    def flat(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def five_steps(optimizer_name):
+        model = toy_model()
+        optimizer = make_optimizer(model, settings(optimizer=optimizer_name, weight_decay=0.0), "cpu")
+        inputs = torch.randn(64, 128)
+        for _ in range(5):
+            model(inputs).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        return sum(t.nbytes for t in tensors if t.dim() > 0), flat(model)
+
+    plain_bytes, plain = five_steps("adamw")
+    small_bytes, small = five_steps("adamw8bit")
+    matrices, biases = 2 * 128 * 128, 2 * 128
+    assert plain_bytes == 8 * (matrices + biases)  # two fp32 moments per weight
+    # Two 8-bit moments per matrix weight, plus their block scales and quantization maps;
+    # the biases (under MIN_8BIT_SIZE) keep fp32 moments.
+    assert 2 * matrices < small_bytes < 2.2 * matrices + 8 * biases
+    start = flat(toy_model())
+    assert torch.nn.functional.cosine_similarity(plain - start, small - start, dim=0) > 0.99
 
 
 @pytest.mark.parametrize(

@@ -83,14 +83,13 @@ def trained_quantization(adapter: str | Path) -> str | None:
     return "nf4" if json.loads(record.read_text()).get("method") == "qlora" else None
 
 
-def require_bitsandbytes() -> None:
+def require_bitsandbytes(
+    why: str = "finetune.method qlora needs bitsandbytes (4-bit NF4 base)", instead: str = "use method lora or full"
+) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise FactftError(
-            "finetune.method qlora needs bitsandbytes (4-bit NF4 base): pip install 'factft[qlora]' "
-            "(envs/torch.yaml has it), or use method lora or full"
-        ) from None
+        raise FactftError(f"{why}: pip install 'factft[qlora]' (envs/torch.yaml has it), or {instead}") from None
 
 
 def adapter_kind(adapter: str | Path) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
-from factft.models import compute_dtype, default_device, load_model, peak_memory
+from factft.models import compute_dtype, default_device, load_model, peak_memory, require_bitsandbytes
 from factft.prompts import IGNORE, encode_example, fact_prompt, gold_answer
 from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_temps, write_tsv
 
@@ -44,6 +44,9 @@ CHECKPOINT_PREFIX = "step-"
 STATE = "state.json"  # written last inside a checkpoint: its presence marks it complete
 # Seconds between progress lines: one line each, readable in a batch job's log (no \r bars).
 PROGRESS_EVERY_S = 30
+# optimizer adamw8bit: smaller tensors (norms, small adapters) keep 32-bit moments, as in
+# bitsandbytes' default; tests lower it so that the tiny model's weights get 8-bit ones.
+MIN_8BIT_SIZE = 4096
 
 
 # ---- data ------------------------------------------------------------------------
@@ -279,14 +282,17 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
-def make_optimizer(model, settings: dict, device) -> torch.optim.AdamW:
-    """AdamW over the trainable weights; fused (one kernel for all tensors) on CUDA."""
-    return torch.optim.AdamW(
-        trainable_parameters(model).values(),
-        lr=settings["learning_rate"],
-        weight_decay=settings.get("weight_decay", 0.0),
-        fused=str(device).startswith("cuda"),
-    )
+def make_optimizer(model, settings: dict, device) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights: torch's, fused (one kernel for all tensors) on CUDA,
+    or with `optimizer: adamw8bit` bitsandbytes' AdamW8bit, whose moments are block-wise 8-bit
+    (2 bytes a weight instead of 8; tensors under MIN_8BIT_SIZE weights keep 32-bit moments)."""
+    parameters = trainable_parameters(model).values()
+    options = {"lr": settings["learning_rate"], "weight_decay": settings.get("weight_decay", 0.0)}
+    if settings.get("optimizer", "adamw") == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, **options, min_8bit_size=MIN_8BIT_SIZE)
+    return torch.optim.AdamW(parameters, **options, fused=str(device).startswith("cuda"))
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -547,7 +553,11 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
 # ---- outputs ---------------------------------------------------------------------
 
 
-def library_versions(method: str) -> dict:
+def uses_bitsandbytes(settings: dict) -> bool:
+    return settings["method"] == "qlora" or settings.get("optimizer") == "adamw8bit"
+
+
+def library_versions(settings: dict) -> dict:
     import peft
     import transformers
 
@@ -556,7 +566,7 @@ def library_versions(method: str) -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
-    if method == "qlora":
+    if uses_bitsandbytes(settings):
         import bitsandbytes
 
         versions["bitsandbytes"] = bitsandbytes.__version__
@@ -616,6 +626,8 @@ def finetune(
         check_new_dir(out_dir)
         if settings.get("compile"):
             check_compile(device)
+        if settings.get("optimizer") == "adamw8bit":
+            require_bitsandbytes("finetune.optimizer adamw8bit needs bitsandbytes (8-bit moments)", "use adamw")
         # A checkpoint a killed attempt was writing when it died; its last complete one stays.
         remove_stale_temps(checkpoint_dir)
         log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -682,7 +694,7 @@ def finetune(
             "trainable_params": n_trainable,
             "final_loss": rows[-1]["loss"] if rows else None,
             "fingerprint": print_,
-            "versions": library_versions(method),
+            "versions": library_versions(settings),
         }
         if train_log is not None:
             write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
