@@ -348,6 +348,14 @@ def model_mem_mb(wildcards, attempt):
     return (2000 if tiny_model(wildcards.model) else 32000) * attempt
 
 
+def finetune_mem_mb(wildcards, attempt):
+    """model_mem_mb, twice over for a full finetune: its fp32 weights are built in host
+    memory before they move to the GPU (27 GB for a 7B), and each checkpoint copies them
+    back there; 32 GB would stop it at its first attempt."""
+    full = finetune_settings(config, wildcards.model, wildcards.dataset)["method"] == "full"
+    return model_mem_mb(wildcards, attempt) * (2 if full else 1)
+
+
 def finetune_runtime(wildcards, attempt):
     """Minutes; a --retries attempt after a timeout resumes from its checkpoint with more."""
     return (30 if tiny_model(wildcards.model) else 480) * attempt

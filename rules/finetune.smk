@@ -47,7 +47,7 @@ rule finetune:
     threads: 4
     resources:
         gpu=model_gpus,
-        mem_mb=model_mem_mb,
+        mem_mb=finetune_mem_mb,
         runtime=finetune_runtime,
     params:
         spec=base_model_spec,

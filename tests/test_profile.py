@@ -168,6 +168,20 @@ def test_memory_and_runtime_double_with_the_attempt(configfile, grid, grid_secon
             assert int(second[key][name]) == 2 * int(resources[name]), (key, name)
 
 
+def test_a_full_finetune_asks_for_twice_the_host_memory(grid, tmp_path):
+    """Its fp32 weights pass through host memory at load and at each checkpoint (27 GB for a 7B)."""
+    # --attempt 1 (the default) ends --config's list before dry_run's target.
+    full_popqa = ("--config", "datasets={popqa: {finetune: {method: full}}}", "--attempt", "1")
+    _, jobs = dry_run("slurm", "config/config.yaml", tmp_path, *full_popqa)
+    memory = {(j.rule, j.wildcards): int(j.resources["mem_mb"]) for j in jobs if j.rule in ("finetune", "evaluate")}
+    usual = {(j.rule, j.wildcards): int(j.resources["mem_mb"]) for j in grid[1] if (j.rule, j.wildcards) in memory}
+    assert memory.keys() == usual.keys() and memory
+    for (rule, wildcards), mb in memory.items():
+        full = rule == "finetune" and "dataset=popqa," in wildcards + ","
+        assert mb == (2 if full else 1) * usual[rule, wildcards] == (2 if full else 1) * 32000, (rule, wildcards)
+    assert sum(rule == "finetune" and mb == 64000 for (rule, _), mb in memory.items()) == 2 * 4 * 3
+
+
 def test_profile_asks_for_gpus_only_through_the_plugin_and_for_rules_that_exist():
     profile = yaml.safe_load(PROFILE.read_text())
     rules = set()
