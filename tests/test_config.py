@@ -209,10 +209,12 @@ def test_a_job_gets_its_own_datasets_settings_its_seed_and_nothing_that_should_n
     mmlu = finetune_job_settings(config, "llama2-7b", "mmlu", 0)
     assert (popqa["max_length"], mmlu["max_length"]) == (128, 512)  # MMLU's own, room for its options
     assert (popqa["seed"], mmlu["seed"]) == (2, 0)
-    # How often progress is saved decides nothing; a switch added later shows only when on.
-    assert "checkpoint_every" not in popqa and "compile" not in popqa
-    config["finetune"]["compile"] = True
-    assert finetune_job_settings(config, "llama2-7b", "popqa", 0)["compile"] is True
+    # How often progress is saved decides nothing; a setting added later shows only when it
+    # changes what runs.
+    assert "checkpoint_every" not in popqa and "compile" not in popqa and "optimizer" not in popqa
+    config["finetune"].update(compile=True, optimizer="adamw8bit")
+    changed = finetune_job_settings(config, "llama2-7b", "popqa", 0)
+    assert (changed["compile"], changed["optimizer"]) == (True, "adamw8bit")
     mc, open_qa = evaluate_job_settings(config, "mmlu"), evaluate_job_settings(config, "popqa")
     assert mc["format"] == "multiple_choice" and mc["choice_score"] == config["evaluate"]["choice_score"]
     assert open_qa["format"] == "open" and "choice_score" not in open_qa

@@ -88,7 +88,9 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
     reordered = {key: config[key] for key in reversed(config)}
     reordered["finetune"] = {
-        "group_by_length": False, **{k: config["finetune"][k] for k in reversed(config["finetune"])}
+        "group_by_length": False,
+        "optimizer": "adamw",
+        **{k: config["finetune"][k] for k in reversed(config["finetune"])},
     }
     reordered["finetune"]["checkpoint_every"] += 7
     reordered["split"] = dict(config["split"], max_drop_fraction=0.25)

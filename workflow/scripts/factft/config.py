@@ -156,9 +156,10 @@ def finetune_settings(config: dict, model: str, dataset: str | None = None) -> d
     return merged
 
 
-# Finetune switches added after finished runs may exist: left out of a job's params while
-# off, since Snakemake reruns a job whose params change (the library reads them with .get).
-LATER_SWITCHES = ("compile",)
+# Finetune settings added after finished runs may exist, with the value that behaves as
+# before they existed: left out of a job's params at that value, since Snakemake reruns a
+# job whose params change (the library reads them with .get and that default).
+LATER_SETTINGS = {"compile": False, "optimizer": "adamw"}
 # What answering and scoring need. evaluate.fewshot and attention_questions stay out: they
 # concern other rules, and a job whose params change is rerun.
 EVALUATE_KEYS = ("max_new_tokens", "batch_size", "static_cache", "percentiles")
@@ -169,8 +170,8 @@ def finetune_job_settings(config: dict, model: str, dataset: str, seed: int | st
     (how often progress is saved, not what is learned) reaches the job another way."""
     settings = finetune_settings(config, model, dataset)
     del settings["checkpoint_every"]
-    for key in LATER_SWITCHES:
-        if not settings[key]:
+    for key, before in LATER_SETTINGS.items():
+        if settings[key] == before:
             del settings[key]
     return dict(settings, seed=int(seed))
 
