@@ -1,3 +1,5 @@
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -362,6 +364,23 @@ def test_a_second_copy_of_a_running_finetune_stops_before_touching_its_checkpoin
     ), message
     assert same_weights(weights, expected, atol=0)
     assert sorted(p.name for p in folder.iterdir()) == ["adapter", "train_log.tsv"]  # the lock file too is gone
+
+
+def test_where_the_file_system_has_no_locks_a_finetune_warns_and_runs(tiny_model_dir, facts, tmp_path, caplog,
+                                                                     monkeypatch):  # fmt: skip
+    """An NFS mount without a lock manager, or Lustre without `flock`, answers flock with ENOLCK."""
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    _, expected = run(tiny_model_dir, facts, tmp_path / "locked", max_steps=3)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        _, weights = run(tiny_model_dir, facts, tmp_path / "unlocked", max_steps=3)
+    warning = r"cannot lock \S+checkpoints\.lock \(\[Errno \d+\] No locks available\): a second copy"
+    assert re.search(warning, caplog.text), caplog.text
+    assert same_weights(weights, expected, atol=0)
+    assert sorted(p.name for p in (tmp_path / "unlocked").iterdir()) == ["adapter", "train_log.tsv"]
 
 
 def test_existing_output_is_never_overwritten(tiny_model_dir, facts, tmp_path):
