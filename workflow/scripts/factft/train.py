@@ -288,7 +288,7 @@ def make_optimizer(model, settings: dict, device) -> torch.optim.Optimizer:
     (2 bytes a weight instead of 8; tensors under MIN_8BIT_SIZE weights keep 32-bit moments)."""
     parameters = trainable_parameters(model).values()
     options = {"lr": settings["learning_rate"], "weight_decay": settings.get("weight_decay", 0.0)}
-    if settings.get("optimizer", "adamw") == "adamw8bit":
+    if settings.get("optimizer") == "adamw8bit":
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(parameters, **options, min_8bit_size=MIN_8BIT_SIZE)
@@ -553,10 +553,6 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
 # ---- outputs ---------------------------------------------------------------------
 
 
-def uses_bitsandbytes(settings: dict) -> bool:
-    return settings["method"] == "qlora" or settings.get("optimizer") == "adamw8bit"
-
-
 def library_versions(settings: dict) -> dict:
     import peft
     import transformers
@@ -566,7 +562,7 @@ def library_versions(settings: dict) -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
-    if uses_bitsandbytes(settings):
+    if settings["method"] == "qlora" or settings.get("optimizer") == "adamw8bit":
         import bitsandbytes
 
         versions["bitsandbytes"] = bitsandbytes.__version__
