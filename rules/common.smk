@@ -352,8 +352,8 @@ def finetune_mem_mb(wildcards, attempt):
     """model_mem_mb, twice over for a full finetune: its fp32 weights are built in host
     memory before they move to the GPU (27 GB for a 7B), and each checkpoint copies them
     back there; 32 GB would stop it at its first attempt."""
-    full = finetune_settings(config, wildcards.model, wildcards.dataset)["method"] == "full"
-    return model_mem_mb(wildcards, attempt) * (2 if full else 1)
+    method = finetune_settings(config, wildcards.model, wildcards.dataset)["method"]
+    return model_mem_mb(wildcards, attempt) * (2 if method == "full" else 1)
 
 
 def finetune_runtime(wildcards, attempt):
