@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factft.errors import FactftError
+from factft import models, train
+from factft.generate import generate_texts
 from factft.models import load_model
-from factft import train
 from factft.train import (
     collate,
     encode_examples,
@@ -286,6 +287,34 @@ def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path
 )
 def test_full_finetunes_keep_fp32_master_weights(method, device, dtype):
     assert weights_dtype(method, device) == dtype
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_the_gpus_bf16_weights_train_like_fp32_and_evaluate_in_bf16(
+    tiny_model_dir, facts, tmp_path, monkeypatch, method
+):
+    # CI has no GPU: this runs the dtypes a GPU gets (compute_dtype bf16) on the CPU.
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    rate = 1e-3 if method == "full" else 3e-2
+    options = {"method": method, "max_steps": 8, "learning_rate": rate, "lora": lora, "packing": True}
+    run(tiny_model_dir, facts, tmp_path / "fp32", **options)
+    for module in (models, train):
+        monkeypatch.setattr(module, "compute_dtype", lambda device: torch.bfloat16)
+    _, saved = run(tiny_model_dir, facts, tmp_path / "bf16", **options)
+
+    fp32, bf16 = (pd.read_csv(tmp_path / run_ / "train_log.tsv", sep="\t")["loss"] for run_ in ("fp32", "bf16"))
+    assert fp32.iloc[-1] < fp32.iloc[0] - 0.2  # it learns, and bf16 follows
+    assert (fp32 - bf16).abs().max() < 0.05
+    # A full finetune trains fp32 master weights and saves them in bf16; adapters stay fp32.
+    assert {w.dtype for w in saved.values()} == {torch.bfloat16 if method == "full" else torch.float32}
+    model, tokenizer = load_model(spec(tiny_model_dir), tmp_path / "bf16" / "adapter", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    prompts = [PROMPT["template"].format(question=q) for q in facts["question"]]
+    dynamic, static = (
+        generate_texts(model, tokenizer, prompts, max_new_tokens=4, batch_size=5, static_cache=cache)
+        for cache in (False, True)
+    )
+    assert dynamic == static and any(dynamic)
 
 
 def test_adamw8bit_keeps_a_quarter_of_adamws_moment_bytes_and_steps_alike():
