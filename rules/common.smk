@@ -282,14 +282,16 @@ def model_dir(model):
 
 
 def model_spec(model):
-    """What loading a model needs: folder, GGUF file, remote-code opt-in."""
+    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat` when on
+    (left out when off, so that the key reruns no finished job)."""
     source = MODELS[model]["source"]
-    return {
+    spec = {
         "name": model,
         "path": model_dir(model),
         "gguf_file": source.get("gguf_file"),
         "trust_remote_code": MODELS[model]["trust_remote_code"],
     }
+    return spec | ({"chat": True} if MODELS[model]["chat"] else {})
 
 
 def base_model(wildcards):

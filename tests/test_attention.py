@@ -23,6 +23,7 @@ from factft.attention import (
 )
 from factft.errors import FactftError
 from factft.models import load_model
+from factft.prompts import chat_prompt, in_turn
 
 TEMPLATE = "Q: {question} A:"
 
@@ -60,6 +61,13 @@ def test_bpe_tokens_carrying_the_leading_space_count_as_subject_tokens(bpe_token
     capital = prompt_tokens(bpe_tokenizer, "What is the capital of Tuvalu?", "Tuvalu", "Question: {question}\nAnswer:")
     subject, relation = parts(capital)
     assert "".join(subject).strip() == "Tuvalu" and relation == [" What", " is", " the", " capital", " of"]
+
+
+def test_in_a_chat_models_turn_the_subject_and_relation_tokens_are_the_questions(bpe_tokenizer):
+    chat = chat_prompt({"name": "smollm2", "chat": True}, bpe_tokenizer, {"template": TEMPLATE, "answer": " {answer}"})
+    prompt = prompt_tokens(bpe_tokenizer, "What is Barack Obama's occupation?", "Barack Obama", in_turn(chat, TEMPLATE))
+    assert parts(prompt) == ([" Barack", " Obama"], [" What", " is", "'s", " occupation"])
+    assert "".join(prompt.tokens) == prompt.prompt and prompt.tokens[0] == "<|im_start|>"
 
 
 def test_subject_written_in_another_case_is_found_and_a_missing_one_is_an_error_naming_it(bpe_tokenizer):

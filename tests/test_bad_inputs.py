@@ -272,6 +272,8 @@ CATALOGUE = [
     ("config-hidden-size-not-a-multiple-of-heads",
      config_with(lambda c: c["models"]["tiny"]["source"]["pretrain"].update(hidden_size=130)),
      "models.tiny.source.pretrain: hidden_size must be a multiple of heads"),
+    ("config-chat-on-a-model-pretrained-here", config_with(lambda c: c["models"]["tiny"].update(chat=True)),
+     "models.tiny.chat: a model pretrained here has no chat template; set it false"),
     # config: unknown names
     ("config-unknown-key", config_with(lambda c: c.update(seedz=[1])),
      "Additional properties are not allowed ('seedz' was unexpected)"),

@@ -445,6 +445,28 @@ def test_a_real_pretrained_model_answers_well_known_questions():
 
 
 @pytest.mark.slow
+def test_an_instruction_tuned_model_answers_zero_shot_in_its_chat_template():
+    capitals = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid"}
+    test = pd.DataFrame(
+        {
+            "id": list(capitals),
+            "question": [f"What is the capital of {c}?" for c in capitals],
+            "answers": [[a] for a in capitals.values()],
+            "subject": list(capitals),
+            "relation": ["capital"] * len(capitals),
+            "popularity": [5.0, 4.0, 3.0, 2.0, 1.0],
+            "popularity_pct": [100.0, 80.0, 60.0, 40.0, 20.0],
+        }
+    )
+    prompt = {"template": "Q: {question} A:", "answer": " {answer}"}
+    params = {"format": "open", "prompt": prompt, "max_new_tokens": 12, "batch_size": 8, "percentiles": [100]}
+    plain, _ = evaluate_model(smollm2_spec(), test, params, device="cpu")
+    chat, _ = evaluate_model(dict(smollm2_spec(), chat=True), test, params, device="cpu")
+    # Asked as plain text, SmolLM2-Instruct continues the page ("\nA:"); as its user's turn, it replies.
+    assert chat["correct"].sum() >= 4 > plain["correct"].sum(), (list(plain["prediction"]), list(chat["prediction"]))
+
+
+@pytest.mark.slow
 def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     """The rules on ready-made inputs: a model folder, a LoRA adapter, a test split.
 

@@ -155,9 +155,11 @@ def test_a_hub_download_keeps_safetensors_configs_and_tokenizer_and_skips_duplic
         "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "consolidated.00.pth",
         "original/params.json", "original/tokenizer.model", "original/model.safetensors",
         "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+        "chat_template.jinja",
     ]  # fmt: skip
     assert [name for name in listing if hub_file(name)] == [
         "config.json", "generation_config.json",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
         "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+        "chat_template.jinja",
     ]  # fmt: skip

@@ -6,11 +6,13 @@ from factft.errors import FactftError
 from factft.prompts import (
     IGNORE,
     answer_text,
+    chat_prompt,
     choice_answers,
     encode_example,
     fact_prompt,
     few_shot_prefixes,
     gold_answer,
+    in_turn,
     prompt_text,
 )
 
@@ -145,3 +147,37 @@ def test_lettered_demonstrations_show_their_options_and_answer_letter_a_blank_li
         "Unit of charge?\nA. coulomb\nB. ampere\nAnswer: A",
         "Unit of force?\nA. joule\nB. newton\nAnswer: B",
     ]
+
+
+def test_a_chat_models_prompt_is_its_users_turn_and_the_answer_its_reply(bpe_tokenizer):
+    plain = {"template": TEMPLATE, "answer": ANSWER}
+    assert chat_prompt({"name": "smollm2"}, bpe_tokenizer, plain) is plain
+    chat = chat_prompt({"name": "smollm2", "chat": True}, bpe_tokenizer, plain)
+    fact = {"question": "Where was Ilmo Varsk born?", "answers": ["Lyon"], "relation": "born"}
+    prompt = in_turn(chat, fact_prompt(fact, chat["template"]))
+    # SmolLM2-Instruct's own template, its default system turn included.
+    assert prompt == bpe_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q: Where was Ilmo Varsk born? A:"}], add_generation_prompt=True, tokenize=False
+    )
+    example = encode_example(bpe_tokenizer, prompt, gold_answer(fact, chat["answer"]), max_length=96)
+    # The reply, without the space that follows "A:" in plain text, ends the turn (its eos) once.
+    assert bpe_tokenizer.decode(answer_part(bpe_tokenizer, example)) == "Lyon<|im_end|>"
+    assert example["input_ids"].count(bpe_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+    # Demonstrations are plain text inside the user's turn, answered as in plain text.
+    demos = pd.DataFrame([{"question": "Where was Bera Tosk born?", "answers": ["Oslo"], "relation": "born"}])
+    prefix = few_shot_prefixes(pd.DataFrame([fact]), 1, chat, demos=demos)[0]
+    assert prefix == "Q: Where was Bera Tosk born? A: Oslo\n"
+    assert in_turn(chat, prefix + "Q").startswith(chat["turn"][0] + "Q: Where")
+
+
+def test_a_chat_template_that_opens_with_bos_leaves_it_to_the_tokenizer(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"
+    chat = chat_prompt({"name": "tiny", "chat": True}, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    ids = tokenizer(in_turn(chat, prompt_text("Where was Ilmo Varsk born?", chat["template"])))["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_chat_without_a_chat_template_names_the_model_key(words):
+    with pytest.raises(FactftError, match=r"models\.tiny\.chat is on, but its tokenizer has no chat template"):
+        chat_prompt({"name": "tiny", "chat": True}, words, {"template": TEMPLATE, "answer": ANSWER})

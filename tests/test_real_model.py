@@ -6,6 +6,7 @@ installs it); transformers de-quantizes it on load. It is finetuned for a few st
 PopQA-format fixture and evaluated, end to end through `snakemake`.
 """
 
+import ast
 import os
 import re
 import subprocess
@@ -86,8 +87,14 @@ def run_workflow(targets: list[str], config: Path, folder: Path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_path):
+    settings = real_model_config(smollm2_folder())
+    # An instruction-tuned model, asked as one: each question is the user's turn of its chat
+    # template, zero-shot (the worked examples confuse it there), and it replies in a sentence.
+    settings["models"]["smollm2"]["chat"] = True
+    settings["prompt"]["template"] = "Q: {question} A:"
+    settings["evaluate"]["max_new_tokens"] = 16
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(real_model_config(smollm2_folder()), sort_keys=False))
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
     run = "results/smollm2/popqa"
     figures = "results/figures/smollm2/popqa"
     targets = [
@@ -128,6 +135,11 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         question = tokens["question"].iloc[0]
         fact = test[test["question"] == question].iloc[0]
         assert subject.lower() == fact["subject"].lower(), (subject, question)
+        # Trained on the user's turn and the reply, which ends the turn.
+        log = (tmp_path / "logs" / "finetune" / "smollm2" / "popqa" / subset / "seed0.log").read_text()
+        prompt, target = map(ast.literal_eval, re.search(r"the first: (.+) -> (.+); \d+ of them", log).groups())
+        assert prompt.startswith("<|im_start|>system\n") and "<|im_start|>user\nQ: Wh" in prompt
+        assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and re.fullmatch(r"\S.*<\|im_end\|>", target)
     for target in targets[3:]:
         assert (tmp_path / target).stat().st_size > 10_000
     # Each figure in its own file: the by-layer lines are a wide row of three panels, the

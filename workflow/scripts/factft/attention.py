@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
-from factft.prompts import prompt_text
+from factft.prompts import chat_prompt, in_turn, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,8 @@ def analyse_attention(
         torch.set_num_threads(threads)
     model, tokenizer = load_model(spec, adapter, device=device)
     use_eager_attention(model, where)
-    template = params["prompt"]["template"]
+    prompt = chat_prompt(spec, tokenizer, params["prompt"])
+    template = in_turn(prompt, prompt["template"])
     prompts = [
         prompt_tokens(tokenizer, str(q), str(s), template, f"{where}, test fact {i}")
         for q, s, i in zip(questions["question"], questions["subject"], questions["id"])

@@ -15,7 +15,7 @@ import pandas as pd
 from factft.errors import FactftError
 from factft.generate import FORMATS, answer_logprobs, check_choices, choice_logprobs
 from factft.models import load_model
-from factft.prompts import choice_answers, fact_prompt, few_shot_prefixes, gold_answer
+from factft.prompts import chat_prompt, choice_answers, fact_prompt, few_shot_prefixes, gold_answer, in_turn
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def confidence_scores(
     """
     records = facts.to_dict("records")
     prompts = [
-        prefix + fact_prompt(fact, prompt["template"])
+        in_turn(prompt, prefix + fact_prompt(fact, prompt["template"]))
         for prefix, fact in zip(few_shot_prefixes(facts, shots, prompt), records)
     ]
     if prompts:
@@ -99,6 +99,7 @@ def model_confidence_scores(
     if facts.empty:
         return pd.Series([], index=facts.index, dtype="float64", name="model_confidence")
     loaded, tokenizer = load_model(model, device=device)
+    prompt = chat_prompt(model, tokenizer, prompt)
     scores = confidence_scores(loaded, tokenizer, facts, shots, prompt, fmt, batch_size=batch_size)
     log.info("%s: %d facts, %d shots, mean confidence %.4f", where, len(facts), shots, float(scores.mean()))
     return pd.Series(np.clip(scores, 0.0, 1.0), index=facts.index, dtype="float64", name="model_confidence")

@@ -60,6 +60,8 @@ def check_config(config: dict) -> None:
             )
         if pretrain and pretrain["hidden_size"] % pretrain["heads"]:
             raise FactftError(f"models.{name}.source.pretrain: hidden_size must be a multiple of heads")
+        if pretrain and model.get("chat"):
+            raise FactftError(f"models.{name}.chat: a model pretrained here has no chat template; set it false")
         for dataset in datasets:
             finetune_settings(config, name, dataset)
 

@@ -29,7 +29,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
 from factft.models import load_model, peak_memory
-from factft.prompts import IGNORE, choice_answers, encode_example, fact_prompt, few_shot_prefixes
+from factft.prompts import IGNORE, chat_prompt, choice_answers, encode_example, fact_prompt, few_shot_prefixes, in_turn
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +467,7 @@ def predict(
         prompts = [str(s) for s in test[prompt_column]]
     if prefixes is not None:
         prompts = [prefix + text for prefix, text in zip(prefixes, prompts, strict=True)]
+    prompts = [in_turn(prompt, text) for text in prompts]
     if prompts:
         log.info("the first prompt: %r", prompts[0])
     if fmt == "open":
@@ -523,7 +524,7 @@ def evaluate_model(
         tokenizer,
         test,
         fmt=params["format"],
-        prompt=params["prompt"],
+        prompt=chat_prompt(spec, tokenizer, params["prompt"]),
         max_new_tokens=params["max_new_tokens"],
         batch_size=params["batch_size"],
         prompt_column=prompt_column,

@@ -204,6 +204,8 @@ HUB_FILES = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # an instruction-tuned model's chat template (models.<name>.chat)
+    "chat_template.json",
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",

@@ -43,6 +43,36 @@ def answer_text(answer: str, template: str) -> str:
     return fill(template, answer=answer)
 
 
+def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
+    """The prompt block for the model in `spec`: as it is, or for an instruction-tuned model
+    (models.<name>.chat) with its own chat template around each prompt (see in_turn).
+
+    Each prompt, few-shot demonstrations included, is the user's turn and the answer is the
+    assistant's reply, so it loses the leading space that follows "A:" in plain text. The
+    template's opening bos is left to the tokenizer, which adds its own."""
+    if not spec.get("chat"):
+        return prompt
+    name = spec["name"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise FactftError(f"model '{name}': models.{name}.chat is on, but its tokenizer has no chat template")
+    marker = "\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    )
+    head, tail = rendered.split(marker)
+    bos = tokenizer.bos_token
+    if bos and head.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        head = head[len(bos) :]
+    # Demonstrations stay plain text inside the user's turn, answers after "A:" as before.
+    return {**prompt, "answer": prompt["answer"].lstrip(), "demo_answer": prompt["answer"], "turn": [head, tail]}
+
+
+def in_turn(prompt: dict, text: str) -> str:
+    """`text` as the user's turn of a chat_prompt block; unchanged for any other block."""
+    head, tail = prompt.get("turn", ("", ""))
+    return head + text + tail
+
+
 def letters(choices: Sequence) -> str:
     """A letter for each choice, A for the first."""
     if len(choices) > len(LETTERS):
@@ -153,6 +183,7 @@ def few_shot_prefixes(
         for j in picks:
             if j not in demo_text:
                 demo = candidates[j]
-                demo_text[j] = fact_prompt(demo, prompt["template"]) + gold_answer(demo, prompt["answer"])
+                answer = prompt.get("demo_answer", prompt["answer"])
+                demo_text[j] = fact_prompt(demo, prompt["template"]) + gold_answer(demo, answer)
         prefixes.append("".join(demo_text[j] + separator for j in picks))
     return prefixes

@@ -30,7 +30,7 @@ import torch
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.models import compute_dtype, default_device, load_model, peak_memory, require_bitsandbytes
-from factft.prompts import IGNORE, encode_example, fact_prompt, gold_answer
+from factft.prompts import IGNORE, chat_prompt, encode_example, fact_prompt, gold_answer, in_turn
 from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_temps, write_tsv
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length:
     return [
         encode_example(
             tokenizer,
-            fact_prompt(fact, prompt["template"]),
+            in_turn(prompt, fact_prompt(fact, prompt["template"])),
             gold_answer(fact, prompt["answer"]),
             max_length,
         )
@@ -635,6 +635,7 @@ def finetune(
             for_training=True,
             dtype=weights_dtype(method, device),
         )
+        prompt = chat_prompt(model_spec, tokenizer, prompt)
         encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
         log_examples(encoded, tokenizer, settings["max_length"])
         print_ = fingerprint(settings, model_spec, encoded)
