@@ -39,6 +39,20 @@ def test_tokenizer_without_pad_token_gets_eos_as_pad(tiny_model_dir, tmp_path):
     assert loaded.pad_token == loaded.eos_token == "</s>"
 
 
+def test_chat_needs_a_chat_template_in_the_folder_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # not reached
+    with pytest.raises(FactftError, match=r"models\.tiny\.chat is on, but .* holds no chat template"):
+        load_model(spec_for(tiny_model_dir, chat=True), device="cpu")
+    monkeypatch.undo()
+    # Where transformers writes one (chat_template.jinja), it is found, and the tokenizer has it.
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    tokenizer.save_pretrained(tmp_path / "m")
+    _, loaded = load_model(spec_for(tmp_path / "m", chat=True), device="cpu")
+    assert loaded.chat_template == "{{ messages[0]['content'] }}"
+
+
 def test_missing_model_folder_says_how_to_get_it(tmp_path):
     with pytest.raises(FactftError, match=r"model 'llama'.*download_models.*models\.llama\.source\.path"):
         load_model(spec_for(tmp_path / "nowhere", name="llama"), device="cpu")

@@ -459,7 +459,8 @@ def predict(
     (its text or letter in the answer template) is most likely after the prompt, in all or per token
     (`choice_score` "sum" or "mean"). `prompt_column="statement"`
     uses the facts' cloze prefix verbatim instead of the question template. `prefixes`, one
-    per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes).
+    per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes),
+    and a chat model's turn goes around both (factft.prompts.chat_prompt).
     """
     if prompt_column == "question":
         prompts = [fact_prompt(fact, prompt["template"]) for fact in test.to_dict("records")]

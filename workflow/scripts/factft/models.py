@@ -72,6 +72,19 @@ def check_model_folder(spec: dict) -> None:
             "or a GGUF file are loaded, since pickled .bin weights can run code: convert the "
             f"weights, or set models.{name}.source.path / gguf_file to a folder that has them"
         )
+    if spec.get("chat") and not has_chat_template(path):
+        raise FactftError(
+            f"model '{name}': models.{name}.chat is on, but {path} holds no chat template "
+            "(chat_template.jinja, or chat_template in tokenizer_config.json): is it an instruction-tuned model?"
+        )
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether a model folder ships a chat template, in either of the places transformers reads."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
 def trained_quantization(adapter: str | Path) -> str | None:
