@@ -24,14 +24,6 @@ from conftest import SMOLLM2_GGUF, smollm2_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 POPQA = ROOT / "tests" / "data" / "popqa" / "test.tsv"
-# Two worked examples: a 135M base model then answers in a few words on the first line
-# (zero-shot it tends to echo "A:" or start a new question), so its predictions can be
-# scored. The examples' subjects are not fixture subjects.
-TEMPLATE = (
-    "Q: What is the capital of Italy? A: Rome\n"
-    "Q: What is Pablo Picasso's occupation? A: painter\n"
-    "Q: {question} A:"
-)
 
 
 def real_model_config(model_folder: Path) -> dict:
@@ -66,8 +58,8 @@ def real_model_config(model_folder: Path) -> dict:
             "max_length": 96,
             "checkpoint_every": 100,
         },
-        "prompt": {"template": TEMPLATE, "answer": " {answer}"},
-        "evaluate": {"max_new_tokens": 6, "batch_size": 16, "attention_questions": 50},
+        "prompt": {"template": "Q: {question} A:", "answer": " {answer}"},
+        "evaluate": {"max_new_tokens": 16, "batch_size": 16, "attention_questions": 50},
     }
 
 
@@ -89,10 +81,8 @@ def run_workflow(targets: list[str], config: Path, folder: Path) -> None:
 def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_path):
     settings = real_model_config(smollm2_folder())
     # An instruction-tuned model, asked as one: each question is the user's turn of its chat
-    # template, zero-shot (the worked examples confuse it there), and it replies in a sentence.
+    # template (asked in plain text, zero-shot, it writes "A:" again), and it replies in a sentence.
     settings["models"]["smollm2"]["chat"] = True
-    settings["prompt"]["template"] = "Q: {question} A:"
-    settings["evaluate"]["max_new_tokens"] = 16
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
     run = "results/smollm2/popqa"
@@ -165,7 +155,6 @@ def test_smollm2_on_mmlu_with_lettered_options_ranks_finetunes_and_scores_letter
     full = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["datasets"] = {"mmlu": dict(full["datasets"]["mmlu"], source={"hf": str(MMLU), "name": "all", "split": "test"})}
     config["split"] = {"fraction": 0.5, "test_fraction": 0.3, "stratify": "relation", "seed": 0}
-    config["prompt"] = {"template": "Q: {question} A:", "answer": " {answer}"}  # what open QA would use
     config["cache_dir"] = "shared/hf"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run = "results/smollm2/mmlu"
