@@ -169,6 +169,7 @@ def few_shot_prefixes(
     for j in order:
         by_relation[str(candidates[j]["relation"])].append(int(j))
     demo_text = {}
+    demo_answer = prompt.get("demo_answer", prompt["answer"])
     prefixes = []
     for i, fact in enumerate(records):
         picks: list[int] = []
@@ -183,7 +184,6 @@ def few_shot_prefixes(
         for j in picks:
             if j not in demo_text:
                 demo = candidates[j]
-                answer = prompt.get("demo_answer", prompt["answer"])
-                demo_text[j] = fact_prompt(demo, prompt["template"]) + gold_answer(demo, answer)
+                demo_text[j] = fact_prompt(demo, prompt["template"]) + gold_answer(demo, demo_answer)
         prefixes.append("".join(demo_text[j] + separator for j in picks))
     return prefixes
