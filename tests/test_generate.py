@@ -113,6 +113,21 @@ def test_generation_stops_at_any_eos_of_the_generation_config_and_drops_it(tiny)
     assert text == tokenizer.decode(free[: free.index(stopper)])
 
 
+def test_an_answer_ends_at_its_chat_templates_end_of_reply(tiny):
+    """A chat_prompt block's `stop` (Gemma's <end_of_turn>) ends generation, as eos does."""
+    _, model, tokenizer = tiny
+    test = make_test_table(1)
+    ids = tokenizer("Q: " + test["question"][0] + " A:", return_tensors="pt")["input_ids"]
+    free = model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=3)[0, ids.shape[1] :].tolist()
+    block = dict(PROMPT, stop=tokenizer.convert_ids_to_tokens(free[1]))
+    plain, ended = (
+        predict(model, tokenizer, test, fmt="open", prompt=prompt, max_new_tokens=4, batch_size=1)
+        for prompt in (PROMPT, block)
+    )
+    assert ended["prediction"][0] == tokenizer.decode(free[: free.index(free[1])])
+    assert len(plain["prediction"][0]) > len(ended["prediction"][0])
+
+
 class EndsAfter(LogitsProcessor):
     """Forces eos once a row's answer (the tokens after its last ':') is as long as `lengths`
     says for the question's word before '?': answers of set lengths that follow a question
@@ -445,7 +460,7 @@ def test_a_real_pretrained_model_answers_well_known_questions():
 
 
 @pytest.mark.slow
-def test_an_instruction_tuned_model_answers_zero_shot_in_its_chat_template():
+def test_an_instruction_tuned_model_answers_in_its_chat_template():
     capitals = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid"}
     test = pd.DataFrame(
         {
@@ -464,6 +479,9 @@ def test_an_instruction_tuned_model_answers_zero_shot_in_its_chat_template():
     chat, _ = evaluate_model(dict(smollm2_spec(), chat=True), test, params, device="cpu")
     # Asked as plain text, SmolLM2-Instruct continues the page ("\nA:"); as its user's turn, it replies.
     assert chat["correct"].sum() >= 4 > plain["correct"].sum(), (list(plain["prediction"]), list(chat["prediction"]))
+    # Zero-shot it replies in sentences; after two solved turns, with the answer alone.
+    shown, _ = evaluate_model(dict(smollm2_spec(), chat=True), test, params, device="cpu", shots=2, demos=test)
+    assert chat["exact_match"].sum() < shown["exact_match"].sum() >= 4, list(shown["prediction"])
 
 
 @pytest.mark.slow

@@ -14,7 +14,9 @@ from factft.prompts import (
     gold_answer,
     in_turn,
     prompt_text,
+    reply_end_id,
 )
+from factft.train import encode_examples
 
 TEMPLATE, ANSWER = "Q: {question} A:", " {answer}"
 # MMLU's usual format (config/config.yaml's datasets.mmlu.prompt).
@@ -163,19 +165,73 @@ def test_a_chat_models_prompt_is_its_users_turn_and_the_answer_its_reply(bpe_tok
     # The reply, without the space that follows "A:" in plain text, ends the turn (its eos) once.
     assert bpe_tokenizer.decode(answer_part(bpe_tokenizer, example)) == "Lyon<|im_end|>"
     assert example["input_ids"].count(bpe_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
-    # Demonstrations are plain text inside the user's turn, answered as in plain text.
-    demos = pd.DataFrame([{"question": "Where was Bera Tosk born?", "answers": ["Oslo"], "relation": "born"}])
-    prefix = few_shot_prefixes(pd.DataFrame([fact]), 1, chat, demos=demos)[0]
-    assert prefix == "Q: Where was Bera Tosk born? A: Oslo\n"
-    assert in_turn(chat, prefix + "Q").startswith(chat["turn"][0] + "Q: Where")
+    assert "stop" not in chat  # ChatML ends a reply with its eos
+
+
+def test_a_chat_models_demonstrations_are_the_earlier_turns_of_its_conversation(bpe_tokenizer):
+    chat = chat_prompt({"name": "smollm2", "chat": True}, bpe_tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    fact = {"question": "Where was Ilmo Varsk born?", "answers": ["Lyon"], "relation": "born"}
+    demos = pd.DataFrame(
+        [
+            {"question": "Where was Bera Tosk born?", "answers": ["Oslo"], "relation": "born"},
+            {"question": "Where was Ute Lind born?", "answers": ["Bonn"], "relation": "born"},
+        ]
+    )
+    prefix = few_shot_prefixes(pd.DataFrame([fact]), 2, chat, demos=demos)[0]
+    # Two demonstrations of the fact's relation, in the order the draw put them.
+    order = sorted(demos.to_dict("records"), key=lambda demo: prefix.index(demo["question"]))
+    conversation = [
+        message
+        for demo in order
+        for message in (
+            {"role": "user", "content": fact_prompt(demo, TEMPLATE)},
+            {"role": "assistant", "content": demo["answers"][0]},
+        )
+    ]
+    conversation.append({"role": "user", "content": "Q: Where was Ilmo Varsk born? A:"})
+    assert in_turn(chat, prefix + fact_prompt(fact, chat["template"])) == bpe_tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=False
+    )
+
+
+# Mistral-Instruct's template, shortened: bos once, replies end with eos.
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+# Gemma-it's template, shortened: each turn ends with <end_of_turn>, not eos.
+GEMMA = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }} "
+    "{{ m['content'] }}<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}"
+)
 
 
 def test_a_chat_template_that_opens_with_bos_leaves_it_to_the_tokenizer(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.chat_template = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"
+    tokenizer.chat_template = MISTRAL
     chat = chat_prompt({"name": "tiny", "chat": True}, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
-    ids = tokenizer(in_turn(chat, prompt_text("Where was Ilmo Varsk born?", chat["template"])))["input_ids"]
+    fact = {"question": "Where was Ilmo Varsk born?", "answers": ["Lyon"], "relation": "born"}
+    demos = pd.DataFrame([{"question": "Where was Bera Tosk born?", "answers": ["Oslo"], "relation": "born"}])
+    prefix = few_shot_prefixes(pd.DataFrame([fact]), 1, chat, demos=demos)[0]
+    text = in_turn(chat, prefix + fact_prompt(fact, chat["template"]))
+    demo, question = "[INST] Q: Where was Bera Tosk born? A: [/INST]", "[INST] Q: Where was Ilmo Varsk born? A: [/INST]"
+    assert text == demo + "Oslo</s>" + question
+    ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert "stop" not in chat and reply_end_id(tokenizer, chat) == tokenizer.eos_token_id
+
+
+def test_a_chat_template_whose_replies_end_with_their_own_token_trains_them_to_end_with_it(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA
+    chat = chat_prompt({"name": "tiny", "chat": True}, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    assert chat["stop"] == "<end_of_turn>"
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert reply_end_id(tokenizer, chat) == end != tokenizer.eos_token_id
+    examples = pd.DataFrame([{"question": "Where was Ilmo Varsk born?", "answers": ["Lyon"]}])
+    (example,) = encode_examples(examples, tokenizer, chat, max_length=64)
+    assert answer_part(tokenizer, example) == [tokenizer.convert_tokens_to_ids("Lyon"), end]
 
 
 def test_chat_without_a_chat_template_names_the_model_key(words):

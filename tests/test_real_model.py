@@ -83,6 +83,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
     # An instruction-tuned model, asked as one: each question is the user's turn of its chat
     # template (asked in plain text, zero-shot, it writes "A:" again), and it replies in a sentence.
     settings["models"]["smollm2"]["chat"] = True
+    settings["evaluate"]["fewshot"] = 2
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
     run = "results/smollm2/popqa"
@@ -91,6 +92,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         f"{run}/top/seed0/metrics.tsv",
         f"{run}/bottom/seed0/metrics.tsv",
         f"{run}/base/metrics.tsv",
+        f"{run}/fewshot/metrics.tsv",
         f"{figures}/accuracy_vs_popularity.png",
         f"{figures}/attention_by_layer.png",
         f"{figures}/attention_heatmap.png",
@@ -103,6 +105,12 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
     test = read_table(tmp_path / "results" / "popqa" / "splits" / "test.parquet")
     assert len(base) == len(test) >= 8
     assert base["correct"].sum() >= 2, base[["id", "prediction"]].to_string()
+    # Two solved questions as earlier turns of the conversation: it answers with the answer alone.
+    log = (tmp_path / "logs" / "evaluate_fewshot" / "smollm2" / "popqa.log").read_text()
+    prompt = ast.literal_eval(re.search(r"the first prompt: (.+)", log).group(1))
+    assert prompt.count("<|im_start|>user\n") == 3 and prompt.count("<|im_start|>assistant\n") == 3
+    fewshot = read_table(tmp_path / run / "fewshot" / "predictions.parquet")
+    assert fewshot["exact_match"].sum() > base["exact_match"].sum(), fewshot["prediction"].tolist()
     for subset in ("top", "bottom"):
         predictions = read_table(tmp_path / run / subset / "seed0" / "predictions.parquet")
         # A few steps at a small learning rate keep what the base model knew.
@@ -130,7 +138,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         prompt, target = map(ast.literal_eval, re.search(r"the first: (.+) -> (.+); \d+ of them", log).groups())
         assert prompt.startswith("<|im_start|>system\n") and "<|im_start|>user\nQ: Wh" in prompt
         assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and re.fullmatch(r"\S.*<\|im_end\|>", target)
-    for target in targets[3:]:
+    for target in targets[4:]:
         assert (tmp_path / target).stat().st_size > 10_000
     # Each figure in its own file: the by-layer lines are a wide row of three panels, the
     # heatmap has a row per layer (30) and a column per prompt token (the chat template's too).

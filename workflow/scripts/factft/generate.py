@@ -29,7 +29,16 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
 from factft.models import load_model, peak_memory
-from factft.prompts import IGNORE, chat_prompt, choice_answers, encode_example, fact_prompt, few_shot_prefixes, in_turn
+from factft.prompts import (
+    IGNORE,
+    chat_prompt,
+    choice_answers,
+    encode_example,
+    fact_prompt,
+    few_shot_prefixes,
+    in_turn,
+    reply_end_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +116,10 @@ def generate_texts(
     stop_at_line_end: bool = True,
     rounds: bool = True,
     logits_processor: LogitsProcessorList | None = None,
+    end_ids: Sequence[int] = (),
 ) -> list[str]:
-    """Each prompt's greedy continuation (up to eos or max_new_tokens), decoded, in prompt order.
+    """Each prompt's greedy continuation (up to eos, one of `end_ids`, or max_new_tokens),
+    decoded, in prompt order.
 
     With `stop_at_line_end`, a row also ends with the token that completes its first line
     (FirstLineEnd): a base model would otherwise invent the next "Q: ... A: ..." up to
@@ -138,7 +149,7 @@ def generate_texts(
             f"{limit} positions; shorten prompt.template, lower evaluate.fewshot or evaluate.max_new_tokens"
         )
     pad = pad_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer) | {int(i) for i in end_ids if i is not None}
     cache = {"cache_implementation": "static"} if static_cache else {}
     vocabulary = max(len(tokenizer), model.get_input_embeddings().num_embeddings)
     flags = line_end_flags(tokenizer, vocabulary, model.device) if stop_at_line_end else None
@@ -460,7 +471,8 @@ def predict(
     (`choice_score` "sum" or "mean"). `prompt_column="statement"`
     uses the facts' cloze prefix verbatim instead of the question template. `prefixes`, one
     per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes),
-    and a chat model's turn goes around both (factft.prompts.chat_prompt).
+    and a chat model's template goes around both (its demonstrations are earlier turns, and its
+    answers end at its end of reply: factft.prompts.chat_prompt).
     """
     if prompt_column == "question":
         prompts = [fact_prompt(fact, prompt["template"]) for fact in test.to_dict("records")]
@@ -479,6 +491,7 @@ def predict(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             static_cache=static_cache,
+            end_ids=[reply_end_id(tokenizer, prompt)],
         )
         return score_predictions(test, texts, fmt)
     options = [choice_answers(choices, prompt["answer"]) for choices in test["choices"]]
@@ -512,20 +525,20 @@ def evaluate_model(
     """
     where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
     check_test_table(test, params["format"], where, prompt_column)
-    prefixes = None
     if shots:
         check_demos(demos, params["format"], f"{where}, {shots}-shot")
-        prefixes = few_shot_prefixes(test, shots, params["prompt"], demos=demos)
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(spec, adapter, device=device)
+    prompt = chat_prompt(spec, tokenizer, params["prompt"])
+    prefixes = few_shot_prefixes(test, shots, prompt, demos=demos) if shots else None
     start = time.perf_counter()
     predictions = predict(
         model,
         tokenizer,
         test,
         fmt=params["format"],
-        prompt=chat_prompt(spec, tokenizer, params["prompt"]),
+        prompt=prompt,
         max_new_tokens=params["max_new_tokens"],
         batch_size=params["batch_size"],
         prompt_column=prompt_column,

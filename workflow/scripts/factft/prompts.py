@@ -47,24 +47,57 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     """The prompt block for the model in `spec`: as it is, or for an instruction-tuned model
     (models.<name>.chat) with its own chat template around each prompt (see in_turn).
 
-    Each prompt, few-shot demonstrations included, is the user's turn and the answer is the
-    assistant's reply, so it loses the leading space that follows "A:" in plain text. The
-    template's opening bos is left to the tokenizer, which adds its own."""
+    Each prompt is the user's turn and the answer is the assistant's reply, so it loses the
+    leading space that follows "A:" in plain text. Few-shot demonstrations are the earlier
+    turns of the conversation. The block records the template's text between the turns:
+    `turn` (before and after the question) and `reply` (before and after a demonstration's
+    answer). Where the template ends a reply with a token of its own that is not eos (Gemma's
+    <end_of_turn>, Phi-3's <|end|>), `stop` names it: replies are trained to end with it and
+    generation stops at it. The template's opening bos is left to the tokenizer, which adds its own.
+    """
     if not spec.get("chat"):
         return prompt
     name = spec["name"]
     if not getattr(tokenizer, "chat_template", None):
         raise FactftError(f"model '{name}': models.{name}.chat is on, but its tokenizer has no chat template")
     marker = "\x00"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
-    )
-    head, tail = rendered.split(marker)
+    conversation = [
+        {"role": "user", "content": marker},
+        {"role": "assistant", "content": marker},
+        {"role": "user", "content": marker},
+    ]
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    pieces = rendered.split(marker)
+    if len(pieces) != len(conversation) + 1:
+        raise FactftError(
+            f"model '{name}' (models.{name}.chat): its chat template does not render a conversation of "
+            f"two user turns and a reply, which few-shot demonstrations are: {rendered!r}"
+        )
+    head, reply_head, reply_tail, tail = pieces
     bos = tokenizer.bos_token
     if bos and head.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
         head = head[len(bos) :]
-    # Demonstrations stay plain text inside the user's turn, answers after "A:" as before.
-    return {**prompt, "answer": prompt["answer"].lstrip(), "demo_answer": prompt["answer"], "turn": [head, tail]}
+    block = {**prompt, "answer": prompt["answer"].lstrip(), "turn": [head, tail], "reply": [reply_head, reply_tail]}
+    stop = _reply_stop(tokenizer, reply_tail)
+    return block if stop is None else {**block, "stop": stop}
+
+
+def _reply_stop(tokenizer, reply_tail: str) -> str | None:
+    """The template's token that ends its replies, where it is not eos: the first added token
+    after a reply (flagged special or not: some tokenizers leave their turn markers unflagged)."""
+    added = set(tokenizer.added_tokens_decoder)
+    ids = tokenizer(reply_tail, add_special_tokens=False)["input_ids"]
+    first = next((i for i in ids if i in added), None)
+    if first is None or first == tokenizer.eos_token_id:
+        return None
+    return tokenizer.convert_ids_to_tokens(first)
+
+
+def reply_end_id(tokenizer, prompt: dict) -> int | None:
+    """The token that ends an answer: the chat template's `stop`, else eos."""
+    if "stop" in prompt:
+        return tokenizer.convert_tokens_to_ids(prompt["stop"])
+    return tokenizer.eos_token_id
 
 
 def in_turn(prompt: dict, text: str) -> str:
@@ -111,8 +144,9 @@ def gold_answer(fact: Mapping, template: str) -> str:
     return answer_text(str(fact["answers"][0]), template)
 
 
-def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
-    """Token ids of prompt + answer + eos, with labels -100 on every prompt token.
+def encode_example(tokenizer, prompt: str, answer: str, max_length: int, end_id: int | None = None) -> dict:
+    """Token ids of prompt + answer + eos (or `end_id`: see reply_end_id), with labels -100 on
+    every prompt token.
 
     The answer's tokens are the suffix of the joint tokenization beyond the prompt's own
     tokens, so a BPE tokenizer keeps the answer's leading space in its first token, as at
@@ -127,8 +161,9 @@ def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict
     else:
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     # Learning to emit eos after the answer is what makes generation stop there.
-    if tokenizer.eos_token_id is not None and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    end_id = tokenizer.eos_token_id if end_id is None else end_id
+    if end_id is not None and (not answer_ids or answer_ids[-1] != end_id):
+        answer_ids = answer_ids + [end_id]
     answer_ids = answer_ids[:max_length]
     room = max_length - len(answer_ids)
     if len(prompt_ids) > room:
@@ -150,7 +185,8 @@ def few_shot_prefixes(
     demos: pd.DataFrame | None = None,
 ) -> list[str]:
     """Per fact, `shots` solved demonstrations, one per line (a blank line between prompts of
-    several lines), ending in a newline.
+    several lines), ending in a newline; for a chat_prompt block, the conversation's earlier
+    turns, each a question and its reply (in_turn puts the fact's own question after them).
 
     They are drawn from `demos` (for evaluation: the finetuning pool, whose subjects the test
     set never shares) or, without it, from the other facts of `facts` (popularity scoring).
@@ -168,8 +204,9 @@ def few_shot_prefixes(
     by_relation: dict[str, list[int]] = defaultdict(list)
     for j in order:
         by_relation[str(candidates[j]["relation"])].append(int(j))
+    # A chat model's demonstrations are earlier turns of its conversation (chat_prompt).
+    reply_head, reply_tail = prompt.get("reply", ("", separator))
     demo_text = {}
-    demo_answer = prompt.get("demo_answer", prompt["answer"])
     prefixes = []
     for i, fact in enumerate(records):
         picks: list[int] = []
@@ -184,6 +221,7 @@ def few_shot_prefixes(
         for j in picks:
             if j not in demo_text:
                 demo = candidates[j]
-                demo_text[j] = fact_prompt(demo, prompt["template"]) + gold_answer(demo, demo_answer)
-        prefixes.append("".join(demo_text[j] + separator for j in picks))
+                answer = gold_answer(demo, prompt["answer"])
+                demo_text[j] = fact_prompt(demo, prompt["template"]) + reply_head + answer + reply_tail
+        prefixes.append("".join(demo_text[j] for j in picks))
     return prefixes

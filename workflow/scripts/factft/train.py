@@ -30,7 +30,7 @@ import torch
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.models import compute_dtype, default_device, load_model, peak_memory, require_bitsandbytes
-from factft.prompts import IGNORE, chat_prompt, encode_example, fact_prompt, gold_answer, in_turn
+from factft.prompts import IGNORE, chat_prompt, encode_example, fact_prompt, gold_answer, in_turn, reply_end_id
 from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_temps, write_tsv
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length:
             in_turn(prompt, fact_prompt(fact, prompt["template"])),
             gold_answer(fact, prompt["answer"]),
             max_length,
+            end_id=reply_end_id(tokenizer, prompt),
         )
         for fact in examples.to_dict("records")
     ]
