@@ -282,8 +282,8 @@ def model_dir(model):
 
 
 def model_spec(model):
-    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat` when on
-    (left out when off, so that the key reruns no finished job)."""
+    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`
+    and its template's variables only when set (so they rerun no finished job)."""
     source = MODELS[model]["source"]
     spec = {
         "name": model,
@@ -291,7 +291,11 @@ def model_spec(model):
         "gguf_file": source.get("gguf_file"),
         "trust_remote_code": MODELS[model]["trust_remote_code"],
     }
-    return spec | ({"chat": True} if MODELS[model]["chat"] else {})
+    if MODELS[model]["chat"]:
+        spec["chat"] = True
+    if MODELS[model]["chat_template_kwargs"]:
+        spec["chat_template_kwargs"] = MODELS[model]["chat_template_kwargs"]
+    return spec
 
 
 def base_model(wildcards):

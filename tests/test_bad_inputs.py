@@ -274,6 +274,9 @@ CATALOGUE = [
      "models.tiny.source.pretrain: hidden_size must be a multiple of heads"),
     ("config-chat-on-a-model-pretrained-here", config_with(lambda c: c["models"]["tiny"].update(chat=True)),
      "models.tiny.chat: a model pretrained here has no chat template; set it false"),
+    ("config-chat-template-kwargs-without-chat",
+     config_with(lambda c: c["models"]["tiny"].update(chat_template_kwargs={"enable_thinking": False})),
+     "models.tiny.chat_template_kwargs: the chat template is used only with models.tiny.chat: true"),
     # config: unknown names
     ("config-unknown-key", config_with(lambda c: c.update(seedz=[1])),
      "Additional properties are not allowed ('seedz' was unexpected)"),

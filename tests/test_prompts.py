@@ -234,6 +234,29 @@ def test_a_chat_template_whose_replies_end_with_their_own_token_trains_them_to_e
     assert answer_part(tokenizer, example) == [tokenizer.convert_tokens_to_ids("Lyon"), end]
 
 
+# Qwen3's template, shortened: a variable of the template turns its reasoning block off.
+QWEN3 = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% if enable_thinking is defined and not enable_thinking %}"
+    "<think> </think> {% endif %}{% endif %}"
+)
+
+
+def test_the_chat_templates_variables_are_the_models_chat_template_kwargs(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = QWEN3
+    block = {"template": TEMPLATE, "answer": ANSWER}
+    thinking = chat_prompt({"name": "qwen3", "chat": True}, tokenizer, block)
+    direct = chat_prompt(
+        {"name": "qwen3", "chat": True, "chat_template_kwargs": {"enable_thinking": False}}, tokenizer, block
+    )
+    assert thinking["turn"][1] == "<|im_end|> <|im_start|>assistant "
+    # The question's reply starts after an empty reasoning block; the demonstrations' replies,
+    # earlier in the conversation, have none (as Qwen3's template writes them).
+    assert direct["turn"][1] == "<|im_end|> <|im_start|>assistant <think> </think> "
+    assert direct["reply"] == thinking["reply"] == ["<|im_end|> <|im_start|>assistant ", "<|im_end|> <|im_start|>user "]
+
+
 def test_chat_without_a_chat_template_names_the_model_key(words):
     with pytest.raises(FactftError, match=r"models\.tiny\.chat is on, but its tokenizer has no chat template"):
         chat_prompt({"name": "tiny", "chat": True}, words, {"template": TEMPLATE, "answer": ANSWER})

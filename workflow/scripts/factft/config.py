@@ -62,6 +62,10 @@ def check_config(config: dict) -> None:
             raise FactftError(f"models.{name}.source.pretrain: hidden_size must be a multiple of heads")
         if pretrain and model.get("chat"):
             raise FactftError(f"models.{name}.chat: a model pretrained here has no chat template; set it false")
+        if model.get("chat_template_kwargs") and not model.get("chat"):
+            raise FactftError(
+                f"models.{name}.chat_template_kwargs: the chat template is used only with models.{name}.chat: true"
+            )
         for dataset in datasets:
             finetune_settings(config, name, dataset)
 

@@ -54,6 +54,7 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     answer). Where the template ends a reply with a token of its own that is not eos (Gemma's
     <end_of_turn>, Phi-3's <|end|>), `stop` names it: replies are trained to end with it and
     generation stops at it. The template's opening bos is left to the tokenizer, which adds its own.
+    models.<name>.chat_template_kwargs are the template's variables (Qwen3's enable_thinking).
     """
     if not spec.get("chat"):
         return prompt
@@ -66,7 +67,8 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
         {"role": "assistant", "content": marker},
         {"role": "user", "content": marker},
     ]
-    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    variables = spec.get("chat_template_kwargs", {})
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **variables)
     pieces = rendered.split(marker)
     if len(pieces) != len(conversation) + 1:
         raise FactftError(
