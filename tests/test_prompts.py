@@ -257,6 +257,41 @@ def test_the_chat_templates_variables_are_the_models_chat_template_kwargs(tiny_m
     assert direct["reply"] == thinking["reply"] == ["<|im_end|> <|im_start|>assistant ", "<|im_end|> <|im_start|>user "]
 
 
+# Llama-3.1's template, shortened: today's date unless the date is given.
+LLAMA31 = (
+    "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+    "Today Date: {{ date_string }} {% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+)
+
+
+def test_a_chat_template_that_reads_todays_date_warns_unless_the_date_is_fixed(tiny_model_dir, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = LLAMA31
+    block = {"template": TEMPLATE, "answer": ANSWER}
+    with caplog.at_level("WARNING", logger="factft.prompts"):
+        chat_prompt({"name": "llama", "chat": True}, tokenizer, block)
+    assert "fix the date with models.llama.chat_template_kwargs" in caplog.text
+    caplog.clear()
+    spec = {"name": "llama", "chat": True, "chat_template_kwargs": {"date_string": "26 Jul 2024"}}
+    with caplog.at_level("WARNING", logger="factft.prompts"):
+        fixed = chat_prompt(spec, tokenizer, block)
+    assert fixed["turn"][0] == "Today Date: 26 Jul 2024 user " and not caplog.text
+
+
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("{{ raise_exception('Conversation roles must alternate') }}", "fails on .*: Conversation roles must"),
+        ("{{ messages[0]['content'] }}", "does not render a conversation of two user turns and a reply"),
+    ],
+)
+def test_a_chat_template_that_cannot_render_a_conversation_names_the_model_key(tiny_model_dir, template, problem):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    with pytest.raises(FactftError, match=r"model 'tiny' \(models\.tiny\.chat\): its chat template " + problem):
+        chat_prompt({"name": "tiny", "chat": True}, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+
+
 def test_chat_without_a_chat_template_names_the_model_key(words):
     with pytest.raises(FactftError, match=r"models\.tiny\.chat is on, but its tokenizer has no chat template"):
         chat_prompt({"name": "tiny", "chat": True}, words, {"template": TEMPLATE, "answer": ANSWER})

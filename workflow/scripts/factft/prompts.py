@@ -7,6 +7,7 @@ text; for multiple choice also {letter}, the choice's letter: MMLU's usual forma
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import defaultdict
@@ -16,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
+
+log = logging.getLogger(__name__)
 
 # Labels the loss ignores (torch.nn.CrossEntropyLoss's default ignore_index).
 IGNORE = -100
@@ -68,12 +71,25 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
         {"role": "user", "content": marker},
     ]
     variables = spec.get("chat_template_kwargs", {})
-    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **variables)
+    where = f"model '{name}' (models.{name}.chat)"
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **variables)
+    except Exception as error:  # the template's own raise_exception, or a variable it lacks
+        raise FactftError(f"{where}: its chat template fails on a user turn, a reply, a user turn: {error}") from None
     pieces = rendered.split(marker)
     if len(pieces) != len(conversation) + 1:
         raise FactftError(
-            f"model '{name}' (models.{name}.chat): its chat template does not render a conversation of "
-            f"two user turns and a reply, which few-shot demonstrations are: {rendered!r}"
+            f"{where}: its chat template does not render a conversation of two user turns and a reply, "
+            f"which few-shot demonstrations are: {rendered!r}"
+        )
+    if "strftime_now" in str(tokenizer.chat_template) and not variables:
+        # Llama 3.1's system turn holds today's date: a finetune and its evaluation days apart
+        # would read different prompts.
+        log.warning(
+            "model '%s': its chat template writes today's date into each prompt; fix the date with "
+            "models.%s.chat_template_kwargs (Llama 3.1: {date_string: 26 Jul 2024})",
+            name,
+            name,
         )
     head, reply_head, reply_tail, tail = pieces
     bos = tokenizer.bos_token
