@@ -62,13 +62,14 @@ def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length:
         )
     if examples.empty:
         raise FactftError("finetune examples: the split is empty; check split.fraction and pool_size")
+    end_id = reply_end_id(tokenizer, prompt)
     return [
         encode_example(
             tokenizer,
             in_turn(prompt, fact_prompt(fact, prompt["template"])),
             gold_answer(fact, prompt["answer"]),
             max_length,
-            end_id=reply_end_id(tokenizer, prompt),
+            end_id=end_id,
         )
         for fact in examples.to_dict("records")
     ]
