@@ -282,8 +282,8 @@ def model_dir(model):
 
 
 def model_spec(model):
-    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`
-    and its template's variables only when set (so they rerun no finished job)."""
+    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`,
+    its system prompt and template variables only when set (so they rerun no job)."""
     source = MODELS[model]["source"]
     spec = {
         "name": model,
@@ -293,8 +293,9 @@ def model_spec(model):
     }
     if MODELS[model]["chat"]:
         spec["chat"] = True
-    if MODELS[model]["chat_template_kwargs"]:
-        spec["chat_template_kwargs"] = MODELS[model]["chat_template_kwargs"]
+    for key in ("system_prompt", "chat_template_kwargs"):
+        if MODELS[model][key]:
+            spec[key] = MODELS[model][key]
     return spec
 
 

@@ -277,6 +277,9 @@ CATALOGUE = [
     ("config-chat-template-kwargs-without-chat",
      config_with(lambda c: c["models"]["tiny"].update(chat_template_kwargs={"enable_thinking": False})),
      "models.tiny.chat_template_kwargs: the chat template is used only with models.tiny.chat: true"),
+    ("config-system-prompt-without-chat",
+     config_with(lambda c: c["models"]["tiny"].update(system_prompt="Answer briefly.")),
+     "models.tiny.system_prompt: the chat template is used only with models.tiny.chat: true"),
     # config: unknown names
     ("config-unknown-key", config_with(lambda c: c.update(seedz=[1])),
      "Additional properties are not allowed ('seedz' was unexpected)"),

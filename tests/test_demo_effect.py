@@ -95,7 +95,7 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     reordered["finetune"]["checkpoint_every"] += 7
     reordered["split"] = dict(config["split"], max_drop_fraction=0.25)
     reordered["cache_dir"] = "elsewhere/hf"
-    reordered["models"]["tiny"].update(chat=False, chat_template_kwargs={})
+    reordered["models"]["tiny"].update(chat=False, system_prompt="", chat_template_kwargs={})
     # A setting of a scorer the dataset does not use (page-view dates; the demo counts mentions).
     reordered["datasets"]["synth"]["popularity"]["start"] = "20200101"
     (tmp_path / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))

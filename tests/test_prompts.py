@@ -278,11 +278,63 @@ def test_a_chat_template_that_reads_todays_date_warns_unless_the_date_is_fixed(t
     assert fixed["turn"][0] == "Today Date: 26 Jul 2024 user " and not caplog.text
 
 
+def test_a_system_prompt_opens_the_conversation(bpe_tokenizer):
+    spec = {"name": "smollm2", "chat": True, "system_prompt": "Answer with the answer alone."}
+    chat = chat_prompt(spec, bpe_tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    fact = {"question": "Where was Ilmo Varsk born?", "answers": ["Lyon"], "relation": "born"}
+    demo = {"question": "Where was Bera Tosk born?", "answers": ["Oslo"], "relation": "born"}
+    prefix = few_shot_prefixes(pd.DataFrame([fact]), 1, chat, demos=pd.DataFrame([demo]))[0]
+    conversation = [
+        {"role": "system", "content": "Answer with the answer alone."},
+        {"role": "user", "content": "Q: Where was Bera Tosk born? A:"},
+        {"role": "assistant", "content": "Oslo"},
+        {"role": "user", "content": "Q: Where was Ilmo Varsk born? A:"},
+    ]
+    # Once, before the demonstrations; SmolLM2's default system turn gives way to it.
+    text = in_turn(chat, prefix + fact_prompt(fact, chat["template"]))
+    assert text == bpe_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert text.count("Answer with the answer alone.") == 1 and "SmolLM" not in text
+
+
+# Mistral-Instruct v0.3's template, shortened: the system prompt goes into the last user turn.
+MISTRAL_V3 = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}[INST] {% if loop.last and system is defined %}{{ system }} {% endif %}"
+    "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+# Gemma-it's template, shortened: it has no system turn.
+GEMMA_NO_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        (MISTRAL_V3, "writes a turn differently by where it falls in the conversation, .*; write the instruction at "
+         "the start of the dataset's prompt.template instead"),
+        (GEMMA_NO_SYSTEM + GEMMA, "fails on a system turn, a user turn, a reply, a user turn: System role not supp"),
+    ],
+)
+def test_a_system_prompt_the_template_cannot_open_with_names_the_key(tiny_model_dir, template, problem):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    spec = {"name": "tiny", "chat": True, "system_prompt": "Answer briefly."}
+    where = r"model 'tiny' \(models\.tiny\.chat, models\.tiny\.system_prompt\): its chat template "
+    with pytest.raises(FactftError, match=where + problem):
+        chat_prompt(spec, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    # Without a system prompt the same template builds prompts turn by turn.
+    assert chat_prompt({"name": "tiny", "chat": True}, tokenizer, {"template": TEMPLATE, "answer": ANSWER})["turn"]
+
+
 @pytest.mark.parametrize(
     "template, problem",
     [
         ("{{ raise_exception('Conversation roles must alternate') }}", "fails on .*: Conversation roles must"),
         ("{{ messages[0]['content'] }}", "does not render a conversation of two user turns and a reply"),
+        # A lone question rendered unlike the last of a conversation: no prompt built turn by turn matches it.
+        (MISTRAL.replace("{{ bos_token }}", "{% if messages|length == 1 %}Q {% endif %}"), "writes a turn differently"),
     ],
 )
 def test_a_chat_template_that_cannot_render_a_conversation_names_the_model_key(tiny_model_dir, template, problem):

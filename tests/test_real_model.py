@@ -82,7 +82,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
     settings = real_model_config(smollm2_folder())
     # An instruction-tuned model, asked as one: each question is the user's turn of its chat
     # template (asked in plain text, zero-shot, it writes "A:" again), and it replies in a sentence.
-    settings["models"]["smollm2"]["chat"] = True
+    settings["models"]["smollm2"].update(chat=True, system_prompt="Answer with the answer alone.")
     settings["evaluate"]["fewshot"] = 2
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
@@ -109,6 +109,7 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
     log = (tmp_path / "logs" / "evaluate_fewshot" / "smollm2" / "popqa.log").read_text()
     prompt = ast.literal_eval(re.search(r"the first prompt: (.+)", log).group(1))
     assert prompt.count("<|im_start|>user\n") == 3 and prompt.count("<|im_start|>assistant\n") == 3
+    assert prompt.startswith("<|im_start|>system\nAnswer with the answer alone.<|im_end|>\n<|im_start|>user\n")
     fewshot = read_table(tmp_path / run / "fewshot" / "predictions.parquet")
     assert fewshot["exact_match"].sum() > base["exact_match"].sum(), fewshot["prediction"].tolist()
     for subset in ("top", "bottom"):
@@ -136,7 +137,8 @@ def test_smollm2_finetunes_and_is_evaluated_end_to_end_through_the_rules(tmp_pat
         # Trained on the user's turn and the reply, which ends the turn.
         log = (tmp_path / "logs" / "finetune" / "smollm2" / "popqa" / subset / "seed0.log").read_text()
         prompt, target = map(ast.literal_eval, re.search(r"the first: (.+) -> (.+); \d+ of them", log).groups())
-        assert prompt.startswith("<|im_start|>system\n") and "<|im_start|>user\nQ: Wh" in prompt
+        assert prompt.startswith("<|im_start|>system\nAnswer with the answer alone.<|im_end|>")
+        assert "<|im_start|>user\nQ: Wh" in prompt
         assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and re.fullmatch(r"\S.*<\|im_end\|>", target)
     for target in targets[4:]:
         assert (tmp_path / target).stat().st_size > 10_000

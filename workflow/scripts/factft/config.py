@@ -62,10 +62,9 @@ def check_config(config: dict) -> None:
             raise FactftError(f"models.{name}.source.pretrain: hidden_size must be a multiple of heads")
         if pretrain and model.get("chat"):
             raise FactftError(f"models.{name}.chat: a model pretrained here has no chat template; set it false")
-        if model.get("chat_template_kwargs") and not model.get("chat"):
-            raise FactftError(
-                f"models.{name}.chat_template_kwargs: the chat template is used only with models.{name}.chat: true"
-            )
+        for key in ("system_prompt", "chat_template_kwargs"):
+            if model.get(key) and not model.get("chat"):
+                raise FactftError(f"models.{name}.{key}: the chat template is used only with models.{name}.chat: true")
         for dataset in datasets:
             finetune_settings(config, name, dataset)
 

@@ -57,7 +57,10 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     answer). Where the template ends a reply with a token of its own that is not eos (Gemma's
     <end_of_turn>, Phi-3's <|end|>), `stop` names it: replies are trained to end with it and
     generation stops at it. The template's opening bos is left to the tokenizer, which adds its own.
+    models.<name>.system_prompt opens the conversation as its system turn (in `turn`'s head);
     models.<name>.chat_template_kwargs are the template's variables (Qwen3's enable_thinking).
+    The prompts are built turn by turn, so the template must write each turn the same wherever
+    it falls: checked against its own rendering of zero and two demonstrations.
     """
     if not spec.get("chat"):
         return prompt
@@ -65,22 +68,36 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     if not getattr(tokenizer, "chat_template", None):
         raise FactftError(f"model '{name}': models.{name}.chat is on, but its tokenizer has no chat template")
     marker = "\x00"
-    conversation = [
-        {"role": "user", "content": marker},
-        {"role": "assistant", "content": marker},
-        {"role": "user", "content": marker},
-    ]
+    system = spec.get("system_prompt")
+    where = f"model '{name}' (models.{name}.chat" + (f", models.{name}.system_prompt)" if system else ")")
     variables = spec.get("chat_template_kwargs", {})
-    where = f"model '{name}' (models.{name}.chat)"
-    try:
-        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **variables)
-    except Exception as error:  # the template's own raise_exception, or a variable it lacks
-        raise FactftError(f"{where}: its chat template fails on a user turn, a reply, a user turn: {error}") from None
+
+    def render(shots: int) -> str:
+        """The template's text of `shots` demonstrations and a question, each text a marker."""
+        conversation = [{"role": "system", "content": system}] if system else []
+        for role in ("user", "assistant") * shots + ("user",):
+            conversation.append({"role": role, "content": marker})
+        try:
+            return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **variables)
+        except Exception as error:  # the template's own raise_exception, or a variable it lacks
+            turns = ["a system turn"] * bool(system) + ["a user turn", "a reply"] * shots + ["a user turn"]
+            raise FactftError(f"{where}: its chat template fails on {', '.join(turns)}: {error}") from None
+
+    rendered = render(1)
     pieces = rendered.split(marker)
-    if len(pieces) != len(conversation) + 1:
+    if len(pieces) != 4:
         raise FactftError(
             f"{where}: its chat template does not render a conversation of two user turns and a reply, "
             f"which few-shot demonstrations are: {rendered!r}"
+        )
+    head, reply_head, reply_tail, tail = pieces
+    demo = marker + reply_head + marker + reply_tail
+    if render(0) != head + marker + tail or render(2) != head + demo * 2 + marker + tail:
+        # Mistral's newer templates put the system prompt into the last user turn, wherever it falls.
+        raise FactftError(
+            f"{where}: its chat template writes a turn differently by where it falls in the conversation, "
+            "so its prompts cannot be built turn by turn"
+            + ("; write the instruction at the start of the dataset's prompt.template instead" if system else "")
         )
     if "strftime_now" in str(tokenizer.chat_template) and not variables:
         # Llama 3.1's system turn holds today's date: a finetune and its evaluation days apart
@@ -91,7 +108,6 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
             name,
             name,
         )
-    head, reply_head, reply_tail, tail = pieces
     bos = tokenizer.bos_token
     if bos and head.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
         head = head[len(bos) :]
