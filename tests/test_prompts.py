@@ -296,6 +296,46 @@ def test_a_system_prompt_opens_the_conversation(bpe_tokenizer):
     assert text.count("Answer with the answer alone.") == 1 and "SmolLM" not in text
 
 
+# Gemma-3-it's template, shortened: the system prompt opens the first user turn.
+GEMMA3 = (
+    "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + ' ' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set prefix = '' %}{% endif %}{% for m in messages %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }} {{ prefix if loop.first else '' }}"
+    "{{ m['content'] }}<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}"
+)
+
+
+# Llama-2-chat's template: bos opens each user turn, the system prompt the first one.
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, head",
+    [(GEMMA3, "<start_of_turn>user Answer briefly. "), (LLAMA2_CHAT, "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\n")],
+)
+def test_a_system_prompt_in_the_first_user_turn_opens_the_conversation_once(tiny_model_dir, template, head):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    spec = {"name": "tiny", "chat": True, "system_prompt": "Answer briefly."}
+    chat = chat_prompt(spec, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    assert chat["turn"][0] == head  # Llama 2's opening bos left to the tokenizer
+    born = [{"question": f"Where was {name} born?", "answers": ["Lyon"], "relation": "born"} for name in "ABC"]
+    facts = pd.DataFrame(born)
+    prefix = few_shot_prefixes(facts.iloc[:1], 2, chat, demos=facts.iloc[1:])[0]
+    assert in_turn(chat, prefix + "Q").count("Answer briefly.") == 1 and prefix.count(chat["reply"][0]) == 2
+
+
 # Mistral-Instruct v0.3's template, shortened: the system prompt goes into the last user turn.
 MISTRAL_V3 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
@@ -303,7 +343,7 @@ MISTRAL_V3 = (
     "{% if m['role'] == 'user' %}[INST] {% if loop.last and system is defined %}{{ system }} {% endif %}"
     "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
-# Gemma-it's template, shortened: it has no system turn.
+# Gemma-2-it's template, shortened: it refuses a system turn.
 GEMMA_NO_SYSTEM = (
     "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
 )
