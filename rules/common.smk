@@ -5,6 +5,7 @@ import os
 from snakemake.exceptions import WorkflowError
 
 from factft.config import (
+    CHAT_KEYS,
     check_config,
     evaluate_job_settings,
     finetune_job_settings,
@@ -293,7 +294,7 @@ def model_spec(model):
     }
     if MODELS[model]["chat"]:
         spec["chat"] = True
-    for key in ("system_prompt", "chat_template_kwargs"):
+    for key in CHAT_KEYS:
         if MODELS[model][key]:
             spec[key] = MODELS[model][key]
     return spec

@@ -23,6 +23,8 @@ from factft.prompts import FIELDS
 from factft.sources import kept_columns
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+# A model's keys that only its chat template reads (models.<name>.chat).
+CHAT_KEYS = ("system_prompt", "chat_template_kwargs")
 
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
@@ -62,7 +64,7 @@ def check_config(config: dict) -> None:
             raise FactftError(f"models.{name}.source.pretrain: hidden_size must be a multiple of heads")
         if pretrain and model.get("chat"):
             raise FactftError(f"models.{name}.chat: a model pretrained here has no chat template; set it false")
-        for key in ("system_prompt", "chat_template_kwargs"):
+        for key in CHAT_KEYS:
             if model.get(key) and not model.get("chat"):
                 raise FactftError(f"models.{name}.{key}: the chat template is used only with models.{name}.chat: true")
         for dataset in datasets:
