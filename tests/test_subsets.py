@@ -67,6 +67,8 @@ def test_a_sized_subset_that_repeats_a_plain_one_is_rejected_by_name():
     with pytest.raises(FactftError, match=r"subsets: 'top50' is the same table as 'top' \(split.fraction 0.5\)"):
         check_config(copy.deepcopy(config))
     config["subsets"] = ["bottom", "top50"]  # without `top` it is just a name for it
+    check_config(copy.deepcopy(config))
+    config["subsets"] = ["random", "random50"]  # a second random draw of the same size
     check_config(config)
 
 

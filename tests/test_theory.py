@@ -17,7 +17,7 @@ from snakemake.utils import validate
 from factft.config import SCHEMA, load_config
 from factft.errors import FactftError
 from factft.plots import STYLES, save_figure
-from factft.sweeps import BASE, BASE_POINT, check_simulation, point_settings, point_value, run_of, sweep_points
+from factft.sweeps import BASE, BASE_POINT, check_settings, check_simulation, point_settings, point_value, run_of, sweep_points
 from factft.theory import OneLayerAttention, fact_salience, make_world, simulate, split_subjects
 from factft.theory_plots import (
     LABELS,
@@ -141,6 +141,15 @@ def test_world_tokens_pools_and_mentions_are_what_the_settings_say():
         assert (owner == relation[None, :]).all()
         assert world.mentions.sum() == TINY["pretrain_steps"] * TINY["batch_size"]
         assert world.mentions.min() >= TINY["min_mentions"] * world.relations
+
+
+def test_a_budget_filled_by_min_mentions_states_every_fact_equally_often():
+    # 12 subjects x 2 relations x 2 mentions = 48 statements = 6 steps x 8.
+    settings = dict(TINY, min_mentions=2, pretrain_steps=6)
+    check_settings(settings)
+    world = make_world(settings, seed=1)
+    assert (world.mentions == 2 * world.relations).all()
+    assert len(simulate(settings, seed=1)["accuracy"])
 
 
 def test_salience_margin_is_the_gold_answers_salience_minus_the_best_other_in_its_pool():

@@ -63,12 +63,13 @@ def label(name: str) -> str:
 
 
 def check(names: Iterable[str], fraction: float) -> None:
-    """A sized subset that repeats a plain one (top50 with split.fraction 0.5) would finetune
-    the same table twice; say which to drop."""
+    """A sized top or bottom subset that repeats a plain one (top50 with split.fraction 0.5)
+    would finetune the same table twice; say which to drop. (random50 is a draw of its own.)"""
     names = list(names)
     for name in names:
         kind, percent = parse(name)
-        if percent is not None and kind in names and abs(percent / 100 - fraction) < 1e-9:
+        repeats = kind in ("top", "bottom") and percent is not None and abs(percent / 100 - fraction) < 1e-9
+        if repeats and kind in names:
             raise FactftError(
                 f"subsets: '{name}' is the same table as '{kind}' (split.fraction {fraction}); list one of them"
             )

@@ -121,8 +121,11 @@ def make_world(settings: dict, seed: int) -> World:
     facts = torch.cartesian_prod(torch.arange(n), torch.arange(relations))
     guaranteed = facts.repeat(settings["min_mentions"], 1)
     drawn = budget - len(guaranteed)
-    subjects = torch.multinomial(
-        zipf_weights(n, settings["zipf"]), drawn, replacement=True, generator=generator
+    # drawn is 0 where min_mentions fills the budget (every fact equally often); multinomial refuses 0.
+    subjects = (
+        torch.multinomial(zipf_weights(n, settings["zipf"]), drawn, replacement=True, generator=generator)
+        if drawn
+        else torch.zeros(0, dtype=torch.long)
     )
     relation = torch.randint(relations, (drawn,), generator=generator)
     stream = torch.cat([guaranteed, torch.stack([subjects, relation], 1)])
