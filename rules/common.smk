@@ -6,12 +6,11 @@ from snakemake.exceptions import WorkflowError
 
 from factft.config import (
     CHAT_KEYS,
-    check_config,
+    check_and_sort,
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
     prompt_settings,
-    sort_settings,
 )
 from factft.errors import FactftError
 from factft.popularity import DOWNLOAD_READS, SCORERS
@@ -21,10 +20,9 @@ from factft.split import SPLITS
 from factft.subsets import is_sized
 
 try:
-    check_config(config)
+    check_and_sort(config)
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
-sort_settings(config)
 
 # Every job inherits this: its log is a file, where the hub libraries' progress bars would be
 # \r-joined lines (finetune logs its own progress lines). Set either to 0 to see them.
@@ -211,8 +209,13 @@ def source_file(wildcards):
     return [source["path"]] if "path" in source else []
 
 
-def dataset_format(wildcards):
-    return DATASETS[ranking_of(wildcards)[0]]["format"]
+def scoring_question(wildcards):
+    """The prompt and format a model's confidence is asked in; None for the scorers that run
+    no model, so that a prompt edit does not rerun their popularity (and split) jobs."""
+    dataset, scorer = ranking_of(wildcards)
+    if scorer is None:
+        return None
+    return {"prompt": prompt_params(wildcards), "fmt": DATASETS[dataset]["format"]}
 
 
 def popularity_model(wildcards):
@@ -226,9 +229,14 @@ def popularity_gpus(wildcards):
     return 0 if scorer is None or tiny_model(scorer) else 1
 
 
+# Megabytes of host memory for a job that loads a hub model: a 7B checkpoint passes through
+# host memory on its way to the GPU (~2x its bf16 size).
+HUB_MODEL_MEM_MB = 32000
+
+
 def popularity_mem_mb(wildcards, attempt):
-    """Host memory: model_mem_mb's where a hub model scores the facts, else a CPU job's."""
-    return (32000 if popularity_gpus(wildcards) else 4000) * attempt
+    """Host memory: a hub model's where one scores the facts, else a CPU job's."""
+    return (HUB_MODEL_MEM_MB if popularity_gpus(wildcards) else 4000) * attempt
 
 
 def popularity_runtime(wildcards, attempt):
@@ -350,10 +358,9 @@ def model_gpus(wildcards):
 
 
 def model_mem_mb(wildcards, attempt):
-    """Host memory of a job that loads the model (finetune, evaluate, attention): a 7B
-    checkpoint passes through host memory on its way to the GPU (~2x its bf16 size); a tiny
+    """Host memory of a job that loads the model (finetune, evaluate, attention); a tiny
     model takes little."""
-    return (2000 if tiny_model(wildcards.model) else 32000) * attempt
+    return (2000 if tiny_model(wildcards.model) else HUB_MODEL_MEM_MB) * attempt
 
 
 def finetune_mem_mb(wildcards, attempt):

@@ -74,8 +74,7 @@ rule popularity:
     params:
         popularity=popularity_params,
         model=popularity_model,
-        prompt=prompt_params,
-        format=dataset_format,
+        question=scoring_question,
         max_drop_fraction=running(max_drop_fraction()),
     script:
         "../workflow/scripts/popularity.py"

@@ -2,13 +2,6 @@
 # (sweep, point, seed), then tables per sweep and the figures. Helpers are in common.smk.
 import re
 
-from factft.sweeps import check_simulation
-
-try:
-    check_simulation(SIMULATION)
-except FactftError as error:
-    raise WorkflowError(f"config: {error}") from None
-
 
 wildcard_constraints:
     sweep=alternatives(simulation_sweeps()),

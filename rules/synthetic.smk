@@ -1,4 +1,4 @@
-# The embedded default's first half: a generated world and a tiny Llama pretrained on it.
+# config/demo.yaml's first half: a generated world and a tiny Llama pretrained on it.
 
 
 rule synthetic_world:

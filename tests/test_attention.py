@@ -19,7 +19,7 @@ from factft.attention import (
     example_index,
     read_attention,
     select_questions,
-    use_eager_attention,
+    require_eager_attention,
 )
 from factft.errors import FactftError
 from factft.models import load_model
@@ -153,9 +153,10 @@ def direct_last_row_attention(model, ids):
 
 def test_attention_weights_of_left_padded_batches_match_a_direct_computation(tiny_model_dir, word_tokenizer):
     spec = {"name": "tiny", "path": str(tiny_model_dir)}
-    model, tokenizer = load_model(spec, device="cpu")
-    assert model.config._attn_implementation == "sdpa"
-    use_eager_attention(model, "tiny")
+    with pytest.raises(FactftError, match="tiny: the model did not load with eager attention"):
+        require_eager_attention(load_model(spec, device="cpu")[0], "tiny")  # SDPA by default
+    model, tokenizer = load_model(spec, device="cpu", attention="eager")
+    require_eager_attention(model, "tiny")
     questions = [
         ("Where was Ilmo Varsk born?", "Ilmo Varsk"),
         ("What does Lu do?", "Lu"),

@@ -275,6 +275,9 @@ def test_a_kept_or_scored_column_named_like_a_facts_column_is_named_before_any_j
     config["datasets"]["popqa"]["keep_columns"] = ["s_pop", "subject"]
     with pytest.raises(FactftError, match=r"^datasets\.popqa\.keep_columns: source column 'subject'"):
         validated(config)
+    config["datasets"]["popqa"]["keep_columns"] = ["split"]  # a column `split` writes
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.keep_columns: source column 'split'"):
+        validated(config)
 
 
 def test_settings_are_sorted_and_the_users_named_maps_keep_their_order():

@@ -1,4 +1,4 @@
-"""The embedded default reproduces the paper: the demo's grid, run as a user runs it, shows
+"""The CPU demo (config/demo.yaml) reproduces the paper: the demo's grid, run as a user runs it, shows
 FT-Top above FT-Bottom and the mechanism behind it. Directions only, no numbers pinned: the
 guard is against a change to the world, pretraining or finetuning that loses the effect."""
 
@@ -115,6 +115,15 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     longer = run_demo(folder, "-n", config=tmp_path / "epochs.yaml")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert re.search(r"^finetune\s+12$", longer.stdout + longer.stderr, re.MULTILINE)
+    # A new prompt pretrains, finetunes and asks again, but the facts' popularity (mention
+    # counts, no model asked) and the splits stay.
+    config["datasets"]["synth"].pop("finetune")
+    config["prompt"] = dict(config["prompt"], template="Question: {question} Answer:")
+    (tmp_path / "prompt.yaml").write_text(yaml.safe_dump(config))
+    reworded = run_demo(folder, "-n", config=tmp_path / "prompt.yaml")
+    plan = reworded.stdout + reworded.stderr
+    assert reworded.returncode == 0 and re.search(r"^pretrain\s+1$", plan, re.MULTILINE), plan[-3000:]
+    assert not re.search(r"^(popularity|split)\s", plan, re.MULTILINE)
 
 
 @pytest.mark.slow

@@ -11,13 +11,22 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LogitsProcessorList, MistralConfig, MistralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LogitsProcessorList,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+)
 
 from factft.errors import FactftError
 from factft.generate import generate_texts, in_batches
 from factft.models import load_model
 from factft.train import (
     batch_loss,
+    check_packing,
     collate,
     collate_packed,
     encode_examples,
@@ -114,6 +123,47 @@ def test_packed_examples_attend_only_within_themselves(tiny_model_dir, facts, ar
             assert torch.allclose(together[start : start + ids.shape[1]], alone, atol=1e-5)
             start += ids.shape[1]
     assert start == packed["input_ids"].shape[1]  # no padding at all
+    check_packing(model, encoded, "tiny")  # the probe finetune runs first agrees
+
+
+# Tiny models of other families: GPT-2 builds its mask from position_ids as Llama does, OPT
+# (like Falcon, Bloom, MPT) from the row alone, so its packed examples would see each other.
+OTHER_FAMILIES = {
+    "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "opt": OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+        max_position_embeddings=128,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_packing_is_refused_before_training_where_packed_examples_would_see_each_other(
+    tiny_model_dir, facts, tmp_path, family
+):
+    folder = tmp_path / family
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = OTHER_FAMILIES[family]
+    config.update({"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    def run(packing):
+        out = tmp_path / f"{family}-{packing}"
+        return finetune(spec(folder), facts, out / "adapter", settings(packing=packing), PROMPT, out / "ckpt", device="cpu")
+
+    if family == "gpt2":
+        assert run(packing=True)["steps"] == 6
+        return
+    message = (
+        r"model 'tiny': OPTForCausalLM lets packed examples see each other .* "
+        r"\(models.tiny.finetune: \{packing: false\}\)"
+    )
+    with pytest.raises(FactftError, match=message):
+        run(packing=True)
+    assert not (tmp_path / "opt-True" / "adapter").exists()
+    assert run(packing=False)["steps"] == 6  # the advice works
 
 
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, facts):

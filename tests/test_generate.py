@@ -320,6 +320,43 @@ def test_a_prompt_beyond_the_models_context_is_an_error_naming_the_settings(tiny
         generate_texts(model, tokenizer, ["Q: short A:", words], max_new_tokens=2, batch_size=2)
 
 
+def test_a_multimodal_models_context_is_that_of_its_text_model(tiny):
+    # Gemma 3 (4B and up) loads as Gemma3ForConditionalGeneration: positions in its text_config.
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    _, _, tokenizer = tiny
+    n = len(tokenizer)
+    text = dict(
+        vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=3,
+    )  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=n - 1,
+        boi_token_index=n - 2, eoi_token_index=n - 3,
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config).eval()
+    words = " ".join(["Lyon"] * 64)
+    with pytest.raises(FactftError, match=r"exceeds the model's context of 64 positions"):
+        generate_texts(model, tokenizer, ["Q: short A:", words], max_new_tokens=2, batch_size=2)
+
+
+def test_a_state_space_model_is_refused_where_a_kv_cache_or_attention_weights_are_needed(tiny):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from factft.attention import last_position_attention, prompt_tokens
+
+    _, _, tokenizer = tiny
+    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2, pad_token_id=3)
+    torch.manual_seed(0)
+    model = MambaForCausalLM(config).eval()
+    with pytest.raises(FactftError, match="continues every choice from its prompt's KV cache, and MambaForCausalLM"):
+        choice_logprobs(model, tokenizer, ["Q: Where was Lu born? A:"], [[" Lyon", " Oslo"]], batch_size=2)
+    prompt = prompt_tokens(tokenizer, "Where was Lu born?", "Lu", "Q: {question} A:")
+    with pytest.raises(FactftError, match="MambaForCausalLM returned no attention weights"):
+        last_position_attention(model, [prompt], pad_id=3, batch_size=1)
+
+
 def test_missing_columns_fail_before_the_model_is_loaded():
     absent = {"name": "absent", "path": "/nonexistent", "gguf_file": None, "trust_remote_code": False}
     params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 4, "percentiles": [100]}

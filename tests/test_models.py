@@ -30,6 +30,25 @@ def test_load_model_gives_fp32_eval_model_on_cpu_with_a_pad_token(tiny_model_dir
     assert tokenizer.pad_token is not None
 
 
+def test_a_model_without_sdpa_loads_with_eager_attention(tiny_model_dir, tmp_path):
+    # Gemma 2 (like Bloom, MPT) has no SDPA path: transformers' default picks eager for it.
+    from transformers import Gemma2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_model(spec_for(tmp_path), device="cpu")
+    assert model.config._attn_implementation == "eager"
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(model, tokenizer), logits(reference, tokenizer))
+
+
 def test_tokenizer_without_pad_token_gets_eos_as_pad(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from factft.errors import FactftError
-from factft.split import SPLITS, percentiles, split_facts
+from factft.split import SPLITS, percentiles, split_facts, tie_breaks
 from factft.tables import check_facts, read_table, write_table
 from test_plots import snakemake_in
 
@@ -117,12 +117,15 @@ def test_popularity_pct_is_the_percentile_within_each_table(facts):
 
 def test_tied_popularity_is_ordered_by_a_seeded_hash_of_the_id_not_by_row_order():
     table = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "popularity": [5.0, 1.0, 5.0, 3.0, 5.0]})
-    pct = dict(zip(table["id"], percentiles(table, seed=0)))
+    def percentile_ranks(table, seed):
+        return percentiles(table["popularity"], tie_breaks(table["id"], seed))
+
+    pct = dict(zip(table["id"], percentile_ranks(table, seed=0)))
     assert (pct["b"], pct["d"]) == (20.0, 40.0)
     assert sorted(pct[i] for i in "ace") == [60.0, 80.0, 100.0]
     shuffled = table.iloc[[4, 2, 0, 3, 1]]
-    assert dict(zip(shuffled["id"], percentiles(shuffled, seed=0))) == pct
-    orders = {tuple(sorted("ace", key=dict(zip(table["id"], percentiles(table, seed))).get)) for seed in range(8)}
+    assert dict(zip(shuffled["id"], percentile_ranks(shuffled, seed=0))) == pct
+    orders = {tuple(sorted("ace", key=dict(zip(table["id"], percentile_ranks(table, seed))).get)) for seed in range(8)}
     assert len(orders) > 1  # another seed, another order among the ties
 
 

@@ -117,7 +117,9 @@ def test_lora_trains_a_small_part_and_full_trains_every_weight(tiny_model_dir):
 def test_unknown_target_module_names_the_config_key(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     bad = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query_key_value"]})
-    with pytest.raises(FactftError, match="finetune.lora.target_modules"):
+    layers = "'down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'"
+    message = rf"finetune.lora.target_modules \['query_key_value'\]: .* this model's linear layers are \[{layers}\]"
+    with pytest.raises(FactftError, match=message + r" \(or use all-linear\); .* under models.<name>.finetune.lora"):
         prepare_model(model, bad)
 
 
@@ -149,6 +151,23 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_evaluates_exactly_the_traine
         expected, found, off = (m(**batch).logits for m in (trained, merged, naive))
     assert torch.allclose(found, expected, atol=1e-5)
     assert (off - expected).abs().max() > 100 * (found - expected).abs().max()
+
+
+def test_qlora_of_a_model_bitsandbytes_cannot_quantize_fails_before_training(tiny_model_dir, facts, tmp_path):
+    # Falcon's linear layers are FalconLinear, which bitsandbytes leaves in full precision.
+    from transformers import FalconConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = FalconConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    message = r"model 'tiny': bitsandbytes quantized none of FalconForCausalLM's layers .* use method lora"
+    with pytest.raises(FactftError, match=message):
+        run(tmp_path / "falcon", facts, tmp_path, method="qlora", max_steps=1)
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_batches_cover_each_example_once_seeded_and_grouped_by_length_only_when_asked():

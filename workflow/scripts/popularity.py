@@ -6,10 +6,9 @@ with to_log(snakemake.log[0]):
     params = snakemake.params
     context = ScoringContext(
         dataset=params.popularity["dataset"],
-        fmt=params.format,
-        prompt=params.prompt,
         model=params.model,
         pageviews=snakemake.input.get("pageviews"),
+        **(params.question or {}),  # fmt and prompt, where a model's confidence scores
     )
     raw = read_table(snakemake.input.raw)
     facts = add_popularity(raw, params.popularity, context, params.max_drop_fraction)

@@ -153,12 +153,12 @@ def example_index(questions: pd.DataFrame) -> int:
 # ---- attention weights ----------------------------------------------------------
 
 
-def use_eager_attention(model, where: str) -> None:
-    """Switch a loaded model to eager attention, the one implementation that returns weights."""
-    model.set_attn_implementation("eager")
+def require_eager_attention(model, where: str) -> None:
+    """Eager attention is the one implementation that returns weights; a model's own code
+    (trust_remote_code) may ignore the request for it."""
     if getattr(model.config, "_attn_implementation", None) != "eager":
         raise FactftError(
-            f"{where}: the model cannot switch to eager attention (its own code may not support it), "
+            f"{where}: the model did not load with eager attention (its own code may not support it), "
             "so it returns no attention weights"
         )
 
@@ -188,9 +188,12 @@ def last_position_attention(
                 # The logits are not needed: one position's keeps a 7B vocabulary small.
                 **({"logits_to_keep": 1} if keeps_logits else {}),
             )
-            if not output.attentions or any(a is None for a in output.attentions):
-                raise FactftError("the model returned no attention weights; it needs eager attention")
-            last = torch.stack([a[:, :, -1, :] for a in output.attentions], dim=1).float().cpu().numpy()
+            attentions = getattr(output, "attentions", None)  # a state-space model (Mamba) has none
+            if not attentions or any(a is None for a in attentions):
+                raise FactftError(
+                    f"{type(model).__name__} returned no attention weights: it needs attention layers, run eagerly"
+                )
+            last = torch.stack([a[:, :, -1, :] for a in attentions], dim=1).float().cpu().numpy()
             for row, i in enumerate(batch):
                 weights[i] = last[row, :, :, last.shape[-1] - len(prompts[i].input_ids) :]
     return weights
@@ -274,8 +277,8 @@ def analyse_attention(
         import torch
 
         torch.set_num_threads(threads)
-    model, tokenizer = load_model(spec, adapter, device=device)
-    use_eager_attention(model, where)
+    model, tokenizer = load_model(spec, adapter, device=device, attention="eager")
+    require_eager_attention(model, where)
     prompt = chat_prompt(spec, tokenizer, params["prompt"])
     template = in_turn(prompt, prompt["template"])
     prompts = [

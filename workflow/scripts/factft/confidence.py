@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
-from factft.generate import FORMATS, answer_logprobs, check_choices, choice_logprobs
+from factft.generate import answer_logprobs, check_choices, check_format, choice_logprobs, demo_columns
 from factft.models import load_model
 from factft.prompts import chat_prompt, choice_answers, fact_prompt, few_shot_prefixes, gold_answer, in_turn
 
@@ -86,12 +86,8 @@ def model_confidence_scores(
     Returns a float64 Series in [0, 1] aligned with `facts.index`.
     """
     where = f"popularity scorer model_confidence (model '{model['name']}')"
-    if fmt not in FORMATS:
-        raise FactftError(f"{where}: format '{fmt}' is unknown; formats are {list(FORMATS)}")
-    needed = ["question", "relation"] + (
-        ["choices", "answer_index"] if fmt == "multiple_choice" else ["answers"]
-    )
-    missing = [c for c in needed if c not in facts.columns]
+    check_format(fmt, where)
+    missing = [c for c in demo_columns(fmt) if c not in facts.columns]  # each fact is another's demonstration
     if missing:
         raise FactftError(f"{where}: the facts lack columns {missing}; they have {list(facts.columns)}")
     if fmt == "multiple_choice":

@@ -21,6 +21,7 @@ from factft.errors import FactftError
 from factft.popularity import SCORERS
 from factft.prompts import FIELDS
 from factft.sources import kept_columns
+from factft.sweeps import check_simulation
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 # A model's keys that only its chat template reads (models.<name>.chat).
@@ -238,16 +239,20 @@ def command_line_config(config_args: list[str] | None) -> dict:
     return typed
 
 
-def load_config(path: str | Path) -> dict:
-    """Load, validate, check and sort a config file the way the Snakefile and
-    rules/common.smk and simulation.smk do (for tests and scripts)."""
-    from snakemake.utils import validate
-
-    from factft.sweeps import check_simulation
-
-    config = yaml.safe_load(Path(path).read_text())
-    validate(config, str(SCHEMA))
+def check_and_sort(config: dict) -> None:
+    """After the schema: the checks it cannot express (the workflow's and the simulation's),
+    then every settings block sorted (rules/common.smk, load_config)."""
     check_config(config)
     check_simulation(config["simulation"])
     sort_settings(config)
+
+
+def load_config(path: str | Path) -> dict:
+    """Load, validate, check and sort a config file the way the Snakefile and
+    rules/common.smk do (for tests and scripts)."""
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(Path(path).read_text())
+    validate(config, str(SCHEMA))
+    check_and_sort(config)
     return config

@@ -141,7 +141,7 @@ def generate_texts(
     """
     encoded = tokenizer(list(prompts))["input_ids"]
     # Past its trained positions a model's answers are noise, not a finding.
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # Gemma 3: text_config
     longest = max((len(e) for e in encoded), default=0)
     if limit and longest + max_new_tokens > limit:
         raise FactftError(
@@ -364,6 +364,11 @@ def choice_logprobs(
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if keeps_logits else {}
         prefix = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        if getattr(prefix, "past_key_values", None) is None:
+            raise FactftError(
+                f"multiple-choice scoring continues every choice from its prompt's KV cache, and "
+                f"{type(model).__name__} keeps none (a state-space model such as Mamba has a state instead)"
+            )
         first = prefix.logits[:, -1:].float()  # predicts each choice's first token
         lengths = mask.sum(-1, keepdim=True)
         for j in range(max(len(choice_ids[i]) for i in batch)):
@@ -402,10 +407,19 @@ def choice_logprobs(
 # ---- evaluation -----------------------------------------------------------------
 
 
-def check_test_table(test: pd.DataFrame, fmt: str, where: str, prompt_column: str = "question") -> None:
-    """Fail before loading a model when the test table cannot be evaluated."""
+def check_format(fmt: str, where: str) -> None:
     if fmt not in FORMATS:
         raise FactftError(f"{where}: format '{fmt}' is unknown; formats are {list(FORMATS)}")
+
+
+def demo_columns(fmt: str) -> list[str]:
+    """What a solved question shows as a demonstration (few-shot prompts, model_confidence)."""
+    return ["question", "relation", *(["choices", "answer_index"] if fmt == "multiple_choice" else ["answers"])]
+
+
+def check_test_table(test: pd.DataFrame, fmt: str, where: str, prompt_column: str = "question") -> None:
+    """Fail before loading a model when the test table cannot be evaluated."""
+    check_format(fmt, where)
     if prompt_column == "statement" and "statement" not in test.columns:
         raise FactftError(
             f"{where}: the test facts have no `statement` column; cloze prompts exist only for "
@@ -430,8 +444,7 @@ def check_demos(demos: pd.DataFrame | None, fmt: str, where: str) -> None:
     """Fail before loading a model when the demonstrations cannot be shown."""
     if demos is None or demos.empty:
         raise FactftError(f"{where}: no demonstrations; the finetuning pool (split `whole`) is empty")
-    needed = ["question", "relation", *(["choices", "answer_index"] if fmt == "multiple_choice" else ["answers"])]
-    missing = [c for c in needed if c not in demos.columns]
+    missing = [c for c in demo_columns(fmt) if c not in demos.columns]
     if missing:
         raise FactftError(f"{where}: the demonstrations lack columns {missing}; rebuild them with the `split` rule")
 

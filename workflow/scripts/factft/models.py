@@ -133,6 +133,7 @@ def load_model(
     device: str | None = None,
     for_training: bool = False,
     dtype: torch.dtype | None = None,
+    attention: str | None = None,
 ):
     """The model (on `device`, eval mode unless `for_training`) and its tokenizer.
 
@@ -140,7 +141,9 @@ def load_model(
     peft adapter is attached (trainable when `for_training`, else merged into the weights
     for fast generation) or full weights replace the base. `quantize="nf4"` loads the base in
     4-bit NF4 with double quantization (QLoRA; bitsandbytes, on CUDA or CPU). `dtype` is the
-    weights' dtype (default: compute_dtype(device)). The tokenizer gets the eos token as its
+    weights' dtype (default: compute_dtype(device)). `attention` is the attention
+    implementation; by default transformers' own choice, SDPA where the model has it (Llama,
+    Mistral, ...), else eager (Gemma 2, Bloom, ...). The tokenizer gets the eos token as its
     pad token when it has none; the caller sets `padding_side`.
 
     A QLoRA adapter was trained on the NF4-rounded base, not on the original weights: for
@@ -168,10 +171,7 @@ def load_model(
     gguf = None if kind == "full" else spec.get("gguf_file")
     common = {"local_files_only": True, "trust_remote_code": trust}
     source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
-    options = {"dtype": dtype or compute_dtype(device)}
-    if not trust:
-        # Remote-code models may not implement SDPA; built-in ones all do.
-        options["attn_implementation"] = "sdpa"
+    options = {"dtype": dtype or compute_dtype(device), "attn_implementation": attention}
     if quantize:
         from transformers import BitsAndBytesConfig
 
@@ -183,6 +183,8 @@ def load_model(
         )
         options["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)
+    if quantize:
+        check_quantized(model, name)
     if rebuilt:
         model = model.dequantize(dtype=compute_dtype(device))
     elif not quantize:
@@ -204,6 +206,19 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.train(for_training)
     return model, tokenizer
+
+
+def check_quantized(model, name: str) -> None:
+    """bitsandbytes replaces only plain nn.Linear layers: a model with linear layers of its own
+    class (Falcon's FalconLinear) loads with none in 4 bits, and QLoRA would silently train a
+    full-precision base (and fail later, when it is dequantized for evaluation)."""
+    from bitsandbytes.nn import Linear4bit
+
+    if not any(isinstance(module, Linear4bit) for module in model.modules()):
+        raise FactftError(
+            f"model '{name}': bitsandbytes quantized none of {type(model).__name__}'s layers to 4 bits, so "
+            "finetune.method qlora would train a full-precision base; use method lora for this model"
+        )
 
 
 # ---- fetching from the hub (login node) ------------------------------------------

@@ -462,7 +462,9 @@ def kept_columns(spec: dict) -> list[tuple[str, str]]:
     key = scorer and scorer.source_column
     if key and popularity.get(key) and popularity[key] not in [column for _, column in kept]:
         kept.append((f"popularity.{key}", popularity[key]))
+    # The facts columns, and those that popularity and split add.
     reserved = ["id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"]
+    reserved += ["popularity_source", "split", "popularity_pct"]
     for key, column in kept:
         if column in reserved:
             raise FactftError(

@@ -179,7 +179,7 @@ def _count(share: float, group: pd.DataFrame) -> int:
 def _ranked(group: pd.DataFrame, tie: pd.Series) -> pd.Index:
     """The group's rows, most popular first. The percentile order breaks ties (seeded, never
     by row order); bottom takes it from the other end, so top and bottom never share a fact."""
-    return group.index[np.argsort(-_percentiles(group["popularity"], tie[group.index]))]
+    return group.index[np.argsort(-percentiles(group["popularity"], tie[group.index]))]
 
 
 def _by_id(group: pd.DataFrame) -> pd.Index:
@@ -202,21 +202,11 @@ def _cap(table: pd.DataFrame, size: int | None, rng: np.random.Generator, key: s
 
 def _finish(table: pd.DataFrame, name: str, tie: pd.Series) -> pd.DataFrame:
     table = table.sort_index()
-    pct = _percentiles(table["popularity"], tie[table.index])
+    pct = percentiles(table["popularity"], tie[table.index])
     table = table.reset_index(drop=True)
     table["split"] = name
     table["popularity_pct"] = pct
     return table
-
-
-def percentiles(table: pd.DataFrame, seed: int) -> np.ndarray:
-    """Percentile rank of each fact's popularity within `table`, in (0, 100], 100 = most popular.
-
-    Equal popularities (mention counts and page views tie often) are ordered by a seeded hash
-    of the id, so the top x% holds x% of the facts, every decile is a tenth of them, and the
-    order depends on the facts and the seed, never on the rows' order.
-    """
-    return _percentiles(table["popularity"], tie_breaks(table["id"], seed))
 
 
 def tie_breaks(ids: pd.Series, seed: int) -> np.ndarray:
@@ -224,7 +214,13 @@ def tie_breaks(ids: pd.Series, seed: int) -> np.ndarray:
     return np.array([hashlib.sha256(f"{seed}:{fact}".encode()).hexdigest() for fact in ids], dtype=object)
 
 
-def _percentiles(popularity: pd.Series, tie) -> np.ndarray:
+def percentiles(popularity: pd.Series, tie) -> np.ndarray:
+    """Percentile rank of each fact's popularity, in (0, 100], 100 = most popular.
+
+    Equal popularities (mention counts and page views tie often) are ordered by `tie`, a
+    seeded hash of the id (tie_breaks), so the top x% holds x% of the facts, every decile is
+    a tenth of them, and the order depends on the facts and the seed, never on the rows' order.
+    """
     order = np.lexsort((np.asarray(tie), popularity.to_numpy()))  # last key sorts first
     rank = np.empty(len(order), dtype="float64")
     rank[order] = np.arange(1, len(order) + 1)

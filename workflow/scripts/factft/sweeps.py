@@ -78,13 +78,18 @@ def check_settings(settings: dict, where: str = "simulation.settings") -> None:
             f"{where}: min_mentions x subjects x relations = {guaranteed} statements exceed the "
             f"pretraining budget pretrain_steps x batch_size = {budget}; raise pretrain_steps or lower min_mentions"
         )
-    n_test = round(settings["test_fraction"] * settings["subjects"])
-    n_subset = int(settings["fraction"] * (settings["subjects"] - n_test))
+    n_test, n_subset = split_sizes(settings)
     if n_test < 2 or n_subset < 1:
         raise FactftError(
             f"{where}: {settings['subjects']} subjects leave {n_test} test subjects and {n_subset} per "
             "finetuning subset; raise subjects or change test_fraction / fraction"
         )
+
+
+def split_sizes(settings: dict) -> tuple[int, int]:
+    """Held-out test subjects, and subjects in each of FT-Top, FT-Bottom and FT-Random."""
+    n_test = round(settings["test_fraction"] * settings["subjects"])
+    return n_test, int(settings["fraction"] * (settings["subjects"] - n_test))
 
 
 def vocabulary_size(settings: dict) -> int:

@@ -18,7 +18,7 @@ from factft.errors import FactftError
 
 log = logging.getLogger(__name__)
 
-# The facts table after `popularity` (DESIGN.md, "Data contracts").
+# The facts table after `popularity`: what split, evaluate and the figures read of every dataset.
 FACT_COLUMNS = ("id", "question", "answers", "subject", "relation", "popularity")
 TEMP_SUFFIX = ".tmp"
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from factft.errors import FactftError
-from factft.sweeps import BASE, check_settings, dimension, vocabulary_size
+from factft.sweeps import BASE, check_settings, dimension, split_sizes, vocabulary_size
 from factft.subsets import KINDS as SUBSETS
 
 log = logging.getLogger(__name__)
@@ -143,11 +143,10 @@ def split_subjects(world: World, settings: dict, seed: int) -> dict[str, np.ndar
     rng = np.random.default_rng(seed)
     seen = np.flatnonzero(world.mentions > 0)
     order = rng.permutation(world.subjects)
-    n_test = round(settings["test_fraction"] * world.subjects)
+    n_test, size = split_sizes(settings)
     test = np.sort(np.intersect1d(order[:n_test], seen))
     pool = order[n_test:]
     by_mentions = pool[np.argsort(-world.mentions[pool], kind="stable")]
-    size = int(settings["fraction"] * len(pool))
     return {
         "top": by_mentions[:size],
         "bottom": by_mentions[len(pool) - size :],

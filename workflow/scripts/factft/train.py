@@ -20,6 +20,7 @@ import random
 import shutil
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,10 @@ PROGRESS_EVERY_S = 30
 # optimizer adamw8bit: smaller tensors (norms, small adapters) keep 32-bit moments, as in
 # bitsandbytes' default; tests lower it so that the tiny model's weights get 8-bit ones.
 MIN_8BIT_SIZE = 4096
+
+# GPT-2's Conv1D layers store their weights transposed; peft sets fan_in_fan_out for them itself
+# and warns, in every such job's log, about what no user needs to act on.
+warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
 
 
 # ---- data ------------------------------------------------------------------------
@@ -161,6 +166,36 @@ def collate_packed(encoded: list[dict], indices: list[int], device) -> dict:
     }
 
 
+def check_packing(model, encoded: list[dict], name: str) -> None:
+    """Fail before training where `finetune.packing` would let examples see each other.
+
+    Packing needs a model that builds its attention mask from position_ids (Llama, Mistral,
+    Qwen, Gemma, GPT-2, GPT-NeoX, ...); OPT, Falcon, Bloom and MPT build it from the row alone
+    and Mamba carries a state along it, so each packed example would read the ones before it.
+    The probe: one example after two different heads of the same length. Kept apart, its
+    logits are the same both times (same shapes, so to the last bit but for kernel noise).
+    """
+    first, second = encoded[0]["input_ids"], encoded[min(1, len(encoded) - 1)]["input_ids"]
+    vocabulary = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
+    positions = torch.tensor([[*range(len(first)), *range(len(second))]], device=device)
+    logits = []
+    # In the mode training runs in (bitsandbytes' CPU eval path is another kernel); the same
+    # seed gives both passes the same dropout, and the training's random state is left as it was.
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for head in (first, [(token + 1) % vocabulary for token in first]):
+            torch.manual_seed(0)
+            ids = torch.tensor([head + second], device=device)
+            logits.append(model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, len(head) :])
+    tolerance = (1e-4 if logits[0].dtype == torch.float32 else 1e-2) * max(1.0, logits[0].abs().max().item())
+    if (logits[0] - logits[1]).abs().max().item() > tolerance:
+        raise FactftError(
+            f"model '{name}': {type(model).__name__} lets packed examples see each other (position_ids do "
+            "not separate them), so finetune.packing would train each example on the ones before it; set "
+            f"packing: false for this model (models.{name}.finetune: {{packing: false}})"
+        )
+
+
 def batch_loss(model, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of a batch from `collate` or `collate_packed`."""
     if "keep" not in batch:
@@ -227,9 +262,25 @@ def prepare_model(model, settings: dict):
         return get_peft_model(model, config)
     except ValueError as error:
         raise FactftError(
-            f"finetune.lora.target_modules {settings['lora']['target_modules']}: {error}; name linear layers "
-            "of this model (e.g. q_proj, v_proj) or use all-linear"
+            f"finetune.lora.target_modules {settings['lora']['target_modules']}: {error}; this model's linear "
+            f"layers are {linear_layer_names(model)} (or use all-linear); set them for this model alone "
+            "under models.<name>.finetune.lora"
         ) from None
+
+
+def linear_layer_names(model) -> list[str]:
+    """What LoRA can target, by the last part of the layers' names (the output layer aside):
+    q_proj, v_proj, ... in Llama; query_key_value in Falcon and GPT-NeoX; c_attn in GPT-2."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
+        }
+    )
 
 
 def weights_dtype(method: str, device) -> torch.dtype:
@@ -640,6 +691,8 @@ def finetune(
         prompt = chat_prompt(model_spec, tokenizer, prompt)
         encoded = encode_examples(examples, tokenizer, prompt, settings["max_length"])
         log_examples(encoded, tokenizer, settings["max_length"])
+        if settings.get("packing"):
+            check_packing(model, encoded, model_spec["name"])
         print_ = fingerprint(settings, model_spec, encoded)
         model = prepare_model(model, settings)
         if settings.get("compile"):
