@@ -126,32 +126,30 @@ def test_packed_examples_attend_only_within_themselves(tiny_model_dir, facts, ar
     check_packing(model, encoded, "tiny")  # the probe finetune runs first agrees
 
 
-# Tiny models of other families: GPT-2 builds its mask from position_ids as Llama does, OPT
-# (like Falcon, Bloom, MPT) from the row alone, so its packed examples would see each other.
-OTHER_FAMILIES = {
-    "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128),
-    "opt": OPTConfig(
-        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-        max_position_embeddings=128,
-    ),  # fmt: skip
-}
-
-
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_packing_is_refused_before_training_where_packed_examples_would_see_each_other(
     tiny_model_dir, facts, tmp_path, family
 ):
+    # GPT-2 builds its mask from position_ids as Llama does; OPT (like Falcon, Bloom, MPT)
+    # from the row alone, so its packed examples would see each other.
     folder = tmp_path / family
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = OTHER_FAMILIES[family]
-    config.update({"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    if family == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)
+    else:
+        config = OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+            max_position_embeddings=128, **ids,
+        )  # fmt: skip
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
     def run(packing):
         out = tmp_path / f"{family}-{packing}"
-        return finetune(spec(folder), facts, out / "adapter", settings(packing=packing), PROMPT, out / "ckpt", device="cpu")
+        options = settings(packing=packing)
+        return finetune(spec(folder), facts, out / "adapter", options, PROMPT, out / "ckpt", device="cpu")
 
     if family == "gpt2":
         assert run(packing=True)["steps"] == 6

@@ -115,11 +115,12 @@ def test_popularity_pct_is_the_percentile_within_each_table(facts):
         check_facts(table, name)
 
 
+def percentile_ranks(table: pd.DataFrame, seed: int):
+    return percentiles(table["popularity"], tie_breaks(table["id"], seed))
+
+
 def test_tied_popularity_is_ordered_by_a_seeded_hash_of_the_id_not_by_row_order():
     table = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "popularity": [5.0, 1.0, 5.0, 3.0, 5.0]})
-    def percentile_ranks(table, seed):
-        return percentiles(table["popularity"], tie_breaks(table["id"], seed))
-
     pct = dict(zip(table["id"], percentile_ranks(table, seed=0)))
     assert (pct["b"], pct["d"]) == (20.0, 40.0)
     assert sorted(pct[i] for i in "ace") == [60.0, 80.0, 100.0]

@@ -17,7 +17,16 @@ from snakemake.utils import validate
 from factft.config import SCHEMA, load_config
 from factft.errors import FactftError
 from factft.plots import STYLES, save_figure
-from factft.sweeps import BASE, BASE_POINT, check_settings, check_simulation, point_settings, point_value, run_of, sweep_points
+from factft.sweeps import (
+    BASE,
+    BASE_POINT,
+    check_settings,
+    check_simulation,
+    point_settings,
+    point_value,
+    run_of,
+    sweep_points,
+)
 from factft.theory import OneLayerAttention, fact_salience, make_world, simulate, split_subjects
 from factft.theory_plots import (
     LABELS,
