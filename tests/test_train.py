@@ -119,7 +119,8 @@ def test_unknown_target_module_names_the_config_key(tiny_model_dir):
     bad = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query_key_value"]})
     layers = "'down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'"
     message = rf"finetune.lora.target_modules \['query_key_value'\]: .* this model's linear layers are \[{layers}\]"
-    with pytest.raises(FactftError, match=message + r" \(or use all-linear\); .* under models.<name>.finetune.lora"):
+    usual = r"peft's usual ones for llama: \['q_proj', 'v_proj'\], or all-linear"
+    with pytest.raises(FactftError, match=rf"{message} \({usual}\); .* under models.<name>.finetune.lora"):
         prepare_model(model, bad)
 
 

@@ -261,9 +261,13 @@ def prepare_model(model, settings: dict):
     try:
         return get_peft_model(model, config)
     except ValueError as error:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as USUAL
+
+        family, reason = model.config.model_type, str(error).rstrip(".")
+        usual = f"peft's usual ones for {family}: {USUAL[family]}, " if family in USUAL else ""
         raise FactftError(
-            f"finetune.lora.target_modules {settings['lora']['target_modules']}: {error}; this model's linear "
-            f"layers are {linear_layer_names(model)} (or use all-linear); set them for this model alone "
+            f"finetune.lora.target_modules {settings['lora']['target_modules']}: {reason}; this model's linear "
+            f"layers are {linear_layer_names(model)} ({usual}or all-linear); set them for this model alone "
             "under models.<name>.finetune.lora"
         ) from None
 
