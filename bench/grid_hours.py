@@ -52,8 +52,8 @@ FORWARD_SPEEDUP = 2.0
 # random tokens (64 x 64), and plain `generate` (prompt 32, 16 new tokens).
 REFERENCE_TOKENS_PER_S = {"lora-qv": 13_516, "lora-all": 9_374, "qlora-all": 7_787}
 REFERENCE_QUESTIONS_PER_S = {"baseline": 59.5, "factft": 318.0}  # batch 64; batch 512
-OPEN_QA = "lora-qv merged"  # bench/speed.py's open-QA evaluation rows (EVAL_LABEL)
-ENDING_QA = "lora-qv merged, answers end"  # the same with answers that end (ENDING_LABEL)
+OPEN_QA = "lora-qv adapter"  # bench/speed.py's open-QA evaluation rows (EVAL_LABEL)
+ENDING_QA = "lora-qv adapter, answers end"  # the same with answers that end (ENDING_LABEL)
 GOALS = {"tokens_per_s": 17_000, "speedup": 2.0, "questions_per_s": 500, "qlora_gb": 24, "grid_h": 4.0}
 
 

@@ -18,7 +18,8 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   first cost; bench/grid_hours.py counts it per job);
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
-  LoRA merged; decoding in rounds, and in one round) on the same questions, max_new_tokens
+  LoRA merged where that is exact, fp32, as factft.models.load_model does; decoding in
+  rounds, and in one round) on the same questions, max_new_tokens
   16: questions/s, and the share of questions where both give the same answer. Twice: as
   the random model answers (16 tokens each: no answer ends), and with answers that end as a
   finetuned model's do (AnswersEnd: eos after 1-8 tokens, median 2; 1 in 50 never ends);
@@ -86,8 +87,8 @@ COMPILED = "lora-qv"  # the variant measured with compiled blocks too
 TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all": "all-linear"}
 BASELINE_EVAL_BATCH = 64
 MAX_NEW_TOKENS = 16
-EVAL_LABEL = "lora-qv merged"
-ENDING_LABEL = "lora-qv merged, answers end"
+EVAL_LABEL = "lora-qv adapter"
+ENDING_LABEL = "lora-qv adapter, answers end"
 NEVER_ENDS = 0.02  # share of answers that run to max_new_tokens (a finetuned model repeating itself)
 CHOICE_LABEL = "multiple choice, 4"
 COLUMNS = [
@@ -502,10 +503,10 @@ def eval_row(
 
 
 def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> tuple[list[str], object]:
-    """Naive generate on the unmerged LoRA model, then factft's path on the merged one: on
-    every question as the random model answers, then on the first args.ending_questions with
-    AnswersEnd. Returns the first kind's naive answers (the static-cache path's reference)
-    and the merged model (`model` itself, its weights changed)."""
+    """Naive generate on the unmerged LoRA model, then factft's path on the model as factft
+    evaluates it (merged in fp32, unmerged in bf16: merges_exactly): on every question as
+    the random model answers, then on the first args.ending_questions with AnswersEnd.
+    Returns the first kind's naive answers (the static-cache path's reference) and that model."""
     ending = questions.iloc[: args.ending_questions]
     runs = {
         EVAL_LABEL: (question_prompts(questions), None),
@@ -519,19 +520,21 @@ def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> tup
         with Passes(peft_model) as passes, Clock(args.device) as clock:
             naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
         eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
-    merged = peft_model.merge_and_unload()
+    from factft.models import merges_exactly
+
+    evaluated = peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
     for label, (prompts, processors) in runs.items():
         real = real_tokens[label]
         for path, rounds in [("factft", True), ("factft-one-round", False)]:
-            with Passes(merged) as passes, Clock(args.device) as clock:
+            with Passes(evaluated) as passes, Clock(args.device) as clock:
                 fast = generate_texts(
-                    merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
+                    evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
                     rounds=rounds, logits_processor=processors,
                 )  # fmt: skip
             eval_row(
                 table, args, path, args.eval_batch, prompts, real, clock, passes, naive[label], fast, label=label
             )
-    return naive[EVAL_LABEL], merged
+    return naive[EVAL_LABEL], evaluated
 
 
 def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
@@ -564,15 +567,15 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     )  # fmt: skip
 
 
-def static_cache_row(table, merged, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
-    """factft's path with the static KV cache, on evaluate_rows' merged model. The time
+def static_cache_row(table, evaluated, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
+    """factft's path with the static KV cache, on evaluate_rows' model. The time
     includes transformers' compilation of the decoding step: what one job pays."""
     prompts = question_prompts(questions)
     real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
     # Not counted: a hook's Python side effects would not survive transformers' compilation.
     with Clock(args.device) as clock:
         texts = generate_texts(
-            merged, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch, static_cache=True
+            evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch, static_cache=True
         )
     eval_row(table, args, "factft-static", args.eval_batch, prompts, real, clock, reference=naive, texts=texts)
 
@@ -772,6 +775,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         static_cache_row(table, model, tokenizer, questions, naive, args)
             with recorded_failure(table, "evaluate", CHOICE_LABEL):
                 choice_rows(table, model, tokenizer, questions, args)
+            if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
+                model = model.unload()
         if args.compile:
             with recorded_failure(table, "finetune", COMPILED):
                 compiled_row(table, model, tokenizer, encoded, args)

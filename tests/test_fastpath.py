@@ -418,8 +418,8 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     packed = finetune_rows[finetune_rows["path"].str.startswith("factft-packed")]
     assert (packed["computed_tokens"] == packed["real_tokens"]).all()
     evaluated = written[written["stage"] == "evaluate"].set_index(["variant", "path"])
-    assert evaluated.loc[("lora-qv merged", "factft"), "agreement"] == 1.0  # merged LoRA answers as the unmerged one
-    assert evaluated.loc[("lora-qv merged, answers end", "factft"), "agreement"] == 1.0  # also when decoded in rounds
+    assert evaluated.loc[("lora-qv adapter", "factft"), "agreement"] == 1.0  # merged LoRA answers as the unmerged one
+    assert evaluated.loc[("lora-qv adapter, answers end", "factft"), "agreement"] == 1.0  # also when decoded in rounds
     choices = evaluated.loc["multiple choice, 4"]
     assert choices.loc["factft", "agreement"] == 1.0  # the same choice from the prompt's cache
     assert choices.loc["factft", "computed_tokens"] < choices.loc["baseline", "computed_tokens"] / 2

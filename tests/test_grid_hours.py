@@ -25,11 +25,11 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
         ("finetune", "lora-qv", "baseline", rates.get("baseline_tps", 8_000.0), None, 60.0, 2000, 3600),
         ("finetune", "lora-qv", "factft", rates.get("factft_tps", 20_000.0), None, 40.0, 2000, 2100),
         ("finetune", "qlora-all", "factft-packed-gc", 6_000.0, None, rates.get("qlora_gb", 11.5), 2000, 2000),
-        ("evaluate", "lora-qv merged", "baseline", None, 60.0, 20.0, None, None),
-        ("evaluate", "lora-qv merged", "factft", None, rates.get("factft_qps", 600.0), 30.0, None, None),
-        ("evaluate", "lora-qv merged", "factft-one-round", None, 9_000.0, 30.0, None, None),  # a diagnostic
-        ("evaluate", "lora-qv merged, answers end", "baseline", None, 100.0, 20.0, None, None),
-        ("evaluate", "lora-qv merged, answers end", "factft", None, 1_500.0, 30.0, None, None),
+        ("evaluate", "lora-qv adapter", "baseline", None, 60.0, 20.0, None, None),
+        ("evaluate", "lora-qv adapter", "factft", None, rates.get("factft_qps", 600.0), 30.0, None, None),
+        ("evaluate", "lora-qv adapter", "factft-one-round", None, 9_000.0, 30.0, None, None),  # a diagnostic
+        ("evaluate", "lora-qv adapter, answers end", "baseline", None, 100.0, 20.0, None, None),
+        ("evaluate", "lora-qv adapter, answers end", "factft", None, 1_500.0, 30.0, None, None),
         ("evaluate", "multiple choice, 4", "factft", None, 9_999.0, 30.0, 1000, 400),  # not open QA's rate
     ]
     if "load_s" in rates:

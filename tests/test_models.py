@@ -104,6 +104,22 @@ def test_peft_adapter_is_merged_for_evaluation_and_trainable_for_training(tiny_m
     assert any(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
 
 
+def test_in_bf16_the_adapter_stays_beside_the_weights_as_in_training(tiny_model_dir, tmp_path):
+    # A bf16 merge would round the adapter's updates into 8-bit-mantissa weights (merges_exactly).
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter"
+    )
+    kept, tokenizer = load_model(spec_for(tiny_model_dir), tmp_path / "adapter", device="cpu", dtype=torch.bfloat16)
+    assert hasattr(kept, "peft_config") and not kept.training
+    bf16_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    trained = PeftModel.from_pretrained(bf16_base, str(tmp_path / "adapter")).eval()
+    assert torch.equal(logits(kept, tokenizer), logits(trained, tokenizer))
+
+
 def test_full_weights_output_replaces_the_base(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():

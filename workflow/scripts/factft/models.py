@@ -139,7 +139,7 @@ def load_model(
 
     `spec` is `model_spec(name)` from rules/common.smk. `adapter` is a `finetune` output: a
     peft adapter is attached (trainable when `for_training`, else merged into the weights
-    for fast generation) or full weights replace the base. `quantize="nf4"` loads the base in
+    where that is exact, see merges_exactly) or full weights replace the base. `quantize="nf4"` loads the base in
     4-bit NF4 with double quantization (QLoRA; bitsandbytes, on CUDA or CPU). `dtype` is the
     weights' dtype (default: compute_dtype(device)). `attention` is the attention
     implementation; by default transformers' own choice, SDPA where the model has it (Llama,
@@ -147,8 +147,8 @@ def load_model(
     pad token when it has none; the caller sets `padding_side`.
 
     A QLoRA adapter was trained on the NF4-rounded base, not on the original weights: for
-    evaluation that base is rebuilt (quantized, then dequantized to the compute dtype) and the
-    adapter merged into it, which is exactly the trained model and generates at full speed.
+    evaluation that base is rebuilt (quantized, then dequantized to the compute dtype) with
+    the adapter on it, which is exactly the trained model, without 4-bit arithmetic.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,8 +194,8 @@ def load_model(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
-        if not for_training and (rebuilt or not quantize):
-            # Merged weights generate as fast as the base; a 4-bit base cannot absorb the adapter.
+        # A 4-bit base cannot absorb the adapter.
+        if not for_training and (rebuilt or not quantize) and merges_exactly(model):
             model = model.merge_and_unload()
 
     tokenizer_dir = Path(adapter) if kind == "full" else Path(spec["path"])
@@ -206,6 +206,15 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.train(for_training)
     return model, tokenizer
+
+
+def merges_exactly(model) -> bool:
+    """Whether merging a peft model's adapter into its base weights keeps the trained model.
+    In fp32 (CPU) it does, and the merged model generates as fast as the base. A bf16 sum
+    (GPU) keeps 8 significant bits: an update below 1/256 of its weight is lost and larger
+    ones are rounded (23% of a LoRA's effect lost where its updates are ~1/200 of the weights,
+    2% at ~1/20), so there the adapter stays beside the weights, computed as in training."""
+    return model.get_base_model().dtype == torch.float32
 
 
 def check_quantized(model, name: str) -> None:

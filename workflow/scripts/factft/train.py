@@ -432,12 +432,13 @@ def train_steps(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        step_loss = float(loss_sum)  # the step's host sync: on a GPU, elapsed then holds its queued work
         elapsed = time.perf_counter() - started
         rows.append(
             {
                 "step": step,
                 "epoch": step * accum / per_epoch,
-                "loss": float(loss_sum),
+                "loss": step_loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "tokens": tokens,
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
