@@ -139,12 +139,12 @@ def load_model(
 
     `spec` is `model_spec(name)` from rules/common.smk. `adapter` is a `finetune` output: a
     peft adapter is attached (trainable when `for_training`, else merged into the weights
-    where that is exact, see merges_exactly) or full weights replace the base. `quantize="nf4"` loads the base in
-    4-bit NF4 with double quantization (QLoRA; bitsandbytes, on CUDA or CPU). `dtype` is the
-    weights' dtype (default: compute_dtype(device)). `attention` is the attention
-    implementation; by default transformers' own choice, SDPA where the model has it (Llama,
-    Mistral, ...), else eager (Gemma 2, Bloom, ...). The tokenizer gets the eos token as its
-    pad token when it has none; the caller sets `padding_side`.
+    where that is exact: merges_exactly) or full weights replace the base. `quantize="nf4"`
+    loads the base in 4-bit NF4 with double quantization (QLoRA; bitsandbytes, on CUDA or
+    CPU). `dtype` is the weights' dtype (default: compute_dtype(device)). `attention` is
+    the attention implementation; by default transformers' own choice, SDPA where the model
+    has it (Llama, Mistral, ...), else eager (Gemma 2, Bloom, ...). The tokenizer gets the
+    eos token as its pad token when it has none; the caller sets `padding_side`.
 
     A QLoRA adapter was trained on the NF4-rounded base, not on the original weights: for
     evaluation that base is rebuilt (quantized, then dequantized to the compute dtype) with
@@ -212,8 +212,8 @@ def merges_exactly(model) -> bool:
     """Whether merging a peft model's adapter into its base weights keeps the trained model.
     In fp32 (CPU) it does, and the merged model generates as fast as the base. A bf16 sum
     (GPU) keeps 8 significant bits: an update below 1/256 of its weight is lost and larger
-    ones are rounded (23% of a LoRA's effect lost where its updates are ~1/200 of the weights,
-    2% at ~1/20), so there the adapter stays beside the weights, computed as in training."""
+    ones are rounded (23% of a LoRA's effect lost where its updates are ~1/140 of the weights,
+    2% at ~1/14), so there the adapter stays beside the weights, computed as in training."""
     return model.get_base_model().dtype == torch.float32
 
 
