@@ -175,18 +175,18 @@ def check_packing(model, encoded: list[dict], name: str) -> None:
     The probe: one example after two different heads of the same length. Kept apart, its
     logits are the same both times (same shapes, so to the last bit but for kernel noise).
     """
-    first, second = encoded[0]["input_ids"], encoded[min(1, len(encoded) - 1)]["input_ids"]
-    vocabulary = model.get_input_embeddings().num_embeddings
-    device = model.get_input_embeddings().weight.device
-    positions = torch.tensor([[*range(len(first)), *range(len(second))]], device=device)
-    logits = []
+    embeddings = model.get_input_embeddings()
+    first, second = encoded[0], encoded[min(1, len(encoded) - 1)]
+    other = dict(first, input_ids=[(token + 1) % embeddings.num_embeddings for token in first["input_ids"]])
+    device, logits = embeddings.weight.device, []
     # In the mode training runs in (bitsandbytes' CPU eval path is another kernel); the same
     # seed gives both passes the same dropout, and the training's random state is left as it was.
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for head in (first, [(token + 1) % vocabulary for token in first]):
+        for head in (first, other):
             torch.manual_seed(0)
-            ids = torch.tensor([head + second], device=device)
-            logits.append(model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, len(head) :])
+            row = collate_packed([head, second], [0, 1], device)
+            output = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False)
+            logits.append(output.logits[0, len(head["input_ids"]) :])
     tolerance = (1e-4 if logits[0].dtype == torch.float32 else 1e-2) * max(1.0, logits[0].abs().max().item())
     if (logits[0] - logits[1]).abs().max().item() > tolerance:
         raise FactftError(
