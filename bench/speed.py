@@ -329,7 +329,7 @@ def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device
     seed_everything(0)
     if settings["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_model = get_peft_model(model, lora_config(settings["lora"]))
+    peft_model = get_peft_model(model, lora_config(settings["lora"], model))
     args = TrainingArguments(
         output_dir=workdir,
         per_device_train_batch_size=settings["batch_size"],
@@ -741,6 +741,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
+    if args.scratch:
+        args.scratch.mkdir(parents=True, exist_ok=True)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shape = SHAPES[args.device]

@@ -124,6 +124,32 @@ def test_unknown_target_module_names_the_config_key(tiny_model_dir):
         prepare_model(model, bad)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lora_of_a_multimodal_model_adapts_its_text_decoder_alone(targets):
+    # Gemma 3's vision tower has q_proj, v_proj, ... too: adapters there would never train.
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert any(name.endswith("q_proj") for name, _ in model.model.vision_tower.named_modules())
+    # What a wrong target's error lists: the text decoder's layers, not the vision tower's fc1, out_proj.
+    layers = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert train.linear_layer_names(model) == layers
+    lora = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets})
+    adapted = {name for name in trainable_parameters(prepare_model(model, lora))}
+    text = {name for name in adapted if ".language_model." in name}
+    assert text and text == adapted
+    if targets != "all-linear":
+        assert {name.split(".")[-4] for name in adapted} == set(targets)
+
+
 def test_qlora_trains_adapters_over_a_4bit_base_and_evaluates_exactly_the_trained_model(
     tiny_model_dir, facts, tmp_path
 ):

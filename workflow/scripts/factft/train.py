@@ -226,8 +226,10 @@ def _answer_tokens(example: dict) -> int:
 # ---- model -----------------------------------------------------------------------
 
 
-def lora_config(lora: dict):
-    """peft's LoraConfig from the config's finetune.lora block."""
+def lora_config(lora: dict, model):
+    """peft's LoraConfig from the config's finetune.lora block, over the model's text decoder:
+    a multimodal model's vision tower (Gemma 3's) has q_proj, v_proj, ... too, whose adapters
+    text QA never trains but which would be saved, counted as trained and merged."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -235,6 +237,7 @@ def lora_config(lora: dict):
         lora_alpha=lora["alpha"],
         lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"],
+        exclude_modules=[name for name, in_text in linear_layers(model).items() if not in_text] or None,
         task_type="CAUSAL_LM",
     )
 
@@ -257,7 +260,7 @@ def prepare_model(model, settings: dict):
         return model
     from peft import get_peft_model
 
-    config = lora_config(settings["lora"])
+    config = lora_config(settings["lora"], model)
     try:
         return get_peft_model(model, config)
     except ValueError as error:
@@ -273,18 +276,23 @@ def prepare_model(model, settings: dict):
 
 
 def linear_layer_names(model) -> list[str]:
-    """What LoRA can target, by the last part of the layers' names (the output layer aside):
-    q_proj, v_proj, ... in Llama; query_key_value in Falcon and GPT-NeoX; c_attn in GPT-2."""
+    """What LoRA can target, by the last part of the text decoder's layers' names: q_proj,
+    v_proj, ... in Llama; query_key_value in Falcon and GPT-NeoX; c_attn in GPT-2."""
+    return sorted({name.rsplit(".", 1)[-1] for name, in_text in linear_layers(model).items() if in_text})
+
+
+def linear_layers(model) -> dict[str, bool]:
+    """The model's linear layers (the output layer aside) by full name, each with whether it is
+    in the text decoder (all of a text-only model's are)."""
     from transformers.pytorch_utils import Conv1D
 
+    text = {id(module) for module in model.get_decoder().modules()}
     output = model.get_output_embeddings()
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
-        }
-    )
+    return {
+        name: id(module) in text
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
+    }
 
 
 def weights_dtype(method: str, device) -> torch.dtype:
