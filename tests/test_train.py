@@ -197,6 +197,24 @@ def test_qlora_of_a_model_bitsandbytes_cannot_quantize_fails_before_training(tin
     assert not (tmp_path / "adapter").exists()
 
 
+def test_qlora_of_a_model_that_cannot_run_in_4_bits_fails_before_training(tiny_model_dir, facts, tmp_path):
+    # Mamba's layers quantize, but its forward multiplies by dt_proj's (packed 4-bit) weight itself.
+    from transformers import MambaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MambaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, state_size=4,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba")
+    tokenizer.save_pretrained(tmp_path / "mamba")
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["in_proj", "x_proj"]}
+    message = r"model 'tiny': MambaForCausalLM does not run with bitsandbytes' 4-bit layers \(.+\); use .* lora"
+    with pytest.raises(FactftError, match=message):
+        run(tmp_path / "mamba", facts, tmp_path, method="qlora", packing=False, lora=lora, max_steps=1)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train_log.tsv").exists()
+
+
 def test_batches_cover_each_example_once_seeded_and_grouped_by_length_only_when_asked():
     lengths = [5, 30, 6, 29, 7, 28, 8, 27, 9, 26, 10, 25]
     for grouped in (False, True):

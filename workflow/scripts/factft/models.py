@@ -220,14 +220,32 @@ def merges_exactly(model) -> bool:
 def check_quantized(model, name: str) -> None:
     """bitsandbytes replaces only plain nn.Linear layers: a model with linear layers of its own
     class (Falcon's FalconLinear) loads with none in 4 bits, and QLoRA would silently train a
-    full-precision base (and fail later, when it is dequantized for evaluation)."""
+    full-precision base (and fail later, when it is dequantized for evaluation). A model whose
+    forward reads a layer's weight itself (Mamba's dt_proj) fails on its packed 4-bit weights:
+    a two-token forward finds that here, with the model's name, not at the first step."""
     from bitsandbytes.nn import Linear4bit
 
+    model_class = type(model).__name__
     if not any(isinstance(module, Linear4bit) for module in model.modules()):
         raise FactftError(
-            f"model '{name}': bitsandbytes quantized none of {type(model).__name__}'s layers to 4 bits, so "
+            f"model '{name}': bitsandbytes quantized none of {model_class}'s layers to 4 bits, so "
             "finetune.method qlora would train a full-precision base; use method lora for this model"
         )
+    # In training mode (in eval mode on a CPU, bitsandbytes repacks the weights for its
+    # inference kernel), with the random state (dropout) left as it was.
+    device, mode = model.device, model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train()
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    except Exception as error:  # noqa: BLE001 - any failure here is the 4-bit model's, named below
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FactftError(
+            f"model '{name}': {model_class} does not run with bitsandbytes' 4-bit layers ({reason}); "
+            "use finetune.method lora for this model"
+        ) from None
+    finally:
+        model.train(mode)
 
 
 # ---- fetching from the hub (login node) ------------------------------------------
