@@ -122,6 +122,7 @@ def test_unknown_target_module_names_the_config_key(tiny_model_dir):
     usual = r"peft's usual ones for llama: \['q_proj', 'v_proj'\], or all-linear"
     with pytest.raises(FactftError, match=rf"{message} \({usual}\); .* under models.<name>.finetune.lora"):
         prepare_model(model, bad)
+    assert train.lora_config(bad["lora"], model).exclude_modules is None  # a text-only model's adapter as before
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
@@ -148,6 +149,10 @@ def test_lora_of_a_multimodal_model_adapts_its_text_decoder_alone(targets):
     assert text and text == adapted
     if targets != "all-linear":
         assert {name.split(".")[-4] for name in adapted} == set(targets)
+    wrong = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["fc1"]})  # a vision layer
+    message = r"\['fc1'\]: no layer of the model's text decoder has these names; .* linear layers are \['down_proj'"
+    with pytest.raises(FactftError, match=message):
+        prepare_model(AutoModelForCausalLM.from_config(config), wrong)
 
 
 def test_qlora_trains_adapters_over_a_4bit_base_and_evaluates_exactly_the_trained_model(
@@ -209,7 +214,7 @@ def test_qlora_of_a_model_that_cannot_run_in_4_bits_fails_before_training(tiny_m
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba")
     tokenizer.save_pretrained(tmp_path / "mamba")
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["in_proj", "x_proj"]}
-    message = r"model 'tiny': MambaForCausalLM does not run with bitsandbytes' 4-bit layers \(.+\); use .* lora"
+    message = r"model 'tiny': MambaForCausalLM with bitsandbytes' 4-bit layers fails a two-token forward \(.+\); use"
     with pytest.raises(FactftError, match=message):
         run(tmp_path / "mamba", facts, tmp_path, method="qlora", packing=False, lora=lora, max_steps=1)
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "train_log.tsv").exists()

@@ -238,11 +238,12 @@ def check_quantized(model, name: str) -> None:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model.train()
             model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
-    except Exception as error:  # noqa: BLE001 - any failure here is the 4-bit model's, named below
+    except Exception as error:  # noqa: BLE001 - whatever stops it, training would stop there too
+        log.debug("the 4-bit model's two-token forward failed", exc_info=True)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise FactftError(
-            f"model '{name}': {model_class} does not run with bitsandbytes' 4-bit layers ({reason}); "
-            "use finetune.method lora for this model"
+            f"model '{name}': {model_class} with bitsandbytes' 4-bit layers fails a two-token forward "
+            f"({type(error).__name__}: {reason}); use finetune.method lora for this model"
         ) from None
     finally:
         model.train(mode)

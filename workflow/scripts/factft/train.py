@@ -267,6 +267,8 @@ def prepare_model(model, settings: dict):
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as USUAL
 
         family, reason = model.config.model_type, str(error).rstrip(".")
+        if config.exclude_modules:  # peft's reason would name its exclude_modules, not a factft key
+            reason = "no layer of the model's text decoder has these names"
         usual = f"peft's usual ones for {family}: {USUAL[family]}, " if family in USUAL else ""
         raise FactftError(
             f"finetune.lora.target_modules {settings['lora']['target_modules']}: {reason}; this model's linear "
@@ -283,16 +285,20 @@ def linear_layer_names(model) -> list[str]:
 
 def linear_layers(model) -> dict[str, bool]:
     """The model's linear layers (the output layer aside) by full name, each with whether it is
-    in the text decoder (all of a text-only model's are)."""
+    in the text decoder: all of a text-only model's are; of a model with a vision or audio
+    tower (a vision_config or audio_config), those inside its get_decoder()."""
     from transformers.pytorch_utils import Conv1D
 
-    text = {id(module) for module in model.get_decoder().modules()}
     output = model.get_output_embeddings()
-    return {
-        name: id(module) in text
+    linear = {
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
     }
+    if not {"vision_config", "audio_config"} & set(getattr(model.config, "sub_configs", {})):
+        return dict.fromkeys(linear, True)
+    text = {id(module) for module in model.get_decoder().modules()}
+    return {name: id(module) in text for name, module in linear.items()}
 
 
 def weights_dtype(method: str, device) -> torch.dtype:
@@ -643,10 +649,11 @@ def save_output(out_dir: Path, model, tokenizer, summary: dict, method: str) -> 
             model.to(compute_dtype(next(model.parameters()).device))
             tokenizer.save_pretrained(tmp)
         else:
-            # peft resolves all-linear into a set, written in an order that follows the hash seed.
+            # peft keeps module names as sets, written in an order that follows the hash seed.
             for config in model.peft_config.values():
-                if isinstance(config.target_modules, (set, frozenset)):
-                    config.target_modules = sorted(config.target_modules)
+                for key in ("target_modules", "exclude_modules"):
+                    if isinstance(getattr(config, key), (set, frozenset)):
+                        setattr(config, key, sorted(getattr(config, key)))
         # factft adds no tokens, so no embedding layer to save: peft's check for added ones
         # looks for a config.json a GGUF model folder lacks, and warns in every such log.
         model.save_pretrained(tmp, **({} if method == "full" else {"save_embedding_layers": False}))
