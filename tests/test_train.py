@@ -144,7 +144,7 @@ def test_lora_of_a_multimodal_model_adapts_its_text_decoder_alone(targets):
     layers = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert train.linear_layer_names(model) == layers
     lora = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets})
-    adapted = {name for name in trainable_parameters(prepare_model(model, lora))}
+    adapted = set(trainable_parameters(prepare_model(model, lora)))
     text = {name for name in adapted if ".language_model." in name}
     assert text and text == adapted
     if targets != "all-linear":

@@ -6,6 +6,7 @@ a GGUF file only: pickled `.bin` weights can run arbitrary code when loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -231,13 +232,9 @@ def check_quantized(model, name: str) -> None:
             f"model '{name}': bitsandbytes quantized none of {model_class}'s layers to 4 bits, so "
             "finetune.method qlora would train a full-precision base; use method lora for this model"
         )
-    # In training mode (in eval mode on a CPU, bitsandbytes repacks the weights for its
-    # inference kernel), with the random state (dropout) left as it was.
-    device, mode = model.device, model.training
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            model.train()
-            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+        with probing(model):
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=model.device), use_cache=False)
     except Exception as error:  # noqa: BLE001 - whatever stops it, training would stop there too
         log.debug("the 4-bit model's two-token forward failed", exc_info=True)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -245,8 +242,20 @@ def check_quantized(model, name: str) -> None:
             f"model '{name}': {model_class} with bitsandbytes' 4-bit layers fails a two-token forward "
             f"({type(error).__name__}: {reason}); use finetune.method lora for this model"
         ) from None
-    finally:
-        model.train(mode)
+
+
+@contextlib.contextmanager
+def probing(model):
+    """For a check's forward pass before training: no gradients, in training mode (the kernels
+    training runs; in eval mode on a CPU, bitsandbytes repacks 4-bit weights in place for its
+    inference kernel), with the random state (dropout) and the model's mode left as they were."""
+    device, mode = model.device, model.training
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        try:
+            yield
+        finally:
+            model.train(mode)
 
 
 # ---- fetching from the hub (login node) ------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
-from factft.models import compute_dtype, default_device, load_model, peak_memory, require_bitsandbytes
+from factft.models import compute_dtype, default_device, load_model, peak_memory, probing, require_bitsandbytes
 from factft.prompts import IGNORE, chat_prompt, encode_example, fact_prompt, gold_answer, in_turn, reply_end_id
 from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_temps, write_tsv
 
@@ -179,11 +179,9 @@ def check_packing(model, encoded: list[dict], name: str) -> None:
     first, second = encoded[0], encoded[min(1, len(encoded) - 1)]
     other = dict(first, input_ids=[(token + 1) % embeddings.num_embeddings for token in first["input_ids"]])
     device, logits = embeddings.weight.device, []
-    # In the mode training runs in (bitsandbytes' CPU eval path is another kernel); the same
-    # seed gives both passes the same dropout, and the training's random state is left as it was.
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with probing(model):
         for head in (first, other):
-            torch.manual_seed(0)
+            torch.manual_seed(0)  # the same dropout in both passes
             row = collate_packed([head, second], [0, 1], device)
             output = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False)
             logits.append(output.logits[0, len(head["input_ids"]) :])
