@@ -111,7 +111,7 @@ def test_statistics_are_max_and_summed_weight_per_part_averaged_over_heads_then_
     # (layers=1, heads=2, tokens=4)
     a = np.array([[[0.1, 0.5, 0.2, 0.2], [0.4, 0.1, 0.3, 0.2]]])
     b = np.array([[[0.7, 0.3, 0.0, 0.0], [0.9, 0.1, 0.0, 0.0]]])
-    table = attention_by_layer([a, b], prompts)
+    table = attention_by_layer([a, b], prompts, [1])
     row = table.iloc[0]
     assert row["layer"] == 1 and row["questions"] == 2
     assert row["subject_max"] == pytest.approx(((0.5 + 0.3) / 2 + (0.3 + 0.1) / 2) / 2)
@@ -195,6 +195,31 @@ def test_analysis_tables_hold_per_layer_statistics_and_the_most_popular_question
     assert first_layer["token"].tolist() == ["<s>", "Q", ":", "What", "does", "Suna", "Dee", "play", "?", "A", ":"]
     assert first_layer.loc[first_layer["part"] == "subject", "token"].tolist() == ["Suna", "Dee"]
     assert first_layer["weight"].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_hybrid_models_attention_layers_keep_their_numbers_in_the_model(word_tokenizer, tmp_path):
+    # Jamba interleaves Mamba layers (no attention weights) with attention layers: here layers 2 and 4.
+    from transformers import JambaConfig
+
+    config = JambaConfig(
+        vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1,
+        mamba_d_state=8, mamba_dt_rank=4, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    assert config.layer_types == ["linear_attention", "full_attention"] * 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "jamba")
+    word_tokenizer.save_pretrained(tmp_path / "jamba")
+    test = pd.DataFrame(
+        {"id": ["b"], "question": ["What does Suna Dee play?"], "answers": [["piano"]], "subject": ["Suna Dee"],
+         "popularity": [9.0]}
+    )  # fmt: skip
+    params = {"questions": 10, "batch_size": 2, "prompt": {"template": TEMPLATE}, "max_drop_fraction": 0.1}
+    by_layer, example = analyse_attention({"name": "jamba", "path": str(tmp_path / "jamba")}, test, params, device="cpu")
+    assert by_layer["layer"].tolist() == [2, 4] and sorted(example["layer"].unique()) == [2, 4]
+    assert example.groupby("layer")["weight"].sum().to_numpy() == pytest.approx([1.0, 1.0], abs=1e-5)
+    (axes, *_) = plot_attention_heatmaps({"top": example}, "jamba", "synth").axes
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["2", "4"]
 
 
 def test_per_layer_statistics_are_the_max_and_sum_of_the_example_questions_token_weights(tiny_model_dir):

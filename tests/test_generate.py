@@ -1,5 +1,6 @@
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,11 +259,26 @@ def sliding_window_model(vocab_size: int):
     return MistralForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def hybrid_model(vocab_size: int):
+    """A random Jamba-shaped model: a Mamba layer, then an attention layer (a cache of both kinds)."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    config = JambaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=8,
+        mamba_dt_rank=4, pad_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return JambaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "jamba"])
 def test_choices_scored_from_one_pass_over_the_prompt_equal_each_choice_scored_in_full(tiny, architecture):
     _, model, tokenizer = tiny
     if architecture == "mistral":
         model = sliding_window_model(len(tokenizer))
+    elif architecture == "jamba":
+        model = hybrid_model(len(tokenizer))
     demo = "Q: Where was Kalo Mirr born ? A: Rome\n"
     prompts = [demo * 3 + "Q: Where was Ilmo Varsk born ? A:", "Q: What does Bera Tosk do ? A:", "Q: Ilmo ? A:"]
     options = [[" Lyon", " in the city of Paris", " Rome ."], [" baker", " a pilot of planes"], [" Milan", " Oslo"]]
@@ -565,7 +581,7 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "base", "cloze", "fewshot")]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [str(root / ".venv/bin/snakemake"), "-s", str(root / "Snakefile"), "--configfile", "config.yaml",
+        [str(Path(sys.executable).parent / "snakemake"), "-s", str(root / "Snakefile"), "--configfile", "config.yaml",
          "--cores", "2", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention",
          "--", *targets, "results/tinyp/synth/top/seed0/attention.tsv"],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,

@@ -199,6 +199,25 @@ def last_position_attention(
     return weights
 
 
+def attention_layer_numbers(model, count: int, where: str) -> np.ndarray:
+    """The numbers (1 = the first) of the `count` layers whose weights the model returned.
+
+    A hybrid model (Jamba, Bamba, Qwen3-Next, Nemotron-H) interleaves attention layers with
+    state-space or linear-attention ones, which have no weights to return: its first
+    attention layer may be its fourth. transformers names each layer's kind in layer_types."""
+    config = model.config.get_text_config()
+    if count == config.num_hidden_layers:
+        return np.arange(1, count + 1)
+    kinds = list(getattr(config, "layer_types", None) or [])
+    attending = [i + 1 for i, kind in enumerate(kinds) if kind.endswith("attention") and kind != "linear_attention"]
+    if len(attending) != count:
+        raise FactftError(
+            f"{where}: {type(model).__name__} returned attention weights for {count} of its "
+            f"{config.num_hidden_layers} layers, and its config's layer_types ({kinds}) do not say which"
+        )
+    return np.array(attending)
+
+
 def part_statistics(weights: np.ndarray, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(max, mass) per layer of one prompt's (layers, heads, tokens) weights on `positions`,
     averaged over heads; NaN when there are no such positions."""
@@ -209,16 +228,18 @@ def part_statistics(weights: np.ndarray, positions: Sequence[int]) -> tuple[np.n
     return part.max(-1).mean(-1), part.sum(-1).mean(-1)
 
 
-def attention_by_layer(weights: Sequence[np.ndarray], prompts: Sequence[PromptTokens]) -> pd.DataFrame:
-    """One row per layer (1 = the first transformer layer): the statistics averaged over questions."""
+def attention_by_layer(
+    weights: Sequence[np.ndarray], prompts: Sequence[PromptTokens], layers: Sequence[int]
+) -> pd.DataFrame:
+    """One row per layer the weights come from (`layers`, numbered by attention_layer_numbers):
+    the statistics averaged over questions."""
     stats = {name: [] for name in LAYER_COLUMNS[1:-1]}
     for w, p in zip(weights, prompts, strict=True):
         for part in ("subject", "relation"):
             top, mass = part_statistics(w, getattr(p, part))
             stats[f"{part}_max"].append(top)
             stats[f"{part}_mass"].append(mass)
-    layers = weights[0].shape[0]
-    table = pd.DataFrame({"layer": np.arange(1, layers + 1)})
+    table = pd.DataFrame({"layer": layers})
     for name, rows in stats.items():
         rows = np.vstack(rows)
         # A question whose words are all subject has no relation tokens: it counts for the subject only.
@@ -227,20 +248,20 @@ def attention_by_layer(weights: Sequence[np.ndarray], prompts: Sequence[PromptTo
     return table
 
 
-def attention_example(weights: np.ndarray, prompt: PromptTokens, fact: Mapping) -> pd.DataFrame:
+def attention_example(weights: np.ndarray, prompt: PromptTokens, fact: Mapping, layers: Sequence[int]) -> pd.DataFrame:
     """The heatmap's data for one question: head-mean weight per (layer, token), long format."""
     parts = np.full(len(prompt.input_ids), "other", dtype=object)
     parts[prompt.relation] = "relation"
     parts[prompt.subject] = "subject"
     head_mean = weights.mean(axis=1)
-    layers, positions = np.meshgrid(np.arange(head_mean.shape[0]), np.arange(head_mean.shape[1]), indexing="ij")
+    rows, positions = np.meshgrid(np.asarray(layers), np.arange(head_mean.shape[1]), indexing="ij")
     answers = fact.get("answers")
     return pd.DataFrame(
         {
             "id": str(fact["id"]),
             "question": str(fact["question"]),
             "answer": str(answers[0]) if answers is not None and len(answers) else "",
-            "layer": layers.ravel() + 1,
+            "layer": rows.ravel(),
             "position": positions.ravel(),
             # Escaped: a few-shot template's line breaks stay visible and the TSV stays one line per row.
             "token": [_visible(prompt.tokens[p]) for p in positions.ravel()],
@@ -286,9 +307,10 @@ def analyse_attention(
         for q, s, i in zip(questions["question"], questions["subject"], questions["id"])
     ]
     weights = last_position_attention(model, prompts, pad_id=pad_id(tokenizer), batch_size=params["batch_size"])
-    by_layer = attention_by_layer(weights, prompts)
+    layers = attention_layer_numbers(model, weights[0].shape[0], where)
+    by_layer = attention_by_layer(weights, prompts, layers)
     chosen = example_index(questions)
-    example = attention_example(weights[chosen], prompts[chosen], questions.loc[chosen])
+    example = attention_example(weights[chosen], prompts[chosen], questions.loc[chosen], layers)
     log.info(
         "%s: %d questions, %d layers; subject max %.4f (last layer %.4f), relation max %.4f",
         where,
@@ -381,13 +403,13 @@ def plot_attention_heatmaps(examples: Mapping[str, pd.DataFrame], model: str, da
 
     first = next(iter(examples.values()))
     tokens = first[first["layer"] == first["layer"].min()].sort_values("position")
-    layers = int(first["layer"].max())
+    layers = sorted(first["layer"].unique())  # a hybrid model's attention layers may skip numbers
     top = max(float(e["weight"].max()) for e in examples.values())
     # A square-root scale: the first token often soaks up most attention (an attention sink)
     # and would leave every other cell dark on a linear scale.
     norm = PowerNorm(gamma=0.5, vmin=0, vmax=top)
     width = min(36.0, 2.0 + len(examples) * (1.0 + 0.24 * len(tokens)))
-    height = 3.4 + 0.28 * layers
+    height = 3.4 + 0.28 * len(layers)
     with sns.axes_style("white"):
         figure = Figure(figsize=(width, height), layout="constrained")
         axes = np.atleast_1d(figure.subplots(1, len(examples), sharey=True))
@@ -399,8 +421,8 @@ def plot_attention_heatmaps(examples: Mapping[str, pd.DataFrame], model: str, da
                 if part == "subject":
                     label.set_color("tab:red")
                     label.set_fontweight("bold")
-            ticks = range(0, layers, 1 if layers <= 16 else 4)
-            ax.set_yticks(ticks, [t + 1 for t in ticks])
+            ticks = range(0, len(layers), 1 if len(layers) <= 16 else 4)
+            ax.set_yticks(ticks, [layers[t] for t in ticks])
             ax.set_title(LABELS.get(subset, subset))
             ax.set_xlabel("prompt token")
         axes[0].set_ylabel("layer")

@@ -334,6 +334,14 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def holds_keys(cache) -> bool:
+    """Whether a model's cache holds attention keys and values that a continuation can reuse.
+    A state-space model (Mamba) keeps a state instead: transformers 5.23 returns no cache for
+    it, later versions one whose layers hold no keys (a hybrid such as Jamba has both kinds)."""
+    layers = getattr(cache, "layers", None)  # None: a model's own code may return (key, value) tuples
+    return cache is not None and (layers is None or any(hasattr(layer, "keys") for layer in layers))
+
+
 @torch.inference_mode()
 def choice_logprobs(
     model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, batch_size: int, mean: bool = False
@@ -364,7 +372,7 @@ def choice_logprobs(
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if keeps_logits else {}
         prefix = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        if getattr(prefix, "past_key_values", None) is None:
+        if not holds_keys(getattr(prefix, "past_key_values", None)):
             raise FactftError(
                 f"multiple-choice scoring continues every choice from its prompt's KV cache, and "
                 f"{type(model).__name__} keeps none (a state-space model such as Mamba has a state instead)"
