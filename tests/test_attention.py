@@ -24,6 +24,7 @@ from factft.attention import (
 from factft.errors import FactftError
 from factft.models import load_model
 from factft.prompts import chat_prompt, in_turn
+from test_generate import hybrid_model
 
 TEMPLATE = "Q: {question} A:"
 
@@ -199,23 +200,17 @@ def test_analysis_tables_hold_per_layer_statistics_and_the_most_popular_question
 
 def test_a_hybrid_models_attention_layers_keep_their_numbers_in_the_model(word_tokenizer, tmp_path):
     # Jamba interleaves Mamba layers (no attention weights) with attention layers: here layers 2 and 4.
-    from transformers import JambaConfig
-
-    config = JambaConfig(
-        vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1,
-        mamba_d_state=8, mamba_dt_rank=4, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )  # fmt: skip
-    assert config.layer_types == ["linear_attention", "full_attention"] * 2
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "jamba")
+    model = hybrid_model(len(word_tokenizer), layers=4)
+    assert model.config.layer_types == ["linear_attention", "full_attention"] * 2
+    model.save_pretrained(tmp_path / "jamba")
     word_tokenizer.save_pretrained(tmp_path / "jamba")
     test = pd.DataFrame(
         {"id": ["b"], "question": ["What does Suna Dee play?"], "answers": [["piano"]], "subject": ["Suna Dee"],
          "popularity": [9.0]}
     )  # fmt: skip
     params = {"questions": 10, "batch_size": 2, "prompt": {"template": TEMPLATE}, "max_drop_fraction": 0.1}
-    by_layer, example = analyse_attention({"name": "jamba", "path": str(tmp_path / "jamba")}, test, params, device="cpu")
+    spec = {"name": "jamba", "path": str(tmp_path / "jamba")}
+    by_layer, example = analyse_attention(spec, test, params, device="cpu")
     assert by_layer["layer"].tolist() == [2, 4] and sorted(example["layer"].unique()) == [2, 4]
     assert example.groupby("layer")["weight"].sum().to_numpy() == pytest.approx([1.0, 1.0], abs=1e-5)
     (axes, *_) = plot_attention_heatmaps({"top": example}, "jamba", "synth").axes

@@ -259,12 +259,12 @@ def sliding_window_model(vocab_size: int):
     return MistralForCausalLM(config).eval()
 
 
-def hybrid_model(vocab_size: int):
-    """A random Jamba-shaped model: a Mamba layer, then an attention layer (a cache of both kinds)."""
+def hybrid_model(vocab_size: int, layers: int = 2):
+    """A random Jamba-shaped model: Mamba layers, each followed by an attention layer (a cache of both kinds)."""
     from transformers import JambaConfig, JambaForCausalLM
 
     config = JambaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=8,
         mamba_dt_rank=4, pad_token_id=3,
     )  # fmt: skip
