@@ -1,4 +1,5 @@
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,35 @@ def test_missing_model_folder_says_how_to_get_it(tmp_path):
 def test_missing_gguf_file_is_named(tiny_model_dir):
     with pytest.raises(FactftError, match=r"GGUF file missing\.gguf .*gguf_file"):
         load_model(spec_for(tiny_model_dir, gguf_file="missing.gguf"), device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here torch can use the GPU it is given")
+def test_a_job_given_a_gpu_its_torch_cannot_use_stops_before_loading_a_large_model(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    with open(tmp_path / "model.safetensors", "wb") as weights:
+        weights.truncate(3 * 2**30)  # sparse: 3.2 GB to stat, nothing on disk, never read
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what SLURM sets for `sbatch --gpus=1`
+    with pytest.raises(FactftError) as error:
+        load_model(spec_for(tmp_path, name="llama2-7b"))
+    message = str(error.value)
+    assert message.startswith("model 'llama2-7b' (3.2 GB of weights) would run on the CPU: this job was given GPU(s) ")
+    why = r"(is a CPU-only build|\(\w+ \S+\) finds no usable GPU)"  # a CPU wheel; a CUDA one on a GPU-less node
+    assert re.search(r"\(CUDA_VISIBLE_DEVICES=0\), but torch \S+ " + why, message)
+    assert "set CUDA_VISIBLE_DEVICES empty to run on the CPU on purpose" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here torch can use the GPU it is given")
+def test_a_small_model_given_a_gpu_its_torch_cannot_use_runs_on_the_cpu_saying_so(tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with caplog.at_level(logging.WARNING, logger="factft.models"):
+        model, _ = load_model(spec_for(tiny_model_dir))
+    assert model.device.type == "cpu"
+    assert re.search(r"model 'tiny': this job was given GPU\(s\) 0, but torch \S+ .*: it runs on the CPU", caplog.text)
+    caplog.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU on purpose
+    with caplog.at_level(logging.WARNING, logger="factft.models"):
+        load_model(spec_for(tiny_model_dir))
+    assert "given GPU" not in caplog.text
 
 
 def test_peft_adapter_is_merged_for_evaluation_and_trainable_for_training(tiny_model_dir, tmp_path):

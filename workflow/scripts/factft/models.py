@@ -33,8 +33,49 @@ QUANTIZATIONS = ("nf4",)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+# Weights from this size up make a CPU run of a job meant for a GPU hopeless: hours become
+# days, and SLURM's retries (runtime x attempt) spend three times that before failing.
+CPU_WEIGHTS_LIMIT = 2**30
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def given_gpus() -> str:
+    """The GPUs a scheduler gave this job (CUDA_VISIBLE_DEVICES, as SLURM sets it); '' for
+    none, also where it is set empty or to -1 to run on the CPU on purpose."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return "" if visible in ("", "-1", "NoDevFiles") else visible
+
+
+def weights_bytes(spec: dict) -> int:
+    path = Path(spec["path"])
+    files = [path / spec["gguf_file"]] if spec.get("gguf_file") else path.glob("*.safetensors")
+    return sum(file.stat().st_size for file in files)
+
+
+def check_device(spec: dict, device: str) -> None:
+    """A job given a GPU that its torch cannot use would run on the CPU: it stops here, before
+    loading, where the model is large (weights_bytes >= CPU_WEIGHTS_LIMIT), and says so in
+    its log where it is not."""
+    gpus = given_gpus()
+    if str(device) != "cpu" or not gpus or torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+    if torch.version.cuda is None and torch.version.hip is None:
+        why = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        why = f"torch {torch.__version__} ({build}) finds no usable GPU (its driver too old? nvidia-smi)"
+    name, size = spec["name"], weights_bytes(spec)
+    if size < CPU_WEIGHTS_LIMIT:
+        log.warning("model '%s': this job was given GPU(s) %s, but %s: it runs on the CPU", name, gpus, why)
+        return
+    raise FactftError(
+        f"model '{name}' ({size / 1e9:.1f} GB of weights) would run on the CPU: this job was given "
+        f"GPU(s) (CUDA_VISIBLE_DEVICES={gpus}), but {why}; install a CUDA build of torch where the "
+        "jobs run, or set CUDA_VISIBLE_DEVICES empty to run on the CPU on purpose"
+    )
 
 
 def compute_dtype(device: str) -> torch.dtype:
@@ -157,6 +198,7 @@ def load_model(
         raise FactftError(f"quantize '{quantize}' is not supported; use one of {QUANTIZATIONS} or none")
     device = device or default_device()
     check_model_folder(spec)
+    check_device(spec, device)
     name, trust = spec["name"], bool(spec.get("trust_remote_code"))
     if trust:
         log.warning("model '%s': trust_remote_code is on: running the model folder's own Python code", name)
