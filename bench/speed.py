@@ -608,13 +608,13 @@ def file_system(path: Path) -> str:
 def load_row(table, spec: dict, args) -> None:
     """What every GPU job pays first: loading the model from disk onto the device (bf16 on a
     GPU), the files evicted from the page cache. A cluster's shared file system may be slower."""
-    from factft.models import load_model
+    from factft.models import load_model, weights_bytes
 
     folder = Path(spec["path"])
     evicted = evict_from_page_cache(folder)
     with Clock(args.device) as clock:
         model, _ = load_model(spec, device=args.device)
-    size = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+    size = weights_bytes(spec)
     where = f"{size / 1e9:.2f} GB of safetensors on {file_system(folder)}" + ("" if evicted else ", page cache kept")
     table.add(
         stage="load", variant="model", path="factft", items=1, seconds=clock.wall, wall_s=clock.wall,

@@ -21,6 +21,7 @@ from factft.train import (
     finetune,
     fingerprint,
     make_optimizer,
+    out_of_memory,
     learning_rate,
     epoch_batches,
     prepare_model,
@@ -329,6 +330,29 @@ def test_incomplete_or_mismatching_checkpoints_are_skipped(tiny_model_dir, facts
     assert "trained with other settings or data" in caplog.text
     assert "resuming" not in caplog.text
     assert summary["steps"] == 9
+
+
+def test_running_out_of_gpu_memory_names_the_settings_that_fit_and_keeps_the_checkpoints(
+    tiny_model_dir, facts, tmp_path
+):
+    def out_of_memory_at_step_3(step, loss):  # a real one needs a GPU; this fails as one does
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(FactftError) as error:
+        run(tiny_model_dir, facts, tmp_path, on_step=out_of_memory_at_step_3)
+    assert str(error.value) == (
+        "model 'tiny': out of GPU memory while finetuning, in micro-batches of finetune.batch_size 3 "
+        "examples of up to finetune.max_length 32 tokens; under finetune (models.tiny.finetune for this "
+        "model alone): lower batch_size and raise grad_accum as much (the same batch_size x grad_accum "
+        "per step), or set gradient_checkpointing: true, or use method qlora, or lower max_length"
+    )
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
+    assert not (tmp_path / "adapter").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
+    # Only what is not already set is suggested.
+    fitted = settings(method="qlora", batch_size=1, gradient_checkpointing=True)
+    assert out_of_memory("tiny", fitted, "cpu").endswith("for this model alone): lower max_length")
 
 
 def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path):

@@ -49,10 +49,14 @@ def given_gpus() -> str:
     return "" if visible in ("", "-1", "NoDevFiles") else visible
 
 
-def weights_bytes(spec: dict) -> int:
+def weight_files(spec: dict) -> list[Path]:
+    """The files a model's weights load from: its GGUF file, or its safetensors."""
     path = Path(spec["path"])
-    files = [path / spec["gguf_file"]] if spec.get("gguf_file") else path.glob("*.safetensors")
-    return sum(file.stat().st_size for file in files)
+    return [path / spec["gguf_file"]] if spec.get("gguf_file") else sorted(path.glob("*.safetensors"))
+
+
+def weights_bytes(spec: dict) -> int:
+    return sum(file.stat().st_size for file in weight_files(spec))
 
 
 def check_device(spec: dict, device: str) -> None:

@@ -30,7 +30,15 @@ import torch
 
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
-from factft.models import compute_dtype, default_device, load_model, peak_memory, probing, require_bitsandbytes
+from factft.models import (
+    compute_dtype,
+    default_device,
+    load_model,
+    peak_memory,
+    probing,
+    require_bitsandbytes,
+    weight_files,
+)
 from factft.prompts import IGNORE, chat_prompt, encode_example, fact_prompt, gold_answer, in_turn, reply_end_id
 from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_temps, write_tsv
 
@@ -464,6 +472,24 @@ def train_steps(
     return rows
 
 
+def out_of_memory(name: str, settings: dict, device) -> str:
+    """What to change when a finetune runs out of GPU memory: the same step fails again on
+    every retry, whatever host memory SLURM gives it."""
+    remedies = []
+    if settings["batch_size"] > 1:
+        remedies.append("lower batch_size and raise grad_accum as much (the same batch_size x grad_accum per step)")
+    if not settings.get("gradient_checkpointing"):
+        remedies.append("set gradient_checkpointing: true")
+    if settings["method"] != "qlora":
+        remedies.append("use method qlora")
+    return (
+        f"model '{name}': out of GPU memory while finetuning{peak_memory(device)}, in micro-batches of "
+        f"finetune.batch_size {settings['batch_size']} examples of up to finetune.max_length "
+        f"{settings['max_length']} tokens; under finetune (models.{name}.finetune for this model "
+        f"alone): {', or '.join(remedies + ['lower max_length'])}"
+    )
+
+
 def steps_seconds(rows: list[dict]) -> float:
     """The time the train log's steps took (their own clock: no loading or saving)."""
     return sum(r["tokens"] / r["tokens_per_s"] for r in rows if r["tokens_per_s"] > 0)
@@ -488,10 +514,8 @@ def weights_identity(model_spec: dict) -> list:
     """Name, size and the first and last MiB of each weight file: enough to tell a re-made
     base model (same shapes, new values) from the one a checkpoint was trained on, without
     reading gigabytes."""
-    folder = Path(model_spec["path"])
-    files = [folder / model_spec["gguf_file"]] if model_spec.get("gguf_file") else sorted(folder.glob("*.safetensors"))
     identity = []
-    for file in files:
+    for file in weight_files(model_spec):
         size = file.stat().st_size
         with open(file, "rb") as stream:
             head = stream.read(2**20)
@@ -735,17 +759,20 @@ def finetune(
             if on_step is not None:
                 on_step(step, rows[-1]["loss"])
 
-        rows = train_steps(
-            model,
-            optimizer,
-            encoded,
-            settings,
-            device=device,
-            pad_id=tokenizer.pad_token_id,
-            step=step,
-            rows=rows,
-            after_step=after_step,
-        )
+        try:
+            rows = train_steps(
+                model,
+                optimizer,
+                encoded,
+                settings,
+                device=device,
+                pad_id=tokenizer.pad_token_id,
+                step=step,
+                rows=rows,
+                after_step=after_step,
+            )
+        except torch.OutOfMemoryError as error:
+            raise FactftError(out_of_memory(model_spec["name"], settings, device)) from error
         step = rows[-1]["step"] if rows else 0
         accum, per_epoch = settings.get("grad_accum", 1), math.ceil(len(encoded) / settings["batch_size"])
 
