@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 
 # Weights from this size up make a CPU run of a job meant for a GPU hopeless: hours become
-# days, and SLURM's retries (runtime x attempt) spend three times that before failing.
+# days, and SLURM's retries (runtime x attempt) hold the GPU six times the runtime before failing.
 CPU_WEIGHTS_LIMIT = 2**30
 
 
@@ -66,10 +66,10 @@ def check_device(spec: dict, device: str) -> None:
     gpus = given_gpus()
     if str(device) != "cpu" or not gpus or torch.cuda.is_available():
         return
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
     if torch.version.cuda is None and torch.version.hip is None:
         why = f"torch {torch.__version__} is a CPU-only build"
     else:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
         why = f"torch {torch.__version__} ({build}) finds no usable GPU (its driver too old? nvidia-smi)"
     name, size = spec["name"], weights_bytes(spec)
     if size < CPU_WEIGHTS_LIMIT:
