@@ -130,6 +130,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fp16_overflow_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its first MLP's output scaled by 1e6: a residual stream beyond fp16's
+    range (65504), normalized away before the head, as Gemma's is. It runs in fp32 (and bf16)
+    and gives nan in fp16."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("fp16_overflow_model")
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e6)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def peaked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with its weights scaled up, saved like `pretrain` saves one.
 

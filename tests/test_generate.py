@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from transformers import (
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessor,
@@ -16,6 +17,7 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from factft import models
 from factft.errors import FactftError
 from factft.metrics import first_line
 from factft.generate import (
@@ -371,6 +373,30 @@ def test_a_state_space_model_is_refused_where_a_kv_cache_or_attention_weights_ar
     prompt = prompt_tokens(tokenizer, "Where was Lu born?", "Lu", "Q: {question} A:")
     with pytest.raises(FactftError, match="MambaForCausalLM returned no attention weights"):
         last_position_attention(model, [prompt], pad_id=3, batch_size=1)
+
+
+def test_logits_of_nan_or_inf_stop_an_evaluation_before_it_answers(fp16_overflow_model_dir, tmp_path, monkeypatch):
+    spec = {"name": "big", "path": str(fp16_overflow_model_dir), "gguf_file": None, "trust_remote_code": False}
+    params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 4, "percentiles": [100]}
+    predictions, _ = evaluate_model(spec, make_test_table(), params, device="cpu")  # in fp32 it answers
+    assert predictions["prediction"].str.len().gt(0).any()
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "compute_dtype", lambda device: torch.float16)  # a V100's or T4's
+        with pytest.raises(FactftError) as error:
+            evaluate_model(spec, make_test_table(), params, device="cpu")
+    assert str(error.value) == (
+        "model 'big': its logits on the first prompt are nan or inf, so its answers would be noise; it runs "
+        "in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: run it on a GPU with "
+        "bf16 (compute capability 8.0 on)"
+    )
+    model = LlamaForCausalLM.from_pretrained(fp16_overflow_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(fp16_overflow_model_dir).save_pretrained(tmp_path)
+    broken = dict(spec, name="broken", path=str(tmp_path))
+    with pytest.raises(FactftError, match=r"^model 'broken': its logits .* its weights hold nan or inf"):
+        evaluate_model(broken, make_test_table(with_choices=True), dict(params, format="multiple_choice"), device="cpu")
 
 
 def test_missing_columns_fail_before_the_model_is_loaded():

@@ -355,6 +355,69 @@ def test_running_out_of_gpu_memory_names_the_settings_that_fit_and_keeps_the_che
     assert out_of_memory("tiny", fitted, "cpu").endswith("for this model alone): lower max_length")
 
 
+def test_a_diverging_finetune_stops_at_its_first_nan_loss_and_saves_nothing(tiny_model_dir, facts, tmp_path):
+    with pytest.raises(FactftError) as error:
+        run(tiny_model_dir, facts, tmp_path, learning_rate=1e6)
+    assert re.fullmatch(
+        r"finetune of model 'tiny': the loss is nan at step \d of 9, and nothing is saved; "
+        r"training diverged: lower finetune.learning_rate \(1e\+06\)",
+        str(error.value),
+    )
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_model_that_overflows_fp16_stops_its_finetune_on_a_gpu_without_bf16(
+    fp16_overflow_model_dir, facts, tmp_path, monkeypatch
+):
+    run(fp16_overflow_model_dir, facts, tmp_path / "fp32", max_steps=2)  # in fp32 (or bf16) it trains
+    for module in (models, train):
+        monkeypatch.setattr(module, "compute_dtype", lambda device: torch.float16)  # a V100's or T4's
+    with pytest.raises(FactftError) as error:
+        run(fp16_overflow_model_dir, facts, tmp_path / "fp16")
+    assert str(error.value).startswith(
+        "finetune of model 'tiny': the loss is nan at step 1 of 9, and nothing is saved; this GPU has no "
+        "bf16 and computes in fp16, whose range (to 65504) a model's activations can overflow: run it on a "
+        "GPU with bf16"
+    )
+
+
+def test_fp16_training_checkpoints_its_loss_scale_and_resumes_with_it(
+    tiny_model_dir, facts, tmp_path, monkeypatch, caplog
+):
+    def crash_at(at):
+        def crash(step, loss):
+            if step == at:
+                raise KeyboardInterrupt
+
+        return crash
+
+    def precision(dtype):
+        for module in (models, train):
+            monkeypatch.setattr(module, "compute_dtype", lambda device: dtype)
+
+    def state(step):
+        return tmp_path / "checkpoints" / f"step-{step:08d}" / "state.json"
+
+    precision(torch.float16)  # a V100's or T4's
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, facts, tmp_path, on_step=crash_at(3))
+    saved = json.loads(state(2).read_text())
+    assert saved["precision"] == "float16"
+    assert saved["scaler"]["scale"] == 2.0**16 and saved["scaler"]["_growth_tracker"] == 2
+    # A scale that overflows had halved (here set by hand) is the one the resumed run goes on with.
+    saved["scaler"]["scale"] = 2.0**10
+    state(2).write_text(json.dumps(saved))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, facts, tmp_path, on_step=crash_at(5))
+    assert json.loads(state(4).read_text())["scaler"] == dict(saved["scaler"], _growth_tracker=4)
+    # Requeued onto a GPU with bf16, it goes on there, and says so.
+    precision(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        summary, _ = run(tiny_model_dir, facts, tmp_path)
+    assert "this run computed in float16 to step 4; it goes on in bfloat16" in caplog.text
+    assert summary["precision"] == "bfloat16" and summary["steps"] == 9
+
+
 def test_full_finetune_output_loads_as_the_model(tiny_model_dir, facts, tmp_path):
     full = settings(method="full", max_steps=2, gradient_checkpointing=True)
     summary = finetune(spec(tiny_model_dir), facts, tmp_path / "full", full, PROMPT, tmp_path / "ck")
@@ -382,28 +445,31 @@ def test_full_finetunes_keep_fp32_master_weights(method, device, dtype):
     assert weights_dtype(method, device) == dtype
 
 
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_the_gpus_bf16_weights_train_like_fp32_and_evaluate_in_bf16(
-    tiny_model_dir, facts, tmp_path, monkeypatch, method
+def test_a_gpus_half_precision_trains_like_fp32_and_evaluates_in_it(
+    tiny_model_dir, facts, tmp_path, monkeypatch, method, precision
 ):
-    # CI has no GPU: this runs the dtypes a GPU gets (compute_dtype bf16) on the CPU.
+    # CI has no GPU: this runs the dtypes a GPU gets (compute_dtype: bf16, or fp16 on a GPU
+    # without bf16, there with loss scaling) on the CPU.
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     # Steps enough to answer: after 8 at 3e-2, bf16 QLoRA answered eos alone on a CPU with AVX-512 bf16.
     rate = 1e-3 if method == "full" else 1e-2
     options = {"method": method, "max_steps": 24, "learning_rate": rate, "lora": lora, "packing": True}
     run(tiny_model_dir, facts, tmp_path / "fp32", **options)
     for module in (models, train):
-        monkeypatch.setattr(module, "compute_dtype", lambda device: torch.bfloat16)
-    _, saved = run(tiny_model_dir, facts, tmp_path / "bf16", **options)
+        monkeypatch.setattr(module, "compute_dtype", lambda device: precision)
+    summary, saved = run(tiny_model_dir, facts, tmp_path / "half", **options)
 
-    fp32, bf16 = (pd.read_csv(tmp_path / run_ / "train_log.tsv", sep="\t")["loss"] for run_ in ("fp32", "bf16"))
-    assert fp32.iloc[-1] < fp32.iloc[0] - 0.2  # it learns, and bf16 follows
-    assert (fp32 - bf16).abs().max() < 0.05
-    # A full finetune trains fp32 master weights and saves them in bf16; adapters stay fp32.
-    assert {w.dtype for w in saved.values()} == {torch.bfloat16 if method == "full" else torch.float32}
-    model, tokenizer = load_model(spec(tiny_model_dir), tmp_path / "bf16" / "adapter", device="cpu")
-    # bf16 weights; an adapter stays unmerged beside them (fp32), as in training (merges_exactly).
-    assert {p.dtype for name, p in model.named_parameters() if "lora_" not in name} == {torch.bfloat16}
+    fp32, half = (pd.read_csv(tmp_path / run_ / "train_log.tsv", sep="\t")["loss"] for run_ in ("fp32", "half"))
+    assert fp32.iloc[-1] < fp32.iloc[0] - 0.2  # it learns, and half precision follows
+    assert (fp32 - half).abs().max() < 0.05
+    assert summary["precision"] == str(precision).removeprefix("torch.")
+    # A full finetune trains fp32 master weights and saves them in half precision; adapters stay fp32.
+    assert {w.dtype for w in saved.values()} == {precision if method == "full" else torch.float32}
+    model, tokenizer = load_model(spec(tiny_model_dir), tmp_path / "half" / "adapter", device="cpu")
+    # Half-precision weights; an adapter stays unmerged beside them (fp32), as in training (merges_exactly).
+    assert {p.dtype for name, p in model.named_parameters() if "lora_" not in name} == {precision}
     assert hasattr(model, "peft_config") == (method != "full")
     prompts = [PROMPT["template"].format(question=q) for q in facts["question"]]
     dynamic, static = (

@@ -484,6 +484,7 @@ def predict(
     static_cache: bool = False,
     prefixes: Sequence[str] | None = None,
     choice_score: str = "sum",
+    where: str = "the model",
 ) -> pd.DataFrame:
     """The predictions table for `test` (see factft.metrics.score_predictions).
 
@@ -493,7 +494,7 @@ def predict(
     uses the facts' cloze prefix verbatim instead of the question template. `prefixes`, one
     per fact, go before each prompt (few-shot demonstrations: factft.prompts.few_shot_prefixes),
     and a chat model's template goes around both (its demonstrations are earlier turns, and its
-    answers end at its end of reply: factft.prompts.chat_prompt).
+    answers end at its end of reply: factft.prompts.chat_prompt). `where` names the model in errors.
     """
     if prompt_column == "question":
         prompts = [fact_prompt(fact, prompt["template"]) for fact in test.to_dict("records")]
@@ -504,6 +505,7 @@ def predict(
     prompts = [in_turn(prompt, text) for text in prompts]
     if prompts:
         log.info("the first prompt: %r", prompts[0])
+        check_finite_logits(model, tokenizer, prompts[0], where)
     if fmt == "open":
         texts = generate_texts(
             model,
@@ -522,6 +524,25 @@ def predict(
     picked = [int(np.argmax(s)) for s in scores]
     texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]
     return score_predictions(test, texts, fmt, choices=picked)
+
+
+def check_finite_logits(model, tokenizer, prompt: str, where: str) -> None:
+    """Logits of nan or inf make greedy decoding emit one token id over and over: answers that
+    score near zero, with no error. One forward pass on the first prompt finds it first."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False, **extra).logits
+    if torch.isfinite(logits).all():
+        return
+    if torch.float16 in {p.dtype for p in model.parameters()}:
+        why = (
+            "it runs in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: "
+            "run it on a GPU with bf16 (compute capability 8.0 on)"
+        )
+    else:
+        why = "its weights hold nan or inf: check the model folder, or the finetune that made the adapter"
+    raise FactftError(f"{where}: its logits on the first prompt are nan or inf, so its answers would be noise; {why}")
 
 
 def evaluate_model(
@@ -566,6 +587,7 @@ def evaluate_model(
         static_cache=bool(params.get("static_cache")) and model.device.type == "cuda",
         prefixes=prefixes,
         choice_score=params.get("choice_score", "sum"),
+        where=where,
     )
     seconds = time.perf_counter() - start
     metrics = metrics_table(predictions, params["percentiles"])

@@ -7,6 +7,7 @@ a GGUF file only: pickled `.bin` weights can run arbitrary code when loaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -83,8 +84,31 @@ def check_device(spec: dict, device: str) -> None:
 
 
 def compute_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs, fp32 on CPU (bf16 matmuls are slow and lossy there)."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    """bf16 on GPUs that compute in it, fp16 on older ones (gpu_computes_bf16), fp32 on CPU
+    (bf16 matmuls are slow and lossy there)."""
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if gpu_computes_bf16() else torch.float16
+
+
+@functools.cache
+def gpu_computes_bf16() -> bool:
+    """Whether this job's GPU has bf16 arithmetic (compute capability 8.0 on: A100, H100, L40;
+    AMD's MI200 on). A V100 or T4 emulates bf16 in fp32, at an eighth of its fp16 tensor-core
+    peak: there the models run in fp16, as transformers' Trainer does with fp16=True, and a
+    finetune scales its loss (factft.train.loss_scaler). Said once in the job's log. Without a
+    GPU to ask (a plan made on a CPU), bf16."""
+    if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
+        return True
+    major, minor = torch.cuda.get_device_capability()
+    log.warning(
+        "GPU %s (compute capability %d.%d) has no bf16 arithmetic: models run in fp16, and a "
+        "finetune scales its loss to keep small gradients from rounding to zero",
+        torch.cuda.get_device_name(),
+        major,
+        minor,
+    )
+    return False
 
 
 def peak_memory(device) -> str:
@@ -260,7 +284,8 @@ def merges_exactly(model) -> bool:
     In fp32 (CPU) it does, and the merged model generates as fast as the base. A bf16 sum
     (GPU) keeps 8 significant bits: an update below 1/256 of its weight is lost and larger
     ones are rounded (23% of a LoRA's effect lost where its updates are ~1/140 of the weights,
-    2% at ~1/14), so there the adapter stays beside the weights, computed as in training."""
+    2% at ~1/14; fp16, on GPUs without bf16, keeps 11 bits and rounds less), so there the
+    adapter stays beside the weights, computed as in training."""
     return model.get_base_model().dtype == torch.float32
 
 

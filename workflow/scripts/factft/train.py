@@ -308,10 +308,10 @@ def linear_layers(model) -> dict[str, bool]:
 
 
 def weights_dtype(method: str, device) -> torch.dtype:
-    """The trained weights' dtype: fp32 master weights for a full finetune (bf16 autocast does
-    the arithmetic on a GPU), since a bf16 weight (8 significant bits) drops any update below
-    1/256 of its size, which is most AdamW steps at finetuning learning rates. LoRA and QLoRA
-    keep the frozen base in the compute dtype; peft creates its adapters in fp32."""
+    """The trained weights' dtype: fp32 master weights for a full finetune (autocast does the
+    arithmetic in the compute dtype on a GPU), since a bf16 weight (8 significant bits) drops
+    any update below 1/256 of its size, which is most AdamW steps at finetuning learning rates.
+    LoRA and QLoRA keep the frozen base in the compute dtype; peft creates its adapters in fp32."""
     return torch.float32 if method == "full" else compute_dtype(device)
 
 
@@ -408,13 +408,16 @@ def train_steps(
     step: int = 0,
     rows: list[dict] | None = None,
     after_step: Callable[[int, list[dict]], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[dict]:
     """Train from `step` to total_steps(); returns the train log rows (one per step).
 
     The data order is a pure function of (seed, epoch, step), so starting at a checkpoint's
     step continues the uninterrupted run. `after_step(step, rows)` runs after each step.
     `settings['packing']` concatenates each micro-batch into one unpadded row
-    (collate_packed): the same examples and loss, no padding tokens computed.
+    (collate_packed): the same examples and loss, no padding tokens computed. `scaler` is
+    loss_scaler(device), passed in to be checkpointed. A loss of nan or inf stops it
+    (FloatingPointError): the weights it updated are lost.
     """
     seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
@@ -431,8 +434,11 @@ def train_steps(
             epochs_cache[epoch] = epoch_batches(lengths, batch_size, seed, epoch, grouped)
         return epochs_cache[epoch][index % per_epoch]
 
-    cuda = str(device).startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    # On a GPU the arithmetic runs in the compute dtype, over a base kept in it or over a full
+    # finetune's fp32 master weights; a CPU computes in fp32 and has nothing to cast.
+    precision = compute_dtype(device)
+    autocast = torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32)
+    scaler = loss_scaler(device) if scaler is None else scaler
     model.train()
     reported: tuple[float, int] | None = None  # (time, step) of the last progress line
     while step < total:
@@ -445,14 +451,17 @@ def train_steps(
             batch = collate_packed(encoded, indices, device) if packing else collate(encoded, indices, pad_id, device)
             with autocast:
                 loss = batch_loss(model, batch)
-            (loss * weight).backward()
+            scaler.scale(loss * weight).backward()
             # Summed on the device: one host sync per step, not per micro-batch.
             loss_sum = loss_sum + loss.detach() * weight
             tokens += sum(lengths[i] for i in indices)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         step_loss = float(loss_sum)  # the step's host sync: on a GPU, elapsed then holds its queued work
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"the loss is {step_loss} at step {step} of {total}")
         elapsed = time.perf_counter() - started
         rows.append(
             {
@@ -470,6 +479,27 @@ def train_steps(
         if after_step is not None:
             after_step(step, rows)
     return rows
+
+
+def loss_scaler(device) -> torch.amp.GradScaler:
+    """fp16's loss scaling (GPUs without bf16: compute_dtype): the loss is multiplied before
+    the backward pass, so that small gradients do not round to zero in fp16, and divided out
+    of them before the optimizer step, which is skipped, the scale halved, where one
+    overflowed. bf16 and fp32 have fp32's range: for them it is disabled and passes through."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=compute_dtype(device) == torch.float16)
+
+
+def diverged(name: str, error: FloatingPointError, settings: dict, device) -> str:
+    """Why a finetune stopped at a loss of nan or inf, and what to change."""
+    rate = f"finetune.learning_rate ({settings['learning_rate']:g})"
+    if compute_dtype(device) == torch.float16:
+        fix = (
+            "this GPU has no bf16 and computes in fp16, whose range (to 65504) a model's activations can "
+            f"overflow: run it on a GPU with bf16 (compute capability 8.0 on), or, if training diverged, lower {rate}"
+        )
+    else:
+        fix = f"training diverged: lower {rate}"
+    return f"finetune of model '{name}': {error}, and nothing is saved; {fix}"
 
 
 def out_of_memory(name: str, settings: dict, device) -> str:
@@ -721,7 +751,9 @@ def finetune(
             require_bitsandbytes("finetune.optimizer adamw8bit needs bitsandbytes (8-bit moments)", "use adamw")
         # A checkpoint a killed attempt was writing when it died; its last complete one stays.
         remove_stale_temps(checkpoint_dir)
-        log.info("device %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        precision = str(compute_dtype(device)).removeprefix("torch.")  # bfloat16, float16, float32
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        log.info("device %s, computing in %s (CUDA_VISIBLE_DEVICES=%s)", device, precision, visible)
         seed_everything(seed)
         model, tokenizer = load_model(
             model_spec,
@@ -743,7 +775,7 @@ def finetune(
         n_trainable = sum(p.numel() for p in parameters.values())
         log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
 
-        optimizer = make_optimizer(model, settings, device)
+        optimizer, scaler = make_optimizer(model, settings, device), loss_scaler(device)
         total = total_steps(len(encoded), settings)
         step, rows = 0, []
         found = latest_checkpoint(checkpoint_dir, print_)
@@ -752,10 +784,16 @@ def finetune(
             load_checkpoint(path, model, optimizer)
             step, rows = state["step"], state["rows"]
             log.info("resuming from %s (step %d of %d)", path, step, total)
+            if state.get("precision", precision) != precision:
+                # A requeued job can land on another kind of GPU: it goes on, in the other precision.
+                log.warning("this run computed in %s to step %d; it goes on in %s", state["precision"], step, precision)
+            if scaler.is_enabled() and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
 
         def after_step(step: int, rows: list[dict]) -> None:
             if step % settings["checkpoint_every"] == 0 and step < total:
-                save_checkpoint(checkpoint_dir, step, model, optimizer, {"fingerprint": print_, "rows": rows})
+                state = {"fingerprint": print_, "rows": rows, "precision": precision, "scaler": scaler.state_dict()}
+                save_checkpoint(checkpoint_dir, step, model, optimizer, state)
             if on_step is not None:
                 on_step(step, rows[-1]["loss"])
 
@@ -770,9 +808,12 @@ def finetune(
                 step=step,
                 rows=rows,
                 after_step=after_step,
+                scaler=scaler,
             )
         except torch.OutOfMemoryError as error:
             raise FactftError(out_of_memory(model_spec["name"], settings, device)) from error
+        except FloatingPointError as error:
+            raise FactftError(diverged(model_spec["name"], error, settings, device)) from None
         step = rows[-1]["step"] if rows else 0
         accum, per_epoch = settings.get("grad_accum", 1), math.ceil(len(encoded) / settings["batch_size"])
 
@@ -782,6 +823,7 @@ def finetune(
             **(meta or {}),
             "seed": seed,
             "method": method,
+            "precision": precision,
             "settings": settings,
             "prompt": prompt,
             "examples": len(encoded),
