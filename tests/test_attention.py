@@ -21,6 +21,7 @@ from factft.attention import (
     select_questions,
     require_eager_attention,
 )
+from factft import models
 from factft.errors import FactftError
 from factft.models import load_model
 from factft.prompts import chat_prompt, in_turn
@@ -196,6 +197,18 @@ def test_analysis_tables_hold_per_layer_statistics_and_the_most_popular_question
     assert first_layer["token"].tolist() == ["<s>", "Q", ":", "What", "does", "Suna", "Dee", "play", "?", "A", ":"]
     assert first_layer.loc[first_layer["part"] == "subject", "token"].tolist() == ["Suna", "Dee"]
     assert first_layer["weight"].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_model_that_overflows_fp16_stops_the_analysis_on_a_gpu_without_bf16(fp16_overflow_model_dir, monkeypatch):
+    test = pd.DataFrame(
+        {"id": ["a"], "question": ["Where was Ilmo Varsk born?"], "answers": [["Lyon"]], "subject": ["Ilmo Varsk"]}
+    ).assign(popularity=1.0)
+    params = {"questions": 10, "batch_size": 2, "prompt": {"template": TEMPLATE}, "max_drop_fraction": 0.1}
+    spec = {"name": "big", "path": str(fp16_overflow_model_dir)}
+    analyse_attention(spec, test, params, device="cpu")  # in fp32 it runs
+    monkeypatch.setattr(models, "compute_dtype", lambda device: torch.float16)  # a V100's or T4's
+    with pytest.raises(FactftError, match=r"^attention of model 'big': its logits on the first prompt are nan or inf"):
+        analyse_attention(spec, test, params, device="cpu")
 
 
 def test_a_hybrid_models_attention_layers_keep_their_numbers_in_the_model(word_tokenizer, tmp_path):

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from factft import models
 from factft.confidence import model_confidence_scores, without_letter_prior
 from factft.errors import FactftError
 from factft.prompts import fact_prompt, few_shot_prefixes
@@ -138,6 +139,14 @@ def test_a_letter_preference_multiplying_every_questions_odds_is_taken_out_exact
     biased = [p * favour_a / (p * favour_a).sum() for p in unbiased]
     for got, want in zip(without_letter_prior(biased), unbiased):
         np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_a_model_that_overflows_fp16_stops_the_scorer_on_a_gpu_without_bf16(fp16_overflow_model_dir, monkeypatch):
+    spec = {"name": "big", "path": str(fp16_overflow_model_dir), "gguf_file": None, "trust_remote_code": False}
+    assert model_confidence_scores(facts_table(), spec, 2, PROMPT, "open").between(0, 1).all()  # fp32
+    monkeypatch.setattr(models, "compute_dtype", lambda device: torch.float16)  # a V100's or T4's
+    with pytest.raises(FactftError, match=r"^popularity scorer model_confidence \(model 'big'\): its logits on "):
+        model_confidence_scores(facts_table(), spec, 2, PROMPT, "open")
 
 
 def test_missing_columns_name_the_scorer_and_the_columns(spec):

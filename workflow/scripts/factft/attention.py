@@ -289,7 +289,7 @@ def analyse_attention(
     `spec` is `model_spec(name)` and `params` is `attention_params` from rules/common.smk
     (questions, the cap; batch_size; prompt) plus max_drop_fraction, which the script adds.
     """
-    from factft.generate import pad_id
+    from factft.generate import check_finite_logits, pad_id
     from factft.models import load_model
 
     where = f"attention of model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
@@ -306,6 +306,7 @@ def analyse_attention(
         prompt_tokens(tokenizer, str(q), str(s), template, f"{where}, test fact {i}")
         for q, s, i in zip(questions["question"], questions["subject"], questions["id"])
     ]
+    check_finite_logits(model, tokenizer, prompts[0].prompt, where)
     weights = last_position_attention(model, prompts, pad_id=pad_id(tokenizer), batch_size=params["batch_size"])
     layers = attention_layer_numbers(model, weights[0].shape[0], where)
     by_layer = attention_by_layer(weights, prompts, layers)

@@ -13,20 +13,36 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
-from factft.generate import answer_logprobs, check_choices, check_format, choice_logprobs, demo_columns
+from factft.generate import (
+    answer_logprobs,
+    check_choices,
+    check_finite_logits,
+    check_format,
+    choice_logprobs,
+    demo_columns,
+)
 from factft.models import load_model
 from factft.prompts import chat_prompt, choice_answers, fact_prompt, few_shot_prefixes, gold_answer, in_turn
 
 log = logging.getLogger(__name__)
 
 def confidence_scores(
-    model, tokenizer, facts: pd.DataFrame, shots: int, prompt: dict, fmt: str, *, batch_size: int = 16
+    model,
+    tokenizer,
+    facts: pd.DataFrame,
+    shots: int,
+    prompt: dict,
+    fmt: str,
+    *,
+    batch_size: int = 16,
+    where: str = "the model",
 ) -> np.ndarray:
     """Probability of each fact's gold answer under the few-shot prompt (float64 in [0, 1]).
 
     Open QA: the product of the gold answer's token probabilities (teacher forcing).
     Multiple choice: the softmax over the choices' summed log-likelihoods, at the gold choice;
     with lettered answers, with the model's letter preference taken out (without_letter_prior).
+    `where` names the scorer and model in errors.
     """
     records = facts.to_dict("records")
     prompts = [
@@ -35,6 +51,7 @@ def confidence_scores(
     ]
     if prompts:
         log.info("the first prompt: %r", prompts[0])
+        check_finite_logits(model, tokenizer, prompts[0], where)
     if fmt == "open":
         answers = [gold_answer(fact, prompt["answer"]) for fact in records]
         return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size))
@@ -96,6 +113,6 @@ def model_confidence_scores(
         return pd.Series([], index=facts.index, dtype="float64", name="model_confidence")
     loaded, tokenizer = load_model(model, device=device)
     prompt = chat_prompt(model, tokenizer, prompt)
-    scores = confidence_scores(loaded, tokenizer, facts, shots, prompt, fmt, batch_size=batch_size)
+    scores = confidence_scores(loaded, tokenizer, facts, shots, prompt, fmt, batch_size=batch_size, where=where)
     log.info("%s: %d facts, %d shots, mean confidence %.4f", where, len(facts), shots, float(scores.mean()))
     return pd.Series(np.clip(scores, 0.0, 1.0), index=facts.index, dtype="float64", name="model_confidence")

@@ -527,8 +527,9 @@ def predict(
 
 
 def check_finite_logits(model, tokenizer, prompt: str, where: str) -> None:
-    """Logits of nan or inf make greedy decoding emit one token id over and over: answers that
-    score near zero, with no error. One forward pass on the first prompt finds it first."""
+    """Logits of nan or inf make greedy decoding emit one token id over and over (answers that
+    score near zero) and every likelihood nan, with no error: one forward pass on the first
+    prompt finds them before an evaluation, a model_confidence scoring or an attention analysis."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
     extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     with torch.no_grad():
