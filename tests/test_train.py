@@ -404,7 +404,7 @@ def test_fp16_training_checkpoints_its_loss_scale_and_resumes_with_it(
     saved = json.loads(state(2).read_text())
     assert saved["precision"] == "float16"
     assert saved["scaler"]["scale"] == 2.0**16 and saved["scaler"]["_growth_tracker"] == 2
-    # A scale that overflows had halved (here set by hand) is the one the resumed run goes on with.
+    # As if overflows had halved it (set here by hand): the resumed run goes on with the saved scale.
     saved["scaler"]["scale"] = 2.0**10
     state(2).write_text(json.dumps(saved))
     with pytest.raises(KeyboardInterrupt):
