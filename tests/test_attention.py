@@ -207,8 +207,19 @@ def test_a_model_that_overflows_fp16_stops_the_analysis_on_a_gpu_without_bf16(fp
     spec = {"name": "big", "path": str(fp16_overflow_model_dir)}
     analyse_attention(spec, test, params, device="cpu")  # in fp32 it runs
     monkeypatch.setattr(models, "compute_dtype", lambda device: torch.float16)  # a V100's or T4's
-    with pytest.raises(FactftError, match=r"^attention of model 'big': its logits on the first prompt are nan or inf"):
+    with pytest.raises(FactftError, match=r"^attention of model 'big': its logits on 'Q: Where .*' are nan or inf"):
         analyse_attention(spec, test, params, device="cpu")
+
+
+def test_nan_logits_on_a_later_prompt_stop_the_analysis_naming_it(tiny_model_dir):
+    model, tokenizer = load_model({"name": "tiny", "path": str(tiny_model_dir)}, device="cpu", attention="eager")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("Milan")] = float("nan")
+    questions = [("Where was Ilmo Varsk born?", "Ilmo Varsk"), ("Was Vena Lu born in Milan?", "Vena Lu")]
+    prompts = [prompt_tokens(tokenizer, q, s, TEMPLATE) for q, s in questions]
+    last_position_attention(model, prompts[:1], pad_id=tokenizer.pad_token_id, batch_size=1)
+    with pytest.raises(FactftError, match=r"^tiny: its logits on 'Q: Was Vena Lu born in Milan\? A:' are nan or inf"):
+        last_position_attention(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=1, where="tiny")
 
 
 def test_a_hybrid_models_attention_layers_keep_their_numbers_in_the_model(word_tokenizer, tmp_path):

@@ -1,3 +1,4 @@
+import copy
 import os
 import re
 import sys
@@ -385,10 +386,10 @@ def test_logits_of_nan_or_inf_stop_an_evaluation_before_it_answers(fp16_overflow
         with pytest.raises(FactftError) as error:
             evaluate_model(spec, make_test_table(), params, device="cpu")
     assert str(error.value) == (
-        "model 'big': its logits on the first prompt are nan or inf, so its answers would be noise; it runs "
-        "in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: run it on a GPU with "
-        "bf16 (compute capability 8.0 on)"
-    )
+        "model 'big': its logits on 'Q: Where was Ito Rask born in the ? A:' are nan or inf, so its answers would "
+        "be noise; it runs in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: run it "
+        "on a GPU with bf16 (compute capability 8.0 on)"
+    )  # the first of the longest batch, which runs first
     model = LlamaForCausalLM.from_pretrained(fp16_overflow_model_dir)
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
@@ -397,6 +398,36 @@ def test_logits_of_nan_or_inf_stop_an_evaluation_before_it_answers(fp16_overflow
     broken = dict(spec, name="broken", path=str(tmp_path))
     with pytest.raises(FactftError, match=r"^model 'broken': its logits .* its weights hold nan or inf"):
         evaluate_model(broken, make_test_table(with_choices=True), dict(params, format="multiple_choice"), device="cpu")
+
+
+def test_logits_turning_nan_on_a_later_prompt_or_mid_answer_stop_it_naming_the_prompt(tiny):
+    _, model, tokenizer = tiny
+    broken = copy.deepcopy(model)
+    with torch.no_grad():  # "doctor" is in no prompt, but in some of the model's answers
+        broken.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("doctor")] = float("nan")
+    prompts = [f"Q: {q} A:" for q in make_test_table()["question"]]
+    answers = generate_texts(model, tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    # Logits turn nan once "doctor" is fed back, i.e. when an answer holds it before its last token.
+    spoiled = {p for p, a in zip(prompts, answers) if "doctor" in a.split()[:-1]}
+    assert spoiled and len(spoiled) < len(prompts)
+    assert generate_texts(broken, tokenizer, prompts, max_new_tokens=1, batch_size=2) == [
+        a.split()[0] for a in answers
+    ]  # the prompts alone give finite logits
+    why = "so its answers would be noise; its weights hold nan or inf: check the model folder, or the finetune"
+    with pytest.raises(FactftError, match=f"^model 'tiny': its logits on '.*' are nan or inf, {why}") as error:
+        generate_texts(broken, tokenizer, prompts, max_new_tokens=4, batch_size=2, where="model 'tiny'")
+    assert re.search("its logits on '(.*)' are", str(error.value))[1] in spoiled
+
+    # Likelihoods: only an answer or a choice holding "doctor" reads nan logits.
+    targets = ["Lyon", "baker", "Rome", "piano", "doctor Oslo", "pilot", "Milan"]
+    assert np.isfinite(answer_logprobs(broken, tokenizer, prompts[:4], targets[:4], batch_size=2)).all()
+    with pytest.raises(FactftError, match=f"^the model: its logits on {re.escape(repr(prompts[4]))} are nan or inf"):
+        answer_logprobs(broken, tokenizer, prompts, targets, batch_size=2)
+    choices = [["Lyon", "Rome"]] * 7
+    choices[5] = ["Oslo", "doctor pilot"]
+    assert all(np.isfinite(c).all() for c in choice_logprobs(broken, tokenizer, prompts[:5], choices[:5], batch_size=4))
+    with pytest.raises(FactftError, match=f"^the model: its logits on {re.escape(repr(prompts[5]))} are nan or inf"):
+        choice_logprobs(broken, tokenizer, prompts, choices, batch_size=4)
 
 
 def test_missing_columns_fail_before_the_model_is_loaded():

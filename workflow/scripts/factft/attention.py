@@ -164,14 +164,16 @@ def require_eager_attention(model, where: str) -> None:
 
 
 def last_position_attention(
-    model, prompts: Sequence[PromptTokens], *, pad_id: int, batch_size: int
+    model, prompts: Sequence[PromptTokens], *, pad_id: int, batch_size: int, where: str = "the model"
 ) -> list[np.ndarray]:
     """Per prompt, its last position's attention weights over its own tokens: an array
     (layers, heads, tokens), float32. Batches are left-padded, so the last column is every
-    row's last position; position ids count real tokens only, as for an unpadded prompt."""
+    row's last position; position ids count real tokens only, as for an unpadded prompt.
+    Logits of nan or inf there stop it (factft.generate.check_finite_rows): a model that
+    overflows is no model to analyse. `where` names the model."""
     import torch
 
-    from factft.generate import accepts_logits_to_keep, left_pad, length_batches
+    from factft.generate import accepts_logits_to_keep, check_finite_rows, left_pad, length_batches
 
     keeps_logits = accepts_logits_to_keep(model)
     weights: list[np.ndarray | None] = [None] * len(prompts)
@@ -193,6 +195,8 @@ def last_position_attention(
                 raise FactftError(
                     f"{type(model).__name__} returned no attention weights: it needs attention layers, run eagerly"
                 )
+            finite = torch.isfinite(output.logits[:, -1]).all(-1)
+            check_finite_rows(~finite, model, [prompts[i].prompt for i in batch], where)
             last = torch.stack([a[:, :, -1, :] for a in attentions], dim=1).float().cpu().numpy()
             for row, i in enumerate(batch):
                 weights[i] = last[row, :, :, last.shape[-1] - len(prompts[i].input_ids) :]
@@ -289,7 +293,7 @@ def analyse_attention(
     `spec` is `model_spec(name)` and `params` is `attention_params` from rules/common.smk
     (questions, the cap; batch_size; prompt) plus max_drop_fraction, which the script adds.
     """
-    from factft.generate import check_finite_logits, pad_id
+    from factft.generate import pad_id
     from factft.models import load_model
 
     where = f"attention of model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
@@ -306,8 +310,9 @@ def analyse_attention(
         prompt_tokens(tokenizer, str(q), str(s), template, f"{where}, test fact {i}")
         for q, s, i in zip(questions["question"], questions["subject"], questions["id"])
     ]
-    check_finite_logits(model, tokenizer, prompts[0].prompt, where)
-    weights = last_position_attention(model, prompts, pad_id=pad_id(tokenizer), batch_size=params["batch_size"])
+    weights = last_position_attention(
+        model, prompts, pad_id=pad_id(tokenizer), batch_size=params["batch_size"], where=where
+    )
     layers = attention_layer_numbers(model, weights[0].shape[0], where)
     by_layer = attention_by_layer(weights, prompts, layers)
     chosen = example_index(questions)

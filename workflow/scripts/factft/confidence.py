@@ -16,7 +16,6 @@ from factft.errors import FactftError
 from factft.generate import (
     answer_logprobs,
     check_choices,
-    check_finite_logits,
     check_format,
     choice_logprobs,
     demo_columns,
@@ -51,12 +50,11 @@ def confidence_scores(
     ]
     if prompts:
         log.info("the first prompt: %r", prompts[0])
-        check_finite_logits(model, tokenizer, prompts[0], where)
     if fmt == "open":
         answers = [gold_answer(fact, prompt["answer"]) for fact in records]
-        return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size))
+        return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size, where=where))
     options = [choice_answers(choices, prompt["answer"]) for choices in facts["choices"]]
-    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
+    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, where=where)
     probabilities = [_softmax(s) for s in scores]
     if "{letter}" in prompt["answer"]:
         probabilities = without_letter_prior(probabilities)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from factft.errors import FactftError
 from factft.metrics import metrics_table, score_predictions
@@ -117,6 +117,7 @@ def generate_texts(
     rounds: bool = True,
     logits_processor: LogitsProcessorList | None = None,
     end_ids: Sequence[int] = (),
+    where: str = "the model",
 ) -> list[str]:
     """Each prompt's greedy continuation (up to eos, one of `end_ids`, or max_new_tokens),
     decoded, in prompt order.
@@ -137,7 +138,7 @@ def generate_texts(
     in one round, whose shapes do not change, and a short last batch is filled up to the
     batch size with copies of its last row (a new batch size would compile the step again).
     `logits_processor` goes to `generate` (the benchmark shapes a random model's answers
-    with it).
+    with it). Logits of nan or inf at any step stop it (check_finite_rows); `where` names the model.
     """
     encoded = tokenizer(list(prompts))["input_ids"]
     # Past its trained positions a model's answers are noise, not a finding.
@@ -163,6 +164,7 @@ def generate_texts(
         steps = budget - len(answers[batch[0]])  # the rows of a batch have decoded as many tokens
         ids, mask = left_pad([encoded[i] + answers[i] for i in batch], pad, model.device)
         starts = torch.tensor([ids.shape[1] - len(answers[i]) for i in batch], device=model.device)
+        watch = NonFiniteRows(len(batch), model.device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -171,9 +173,10 @@ def generate_texts(
             pad_token_id=pad,
             eos_token_id=sorted(eos) or None,
             stopping_criteria=StoppingCriteriaList([FirstLineEnd(flags, starts)] if flags is not None else []),
-            logits_processor=logits_processor,
+            logits_processor=LogitsProcessorList([*(logits_processor or []), watch]),
             **cache,
         )
+        check_finite_rows(watch.seen, model, [prompts[i] for i in batch], where)
         begins = starts.tolist()
         line_ends = [None] * len(batch)  # per row, its answer's length through its first line break
         if flags is not None:
@@ -275,6 +278,42 @@ class FirstLineEnd(StoppingCriteria):
         return first_line_breaks(input_ids, self.starts, self.flags).any(-1)
 
 
+class NonFiniteRows(LogitsProcessor):
+    """Marks the rows whose next-token logits hold nan or +inf at any step, without a sync
+    (`seen`, on the model's device). Processors before it may set -inf (suppressed tokens)."""
+
+    def __init__(self, rows: int, device):
+        self.seen = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top = scores.amax(-1)  # nan if any is nan: one pass over the vocabulary
+        self.seen |= torch.isnan(top) | torch.isposinf(top)
+        return scores
+
+
+# ---- nan and inf ----------------------------------------------------------------
+
+
+def non_finite_logits(model, where: str, prompt: str) -> FactftError:
+    """The error for logits of nan or inf on `prompt`. They make greedy decoding emit one token
+    id over and over (answers that score near zero) and every likelihood nan, with no error."""
+    if torch.float16 in {p.dtype for p in model.parameters()}:
+        why = (
+            "it runs in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: "
+            "run it on a GPU with bf16 (compute capability 8.0 on)"
+        )
+    else:
+        why = "its weights hold nan or inf: check the model folder, or the finetune that made the adapter"
+    return FactftError(f"{where}: its logits on {prompt!r} are nan or inf, so its answers would be noise; {why}")
+
+
+def check_finite_rows(bad: torch.Tensor | np.ndarray, model, prompts: Sequence[str], where: str) -> None:
+    """Raises non_finite_logits for the first of `prompts` whose row is marked in `bad`."""
+    rows = np.flatnonzero(bad.cpu().numpy() if isinstance(bad, torch.Tensor) else bad)
+    if len(rows):
+        raise non_finite_logits(model, where, prompts[rows[0]])
+
+
 # ---- likelihoods ----------------------------------------------------------------
 
 
@@ -290,9 +329,10 @@ def prompt_answer_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], l
 
 @torch.inference_mode()
 def answer_logprobs(
-    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int, where: str = "the model"
 ) -> np.ndarray:
-    """Summed log-probability of each answer's tokens after its prompt (teacher forcing), float64."""
+    """Summed log-probability of each answer's tokens after its prompt (teacher forcing), float64.
+    Logits of nan or inf stop it (check_finite_rows); `where` names the model."""
     pairs = [prompt_answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
     sequences = [p + a for p, a in pairs]
     answer_lengths = np.array([len(a) for _, a in pairs])
@@ -322,6 +362,8 @@ def answer_logprobs(
         )
         sums = torch.where(in_answer, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
         scores[batch] = sums.double().cpu().numpy()
+        # Only the answers' positions: a padding position's logits may be nan and are never used.
+        check_finite_rows(~np.isfinite(scores[batch]), model, [prompts[i] for i in batch], where)
 
     in_batches(length_batches([len(s) for s in sequences], batch_size), run)
     return scores
@@ -344,7 +386,14 @@ def holds_keys(cache) -> bool:
 
 @torch.inference_mode()
 def choice_logprobs(
-    model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, batch_size: int, mean: bool = False
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    *,
+    batch_size: int,
+    mean: bool = False,
+    where: str = "the model",
 ) -> list[np.ndarray]:
     """Per question, the summed log-likelihood of each choice text after its prompt (with
     `mean`, divided by the choice's tokens: evaluate.choice_score).
@@ -352,6 +401,7 @@ def choice_logprobs(
     The prompt runs once and every choice continues from a copy of its KV cache: a question
     of 55 tokens with four choices of 15 computes 115 tokens instead of 4 x 70 (and a 5-shot
     prompt 3.6x fewer). `batch_size` counts rows per forward pass, as in answer_logprobs.
+    Logits of nan or inf stop it (check_finite_rows); `where` names the model.
     """
     pairs = [[prompt_answer_ids(tokenizer, p, c) for c in options] for p, options in zip(prompts, choices, strict=True)]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]  # every choice's prompt part (prompt_answer_ids)
@@ -401,9 +451,11 @@ def choice_logprobs(
             logprobs = torch.log_softmax(torch.cat([first, logits[:, :-1].float()], dim=1), dim=-1)
             token_logprobs = logprobs.gather(-1, tokens[:, :, None]).squeeze(-1)
             sums = torch.where(in_choice.bool(), token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
-            for row, (i, total) in enumerate(zip(batch, sums.double().cpu().numpy())):
+            totals = sums.double().cpu().numpy()
+            for row, (i, total) in enumerate(zip(batch, totals)):
                 if j < len(choice_ids[i]):
                     scores[i][j] = total
+            check_finite_rows(~np.isfinite(totals), model, [prompts[i] for i in batch], where)
 
     questions = max(1, batch_size // widest)  # each choice is a row of its own
     in_batches(length_batches([len(p) for p in prompt_ids], questions), run)
@@ -505,7 +557,6 @@ def predict(
     prompts = [in_turn(prompt, text) for text in prompts]
     if prompts:
         log.info("the first prompt: %r", prompts[0])
-        check_finite_logits(model, tokenizer, prompts[0], where)
     if fmt == "open":
         texts = generate_texts(
             model,
@@ -515,35 +566,18 @@ def predict(
             batch_size=batch_size,
             static_cache=static_cache,
             end_ids=[reply_end_id(tokenizer, prompt)],
+            where=where,
         )
         return score_predictions(test, texts, fmt)
     options = [choice_answers(choices, prompt["answer"]) for choices in test["choices"]]
     if options:
         log.info("its choices: %r", options[0])
-    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, mean=choice_score == "mean")
+    scores = choice_logprobs(
+        model, tokenizer, prompts, options, batch_size=batch_size, mean=choice_score == "mean", where=where
+    )
     picked = [int(np.argmax(s)) for s in scores]
     texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]
     return score_predictions(test, texts, fmt, choices=picked)
-
-
-def check_finite_logits(model, tokenizer, prompt: str, where: str) -> None:
-    """Logits of nan or inf make greedy decoding emit one token id over and over (answers that
-    score near zero) and every likelihood nan, with no error: one forward pass on the first
-    prompt finds them before an evaluation, a model_confidence scoring or an attention analysis."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False, **extra).logits
-    if torch.isfinite(logits).all():
-        return
-    if torch.float16 in {p.dtype for p in model.parameters()}:
-        why = (
-            "it runs in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: "
-            "run it on a GPU with bf16 (compute capability 8.0 on)"
-        )
-    else:
-        why = "its weights hold nan or inf: check the model folder, or the finetune that made the adapter"
-    raise FactftError(f"{where}: its logits on the first prompt are nan or inf, so its answers would be noise; {why}")
 
 
 def evaluate_model(
