@@ -174,6 +174,24 @@ def test_attention_weights_of_left_padded_batches_match_a_direct_computation(tin
         np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
 
+def test_attention_batches_that_run_out_of_gpu_memory_are_cut_until_they_fit(tiny_model_dir, monkeypatch):
+    model, tokenizer = load_model({"name": "tiny", "path": str(tiny_model_dir)}, device="cpu", attention="eager")
+    questions = [("Where was Ilmo Varsk born?", "Ilmo Varsk"), ("What does Lu do?", "Lu"), ("Was Lu born?", "Lu")]
+    prompts = [prompt_tokens(tokenizer, q, s, TEMPLATE) for q, s in questions]
+    whole = last_position_attention(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=3)
+    forward = model.forward
+
+    def fits_one_row(**kwargs):  # a real out-of-memory error needs a GPU; this fails as one does
+        if kwargs["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(**kwargs)
+
+    monkeypatch.setattr(model, "forward", fits_one_row)
+    cut = last_position_attention(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=3)
+    for got, expected in zip(cut, whole, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_analysis_tables_hold_per_layer_statistics_and_the_most_popular_question_as_example(tiny_model_dir):
     test = pd.DataFrame(
         {

@@ -3,6 +3,7 @@ compiled blocks, the static KV cache and the out-of-memory split, checked on the
 on CPU."""
 
 import importlib.util
+import logging
 import re
 from pathlib import Path
 
@@ -376,6 +377,19 @@ def test_after_running_out_of_gpu_memory_every_batch_is_cut_until_it_fits():
 
     with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit is the user's problem
         in_batches([[0]], never_fits)
+
+
+def test_a_long_run_of_batches_logs_its_progress_counting_the_rows_done(monkeypatch, caplog):
+    monkeypatch.setattr("factft.generate.PROGRESS_EVERY_S", 0)  # a line after every batch but the last
+
+    def run(batch):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with caplog.at_level(logging.INFO, logger="factft.generate"):
+        in_batches([list(range(0, 4)), list(range(4, 6)), [6]], run)
+    done = re.findall(r"(\d+) of 7 prompts done, [\d.]+ per s, about \d+ s left", caplog.text)
+    assert done == ["2", "4", "6"]  # the batch that ran out of memory counts once it ran, cut in two
 
 
 def load_bench():

@@ -169,37 +169,41 @@ def last_position_attention(
     """Per prompt, its last position's attention weights over its own tokens: an array
     (layers, heads, tokens), float32. Batches are left-padded, so the last column is every
     row's last position; position ids count real tokens only, as for an unpadded prompt.
-    Logits of nan or inf there stop it (factft.generate.check_finite_rows): a model that
-    overflows is no model to analyse. `where` names the model."""
+    Batches that run out of GPU memory are halved (factft.generate.in_batches). Logits of nan
+    or inf stop it (check_finite_rows): a model that overflows is no model to analyse. `where`
+    names the model."""
     import torch
 
-    from factft.generate import accepts_logits_to_keep, check_finite_rows, left_pad, length_batches
+    from factft.generate import accepts_logits_to_keep, check_finite_rows, in_batches, left_pad, length_batches
 
     keeps_logits = accepts_logits_to_keep(model)
     weights: list[np.ndarray | None] = [None] * len(prompts)
-    with torch.inference_mode():
-        for batch in length_batches([len(p.input_ids) for p in prompts], batch_size):
-            ids, mask = left_pad([prompts[i].input_ids for i in batch], pad_id, model.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            output = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=False,
-                output_attentions=True,
-                # The logits are not needed: one position's keeps a 7B vocabulary small.
-                **({"logits_to_keep": 1} if keeps_logits else {}),
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> None:
+        ids, mask = left_pad([prompts[i].input_ids for i in batch], pad_id, model.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            output_attentions=True,
+            # The logits are not needed: one position's keeps a 7B vocabulary small.
+            **({"logits_to_keep": 1} if keeps_logits else {}),
+        )
+        attentions = getattr(output, "attentions", None)  # a state-space model (Mamba) has none
+        if not attentions or any(a is None for a in attentions):
+            raise FactftError(
+                f"{type(model).__name__} returned no attention weights: it needs attention layers, run eagerly"
             )
-            attentions = getattr(output, "attentions", None)  # a state-space model (Mamba) has none
-            if not attentions or any(a is None for a in attentions):
-                raise FactftError(
-                    f"{type(model).__name__} returned no attention weights: it needs attention layers, run eagerly"
-                )
-            finite = torch.isfinite(output.logits[:, -1]).all(-1)
-            check_finite_rows(~finite, model, [prompts[i].prompt for i in batch], where)
-            last = torch.stack([a[:, :, -1, :] for a in attentions], dim=1).float().cpu().numpy()
-            for row, i in enumerate(batch):
-                weights[i] = last[row, :, :, last.shape[-1] - len(prompts[i].input_ids) :]
+        finite = torch.isfinite(output.logits[:, -1]).all(-1)
+        check_finite_rows(~finite, model, [prompts[i].prompt for i in batch], where)
+        last = torch.stack([a[:, :, -1, :] for a in attentions], dim=1).float().cpu().numpy()
+        for row, i in enumerate(batch):
+            weights[i] = last[row, :, :, last.shape[-1] - len(prompts[i].input_ids) :]
+
+    in_batches(length_batches([len(p.input_ids) for p in prompts], batch_size), run)
     return weights
 
 

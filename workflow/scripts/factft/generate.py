@@ -27,6 +27,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from factft.errors import FactftError
+from factft.logging import PROGRESS_EVERY_S
 from factft.metrics import metrics_table, score_predictions
 from factft.models import load_model, peak_memory
 from factft.prompts import (
@@ -57,9 +58,12 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
 
 def in_batches(batches: Sequence[np.ndarray], run: Callable[[np.ndarray], None]) -> None:
     """run(batch) for every batch, in order. When one runs out of GPU memory, every batch
-    from then on is cut to half its size (and again, down to single rows)."""
+    from then on is cut to half its size (and again, down to single rows). A run that takes
+    long logs its progress every PROGRESS_EVERY_S."""
     pending = list(reversed(batches))
     limit = None
+    rows, done = sum(len(b) for b in batches), 0
+    start = reported = time.perf_counter()
     while pending:
         batch = pending.pop()
         if limit is not None and len(batch) > limit:
@@ -74,6 +78,13 @@ def in_batches(batches: Sequence[np.ndarray], run: Callable[[np.ndarray], None])
             limit = len(batch) // 2
             log.warning("out of GPU memory with a batch of %d; continuing with batches of %d", len(batch), limit)
             pending.append(batch)
+            continue
+        done += len(batch)
+        now = time.perf_counter()
+        if pending and now - reported >= PROGRESS_EVERY_S:
+            rate = done / max(now - start, 1e-9)
+            log.info("%d of %d prompts done, %.1f per s, about %.0f s left", done, rows, rate, (rows - done) / rate)
+            reported = now
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ from pathlib import Path
 from factft.errors import FactftError
 
 log = logging.getLogger("factft")
+# Seconds between a long job's progress lines: one line each, readable in a batch job's log (no \r bars).
+PROGRESS_EVERY_S = 30
 # bitsandbytes warns at import, in every job that imports peft, when the optional `kernels`
 # package is absent: its CPU 4-bit kernels then fall back to plain torch, which only QLoRA
 # on a CPU (the tests) uses. A false alarm in every LoRA log; its errors still show.

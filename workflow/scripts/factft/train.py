@@ -30,6 +30,7 @@ import torch
 
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
+from factft.logging import PROGRESS_EVERY_S
 from factft.models import (
     compute_dtype,
     default_device,
@@ -51,8 +52,6 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s"]
 MEGA_BATCHES = 50
 CHECKPOINT_PREFIX = "step-"
 STATE = "state.json"  # written last inside a checkpoint: its presence marks it complete
-# Seconds between progress lines: one line each, readable in a batch job's log (no \r bars).
-PROGRESS_EVERY_S = 30
 # optimizer adamw8bit: smaller tensors (norms, small adapters) keep 32-bit moments, as in
 # bitsandbytes' default; tests lower it so that the tiny model's weights get 8-bit ones.
 MIN_8BIT_SIZE = 4096
