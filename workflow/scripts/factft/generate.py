@@ -8,6 +8,7 @@ of `model.generate` (optionally a static one, which transformers compiles on CUD
 ends a row at eos or at the end of its answer's first line, the only part that is scored;
 choice and answer likelihoods come from one forward pass per batch that keeps only the
 answer positions' logits (a 7B vocabulary over whole few-shot prompts would not fit otherwise).
+Logits of nan or inf, at any prompt or decoding step, stop it with an error naming the prompt.
 """
 
 from __future__ import annotations
