@@ -112,6 +112,24 @@ def test_a_small_model_given_a_gpu_its_torch_cannot_use_runs_on_the_cpu_saying_s
     assert "given GPU" not in caplog.text
 
 
+def test_a_model_too_large_for_its_gpu_is_an_error_naming_the_remedies(tiny_model_dir, monkeypatch):
+    spec = {"name": "tiny", "path": str(tiny_model_dir)}
+
+    def out_of_memory(self, *args, **kwargs):  # a real one needs a GPU; this fails as one does
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 250.00 MiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", out_of_memory)
+    with pytest.raises(FactftError) as error:
+        load_model(spec, device="cpu", for_training=True)
+    assert str(error.value) == (
+        "model 'tiny' (0.0 GiB of weights on disk) does not fit in the memory of its GPU: run it on a GPU with "
+        "more memory (slurm_partition and gpu_model in the SLURM profile), or use finetune.method qlora (a 4-bit base)"
+    )
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
+    with pytest.raises(FactftError, match=r"in the SLURM profile\)$"):  # evaluation: QLoRA would not help
+        load_model(spec, device="cpu")
+
+
 def test_peft_adapter_is_merged_for_evaluation_and_trainable_for_training(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 

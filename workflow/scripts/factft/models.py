@@ -253,21 +253,24 @@ def load_model(
             bnb_4bit_compute_dtype=compute_dtype(device),
         )
         options["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)
-    if quantize:
-        check_quantized(model, name)
-    if rebuilt:
-        model = model.dequantize(dtype=compute_dtype(device))
-    elif not quantize:
-        model.to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)
+        if quantize:
+            check_quantized(model, name)
+        if rebuilt:
+            model = model.dequantize(dtype=compute_dtype(device))
+        elif not quantize:
+            model.to(device)
 
-    if kind == "peft":
-        from peft import PeftModel
+        if kind == "peft":
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
-        # A 4-bit base cannot absorb the adapter.
-        if not for_training and (rebuilt or not quantize) and merges_exactly(model):
-            model = model.merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
+            # A 4-bit base cannot absorb the adapter.
+            if not for_training and (rebuilt or not quantize) and merges_exactly(model):
+                model = model.merge_and_unload()
+    except torch.OutOfMemoryError as error:
+        raise FactftError(does_not_fit(spec, device, finetune=for_training and not quantize)) from error
 
     tokenizer_dir = Path(adapter) if kind == "full" else Path(spec["path"])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **common, **({"gguf_file": gguf} if gguf else {}))
@@ -277,6 +280,23 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.train(for_training)
     return model, tokenizer
+
+
+def does_not_fit(spec: dict, device, *, finetune: bool) -> str:
+    """What to change when a model's weights do not fit in its GPU's memory: every retry of
+    the job fails the same way, whatever host memory SLURM gives it. `finetune`: a 16-bit
+    base for training, which QLoRA would load in 4 bits."""
+    gpu = ""
+    if str(device).startswith("cuda"):
+        total = torch.cuda.get_device_properties(device).total_memory
+        gpu = f" ({torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB)"
+    remedies = ["run it on a GPU with more memory (slurm_partition and gpu_model in the SLURM profile)"]
+    if finetune:
+        remedies.append("use finetune.method qlora (a 4-bit base)")
+    return (
+        f"model '{spec['name']}' ({weights_bytes(spec) / 2**30:.1f} GiB of weights on disk) does not fit in the "
+        f"memory of its GPU{gpu}: {', or '.join(remedies)}"
+    )
 
 
 def merges_exactly(model) -> bool:
