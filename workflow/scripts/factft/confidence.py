@@ -13,13 +13,7 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
-from factft.generate import (
-    answer_logprobs,
-    check_choices,
-    check_format,
-    choice_logprobs,
-    demo_columns,
-)
+from factft.generate import answer_logprobs, check_choices, check_format, choice_logprobs, demo_columns
 from factft.models import load_model
 from factft.prompts import chat_prompt, choice_answers, fact_prompt, few_shot_prefixes, gold_answer, in_turn
 

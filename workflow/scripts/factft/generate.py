@@ -30,7 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from factft.errors import FactftError
 from factft.logging import PROGRESS_EVERY_S
 from factft.metrics import metrics_table, score_predictions
-from factft.models import load_model, peak_memory
+from factft.models import BF16_GPU, load_model, peak_memory
 from factft.prompts import (
     IGNORE,
     chat_prompt,
@@ -312,7 +312,7 @@ def non_finite_logits(model, where: str, prompt: str) -> FactftError:
     if torch.float16 in {p.dtype for p in model.parameters()}:
         why = (
             "it runs in fp16 (this GPU has no bf16), whose range (to 65504) its activations overflow: "
-            "run it on a GPU with bf16 (compute capability 8.0 on)"
+            f"run it on {BF16_GPU}"
         )
     else:
         why = "its weights hold nan or inf: check the model folder, or the finetune that made the adapter"
@@ -464,7 +464,7 @@ def choice_logprobs(
             token_logprobs = logprobs.gather(-1, tokens[:, :, None]).squeeze(-1)
             sums = torch.where(in_choice.bool(), token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
             totals = sums.double().cpu().numpy()
-            for row, (i, total) in enumerate(zip(batch, totals)):
+            for i, total in zip(batch, totals):
                 if j < len(choice_ids[i]):
                     scores[i][j] = total
             check_finite_rows(~np.isfinite(totals), model, [prompts[i] for i in batch], where)

@@ -37,6 +37,8 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # Weights from this size up make a CPU run of a job meant for a GPU hopeless: hours become
 # days, and SLURM's retries (runtime x attempt) hold the GPU six times the runtime before failing.
 CPU_WEIGHTS_LIMIT = 2**30
+# Where a model that overflows fp16 runs: on a GPU without bf16 it computes in fp16 (compute_dtype).
+BF16_GPU = "a GPU with bf16 (compute capability 8.0 on)"
 
 
 def default_device() -> str:

@@ -32,6 +32,7 @@ from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.logging import PROGRESS_EVERY_S
 from factft.models import (
+    BF16_GPU,
     compute_dtype,
     default_device,
     load_model,
@@ -494,7 +495,7 @@ def diverged(name: str, error: FloatingPointError, settings: dict, device) -> st
     if compute_dtype(device) == torch.float16:
         fix = (
             "this GPU has no bf16 and computes in fp16, whose range (to 65504) a model's activations can "
-            f"overflow: run it on a GPU with bf16 (compute capability 8.0 on), or, if training diverged, lower {rate}"
+            f"overflow: run it on {BF16_GPU}, or, if training diverged, lower {rate}"
         )
     else:
         fix = f"training diverged: lower {rate}"
