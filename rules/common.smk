@@ -291,8 +291,8 @@ def model_dir(model):
 
 
 def model_spec(model):
-    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`,
-    its system prompt and template variables only when set (so they rerun no job)."""
+    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`, its
+    system prompt, template variables and `quantize` only when set (rerunning no job)."""
     source = MODELS[model]["source"]
     spec = {
         "name": model,
@@ -302,8 +302,8 @@ def model_spec(model):
     }
     if MODELS[model]["chat"]:
         spec["chat"] = True
-    for key in CHAT_KEYS:
-        if MODELS[model][key]:
+    for key in (*CHAT_KEYS, "quantize"):
+        if MODELS[model].get(key):
             spec[key] = MODELS[model][key]
     return spec
 
@@ -314,6 +314,14 @@ def base_model(wildcards):
 
 def base_model_spec(wildcards):
     return model_spec(wildcards.model)
+
+
+def finetune_model_spec(wildcards):
+    """model_spec without `quantize`: a finetune's 4-bit base comes from its method (qlora,
+    which quantize requires), so setting quantize later reruns no finetune."""
+    spec = model_spec(wildcards.model)
+    spec.pop("quantize", None)
+    return spec
 
 
 def hub_model_spec(wildcards):

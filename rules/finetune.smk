@@ -50,7 +50,7 @@ rule finetune:
         mem_mb=finetune_mem_mb,
         runtime=finetune_runtime,
     params:
-        spec=base_model_spec,
+        spec=finetune_model_spec,
         settings=finetune_params,
         checkpoint_every=running(checkpoint_every),
         prompt=prompt_params,

@@ -280,6 +280,14 @@ CATALOGUE = [
     ("config-system-prompt-without-chat",
      config_with(lambda c: c["models"]["tiny"].update(system_prompt="Answer briefly.")),
      "models.tiny.system_prompt: the chat template is used only with models.tiny.chat: true"),
+    ("config-a-model-held-in-4-bits-without-qlora", config_with(lambda c: c["models"]["tiny"].update(quantize="nf4")),
+     "models.tiny.quantize: the model is held in 4 bits, so its finetunes are QLoRA, but finetune.method is 'lora' "
+     "for dataset 'synth'; set models.tiny.finetune.method: qlora"),
+    ("config-qlora-of-a-gguf-model",
+     config_with(lambda c: c["models"].update(smol={"source": {"path": "m", "gguf_file": "m.gguf"},
+                                                    "finetune": {"method": "qlora"}})),
+     "models.smol.source.gguf_file: transformers does not quantize a model read from GGUF, so finetune.method qlora "
+     "(dataset 'synth') cannot load it; use method lora, or a safetensors copy of the model (source.path)"),
     # config: unknown names
     ("config-unknown-key", config_with(lambda c: c.update(seedz=[1])),
      "Additional properties are not allowed ('seedz' was unexpected)"),

@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
-def run_demo(folder: Path, *flags: str, config: Path = ROOT / "config/demo.yaml") -> subprocess.CompletedProcess:
+def run_demo(
+    folder: Path, *flags: str, config: Path = ROOT / "config/demo.yaml", target: str = "results/tables/summary.tsv"
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(
         # Targets first: --configfile takes every argument up to the next flag.
-        [str(SNAKEMAKE), "results/tables/summary.tsv", "-s", str(ROOT / "Snakefile"), "-d", str(folder),
+        [str(SNAKEMAKE), target, "-s", str(ROOT / "Snakefile"), "-d", str(folder),
          "--configfile", str(config), "--cores", "2", *flags],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
@@ -37,8 +39,8 @@ def demo(tmp_path_factory) -> Path:
     return folder / "results"
 
 
-def overall_accuracy(results: Path, subset: str, seed: int) -> float:
-    metrics = pd.read_csv(results / f"tiny/synth/{subset}/seed{seed}/metrics.tsv", sep="\t")
+def overall_accuracy(results: Path, subset: str, seed: int, model: str = "tiny") -> float:
+    metrics = pd.read_csv(results / f"{model}/synth/{subset}/seed{seed}/metrics.tsv", sep="\t")
     return float(metrics.loc[metrics["scope"] == "all", "accuracy"].iloc[0])
 
 
@@ -153,3 +155,31 @@ def test_every_job_log_is_whole_lines_with_the_finetunes_progress(demo):
     assert [path for path in logs if "\r" in path.read_text()] == []
     finetune = (demo.parent / "logs/finetune/tiny/synth/top/seed0.log").read_text()
     assert re.search(r"step ([0-9]+)/\1 loss [0-9.]+ lr ", finetune)
+
+
+@pytest.mark.slow
+def test_a_model_held_in_4_bits_learns_the_facts_and_dropping_the_4_bits_reevaluates_without_retraining(
+    demo, tmp_path
+):
+    """models.<name>.quantize, on the demo's pretrained model under another name (its folder as
+    the source): QLoRA over the 4-bit base learns the facts as LoRA does, and the evaluation
+    keeps that base in 4 bits. Holding the model in 16 bits instead evaluates the finished run
+    again, but does not retrain it: its 4-bit base came from method qlora."""
+    folder = demo.parent
+    config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    held = {"source": {"path": "resources/models/tiny"}, "finetune": {"method": "qlora", "max_steps": 100}}
+    config["models"]["tiny4bit"] = dict(held, quantize="nf4")
+    (tmp_path / "4bit.yaml").write_text(yaml.safe_dump(config))
+    target = "results/tiny4bit/synth/top/seed0/metrics.tsv"
+    run = run_demo(folder, config=tmp_path / "4bit.yaml", target=target)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (folder / "logs/evaluate/tiny4bit/synth/top/seed0.log").read_text()
+    assert re.search(r"model 'tiny4bit': \d+ linear layers in 4-bit NF4", log) and "dequantized" not in log
+    assert overall_accuracy(demo, "top", 0, model="tiny4bit") > overall_accuracy(demo, "top", 0) / 2
+
+    config["models"]["tiny4bit"] = held
+    (tmp_path / "16bit.yaml").write_text(yaml.safe_dump(config))
+    plan = run_demo(folder, "-n", config=tmp_path / "16bit.yaml", target=target)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert re.search(r"^evaluate\s+1$", plan.stdout, re.MULTILINE)
+    assert not re.search(r"^finetune\s", plan.stdout, re.MULTILINE)

@@ -126,8 +126,15 @@ def test_a_model_too_large_for_its_gpu_is_an_error_naming_the_remedies(tiny_mode
         "more memory (slurm_partition and gpu_model in the SLURM profile), or use finetune.method qlora (a 4-bit base)"
     )
     assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
-    with pytest.raises(FactftError, match=r"in the SLURM profile\)$"):  # evaluation: QLoRA would not help
+    with pytest.raises(FactftError) as error:  # evaluation: a QLoRA finetune would not shrink the base
         load_model(spec, device="cpu")
+    assert str(error.value).endswith(
+        "in the SLURM profile), or hold it in 4 bits in every job (models.tiny.quantize: nf4; its finetunes QLoRA)"
+    )
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)  # 4-bit layers load in place
+    for training in (False, True):  # already 4 bits: only a larger GPU helps
+        with pytest.raises(FactftError, match=r"does not fit .*: run it on a GPU with more memory \(.*profile\)$"):
+            load_model(dict(spec, quantize="nf4"), device="cpu", for_training=training)
 
 
 def test_peft_adapter_is_merged_for_evaluation_and_trainable_for_training(tiny_model_dir, tmp_path):

@@ -186,6 +186,49 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_evaluates_exactly_the_traine
     assert (off - expected).abs().max() > 100 * (found - expected).abs().max()
 
 
+def test_a_model_held_in_4_bits_evaluates_its_qlora_adapter_over_the_4bit_base(tiny_model_dir, facts, tmp_path):
+    """models.<name>.quantize: a model too large for its GPU in 16 bits is evaluated as trained,
+    its adapter beside the 4-bit layers, never dequantized (which would need the 16-bit memory)."""
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    # bitsandbytes' CPU inference path repacks 4-bit weights in blocks of 64 inputs: the tiny
+    # model's 32 are too few, so this one is twice as wide (a real model's thousands are fine),
+    # its weights scaled up so that greedy answers differ (as peaked_model_dir's).
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "head_dim": 16})
+    wide = tmp_path / "wide"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_config(config)
+        for parameter in model.parameters():
+            parameter.mul_(8.0 if parameter.dim() > 1 else 1.0)
+    model.save_pretrained(wide)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(wide)
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    run(wide, facts, tmp_path, method="qlora", max_steps=4, learning_rate=3e-2, lora=lora)
+    held = dict(spec(wide), quantize="nf4")
+    base, _ = load_model(held, device="cpu")
+    assert isinstance(base.model.layers[0].mlp.down_proj, Linear4bit)
+    model, tokenizer = load_model(held, tmp_path / "adapter", device="cpu")
+    assert isinstance(model, PeftModel) and not model.training  # unmerged: a 4-bit base cannot absorb it
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+
+    # The trained model, rebuilt in 16 bits (the default), and the adapter over the original
+    # weights instead: the 4-bit evaluation agrees with the first up to 4-bit arithmetic
+    # (bitsandbytes' CPU inference path keeps bf16 scales), not with the second.
+    rebuilt, _ = load_model(spec(wide), tmp_path / "adapter", device="cpu")
+    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(wide), str(tmp_path / "adapter"))
+    prompts = ["Q: Where was Bera Tosk born? A:", "Q: What does Suna Dee do? A:"]
+    with torch.no_grad():
+        found, expected, off = (m(**tokenizer(prompts, return_tensors="pt")).logits for m in (model, rebuilt, naive))
+    assert (found - expected).abs().max() < (off - expected).abs().max() / 10
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=3, batch_size=2)
+    assert texts == generate_texts(rebuilt, tokenizer, prompts, max_new_tokens=3, batch_size=2)
+
+
 def test_qlora_of_a_model_bitsandbytes_cannot_quantize_fails_before_training(tiny_model_dir, facts, tmp_path):
     # Falcon's linear layers are FalconLinear, which bitsandbytes leaves in full precision.
     from transformers import FalconConfig
@@ -197,10 +240,17 @@ def test_qlora_of_a_model_bitsandbytes_cannot_quantize_fails_before_training(tin
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
     tokenizer.save_pretrained(tmp_path / "falcon")
-    message = r"model 'tiny': bitsandbytes quantized none of FalconForCausalLM's layers .* use method lora"
-    with pytest.raises(FactftError, match=message):
+    message = (
+        "model 'tiny': bitsandbytes quantized none of FalconForCausalLM's layers to 4 bits, so it would run, "
+        "and QLoRA train, in full precision; use finetune.method lora for this model"
+    )
+    with pytest.raises(FactftError) as error:
         run(tmp_path / "falcon", facts, tmp_path, method="qlora", max_steps=1)
+    assert str(error.value) == message
     assert not (tmp_path / "adapter").exists()
+    with pytest.raises(FactftError) as error:  # asked for by models.<name>.quantize, in any job
+        load_model(dict(spec(tmp_path / "falcon"), quantize="nf4"), device="cpu")
+    assert str(error.value).endswith("; remove models.tiny.quantize and use finetune.method lora for this model")
 
 
 def test_qlora_of_a_model_that_cannot_run_in_4_bits_fails_before_training(tiny_model_dir, facts, tmp_path):

@@ -69,7 +69,19 @@ def check_config(config: dict) -> None:
             if model.get(key) and not model.get("chat"):
                 raise FactftError(f"models.{name}.{key}: the chat template is used only with models.{name}.chat: true")
         for dataset in datasets:
-            finetune_settings(config, name, dataset)
+            method = finetune_settings(config, name, dataset)["method"]
+            if model.get("quantize") and method != "qlora":
+                # lora would train over the 4-bit base all the same; full cannot train 4-bit weights.
+                raise FactftError(
+                    f"models.{name}.quantize: the model is held in 4 bits, so its finetunes are QLoRA, but "
+                    f"finetune.method is '{method}' for dataset '{dataset}'; set models.{name}.finetune.method: qlora"
+                )
+            if method == "qlora" and "gguf_file" in model["source"]:
+                raise FactftError(
+                    f"models.{name}.source.gguf_file: transformers does not quantize a model read from GGUF, so "
+                    f"finetune.method qlora (dataset '{dataset}') cannot load it; use method lora, or a "
+                    "safetensors copy of the model (source.path)"
+                )
 
 
 # Maps the user names and orders (the order of figures and tables); every other block is

@@ -213,17 +213,20 @@ def load_model(
     peft adapter is attached (trainable when `for_training`, else merged into the weights
     where that is exact: merges_exactly) or full weights replace the base. `quantize="nf4"`
     loads the base in 4-bit NF4 with double quantization (QLoRA; bitsandbytes, on CUDA or
-    CPU). `dtype` is the weights' dtype (default: compute_dtype(device)). `attention` is
-    the attention implementation; by default transformers' own choice, SDPA where the model
-    has it (Llama, Mistral, ...), else eager (Gemma 2, Bloom, ...). The tokenizer gets the
-    eos token as its pad token when it has none; the caller sets `padding_side`.
+    CPU), as does `spec["quantize"]` (models.<name>.quantize) in every job. `dtype` is the
+    weights' dtype (default: compute_dtype(device)). `attention` is the attention
+    implementation; by default transformers' own choice, SDPA where the model has it (Llama,
+    Mistral, ...), else eager (Gemma 2, Bloom, ...). The tokenizer gets the eos token as its
+    pad token when it has none; the caller sets `padding_side`.
 
     A QLoRA adapter was trained on the NF4-rounded base, not on the original weights: for
     evaluation that base is rebuilt (quantized, then dequantized to the compute dtype) with
-    the adapter on it, which is exactly the trained model, without 4-bit arithmetic.
+    the adapter on it, which is exactly the trained model, without 4-bit arithmetic. A model
+    held in 4 bits stays so, its adapter beside the 4-bit layers, as in training.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quantize = quantize or spec.get("quantize")
     if quantize not in (None, *QUANTIZATIONS):
         raise FactftError(f"quantize '{quantize}' is not supported; use one of {QUANTIZATIONS} or none")
     device = device or default_device()
@@ -258,9 +261,11 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(weights, **common, **source, **options)
         if quantize:
-            check_quantized(model, name)
+            layers = check_quantized(model, name, held=bool(spec.get("quantize")))
+            log.info("model '%s': %d linear layers in 4-bit NF4 (bitsandbytes)", name, layers)
         if rebuilt:
             model = model.dequantize(dtype=compute_dtype(device))
+            log.info("model '%s': dequantized to %s, the QLoRA adapter's base as it was trained", name, model.dtype)
         elif not quantize:
             model.to(device)
 
@@ -272,7 +277,8 @@ def load_model(
             if not for_training and (rebuilt or not quantize) and merges_exactly(model):
                 model = model.merge_and_unload()
     except torch.OutOfMemoryError as error:
-        raise FactftError(does_not_fit(spec, device, finetune=for_training and not quantize)) from error
+        in_4bit = bool(quantize) and not rebuilt
+        raise FactftError(does_not_fit(spec, device, finetune=for_training, in_4bit=in_4bit)) from error
 
     tokenizer_dir = Path(adapter) if kind == "full" else Path(spec["path"])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **common, **({"gguf_file": gguf} if gguf else {}))
@@ -284,17 +290,20 @@ def load_model(
     return model, tokenizer
 
 
-def does_not_fit(spec: dict, device, *, finetune: bool) -> str:
+def does_not_fit(spec: dict, device, *, finetune: bool, in_4bit: bool) -> str:
     """What to change when a model's weights do not fit in its GPU's memory: every retry of
-    the job fails the same way, whatever host memory SLURM gives it. `finetune`: a 16-bit
-    base for training, which QLoRA would load in 4 bits."""
+    the job fails the same way, whatever host memory SLURM gives it. A 16-bit model takes a
+    quarter of the memory in 4 bits: for a finetune, QLoRA; for the other jobs (and a QLoRA
+    adapter's base, rebuilt in 16 bits to evaluate), models.<name>.quantize."""
     gpu = ""
     if str(device).startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory
         gpu = f" ({torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB)"
     remedies = ["run it on a GPU with more memory (slurm_partition and gpu_model in the SLURM profile)"]
-    if finetune:
+    if not in_4bit and finetune:
         remedies.append("use finetune.method qlora (a 4-bit base)")
+    if not in_4bit and not finetune:
+        remedies.append(f"hold it in 4 bits in every job (models.{spec['name']}.quantize: nf4; its finetunes QLoRA)")
     return (
         f"model '{spec['name']}' ({weights_bytes(spec) / 2**30:.1f} GiB of weights on disk) does not fit in the "
         f"memory of its GPU{gpu}: {', or '.join(remedies)}"
@@ -311,19 +320,23 @@ def merges_exactly(model) -> bool:
     return model.get_base_model().dtype == torch.float32
 
 
-def check_quantized(model, name: str) -> None:
-    """bitsandbytes replaces only plain nn.Linear layers: a model with linear layers of its own
-    class (Falcon's FalconLinear) loads with none in 4 bits, and QLoRA would silently train a
-    full-precision base (and fail later, when it is dequantized for evaluation). A model whose
-    forward reads a layer's weight itself (Mamba's dt_proj) fails on its packed 4-bit weights:
-    a two-token forward finds that here, with the model's name, not at the first step."""
+def check_quantized(model, name: str, *, held: bool = False) -> int:
+    """The number of 4-bit layers. bitsandbytes replaces only plain nn.Linear layers: a model
+    with linear layers of its own class (Falcon's FalconLinear) loads with none in 4 bits, and
+    QLoRA would silently train a full-precision base (and fail later, when it is dequantized
+    for evaluation). A model whose forward reads a layer's weight itself (Mamba's dt_proj)
+    fails on its packed 4-bit weights: a two-token forward finds that here, with the model's
+    name, not at the first step. `held`: models.<name>.quantize asked for the 4 bits."""
     from bitsandbytes.nn import Linear4bit
 
     model_class = type(model).__name__
-    if not any(isinstance(module, Linear4bit) for module in model.modules()):
+    remedy = f"remove models.{name}.quantize and " if held else ""
+    remedy += "use finetune.method lora for this model"
+    layers = sum(isinstance(module, Linear4bit) for module in model.modules())
+    if not layers:
         raise FactftError(
             f"model '{name}': bitsandbytes quantized none of {model_class}'s layers to 4 bits, so "
-            "finetune.method qlora would train a full-precision base; use method lora for this model"
+            f"it would run, and QLoRA train, in full precision; {remedy}"
         )
     try:
         with probing(model):
@@ -333,8 +346,9 @@ def check_quantized(model, name: str) -> None:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise FactftError(
             f"model '{name}': {model_class} with bitsandbytes' 4-bit layers fails a two-token forward "
-            f"({type(error).__name__}: {reason}); use finetune.method lora for this model"
+            f"({type(error).__name__}: {reason}); {remedy}"
         ) from None
+    return layers
 
 
 @contextlib.contextmanager
