@@ -291,8 +291,9 @@ def model_dir(model):
 
 
 def model_spec(model):
-    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`, its
-    system prompt, template variables and `quantize` only when set (rerunning no job)."""
+    """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`,
+    its system prompt, template variables and `quantize` only when set (so that
+    they rerun no job)."""
     source = MODELS[model]["source"]
     spec = {
         "name": model,
