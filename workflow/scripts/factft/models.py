@@ -300,10 +300,12 @@ def does_not_fit(spec: dict, device, *, finetune: bool, in_4bit: bool) -> str:
         total = torch.cuda.get_device_properties(device).total_memory
         gpu = f" ({torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB)"
     remedies = ["run it on a GPU with more memory (slurm_partition and gpu_model in the SLURM profile)"]
-    if not in_4bit and finetune:
-        remedies.append("use finetune.method qlora (a 4-bit base)")
-    if not in_4bit and not finetune:
-        remedies.append(f"hold it in 4 bits in every job (models.{spec['name']}.quantize: nf4; its finetunes QLoRA)")
+    if not in_4bit:
+        remedies.append(
+            "use finetune.method qlora (a 4-bit base)"
+            if finetune
+            else f"hold it in 4 bits in every job (models.{spec['name']}.quantize: nf4; its finetunes QLoRA)"
+        )
     return (
         f"model '{spec['name']}' ({weights_bytes(spec) / 2**30:.1f} GiB of weights on disk) does not fit in the "
         f"memory of its GPU{gpu}: {', or '.join(remedies)}"
