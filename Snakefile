@@ -1,8 +1,10 @@
 # factft: QA finetuning on well-known vs little-known facts (Ghosal et al., ICML 2024).
 # Each stage lives in rules/<stage>.smk; config lookups go through rules/common.smk.
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, update_config, validate
 
-from factft.config import command_line_config
+from factft.config import check_numbers, command_line_config
+from factft.errors import FactftError
 
 min_version("9.0")
 
@@ -16,6 +18,10 @@ if not workflow.overwrite_configfiles:
 
 # Snakemake reads the items of a --config list or map as strings (seeds=[0] gives ["0"]).
 update_config(config, command_line_config(workflow.config_settings.config_args))
+try:
+    check_numbers(config)
+except FactftError as error:
+    raise WorkflowError(f"config: {error}") from None
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -14,6 +14,7 @@ from snakemake.utils import update_config, validate
 from factft.config import (
     SCHEMA,
     check_config,
+    check_numbers,
     command_line_config,
     evaluate_job_settings,
     finetune_job_settings,
@@ -82,6 +83,35 @@ def test_wrong_type_names_the_key():
     config["finetune"]["epochs"] = "three"
     message = schema_error(config)
     assert "epochs" in message and "'three'" in message
+
+
+@pytest.mark.parametrize(
+    ("written", "spelling", "value"),
+    [("1e-4", "1.0e-4", 1e-4), ("3E-5", "3.0e-5", 3e-5), ("2.5e0", "2.5e+0", 2.5), ("1.0e4", "10000", 10000)],
+)
+def test_a_number_yaml_reads_as_text_is_named_with_the_spelling_it_reads_as_a_number(written, spelling, value):
+    # PyYAML follows YAML 1.1: a float needs a dot and a signed exponent, so 1e-4 is a string.
+    text = (ROOT / "config" / "config.yaml").read_text().replace("learning_rate: 1.0e-4", f"learning_rate: {written}")
+    config = yaml.safe_load(text)
+    with pytest.raises(FactftError) as caught:
+        check_numbers(config)
+    assert str(caught.value) == f"finetune.learning_rate: '{written}' is text to YAML, not a number; write {spelling}"
+    fixed = validated(yaml.safe_load(text.replace(f"learning_rate: {written}", f"learning_rate: {spelling}")))
+    assert fixed["finetune"]["learning_rate"] == value
+
+
+def test_a_model_override_written_as_text_is_named_where_it_was_set():
+    config = validated(load("config.yaml"))
+    config["models"]["llama2-7b"]["finetune"] = yaml.safe_load("learning_rate: 3e-5")
+    with pytest.raises(FactftError, match=r"^models\.llama2-7b\.finetune\.learning_rate: '3e-5' is text to YAML.*3\.0e-5$"):
+        finetune_settings(config, "llama2-7b")
+
+
+def test_text_that_looks_like_a_number_is_left_alone_where_the_schema_wants_text():
+    config = load("config.yaml")
+    config["models"]["llama2-7b"]["source"]["revision"] = "8e12345"  # a commit, not 8 x 10^12345
+    check_numbers(config)
+    validated(config)
 
 
 # At 1 FT-Top, FT-Bottom and FT-Random would each be the whole pool.
@@ -343,4 +373,16 @@ def test_a_malformed_command_line_list_is_named_by_the_schema(tmp_path):
     )  # fmt: skip
     assert run.returncode != 0
     assert "'[0, 1' is not of type 'array'" in run.stderr + run.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_command_line_number_yaml_reads_as_text_is_named_before_any_job(tmp_path):
+    (tmp_path / "config").symlink_to(ROOT / "config")
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "all", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
+         "--config", "split={pool_size: 2e3}"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "config: split.pool_size: '2e3' is text to YAML, not a number; write 2000" in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()

@@ -27,6 +27,50 @@ SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 # A model's keys that only its chat template reads (models.<name>.chat).
 CHAT_KEYS = ("system_prompt", "chat_template_kwargs")
 
+# PyYAML reads YAML 1.1, where a float needs a dot and a signed exponent: 1e-4 is text.
+NUMBER_AS_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def check_numbers(config: dict) -> None:
+    """Raise FactftError for a number written in a form YAML reads as text (1e-4) where the
+    schema wants a number, naming the key and the spelling YAML reads as one. Runs before the
+    schema, whose own message ("'1e-4' is not of type 'number'") does not say why."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    for error in _with_context(jsonschema.Draft202012Validator(schema).iter_errors(config)):
+        if _number_as_text(error):
+            raise FactftError(f"{'.'.join(str(p) for p in error.absolute_path)}: {_number_as_text(error)}")
+
+
+def _number_as_text(error: jsonschema.ValidationError) -> str | None:
+    """What to write instead, where a schema error is a number that YAML read as text."""
+    wanted = error.validator_value if error.validator == "type" else []
+    wanted = set(wanted if isinstance(wanted, list) else [wanted])
+    text = error.instance
+    if wanted & {"number", "integer"} and isinstance(text, str) and NUMBER_AS_TEXT.fullmatch(text.strip()):
+        return f"'{text}' is text to YAML, not a number; write {yaml_number(text)}"
+    return None
+
+
+def _with_context(errors):
+    """Schema errors and, depth first, those of the alternatives of each anyOf/oneOf."""
+    for error in errors:
+        yield error
+        yield from _with_context(error.context or ())
+
+
+def yaml_number(text: str) -> str:
+    """`text` (1e-4, 3e3) spelled as YAML 1.1 reads a number: 1.0e-4, 3000."""
+    value = float(text)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    if exponent[0] not in "+-":
+        exponent = "+" + exponent
+    return f"{mantissa}e{exponent}"
+
+
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
     datasets, models = config["datasets"], config["models"]
@@ -172,7 +216,8 @@ def finetune_settings(config: dict, model: str, dataset: str | None = None) -> d
     try:
         _finetune_validator().validate(merged)
     except jsonschema.ValidationError as error:
-        raise FactftError(f"{_override_at_fault(overrides, error)}: {error.message}") from None
+        message = _number_as_text(error) or error.message
+        raise FactftError(f"{_override_at_fault(overrides, error)}: {message}") from None
     return merged
 
 
@@ -265,6 +310,7 @@ def load_config(path: str | Path) -> dict:
     from snakemake.utils import validate
 
     config = yaml.safe_load(Path(path).read_text())
+    check_numbers(config)
     validate(config, str(SCHEMA))
     check_and_sort(config)
     return config
