@@ -1,6 +1,7 @@
 import copy
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -115,6 +116,31 @@ def test_generation_stops_at_any_eos_of_the_generation_config_and_drops_it(tiny)
     finally:
         model.generation_config.eos_token_id = original
     assert text == tokenizer.decode(free[: free.index(stopper)])
+
+
+def test_a_model_folders_decoding_settings_do_not_bend_greedy_answers(tiny, peaked_model_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    spec, plain, tokenizer = tiny
+    prompts = [f"Q: {q} A:" for q in make_test_table()["question"]]
+    # Ending also at token 0 (<unk>), as the folder below declares: some answers run into it.
+    greedy = generate_texts(plain, tokenizer, prompts, max_new_tokens=6, batch_size=3, end_ids=[0])
+    # The same weights, their folder asking for a repetition penalty and an n-gram ban, as a
+    # chat model's folder may: transformers would apply them to every `generate` call.
+    shutil.copytree(peaked_model_dir, tmp_path / "model")
+    settings = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "do_sample": True, "temperature": 0.7}
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=3, **settings).save_pretrained(tmp_path / "model")
+    model, _ = load_model(dict(spec, path=str(tmp_path / "model")), device="cpu")
+    assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == greedy
+    assert model.generation_config.eos_token_id == [2, 0]  # its end tokens still end answers
+    assert greedy != generate_texts(plain, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    ids = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    penalized = [plain.generate(i, max_new_tokens=6, pad_token_id=3, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                                do_sample=False)[0, i.shape[1]:].tolist() for i in ids]  # fmt: skip
+    assert any(
+        tokenizer.decode(tokens[: next((k for k, t in enumerate(tokens) if t in (0, 2)), None)]) != text
+        for tokens, text in zip(penalized, greedy)
+    ), "the settings must change some answer, or this test shows nothing"
 
 
 def test_an_answer_ends_at_its_chat_templates_end_of_reply(tiny):

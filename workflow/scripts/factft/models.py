@@ -284,10 +284,26 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **common, **({"gguf_file": gguf} if gguf else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        if not for_training:  # a full finetune saves the folder's own
+            model.generation_config = greedy_generation_config(model.generation_config)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.train(for_training)
     return model, tokenizer
+
+
+def greedy_generation_config(config):
+    """A model folder's generation config with only its special tokens kept.
+
+    transformers fills every generation setting left unset in a `generate` call from the
+    model's config: a folder's repetition penalty (some instruct models ship one), n-gram ban,
+    beams or minimum length would change its greedy answers, unlike its likelihoods, and
+    differently for each model. Its end tokens (several for chat models) stay."""
+    from transformers import GenerationConfig
+
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{key: getattr(config, key) for key in ids if getattr(config, key, None) is not None})
 
 
 def does_not_fit(spec: dict, device, *, finetune: bool, in_4bit: bool) -> str:
