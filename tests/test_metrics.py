@@ -41,10 +41,23 @@ def test_unicode_punctuation_accents_and_possessives_do_not_hide_an_alias():
     assert score_open(" the Eiffel-Tower", ["Eiffel Tower"]) == (True, True)
     for prediction in (" Paris's suburbs", " Paris’s suburbs", " Paris—France"):
         assert score_open(prediction, ["Paris"]) == (True, False), prediction
-    # Numbers stay whole: "3" is not in "3.5", nor "1" in "1,000".
-    assert score_open(" 3.5", ["3"]) == (False, False)
+    # Letters that Unicode does not decompose into a letter and an accent fold as well.
+    for prediction, alias in ((" Kobenhavn", "København"), (" Lodz", "Łódź"), (" Strasse", "Straße")):
+        assert score_open(prediction, [alias]) == (True, True), prediction
+
+
+def test_numbers_stay_whole_with_their_separators():
+    # "3" is not in "3.5", "3:30" or "3/4", nor "1" in "1,000"; and 3.5 is not 35.
+    for prediction in (" 3.5", " 3:30", " 3/4"):
+        assert score_open(prediction, ["3"]) == (False, False), prediction
     assert score_open(" 1,000", ["1"]) == (False, False)
+    assert score_open(" 35", ["3.5"]) == (False, False)
+    assert score_open(" 15 million", ["1.5 million"]) == (False, False)
+    # A thousands comma is no part of the number; a number's last dot ends the sentence.
     assert score_open(" 1,000 people", ["1000"]) == (True, False)
+    assert score_open(" 1,250,000", ["1250000"]) == (True, True)
+    assert score_open(" In 1990.", ["1990"]) == (True, False)
+    assert score_open(" 3.5", ["3.5"]) == (True, True)
 
 
 def test_only_the_first_line_of_the_prediction_counts():

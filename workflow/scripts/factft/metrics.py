@@ -2,8 +2,9 @@
 
 Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, after the
 SQuAD normalisation (lowercase, no punctuation, no articles, single spaces) made to hold for
-any script: accents folded ("São Paulo" is "sao paulo"), every Unicode punctuation mark
-dropped (curly quotes, dashes, "。"). Containment is on word boundaries, checked with
+any script: accents folded ("São Paulo" is "sao paulo", "Łódź" "lodz"), every Unicode
+punctuation mark dropped (curly quotes, dashes, "。") but a number's separators ("3.5" is
+neither "35" nor holds "3"; "1,000" is "1000"). Containment is on word boundaries, checked with
 punctuation dropped ("U.S." is "us") and with it read as a space ("Paris's", "Paris—France"
 hold "paris"), correct if either holds. Only the first line counts: a base model keeps
 generating the next "Q: ... A: ..." pair, and an answer to that invented question must not
@@ -32,18 +33,29 @@ import pandas as pd
 from factft.errors import FactftError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_IN_NUMBER = re.compile(r"(?<=\d)[.,](?=\d)")  # 3.5 and 1,000 stay one word: "3" is not in "3.5"
+# A number stays one word with its separators, which are not punctuation there: "3" is not in
+# "3.5" or "3:30", and "3.5" is not "35". A thousands comma alone goes: "1,000" is "1000".
+_NUMBER = re.compile(r"(\d+(?:[.,:/]\d+)+)")
+_THOUSANDS = re.compile(r",(?=\d{3}(?!\d))")
+# Letters that are not an accented letter to Unicode, so NFKD leaves them whole ("ß" casefolds).
+_LETTERS = str.maketrans({"ø": "o", "ł": "l", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
 
 METRICS_COLUMNS = ("scope", "x", "n", "accuracy", "exact_match", "relation_guess")
 DECILES = tuple(range(10, 101, 10))
 
 
 def normalize(text: str, punctuation: str = "") -> str:
-    """SQuAD's answer normalisation, accents folded and every Unicode punctuation mark (and
-    ASCII's symbols, as SQuAD) replaced by `punctuation`."""
-    folded = _IN_NUMBER.sub("", unicodedata.normalize("NFKD", text.lower()))
+    """SQuAD's answer normalisation, accents folded (letters such as "ø" and "ß" too) and every
+    Unicode punctuation mark (and ASCII's symbols, as SQuAD) replaced by `punctuation`, except
+    a number's separators."""
+    folded = unicodedata.normalize("NFKD", text.casefold().translate(_LETTERS))
+    # re.split with a group: numbers at the odd places, the text around them at the even ones.
+    pieces = _NUMBER.split(folded)
     text = "".join(
-        punctuation if _is_punctuation(c) else c for c in folded if not unicodedata.combining(c)
+        _THOUSANDS.sub("", piece)
+        if i % 2
+        else "".join(punctuation if _is_punctuation(c) else c for c in piece if not unicodedata.combining(c))
+        for i, piece in enumerate(pieces)
     )
     return " ".join(_ARTICLES.sub(" ", text).split())
 
