@@ -189,7 +189,8 @@ def write_zip(path, members):
 
 
 def test_entityquestions_question_outside_its_template_is_named_then_dropped_and_counted(tmp_path, caplog):
-    items = [{"question": "Who is Ada?", "answers": ["x"]}, {"question": "Where was Ada born?", "answers": ["y"]}]
+    items = [{"question": "Who is Ada?", "answers": ["x"]}, {"question": "Where was Ada born?", "answers": ["y"]},
+             {"question": "Where was Bo born?", "answers": ["z"]}]  # fmt: skip
     write_zip(tmp_path / "dataset.zip", {"dataset/test/P19.test.json": items})
     source = {"url": "file://unused", "reader": "entityquestions"}
     with caplog.at_level(logging.WARNING, logger="factft.sources"):
@@ -198,8 +199,8 @@ def test_entityquestions_question_outside_its_template_is_named_then_dropped_and
     assert "split.max_drop_fraction): 1, the first" in caplog.text
     assert "dataset/test/P19.test.json: 'Who is Ada?'" in caplog.text
     facts = to_facts(table, spec(source, "eq"), max_drop_fraction=0.5)
-    assert facts["subject"].tolist() == ["Ada"]
-    with pytest.raises(FactftError, match=r"dataset 'eq': 1 of 2 rows are invalid \(\{'empty subject': 1\}\)"):
+    assert facts["subject"].tolist() == ["Ada", "Bo"]
+    with pytest.raises(FactftError, match=r"dataset 'eq': 1 of 3 rows are invalid \(\{'empty subject': 1\}\)"):
         to_facts(table, spec(source, "eq"), max_drop_fraction=0.1)
 
 
@@ -266,12 +267,12 @@ def test_a_list_column_written_by_pandas_to_csv_reads_back_as_the_list(tmp_path)
     """pandas writes a list cell as Python's repr: read as text alone it would be one answer
     that no prediction contains."""
     table = pd.DataFrame(
-        {"question": ["Capital of France?"], "answers": [["Paris", "City of Light"]], "subject": ["France"],
-         "relation": ["capital"]}
+        {"question": ["Capital of France?", "Capital of Peru?"], "answers": [["Paris", "City of Light"], ["Lima"]],
+         "subject": ["France", "Peru"], "relation": ["capital", "capital"]}
     )  # fmt: skip
     table.to_csv(tmp_path / "facts.csv", index=False)
     facts = load_facts(spec({"path": str(tmp_path / "facts.csv")}), tmp_path, max_drop_fraction=0.1)
-    assert facts["answers"].tolist() == [["Paris", "City of Light"]]
+    assert facts["answers"].tolist() == [["Paris", "City of Light"], ["Lima"]]
 
 
 def test_missing_mapped_column_names_dataset_and_column_and_lists_the_columns(data_dir, tmp_path):
@@ -419,12 +420,26 @@ def test_multiple_choice_reads_lists_as_text_and_letters_and_drops_rows_with_emp
 
 
 def test_a_row_repeating_an_earlier_rows_fact_is_dropped(caplog):
-    table = pd.concat([facts_table(10), facts_table(10).iloc[[3, 3]]], ignore_index=True)
+    table = pd.concat([facts_table(10), facts_table(10).iloc[[3, 3, 5]]], ignore_index=True)
     table.at[11, "answers"] = ["elsewhere"]  # the same question with another answer is another fact
+    # Filed under another subject, the same question and answer is still the same example: kept,
+    # it could be held out while its twin is finetuned on.
+    table.at[12, "subject"] = "another topic"
     with caplog.at_level(logging.INFO, logger="factft"):
         facts = to_facts(table, spec({}), max_drop_fraction=0.1)
     assert facts["id"].tolist() == [f"ds-{i}" for i in range(10)] + ["ds-11"]
-    assert "dropping 1 rows that repeat an earlier row's" in caplog.text
+    assert "dropping 2 rows that repeat an earlier row's" in caplog.text
+
+
+def test_facts_that_all_share_one_subject_are_refused_before_their_popularity_is_scored():
+    # MMLU's subject is its topic: one topic alone is one subject, and the split holds out subjects.
+    table = facts_table(10).assign(topic="world history")
+    with pytest.raises(FactftError, match=r"every fact has the subject \['world history'\] \(source column 'topic', "
+                       r"datasets\.ds\.columns\.subject\)"):  # fmt: skip
+        to_facts(table, spec({}, columns={"subject": "topic"}), max_drop_fraction=0.1)
+    # As config.yaml suggests for one MMLU topic: each question its own subject, the topic its relation.
+    facts = to_facts(table, spec({}, columns={"subject": "question", "relation": "topic"}), max_drop_fraction=0.1)
+    assert facts["subject"].nunique() == 10 and set(facts["relation"]) == {"world history"}
 
 
 def test_answer_index_outside_the_choices_drops_the_row():

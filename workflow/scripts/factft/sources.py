@@ -429,6 +429,7 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     _check_unique_ids(facts, name, mapping)
     facts = drop_invalid(facts, invalid, f"dataset '{name}'", max_drop_fraction)
     facts = _drop_repeats(facts, name)
+    _check_subjects(facts, name, mapping["subject"])
     order = ["id", "question", "answers", "subject", "relation"]
     order += [c for c in ("choices", "answer_index") if c in facts] + kept
     facts = facts[order].reset_index(drop=True)
@@ -485,14 +486,28 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
 
 
 def _drop_repeats(facts: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Drop rows that repeat an earlier row's fact: a repeat would count twice in the test
-    set's accuracy, or be trained on twice (both copies share a subject, so one side)."""
-    fact = ["question", "subject", "relation", "answers", *(["choices"] if "choices" in facts else [])]
+    """Drop rows that repeat an earlier row's question, choices and answers, whatever their
+    subject: a prompt shows only those, so a repeat is the same example, counted twice in the
+    test set's accuracy or trained on twice, and one filed under another subject (an MMLU
+    question under two topics) could be held out and finetuned on at once."""
+    fact = ["question", "answers", *(["choices"] if "choices" in facts else [])]
     keys = facts[fact].map(lambda value: tuple(value) if isinstance(value, list) else value)
     repeats = keys.duplicated()
     if repeats.any():
         log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s", name, int(repeats.sum()), fact)
     return facts[~repeats]
+
+
+def _check_subjects(facts: pd.DataFrame, name: str, column: str) -> None:
+    """The split holds out whole subjects: a dataset whose facts all share one stops here,
+    before its popularity is scored (a model's job for model_confidence)."""
+    subjects = facts["subject"].unique()
+    if len(subjects) < 2:
+        raise FactftError(
+            f"dataset '{name}': every fact has the subject {list(subjects)} (source column '{column}', "
+            f"datasets.{name}.columns.subject); the test set holds out subjects, so it needs 2 or more: "
+            "map columns.subject to a column that tells the facts apart"
+        )
 
 
 def _check_unique_ids(facts: pd.DataFrame, name: str, mapping: dict) -> None:
