@@ -103,7 +103,8 @@ def test_a_number_yaml_reads_as_text_is_named_with_the_spelling_it_reads_as_a_nu
 def test_a_model_override_written_as_text_is_named_where_it_was_set():
     config = validated(load("config.yaml"))
     config["models"]["llama2-7b"]["finetune"] = yaml.safe_load("learning_rate: 3e-5")
-    with pytest.raises(FactftError, match=r"^models\.llama2-7b\.finetune\.learning_rate: '3e-5' is text to YAML.*3\.0e-5$"):
+    expected = r"^models\.llama2-7b\.finetune\.learning_rate: '3e-5' is text to YAML.*3\.0e-5$"
+    with pytest.raises(FactftError, match=expected):
         finetune_settings(config, "llama2-7b")
 
 

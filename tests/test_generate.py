@@ -129,7 +129,8 @@ def test_a_model_folders_decoding_settings_do_not_bend_greedy_answers(tiny, peak
     # chat model's folder may: transformers would apply them to every `generate` call.
     shutil.copytree(peaked_model_dir, tmp_path / "model")
     settings = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "do_sample": True, "temperature": 0.7}
-    GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=3, **settings).save_pretrained(tmp_path / "model")
+    folder_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=3, **settings)
+    folder_config.save_pretrained(tmp_path / "model")
     model, _ = load_model(dict(spec, path=str(tmp_path / "model")), device="cpu")
     assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == greedy
     assert model.generation_config.eos_token_id == [2, 0]  # its end tokens still end answers
