@@ -242,10 +242,10 @@ def test_a_job_gets_its_own_datasets_settings_its_seed_and_nothing_that_should_n
     assert (popqa["seed"], mmlu["seed"]) == (2, 0)
     # How often progress is saved decides nothing; a setting added later shows only when it
     # changes what runs.
-    assert "checkpoint_every" not in popqa and "compile" not in popqa and "optimizer" not in popqa
-    config["finetune"].update(compile=True, optimizer="adamw8bit")
+    assert not {"checkpoint_every", "compile", "optimizer", "max_grad_norm"} & set(popqa)
+    config["finetune"].update(compile=True, optimizer="adamw8bit", max_grad_norm=1.0)
     changed = finetune_job_settings(config, "llama2-7b", "popqa", 0)
-    assert (changed["compile"], changed["optimizer"]) == (True, "adamw8bit")
+    assert (changed["compile"], changed["optimizer"], changed["max_grad_norm"]) == (True, "adamw8bit", 1.0)
     mc, open_qa = evaluate_job_settings(config, "mmlu"), evaluate_job_settings(config, "popqa")
     assert mc["format"] == "multiple_choice" and mc["choice_score"] == config["evaluate"]["choice_score"]
     assert open_qa["format"] == "open" and "choice_score" not in open_qa

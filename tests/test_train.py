@@ -326,6 +326,37 @@ def test_finetune_writes_adapter_trained_json_and_train_log_and_removes_checkpoi
     assert float(last.group(2)) == pytest.approx(log["tokens"][1:].sum() / steps_seconds_after_first(log), abs=1)
 
 
+def test_max_grad_norm_clips_each_steps_gradients_and_logs_their_norm_before(
+    tiny_model_dir, facts, tmp_path, monkeypatch
+):
+    norms = []  # the gradients' total norm as each optimizer step sees them
+    make_optimizer = train.make_optimizer
+
+    def recording(model, settings, device):
+        optimizer = make_optimizer(model, settings, device)
+        step = optimizer.step
+
+        def recorded(*args, **kwargs):
+            grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]
+            norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+            return step(*args, **kwargs)
+
+        optimizer.step = recorded
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    run(tiny_model_dir, facts, tmp_path / "free", max_steps=3)
+    free, norms[:] = list(norms), []
+    clip = 0.5 * min(free)
+    run(tiny_model_dir, facts, tmp_path / "clipped", max_steps=3, max_grad_norm=clip)
+    assert norms == pytest.approx([clip] * 3, rel=1e-4)
+    log = pd.read_csv(tmp_path / "clipped" / "train_log.tsv", sep="\t")
+    # Step 1 starts from the same weights on the same batch: the same gradients, before clipping.
+    assert log["grad_norm"].iloc[0] == pytest.approx(free[0], rel=1e-5)
+    assert (log["grad_norm"] > clip).all()
+    assert "grad_norm" not in pd.read_csv(tmp_path / "free" / "train_log.tsv", sep="\t")
+
+
 def steps_seconds_after_first(log: pd.DataFrame) -> float:
     return (log["tokens"] / log["tokens_per_s"])[1:].sum()
 

@@ -224,7 +224,7 @@ def finetune_settings(config: dict, model: str, dataset: str | None = None) -> d
 # Finetune settings added after finished runs may exist, with the value that behaves as
 # before they existed: left out of a job's params at that value, since Snakemake reruns a
 # job whose params change (the library reads them with .get and that default).
-LATER_SETTINGS = {"compile": False, "optimizer": "adamw"}
+LATER_SETTINGS = {"compile": False, "optimizer": "adamw", "max_grad_norm": None}
 # What answering and scoring need. evaluate.fewshot and attention_questions stay out: they
 # concern other rules, and a job whose params change is rerun.
 EVALUATE_KEYS = ("max_new_tokens", "batch_size", "static_cache", "percentiles")

@@ -416,8 +416,9 @@ def train_steps(
     step continues the uninterrupted run. `after_step(step, rows)` runs after each step.
     `settings['packing']` concatenates each micro-batch into one unpadded row
     (collate_packed): the same examples and loss, no padding tokens computed. `scaler` is
-    loss_scaler(device), passed in to be checkpointed. A loss of nan or inf stops it
-    (FloatingPointError): the weights it updated are lost.
+    loss_scaler(device), passed in to be checkpointed. `settings['max_grad_norm']` clips each
+    step's gradients to that total norm (a row's grad_norm: theirs before). A loss of nan or
+    inf stops it (FloatingPointError): the weights it updated are lost.
     """
     seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
@@ -439,6 +440,8 @@ def train_steps(
     precision = compute_dtype(device)
     autocast = torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32)
     scaler = loss_scaler(device) if scaler is None else scaler
+    clip = settings.get("max_grad_norm")
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     reported: tuple[float, int] | None = None  # (time, step) of the last progress line
     while step < total:
@@ -455,6 +458,9 @@ def train_steps(
             # Summed on the device: one host sync per step, not per micro-batch.
             loss_sum = loss_sum + loss.detach() * weight
             tokens += sum(lengths[i] for i in indices)
+        if clip:
+            scaler.unscale_(optimizer)  # fp16's scaled gradients back to their size, to be clipped
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -471,6 +477,7 @@ def train_steps(
                 "lr": optimizer.param_groups[0]["lr"],
                 "tokens": tokens,
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+                **({"grad_norm": float(grad_norm)} if clip else {}),
             }
         )
         if reported is None or step == total or time.perf_counter() - reported[0] >= PROGRESS_EVERY_S:
@@ -836,7 +843,8 @@ def finetune(
             "versions": library_versions(settings),
         }
         if train_log is not None:
-            write_tsv(pd.DataFrame(rows, columns=LOG_COLUMNS), train_log)
+            columns = LOG_COLUMNS + (["grad_norm"] if settings.get("max_grad_norm") else [])
+            write_tsv(pd.DataFrame(rows, columns=columns), train_log)
         save_output(out_dir, model, tokenizer, summary, method)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         seconds = steps_seconds(rows)
