@@ -616,8 +616,9 @@ def _text(value) -> str:
 
 
 def _index(value) -> int:
-    """A 0-based choice index, or a letter label (A is 0, as ARC and OpenBookQA write it);
-    -1 for anything else."""
+    """A 0-based choice index, also written as text, or a letter label (A is 0, as OpenBookQA
+    writes it; ARC's occasional "1"-"4" labels are 1-based and need mapping first); -1 for
+    anything else."""
     if _number(value) and float(value).is_integer():
         return int(value)
     if isinstance(value, str):
