@@ -357,6 +357,19 @@ def test_max_grad_norm_clips_each_steps_gradients_and_logs_their_norm_before(
     assert "grad_norm" not in pd.read_csv(tmp_path / "free" / "train_log.tsv", sep="\t")
 
 
+def test_a_run_trains_each_example_once_an_epoch_where_grad_accum_does_not_divide_its_batches(
+    tiny_model_dir, facts, tmp_path
+):
+    # 16 examples in batches of 3: 6 micro-batches an epoch, steps of 4 and then of the 2 left.
+    summary, _ = run(tiny_model_dir, facts, tmp_path, epochs=1, grad_accum=4)
+    assert (summary["steps"], summary["epochs"]) == (2, 1.0)
+    model, tokenizer = load_model(spec(tiny_model_dir), device="cpu")
+    encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+    log = pd.read_csv(tmp_path / "train_log.tsv", sep="\t")
+    assert log["tokens"].sum() == sum(len(e["input_ids"]) for e in encoded)  # each example once
+    assert log["epoch"].tolist() == pytest.approx([4 / 6, 1.0], abs=1e-6)
+
+
 def steps_seconds_after_first(log: pd.DataFrame) -> float:
     return (log["tokens"] / log["tokens_per_s"])[1:].sum()
 

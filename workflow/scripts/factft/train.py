@@ -391,10 +391,18 @@ def learning_rate(step: int, total: int, settings: dict) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def total_micro_batches(n_examples: int, settings: dict) -> int:
+    """Micro-batches of a run: max_steps x grad_accum, else epochs over the examples."""
+    accum = settings.get("grad_accum", 1)
+    if settings.get("max_steps"):
+        return settings["max_steps"] * accum
+    return math.ceil(settings["epochs"] * math.ceil(n_examples / settings["batch_size"]))
+
+
 def total_steps(n_examples: int, settings: dict) -> int:
-    """Optimizer steps of a run: max_steps, else epochs over the examples."""
-    per_epoch = math.ceil(n_examples / settings["batch_size"])
-    return settings.get("max_steps") or math.ceil(settings["epochs"] * per_epoch / settings.get("grad_accum", 1))
+    """Optimizer steps of a run; where grad_accum does not divide its micro-batches, the last
+    step takes those left (a full step would train past the epochs asked for)."""
+    return math.ceil(total_micro_batches(n_examples, settings) / settings.get("grad_accum", 1))
 
 
 def train_steps(
@@ -424,7 +432,7 @@ def train_steps(
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
     lengths = [len(e["input_ids"]) for e in encoded]
     per_epoch = math.ceil(len(encoded) / batch_size)
-    total = total_steps(len(encoded), settings)
+    total, n_micro = total_steps(len(encoded), settings), total_micro_batches(len(encoded), settings)
     rows = list(rows or [])
     epochs_cache: dict[int, list[list[int]]] = {}
 
@@ -449,7 +457,7 @@ def train_steps(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, settings)
         loss_sum, tokens = 0.0, 0
-        micro_batches = [micro_batch(step * accum + k) for k in range(accum)]
+        micro_batches = [micro_batch(i) for i in range(step * accum, min((step + 1) * accum, n_micro))]
         for indices, weight in zip(micro_batches, micro_batch_weights(encoded, micro_batches)):
             batch = collate_packed(encoded, indices, device) if packing else collate(encoded, indices, pad_id, device)
             with autocast:
@@ -472,7 +480,7 @@ def train_steps(
         rows.append(
             {
                 "step": step,
-                "epoch": step * accum / per_epoch,
+                "epoch": min(step * accum, n_micro) / per_epoch,
                 "loss": step_loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "tokens": tokens,
@@ -835,7 +843,7 @@ def finetune(
             "prompt": prompt,
             "examples": len(encoded),
             "steps": step,
-            "epochs": step * accum / per_epoch,
+            "epochs": min(step * accum, total_micro_batches(len(encoded), settings)) / per_epoch,
             "tokens": int(sum(r["tokens"] for r in rows)),
             "trainable_params": n_trainable,
             "final_loss": rows[-1]["loss"] if rows else None,
