@@ -247,6 +247,7 @@ def test_titles_with_slashes_are_escaped_in_the_url(http_server, tmp_path):
     http_server.reply(route("AC/DC"), (200, daily(4)))
     assert fetch(http_server, ["AC/DC"], tmp_path)["views"].tolist() == [4]
     assert article_title(" the Beatles ") == "The_Beatles"
+    assert article_title("Ella  Fitzgerald\t") == "Ella_Fitzgerald"  # Wikipedia has no title with "__"
 
 
 def test_reversed_date_range_is_an_error_before_any_request(http_server, tmp_path):

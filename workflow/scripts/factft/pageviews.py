@@ -71,8 +71,8 @@ class RateLimit:
 
 
 def article_title(name: str) -> str:
-    """The Wikipedia title for a name: underscores for spaces, first letter upper case."""
-    title = name.strip().replace(" ", "_")
+    """The Wikipedia title for a name: one underscore for each run of spaces, first letter upper case."""
+    title = "_".join(name.split())
     return title[:1].upper() + title[1:]
 
 
