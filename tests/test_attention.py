@@ -77,6 +77,10 @@ def test_subject_written_in_another_case_is_found_and_a_missing_one_is_an_error_
     assert parts(prompt)[0] == [" The", " Beat", "les"]
     # Whole words first: the subject "W" is not the start of "What".
     assert "".join(parts(prompt_tokens(bpe_tokenizer, "What genre is W?", "W", TEMPLATE))[0]).strip() == "W"
+    # A subject named like the question's first word is the later one.
+    prompt = prompt_tokens(bpe_tokenizer, "Who was the producer of Who?", "Who", TEMPLATE)
+    assert parts(prompt) == ([" Who"], [" Who", " was", " the", " producer", " of"])
+    assert prompt.subject[0] > prompt.relation[-1]
     with pytest.raises(FactftError, match=r"subject 'Lesotho' does not occur in the question 'What is the capital"):
         prompt_tokens(bpe_tokenizer, "What is the capital of Kenya?", "Lesotho", TEMPLATE, "popqa")
 

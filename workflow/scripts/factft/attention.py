@@ -58,15 +58,16 @@ class PromptTokens:
 def subject_span(question: str, subject: str) -> tuple[int, int] | None:
     """The subject's character span in the question: as written, else ignoring case
     (PopQA's `subj` and its question differ in case now and then); None when absent.
-    Whole words first: subject "W" is not the "W" of "What genre is W?"."""
+    Whole words first: subject "W" is not the "W" of "What genre is W?". Of several, the
+    last: a subject named like a question word is the second "Who" of "Who produced Who?"."""
     if not subject:
         return None
     escaped = re.escape(subject)
     for pattern in (rf"(?<!\w){escaped}(?!\w)", escaped):
         for flags in (0, re.IGNORECASE):
-            match = re.search(pattern, question, flags=flags)
-            if match:
-                return match.span()
+            matches = list(re.finditer(pattern, question, flags=flags))
+            if matches:
+                return matches[-1].span()
     return None
 
 
