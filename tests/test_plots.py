@@ -53,6 +53,15 @@ def snakemake_in(workdir, configfile, targets, *options):
     return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
+def test_the_legend_counts_every_held_out_fact_whatever_percentiles_are_drawn(tmp_path):
+    sources = make_sources(tmp_path, GRID)
+    for source in sources:  # as with evaluate.percentiles: [10, 50]
+        table = pd.read_csv(source["path"], sep="\t")
+        table[(table["scope"] != "top") | table["x"].isin([10, 50])].to_csv(source["path"], sep="\t", index=False)
+    title = figure_for(sources).legends[0].get_title().get_text()
+    assert title.startswith("10 held-out facts;"), title
+
+
 def test_make_figures_writes_a_png_and_a_pdf(tmp_path):
     png, pdf = tmp_path / "fig" / "a.png", tmp_path / "fig" / "a.pdf"
     make_figures(make_sources(tmp_path, GRID), "tiny", "synth", [png, pdf])

@@ -185,3 +185,12 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "results/report.html").read_text()
     assert "30% are the paper's FT-Top" in html  # the caption, with split.fraction filled in
+
+
+def test_a_grid_of_sized_subsets_alone_plans_everything_but_the_overview_of_the_papers_subsets(tmp_path):
+    config = load("demo.yaml")
+    config["subsets"] = ["top25", "bottom25"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    planned = snakemake_in(tmp_path, tmp_path / "config.yaml", ["all"], "--dry-run")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert "accuracy_vs_subset_size.png" in planned.stdout and "overview" not in planned.stdout

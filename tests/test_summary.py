@@ -16,6 +16,7 @@ from factft.summary import (
     main,
     make_summary,
     paper_table,
+    read_summary,
     summary_table,
 )
 from factft.tables import write_table, write_tsv
@@ -217,6 +218,16 @@ def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(t
     figure = results / "figures" / "tiny" / "synth" / "accuracy_vs_popularity.png"
     assert f"figure: {figure} (not made yet)" in out
     assert f"the whole grid at a glance: {results / 'figures' / 'overview.png'} (not made yet)" in out
+
+
+def test_names_that_read_as_numbers_or_missing_values_stay_the_configs_names(tmp_path):
+    results = tmp_path / "results"
+    sources = make_sources(results, GRID, model="1e3", dataset="NA")
+    make_summary(sources, {}, tmp_path / "summary.tsv", tmp_path / "p.tsv", tmp_path / "r.tsv")
+    summary = read_summary(tmp_path / "summary.tsv")
+    assert (summary.loc[0, "model"], summary.loc[0, "dataset"]) == ("1e3", "NA")
+    assert summary.loc[0, "top_mean"] == pytest.approx(22 / 30)
+    assert "| 1e3 | NA | 73.3" in paper_table(summary, "markdown")
 
 
 def test_a_malformed_metrics_table_is_an_error_naming_the_file(tmp_path):

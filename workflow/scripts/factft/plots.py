@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from factft import subsets as subset_names
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
-from factft.summary import GAP, LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics
+from factft.summary import GAP, LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics, read_summary
 from factft.tables import atomic_path, read_table
 
 # One colour and marker per subset in every figure (seaborn's colourblind palette; the
@@ -144,7 +144,8 @@ def _data_note(data: pd.DataFrame) -> str:
     """How much data backs each line: test facts, seeds, what the band is."""
     runs = data.loc[data["subset"].isin(SUBSETS), "runs"]
     seeds = int(runs.max()) if len(runs) else 0
-    n_test = int(data.loc[data["scope"] == "top", "n"].max())
+    # The deciles part the test set (a top-x% bin is all of it only where x is 100).
+    n_test = int(data[data["scope"] == "decile"].groupby("subset")["n"].sum().max())
     if seeds > 1:
         return f"{n_test} held-out facts; finetuned lines: mean over {seeds} seeds, bands: ± 1 sd"
     return f"{n_test} held-out facts; finetuned lines: {seeds} seed (no band)"
@@ -314,9 +315,7 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
 def make_overview(sources: Iterable[Mapping], summary: str | Path, outputs: Iterable[str | Path]) -> None:
     """Read every metrics source of the grid and summary.tsv (the gap) and write the overview
     figure to each output path."""
-    # Names as text: a model or dataset named like a number stays the config's name.
-    table = pd.read_csv(summary, sep="\t", dtype={"model": str, "dataset": str})
-    figure = plot_overview(collect_metrics(sources), table)
+    figure = plot_overview(collect_metrics(sources), read_summary(summary))
     save_figure(figure, outputs)
 
 

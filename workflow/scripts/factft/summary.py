@@ -322,6 +322,12 @@ def make_summary(
     write_tsv(by_relation, by_relation_path)
 
 
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """summary.tsv as make_summary wrote it: a model or dataset named like a number ("007",
+    "1e3") or a missing value ("NA") keeps the config's name."""
+    return pd.read_csv(path, sep="\t", dtype={"model": str, "dataset": str}, keep_default_na=False, na_values=[""])
+
+
 def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None) -> str:
     """A compact text summary of summary.tsv, with each experiment's figure path."""
     lines = []
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    summary = pd.read_csv(args.summary, sep="\t")
+    summary = read_summary(args.summary)
     if args.table:
         print(paper_table(summary, args.table), end="")
         return 0
