@@ -341,13 +341,18 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_config_on_the_command_line_overrides_keys_of_the_paper_grid(tmp_path):
-    (tmp_path / "config").symlink_to(ROOT / "config")  # the default config's path is read in --directory
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "all", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
-         "--config", "subsets=[top]", "seeds=[0, 2]", "split={pool_size: 2000}"],
+def plan_paper_grid_with(folder, *config_args):
+    """`snakemake all -n` in `folder` with config.yaml and `--config config_args`."""
+    (folder / "config").symlink_to(ROOT / "config")  # the default config's path is read in --directory
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "all", "-n", "--directory", str(folder), "-s", str(ROOT / "Snakefile"),
+         "--config", *config_args],
         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
     )  # fmt: skip
+
+
+def test_config_on_the_command_line_overrides_keys_of_the_paper_grid(tmp_path):
+    run = plan_paper_grid_with(tmp_path, "subsets=[top]", "seeds=[0, 2]", "split={pool_size: 2000}")
     assert run.returncode == 0, run.stderr[-2000:]
     # 3 datasets x 2 models x FT-Top alone x seeds 0 and 2: config.yaml's grid, three keys changed.
     assert re.search(r"^finetune\s+12$", run.stdout, re.MULTILINE), run.stdout[-3000:]
@@ -366,24 +371,14 @@ def test_command_line_lists_and_maps_are_read_as_the_config_file_reads_them():
 
 
 def test_a_malformed_command_line_list_is_named_by_the_schema(tmp_path):
-    (tmp_path / "config").symlink_to(ROOT / "config")
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
-         "--config", "seeds=[0, 1"],
-        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )  # fmt: skip
+    run = plan_paper_grid_with(tmp_path, "seeds=[0, 1")
     assert run.returncode != 0
     assert "'[0, 1' is not of type 'array'" in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()
 
 
 def test_a_command_line_number_yaml_reads_as_text_is_named_before_any_job(tmp_path):
-    (tmp_path / "config").symlink_to(ROOT / "config")
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "all", "-n", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
-         "--config", "split={pool_size: 2e3}"],
-        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )  # fmt: skip
+    run = plan_paper_grid_with(tmp_path, "split={pool_size: 2e3}")
     assert run.returncode != 0
     assert "config: split.pool_size: '2e3' is text to YAML, not a number; write 2000" in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()
