@@ -202,12 +202,21 @@ def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> di
             out[f"{who}_tokens_per_s"] = float(train["tokens_per_s"])
             evaluate = row(table, "evaluate", OPEN_QA, evaluate_path, source)
             out[f"{who}_questions_per_s"] = float(evaluate["questions_per_s"])
+            # The static cache's decoding step: compiled once in every job that generates.
+            compiled = evaluate.get("compile_s")
+            out[f"{who}_eval_compile_s"] = float(compiled) if pd.notna(compiled) else 0.0
+        out.setdefault(f"{who}_eval_compile_s", 0.0)
     return out
 
 
 def gpu_hours(work: dict, speed: dict, who: str) -> float:
     compute = compute_seconds(work["finetune_tokens"], work["questions"], work["forward_tokens"][who], speed, who)
-    once_a_job = work["finetunes"] * speed[f"{who}_compile_s"] + work["loads"] * (speed["load_s"] or 0.0)
+    generating = work["evaluations"] if work["questions"] else 0  # open QA's evaluation jobs
+    once_a_job = (
+        work["finetunes"] * speed[f"{who}_compile_s"]
+        + generating * speed[f"{who}_eval_compile_s"]
+        + work["loads"] * (speed["load_s"] or 0.0)
+    )
     return (compute + once_a_job) / 3600
 
 
@@ -229,6 +238,7 @@ def job_minutes(work: dict, speed: dict, who: str) -> tuple[float, float]:
     finetune = compute_seconds(work["longest_finetune_tokens"], 0.0, 0.0, speed, who) + speed[f"{who}_compile_s"]
     evaluation = work["evaluation"]
     evaluate = compute_seconds(0.0, evaluation["questions"], evaluation["forward_tokens"][who], speed, who)
+    evaluate += speed[f"{who}_eval_compile_s"] if evaluation["questions"] else 0.0
     return (finetune + load) / 60, (evaluate + load) / 60
 
 
@@ -334,6 +344,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s{compiling}, "
             f"evaluate {speed[f'{who}_questions_per_s']:,.1f} questions/s"
+            + (f" (+ {speed[f'{who}_eval_compile_s']:.0f} s compiling a job)" if speed[f"{who}_eval_compile_s"] else "")
         )
     print(
         f"  assumed: sizes {sizes}, tokens per example: open QA {OPEN_TOKENS}, multiple choice "

@@ -279,6 +279,18 @@ def settings_for(variant: str, batch_size: int, **extra) -> dict:
     }
 
 
+@contextlib.contextmanager
+def unwrapped_on_failure(peft_model):
+    """peft adds its layers into the shared model: a run that fails takes them out again, so
+    that the rows after it measure the plain model."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            unwrap(peft_model)
+        raise
+
+
 def unwrap(peft_model):
     """The base model with every LoRA layer removed, ready for the next run."""
     base = peft_model.unload()
@@ -324,12 +336,18 @@ class TrainingLoopClock(TrainerCallback):
 def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device: str, workdir: str):
     """transformers Trainer + peft, defaults apart from what both paths share."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments
 
     seed_everything(0)
     if settings["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = get_peft_model(model, lora_config(settings["lora"], model))
+    with unwrapped_on_failure(peft_model):
+        return _train_baseline(peft_model, tokenizer, encoded, settings, device, workdir)
+
+
+def _train_baseline(peft_model, tokenizer, encoded: list[dict], settings: dict, device: str, workdir: str):
+    from transformers import Trainer, TrainingArguments
+
     args = TrainingArguments(
         output_dir=workdir,
         per_device_train_batch_size=settings["batch_size"],
@@ -366,6 +384,11 @@ def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id
     epoch took."""
     seed_everything(0)
     peft_model = prepare_model(model, settings)
+    with unwrapped_on_failure(peft_model):
+        return _train_factft(peft_model, encoded, settings, device, pad_id)
+
+
+def _train_factft(peft_model, encoded: list[dict], settings: dict, device: str, pad_id: int):
     optimizer = make_optimizer(peft_model, settings, device)
     lengths = [len(e["input_ids"]) for e in encoded]
     per_epoch = math.ceil(len(encoded) / settings["batch_size"])
@@ -489,9 +512,18 @@ def eval_adapter(model):
     return get_peft_model(model, config).eval()
 
 
+def as_evaluated(peft_model):
+    """The model with its adapter as factft evaluates it: merged into fp32 weights, kept
+    beside bf16 ones (factft.models.merges_exactly)."""
+    from factft.models import merges_exactly
+
+    return peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
+
+
 def eval_row(
-    table, args, path, batch_size, prompts, real, clock, passes=None, reference=None, texts=None, label=EVAL_LABEL
-):
+    table, args, path, batch_size, prompts, real, clock, passes=None, reference=None, texts=None, label=EVAL_LABEL,
+    **extra,
+):  # fmt: skip
     table.add(
         stage="evaluate", variant=label, path=path, batch_size=batch_size, items=len(prompts), real_tokens=real,
         computed_tokens=passes.tokens if passes else float("nan"),
@@ -499,6 +531,7 @@ def eval_row(
         cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
         peak_reserved_gb=clock.peak_reserved_gb,
         agreement=float(np.mean([a == b for a, b in zip(reference, texts)])) if reference else float("nan"),
+        **extra,
     )  # fmt: skip
 
 
@@ -515,25 +548,24 @@ def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> tup
     real_tokens = {label: sum(map(len, tokenizer(prompts)["input_ids"])) for label, (prompts, _) in runs.items()}
     peft_model = eval_adapter(model)
     naive = {}
-    for label, (prompts, processors) in runs.items():
-        real = real_tokens[label]
-        with Passes(peft_model) as passes, Clock(args.device) as clock:
-            naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
-        eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
-    from factft.models import merges_exactly
-
-    evaluated = peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
-    for label, (prompts, processors) in runs.items():
-        real = real_tokens[label]
-        for path, rounds in [("factft", True), ("factft-one-round", False)]:
-            with Passes(evaluated) as passes, Clock(args.device) as clock:
-                fast = generate_texts(
-                    evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
-                    rounds=rounds, logits_processor=processors,
-                )  # fmt: skip
-            eval_row(
-                table, args, path, args.eval_batch, prompts, real, clock, passes, naive[label], fast, label=label
-            )
+    with unwrapped_on_failure(peft_model):
+        for label, (prompts, processors) in runs.items():
+            real = real_tokens[label]
+            with Passes(peft_model) as passes, Clock(args.device) as clock:
+                naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
+            eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
+        evaluated = as_evaluated(peft_model)
+        for label, (prompts, processors) in runs.items():
+            real = real_tokens[label]
+            for path, rounds in [("factft", True), ("factft-one-round", False)]:
+                with Passes(evaluated) as passes, Clock(args.device) as clock:
+                    fast = generate_texts(
+                        evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
+                        rounds=rounds, logits_processor=processors,
+                    )  # fmt: skip
+                eval_row(
+                    table, args, path, args.eval_batch, prompts, real, clock, passes, naive[label], fast, label=label
+                )
     return naive[EVAL_LABEL], evaluated
 
 
@@ -568,16 +600,23 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
 
 
 def static_cache_row(table, evaluated, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
-    """factft's path with the static KV cache, on evaluate_rows' model. The time
-    includes transformers' compilation of the decoding step: what one job pays."""
+    """factft's path with the static KV cache, on evaluate_rows' model. One batch first,
+    untimed: transformers compiles the decoding step there, which a job pays once (compile_s:
+    how much longer that batch took than a timed one)."""
     prompts = question_prompts(questions)
     real = sum(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    options = dict(max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch, static_cache=True)
+    first = prompts[: args.eval_batch]
+    with Clock(args.device) as untimed:
+        generate_texts(evaluated, tokenizer, first, **options)
     # Not counted: a hook's Python side effects would not survive transformers' compilation.
     with Clock(args.device) as clock:
-        texts = generate_texts(
-            evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch, static_cache=True
-        )
-    eval_row(table, args, "factft-static", args.eval_batch, prompts, real, clock, reference=naive, texts=texts)
+        texts = generate_texts(evaluated, tokenizer, prompts, **options)
+    compile_s = max(0.0, untimed.wall - clock.wall * len(first) / len(prompts))
+    eval_row(
+        table, args, "factft-static", args.eval_batch, prompts, real, clock, reference=naive, texts=texts,
+        compile_s=compile_s, note="timed after one batch that compiled the decoding step",
+    )  # fmt: skip
 
 
 def evict_from_page_cache(folder: Path) -> bool:
@@ -783,7 +822,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             with recorded_failure(table, "finetune", COMPILED):
                 compiled_row(table, model, tokenizer, encoded, args)
         del model
+        # What compiling left (CUDA graphs' memory pool, compiled code holding tensors) must not
+        # count in QLoRA's peak memory.
+        torch._dynamo.reset()
         gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            print(f"before QLoRA: {torch.cuda.memory_allocated() / 2**30:.2f} GB still allocated", flush=True)
         for variant in [v for v in variants if v.startswith("qlora")]:
             with recorded_failure(table, "finetune", variant):
                 qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)

@@ -444,6 +444,23 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_a_benchmark_run_that_fails_leaves_the_shared_model_without_its_adapter(monkeypatch):
+    bench = load_bench()
+    shape = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "vocab": 256}
+    tokenizer, model = bench.make_tokenizer(shape["vocab"]), bench.build_model(shape, "cpu")
+    encoded = encode_examples(bench.make_facts(8, shape["vocab"], seed=0), tokenizer, bench.PROMPT, max_length=64)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "train_steps", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.train_factft(model, encoded, bench.settings_for("lora-qv", 4), "cpu", tokenizer.pad_token_id)
+    # peft put its layers into this model: the rows after a failed one must not measure them.
+    assert not [name for name, _ in model.named_parameters() if "lora_" in name]
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_benchmark_run_with_gradient_checkpointing_leaves_the_next_run_without_it():
     bench = load_bench()
     shape = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "vocab": 256}

@@ -103,6 +103,22 @@ def test_compiled_blocks_add_their_compile_time_to_every_finetune_job(tmp_path, 
         grid_hours.main([str(speed), "--config", str(small_config(tmp_path, compile=True, packing=True))])
 
 
+def test_the_static_caches_compile_time_is_paid_once_in_every_job_that_generates(tmp_path, capsys):
+    speed = speed_table(tmp_path)
+    table = pd.read_csv(speed, sep="\t")
+    static = table[(table["path"] == "factft") & (table["variant"] == "lora-qv adapter")].assign(path="factft-static")
+    static[["questions_per_s", "compile_s"]] = (900.0, 70.0)
+    pd.concat([table, static]).to_csv(speed, sep="\t", index=False)
+    config = small_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["evaluate"]["static_cache"] = True
+    config.write_text(yaml.safe_dump(settings))
+    (work,) = grid_hours.main([str(speed), "--config", str(config), "--size", "popqa=10000"])
+    seconds = work["finetune_tokens"] / 20_000 + work["questions"] / 900 + work["evaluations"] * 70
+    assert work["factft"] == pytest.approx(seconds / 3600)
+    assert "evaluate 900.0 questions/s (+ 70 s compiling a job)" in capsys.readouterr().out
+
+
 def test_every_gpu_job_loads_the_model_once_at_the_measured_time(tmp_path, capsys):
     config = small_config(tmp_path)
     (unmeasured,) = grid_hours.main([str(speed_table(tmp_path)), "--config", str(config), "--size", "popqa=10000"])
