@@ -6,6 +6,7 @@ from snakemake.exceptions import WorkflowError
 
 from factft.config import (
     CHAT_KEYS,
+    RUNNING_SETTINGS,
     check_and_sort,
     evaluate_job_settings,
     finetune_job_settings,
@@ -118,8 +119,8 @@ wildcard_constraints:
 
 
 def running(setting):
-    """A params entry for a setting that changes no output (where the cache lives, how often a
-    finetune checkpoints, how fast page views are fetched, how many invalid rows fail a job):
+    """A params entry for a setting that changes no output (where the cache lives, how a
+    finetune runs, how fast page views are fetched, how many invalid rows fail a job):
     changing it must rerun no finished job. Snakemake leaves params that a function derives
     from the job's `resources` out of its params-change check, so the setting goes through
     such a function. `setting` is a value, or a function of the wildcards."""
@@ -344,16 +345,16 @@ def pretrain_facts(wildcards):
 
 
 def finetune_params(wildcards):
-    """What decides a finetune's result; checkpoint_every goes through `running`."""
+    """What decides a finetune's result; how it runs goes through `running`."""
     return finetune_job_settings(
         config, wildcards.model, wildcards.dataset, wildcards.seed
     )
 
 
-def checkpoint_every(wildcards):
-    return finetune_settings(config, wildcards.model, wildcards.dataset)[
-        "checkpoint_every"
-    ]
+def finetune_running(wildcards):
+    """How a finetune runs (RUNNING_SETTINGS): a change reruns no finished job."""
+    settings = finetune_settings(config, wildcards.model, wildcards.dataset)
+    return {key: settings[key] for key in RUNNING_SETTINGS}
 
 
 def tiny_model(model):

@@ -52,7 +52,7 @@ rule finetune:
     params:
         spec=finetune_model_spec,
         settings=finetune_params,
-        checkpoint_every=running(checkpoint_every),
+        running=running(finetune_running),
         prompt=prompt_params,
         checkpoints=f"{RUN}/checkpoints",
     script:

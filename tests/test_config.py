@@ -242,7 +242,7 @@ def test_a_job_gets_its_own_datasets_settings_its_seed_and_nothing_that_should_n
     assert (popqa["seed"], mmlu["seed"]) == (2, 0)
     # How often progress is saved decides nothing; a setting added later shows only when it
     # changes what runs.
-    assert not {"checkpoint_every", "compile", "optimizer", "max_grad_norm"} & set(popqa)
+    assert not {"checkpoint_every", "gradient_checkpointing", "compile", "optimizer", "max_grad_norm"} & set(popqa)
     config["finetune"].update(compile=True, optimizer="adamw8bit", max_grad_norm=1.0)
     changed = finetune_job_settings(config, "llama2-7b", "popqa", 0)
     assert (changed["compile"], changed["optimizer"], changed["max_grad_norm"]) == (True, "adamw8bit", 1.0)

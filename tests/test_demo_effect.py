@@ -95,6 +95,7 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
         **{k: config["finetune"][k] for k in reversed(config["finetune"])},
     }
     reordered["finetune"]["checkpoint_every"] += 7
+    reordered["finetune"]["gradient_checkpointing"] = True  # how a run computes, not what it learns
     reordered["split"] = dict(config["split"], max_drop_fraction=0.25)
     reordered["cache_dir"] = "elsewhere/hf"
     reordered["models"]["tiny"].update(chat=False, system_prompt="", chat_template_kwargs={})

@@ -687,3 +687,6 @@ def test_remade_base_weights_change_the_checkpoint_fingerprint(tiny_model_dir, t
     assert original == fingerprint(settings(), spec(tiny_model_dir), encoded)
     assert original != fingerprint(settings(), spec(remade), encoded)
     assert original == fingerprint(settings(checkpoint_every=7), spec(tiny_model_dir), encoded)
+    # A requeued job that turns checkpointing on to fit its GPU resumes its checkpoints.
+    assert original == fingerprint(settings(gradient_checkpointing=True), spec(tiny_model_dir), encoded)
+    assert original != fingerprint(settings(learning_rate=1e-3), spec(tiny_model_dir), encoded)

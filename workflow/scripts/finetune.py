@@ -10,7 +10,7 @@ with to_log(snakemake.log[0]):
         snakemake.params.spec,
         read_table(snakemake.input.examples),
         snakemake.output.adapter,
-        dict(snakemake.params.settings, checkpoint_every=snakemake.params.checkpoint_every),
+        dict(snakemake.params.settings, **snakemake.params.running),
         snakemake.params.prompt,
         snakemake.params.checkpoints,
         train_log=snakemake.output.train_log,

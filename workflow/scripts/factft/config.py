@@ -230,11 +230,19 @@ LATER_SETTINGS = {"compile": False, "optimizer": "adamw", "max_grad_norm": None}
 EVALUATE_KEYS = ("max_new_tokens", "batch_size", "static_cache", "percentiles")
 
 
+# How a finetune runs, not what it learns: how often it saves progress, and whether it
+# recomputes activations instead of keeping them (the same losses: docs/benchmarks.md). These
+# reach the job outside its params, so that turning checkpointing on for a finetune that ran out
+# of GPU memory reruns no finished one, and stay out of its checkpoints' fingerprint.
+RUNNING_SETTINGS = ("checkpoint_every", "gradient_checkpointing")
+
+
 def finetune_job_settings(config: dict, model: str, dataset: str, seed: int | str) -> dict:
-    """What decides one finetune's result: its merged settings and its seed. checkpoint_every
-    (how often progress is saved, not what is learned) reaches the job another way."""
+    """What decides one finetune's result: its merged settings but RUNNING_SETTINGS, and its
+    seed."""
     settings = finetune_settings(config, model, dataset)
-    del settings["checkpoint_every"]
+    for key in RUNNING_SETTINGS:
+        del settings[key]
     for key, before in LATER_SETTINGS.items():
         if settings[key] == before:
             del settings[key]

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from factft.config import RUNNING_SETTINGS
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.logging import PROGRESS_EVERY_S
@@ -571,9 +572,9 @@ def weights_identity(model_spec: dict) -> list:
 
 
 def fingerprint(settings: dict, model_spec: dict, encoded: list[dict]) -> str:
-    """What decides the result: settings (not checkpoint_every), base weights and token ids."""
+    """What decides the result: settings (but RUNNING_SETTINGS), base weights and token ids."""
     digest = hashlib.sha256()
-    relevant = {k: v for k, v in settings.items() if k != "checkpoint_every"}
+    relevant = {k: v for k, v in settings.items() if k not in RUNNING_SETTINGS}
     digest.update(json.dumps([weights_identity(model_spec), relevant], sort_keys=True, default=str).encode())
     for example in encoded:
         digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
