@@ -108,6 +108,18 @@ def test_a_model_override_written_as_text_is_named_where_it_was_set():
         finetune_settings(config, "llama2-7b")
 
 
+def test_a_whole_number_written_with_a_decimal_point_is_named_where_the_key_takes_whole_ones():
+    # JSON Schema's integer takes 16.0, which the finetune would fail on after loading its model.
+    config = load("config.yaml")
+    config["finetune"]["batch_size"] = 16.0
+    with pytest.raises(FactftError, match=r"^finetune\.batch_size: 16\.0 is a decimal number .*; write 16$"):
+        check_numbers(config)
+    config = validated(load("config.yaml"))
+    config["models"]["llama2-7b"]["finetune"] = {"lora": {"r": 8.0}, "learning_rate": 1.0}  # a rate may be 1.0
+    with pytest.raises(FactftError, match=r"^models\.llama2-7b\.finetune\.lora\.r: 8\.0 is a decimal number"):
+        finetune_settings(config, "llama2-7b")
+
+
 def test_text_that_looks_like_a_number_is_left_alone_where_the_schema_wants_text():
     config = load("config.yaml")
     config["models"]["llama2-7b"]["source"]["revision"] = "8e12345"  # a commit, not 8 x 10^12345

@@ -31,23 +31,36 @@ CHAT_KEYS = ("system_prompt", "chat_template_kwargs")
 NUMBER_AS_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
+# JSON Schema's integer takes 16.0; a batch size or step count of 16.0 fails in the job.
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
+
+
 def check_numbers(config: dict) -> None:
     """Raise FactftError for a number written in a form YAML reads as text (1e-4) where the
-    schema wants a number, naming the key and the spelling YAML reads as one. Runs before the
-    schema, whose own message ("'1e-4' is not of type 'number'") does not say why."""
+    schema wants a number, or with a decimal point (16.0) where it wants a whole number, naming
+    the key and what to write. Runs before the schema, whose own message ("'1e-4' is not of
+    type 'number'") does not say why, and which takes 16.0 for an integer."""
     schema = yaml.safe_load(SCHEMA.read_text())
-    for error in _with_context(jsonschema.Draft202012Validator(schema).iter_errors(config)):
-        if _number_as_text(error):
-            raise FactftError(f"{'.'.join(str(p) for p in error.absolute_path)}: {_number_as_text(error)}")
+    for error in _with_context(StrictValidator(schema).iter_errors(config)):
+        if _misspelt_number(error):
+            raise FactftError(f"{'.'.join(str(p) for p in error.absolute_path)}: {_misspelt_number(error)}")
 
 
-def _number_as_text(error: jsonschema.ValidationError) -> str | None:
-    """What to write instead, where a schema error is a number that YAML read as text."""
+def _misspelt_number(error: jsonschema.ValidationError) -> str | None:
+    """What to write instead, where a schema error is a number that YAML read as text, or a
+    whole number written as a float."""
     wanted = error.validator_value if error.validator == "type" else []
     wanted = set(wanted if isinstance(wanted, list) else [wanted])
-    text = error.instance
-    if wanted & {"number", "integer"} and isinstance(text, str) and NUMBER_AS_TEXT.fullmatch(text.strip()):
-        return f"'{text}' is text to YAML, not a number; write {yaml_number(text)}"
+    value = error.instance
+    if wanted & {"number", "integer"} and isinstance(value, str) and NUMBER_AS_TEXT.fullmatch(value.strip()):
+        return f"'{value}' is text to YAML, not a number; write {yaml_number(value)}"
+    if "integer" in wanted and isinstance(value, float) and value.is_integer():
+        return f"{value} is a decimal number to YAML and this key takes a whole one; write {int(value)}"
     return None
 
 
@@ -216,7 +229,7 @@ def finetune_settings(config: dict, model: str, dataset: str | None = None) -> d
     try:
         _finetune_validator().validate(merged)
     except jsonschema.ValidationError as error:
-        message = _number_as_text(error) or error.message
+        message = _misspelt_number(error) or error.message
         raise FactftError(f"{_override_at_fault(overrides, error)}: {message}") from None
     return merged
 
@@ -283,7 +296,7 @@ def _leaves(block: dict) -> dict:
 def _finetune_validator() -> jsonschema.Draft202012Validator:
     # Built once: planning the paper grid calls finetune_settings for every job.
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]["finetune"]
-    return jsonschema.Draft202012Validator(schema)
+    return StrictValidator(schema)
 
 
 def command_line_config(config_args: list[str] | None) -> dict:
