@@ -33,6 +33,7 @@ def load(name):
 
 def validated(config):
     config = copy.deepcopy(config)
+    check_numbers(config)
     validate(config, str(SCHEMA))
     check_config(config)
     return config
