@@ -47,8 +47,9 @@ def check_numbers(config: dict) -> None:
     type 'number'") does not say why, and which takes 16.0 for an integer."""
     schema = yaml.safe_load(SCHEMA.read_text())
     for error in _with_context(StrictValidator(schema).iter_errors(config)):
-        if _misspelt_number(error):
-            raise FactftError(f"{'.'.join(str(p) for p in error.absolute_path)}: {_misspelt_number(error)}")
+        message = _misspelt_number(error)
+        if message:
+            raise FactftError(f"{'.'.join(str(p) for p in error.absolute_path)}: {message}")
 
 
 def _misspelt_number(error: jsonschema.ValidationError) -> str | None:
