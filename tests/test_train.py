@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factft.errors import FactftError
 from factft import models, train
+from factft.config import RUNNING_SETTINGS
 from factft.generate import generate_texts
 from factft.models import load_model
 from factft.train import (
@@ -687,6 +688,8 @@ def test_remade_base_weights_change_the_checkpoint_fingerprint(tiny_model_dir, t
     assert original == fingerprint(settings(), spec(tiny_model_dir), encoded)
     assert original != fingerprint(settings(), spec(remade), encoded)
     assert original == fingerprint(settings(checkpoint_every=7), spec(tiny_model_dir), encoded)
-    # A requeued job that turns checkpointing on to fit its GPU resumes its checkpoints.
+    # A requeued job that turns checkpointing on to fit its GPU resumes its checkpoints, and
+    # what reaches a job outside its params is what its fingerprint leaves out.
+    assert train.RUNNING_SETTINGS == RUNNING_SETTINGS
     assert original == fingerprint(settings(gradient_checkpointing=True), spec(tiny_model_dir), encoded)
     assert original != fingerprint(settings(learning_rate=1e-3), spec(tiny_model_dir), encoded)

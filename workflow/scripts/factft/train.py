@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from factft.config import RUNNING_SETTINGS
 from factft.errors import FactftError
 from factft.generate import accepts_logits_to_keep
 from factft.logging import PROGRESS_EVERY_S
@@ -48,6 +47,10 @@ from factft.tables import atomic_dir, check_new_dir, make_parent, remove_stale_t
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "qlora", "full")
+# How a run goes, not what it learns: left out of its checkpoints' fingerprint. The same keys as
+# factft.config.RUNNING_SETTINGS (a test holds them equal), not imported from there: this module
+# runs where only torch's libraries are installed (envs/torch.yaml, the GPU benchmark's image).
+RUNNING_SETTINGS = ("checkpoint_every", "gradient_checkpointing")
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s"]
 # finetune.group_by_length sorts within windows of this many batches: batches of similar
 # length (little padding) while the data order stays random at the scale of an epoch.
