@@ -198,6 +198,7 @@ def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> di
             real_share = float(train["real_tokens"]) / float(train["computed_tokens"])
             out[f"{who}_tokens_per_s"] = REFERENCE_TOKENS_PER_S[variant] * real_share
             out[f"{who}_questions_per_s"] = REFERENCE_QUESTIONS_PER_S[who]
+            out[f"{who}_eval_compile_s"] = 0.0  # the reference rates include no compiling
         else:
             out[f"{who}_tokens_per_s"] = float(train["tokens_per_s"])
             evaluate = row(table, "evaluate", OPEN_QA, evaluate_path, source)
@@ -205,8 +206,12 @@ def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> di
             # The static cache's decoding step: compiled once in every job that generates.
             compiled = evaluate.get("compile_s")
             out[f"{who}_eval_compile_s"] = float(compiled) if pd.notna(compiled) else 0.0
-        out.setdefault(f"{who}_eval_compile_s", 0.0)
     return out
+
+
+def compiling(seconds: float) -> str:
+    """A rate's one-off compile, as printed beside it."""
+    return f" (+ {seconds:.0f} s compiling a job)" if seconds else ""
 
 
 def gpu_hours(work: dict, speed: dict, who: str) -> float:
@@ -340,11 +345,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"({first['device_name']}, {first['date']})"
     )
     for who in ("factft", "baseline"):
-        compiling = f" (+ {speed[f'{who}_compile_s']:.0f} s compiling a job)" if speed[f"{who}_compile_s"] else ""
         print(
-            f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s{compiling}, "
-            f"evaluate {speed[f'{who}_questions_per_s']:,.1f} questions/s"
-            + (f" (+ {speed[f'{who}_eval_compile_s']:.0f} s compiling a job)" if speed[f"{who}_eval_compile_s"] else "")
+            f"  {who:9s} finetune {speed[f'{who}_tokens_per_s']:,.0f} real tokens/s"
+            f"{compiling(speed[f'{who}_compile_s'])}, evaluate {speed[f'{who}_questions_per_s']:,.1f} "
+            f"questions/s{compiling(speed[f'{who}_eval_compile_s'])}"
         )
     print(
         f"  assumed: sizes {sizes}, tokens per example: open QA {OPEN_TOKENS}, multiple choice "

@@ -512,14 +512,6 @@ def eval_adapter(model):
     return get_peft_model(model, config).eval()
 
 
-def as_evaluated(peft_model):
-    """The model with its adapter as factft evaluates it: merged into fp32 weights, kept
-    beside bf16 ones (factft.models.merges_exactly)."""
-    from factft.models import merges_exactly
-
-    return peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
-
-
 def eval_row(
     table, args, path, batch_size, prompts, real, clock, passes=None, reference=None, texts=None, label=EVAL_LABEL,
     **extra,
@@ -554,7 +546,9 @@ def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> tup
             with Passes(peft_model) as passes, Clock(args.device) as clock:
                 naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
             eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
-        evaluated = as_evaluated(peft_model)
+        from factft.models import merges_exactly
+
+        evaluated = peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
         for label, (prompts, processors) in runs.items():
             real = real_tokens[label]
             for path, rounds in [("factft", True), ("factft-one-round", False)]:

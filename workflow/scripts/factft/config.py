@@ -45,8 +45,7 @@ def check_numbers(config: dict) -> None:
     schema wants a number, or with a decimal point (16.0) where it wants a whole number, naming
     the key and what to write. Runs before the schema, whose own message ("'1e-4' is not of
     type 'number'") does not say why, and which takes 16.0 for an integer."""
-    schema = yaml.safe_load(SCHEMA.read_text())
-    for error in _with_context(StrictValidator(schema).iter_errors(config)):
+    for error in _with_context(StrictValidator(_schema()).iter_errors(config)):
         message = _misspelt_number(error)
         if message:
             raise FactftError(f"{'.'.join(str(p) for p in error.absolute_path)}: {message}")
@@ -296,8 +295,12 @@ def _leaves(block: dict) -> dict:
 @functools.cache
 def _finetune_validator() -> jsonschema.Draft202012Validator:
     # Built once: planning the paper grid calls finetune_settings for every job.
-    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["finetune"]
-    return StrictValidator(schema)
+    return StrictValidator(_schema()["properties"]["finetune"])
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
 
 
 def command_line_config(config_args: list[str] | None) -> dict:

@@ -834,7 +834,6 @@ def finetune(
         except FloatingPointError as error:
             raise FactftError(diverged(model_spec["name"], error, settings, device)) from None
         step = rows[-1]["step"] if rows else 0
-        accum, per_epoch = settings.get("grad_accum", 1), math.ceil(len(encoded) / settings["batch_size"])
 
         model.eval()
         summary = {
@@ -847,7 +846,7 @@ def finetune(
             "prompt": prompt,
             "examples": len(encoded),
             "steps": step,
-            "epochs": min(step * accum, total_micro_batches(len(encoded), settings)) / per_epoch,
+            "epochs": rows[-1]["epoch"] if rows else 0.0,
             "tokens": int(sum(r["tokens"] for r in rows)),
             "trainable_params": n_trainable,
             "final_loss": rows[-1]["loss"] if rows else None,
