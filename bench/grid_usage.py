@@ -40,7 +40,7 @@ MODEL_SCORERS = {name for name, scorer in SCORERS.items() if scorer.needs_model}
 # rules/finetune.smk), on a GPU when it is a hub model (rules/common.smk, model_gpus).
 MODEL_RULES = ("finetune", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention")
 # Rules whose benchmark path starts with {dataset} or {ranked} (rules/data.smk).
-DATASET_RULES = ("popularity", "split", "sized_split", "pageviews")
+DATASET_RULES = ("popularity", "split", "subset", "pageviews")
 COLUMNS = ["rule", "device", "jobs", "hours", "cpu_hours", "median_min", "longest_min", "longest_job", "max_rss_gb"]
 
 
@@ -90,7 +90,7 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         return None, None
     if (model is not None and model not in config["models"]) or dataset not in config["datasets"]:
         return None
-    if rule == "sized_split" and rest[0] not in config["subsets"]:  # {ranked}/{sized}
+    if rule == "subset" and rest[0] not in config["subsets"]:  # {ranked}/{cut}
         return None
     if rule in MODEL_RULES and len(rest) == 3:  # a finetuned run: .../{subset}/seed{seed}
         subset, seed = rest[1], rest[2].removeprefix("seed")

@@ -6,6 +6,7 @@ from snakemake.exceptions import WorkflowError
 
 from factft.config import (
     CHAT_KEYS,
+    EVALUATE_RUNNING,
     RUNNING_SETTINGS,
     check_and_sort,
     evaluate_job_settings,
@@ -17,7 +18,7 @@ from factft.errors import FactftError
 from factft.popularity import DOWNLOAD_READS, SCORERS
 from factft.sweeps import BASE as SIM_BASE
 from factft.sweeps import point_settings, point_value, run_of, sweep_points
-from factft.split import SPLITS
+from factft.split import CAPS
 from factft.subsets import is_sized
 
 try:
@@ -110,9 +111,15 @@ wildcard_constraints:
     hub_model=alternatives(models_with("hf")),
     tiny_model=alternatives(models_with("pretrain")),
     subset=alternatives(SUBSETS),
-    sized=alternatives(SIZED_SUBSETS),
+    part=alternatives(CAPS),
+    # top, bottom and random whether `subsets` lists them or not (any split table can be
+    # asked for), and the config's sized subsets.
+    cut=alternatives({"top", "bottom", "random", *SIZED_SUBSETS}),
     seed=r"\d+",
     ranked=alternatives(rankings()),
+    # What an evaluation rule's path has between results/ and predictions.parquet.
+    evaluation=rf"(?:{alternatives(MODELS)})/(?:{alternatives(DATASETS)})/"
+    rf"(?:base|fewshot|cloze|(?:{alternatives(SUBSETS)})/seed\d+)",
 
 
 # ---- settings that change how a job runs, not what it writes ----------------------
@@ -256,19 +263,20 @@ def download_targets():
 
 
 def split_params(wildcards):
-    """The split block, with the dataset's own caps (datasets.<name>.split) over it; not
-    max_drop_fraction, which is for the jobs that drop invalid rows."""
+    """What the subject split's table {part} needs: the subject share and seed, and that
+    table's cap (the dataset's own, datasets.<name>.split, over the split block's); the
+    other table's cap would rerun it, and every finetune on the pool, for nothing."""
     dataset = ranking_of(wildcards)[0]
-    settings = {k: v for k, v in config["split"].items() if k != "max_drop_fraction"}
-    own = DATASETS[dataset].get("split", {})
-    return dict(settings, **own, dataset=dataset)
+    settings = dict(config["split"], **DATASETS[dataset].get("split", {}))
+    keys = ("test_fraction", "seed", CAPS[wildcards.part])
+    return dict({key: settings[key] for key in keys}, dataset=dataset)
 
 
-def sized_split_params(wildcards):
-    """What cutting a sized subset from the pool needs. Not split.fraction: the name gives
-    the size, and a param that changes reruns the job and every finetune on its output.
-    """
-    keys = ("stratify", "seed")
+def subset_params(wildcards):
+    """What cutting subset {cut} from the pool needs. split.fraction only for top, bottom
+    and random: a sized subset's name gives its share, and a param that changes reruns the
+    job and every finetune on its output."""
+    keys = ("stratify", "seed", *(() if is_sized(wildcards.cut) else ("fraction",)))
     return dict(
         {key: config["split"][key] for key in keys}, dataset=ranking_of(wildcards)[0]
     )
@@ -276,10 +284,6 @@ def sized_split_params(wildcards):
 
 def split_fraction():
     return config["split"]["fraction"]
-
-
-def split_outputs(prefix):
-    return {name: f"{prefix}/{name}.parquet" for name in SPLITS}
 
 
 # ---- models ---------------------------------------------------------------------
@@ -406,6 +410,15 @@ def evaluate_params(wildcards):
         evaluate_job_settings(config, wildcards.dataset),
         prompt=prompt_params(wildcards),
     )
+
+
+def evaluate_running():
+    """How evaluations (and attention) run (EVALUATE_RUNNING): a change reruns no finished job."""
+    return {key: config["evaluate"][key] for key in EVALUATE_RUNNING}
+
+
+def metrics_percentiles():
+    return config["evaluate"]["percentiles"]
 
 
 def fewshot_shots():
@@ -559,7 +572,6 @@ HEATMAP_SUBSETS = [s for s in ("top", "bottom") if s in SUBSETS] or PAPER_SUBSET
 def attention_params(wildcards):
     return dict(
         questions=config["evaluate"]["attention_questions"],
-        batch_size=config["evaluate"]["batch_size"],
         prompt=prompt_params(wildcards),
     )
 

@@ -1,12 +1,15 @@
 # The data stage: fetch a dataset into the raw facts table, score its popularity, split it.
 # Whatever needs the internet (download, pageviews) is a localrule: on a cluster it runs on
-# the login node and fills the shared cache; compute nodes only read it.
+# the login node and fills the shared cache; compute nodes only read it. So are split and
+# subset: a table each, seconds of pandas, not worth a wait in the queue.
 
 
 localrules:
     download,
     download_datasets,
     pageviews,
+    split,
+    subset,
 
 
 # Every fetched dataset and its page views, in one command on a machine with internet.
@@ -80,15 +83,17 @@ rule popularity:
         "../workflow/scripts/popularity.py"
 
 
+# The subject split: the test set and the finetuning pool (whole), a job each, so that a
+# test-set cap reruns no finetune.
 rule split:
     input:
         facts="results/{ranked}/facts.parquet",
     output:
-        **split_outputs("results/{ranked}/splits"),
+        "results/{ranked}/splits/{part}.parquet",
     log:
-        "logs/split/{ranked}.log",
+        "logs/split/{ranked}/{part}.log",
     benchmark:
-        "benchmarks/split/{ranked}.tsv"
+        "benchmarks/split/{ranked}/{part}.tsv"
     conda:
         "../envs/data.yaml"
     params:
@@ -97,20 +102,21 @@ rule split:
         "../workflow/scripts/split.py"
 
 
-# A sized subset (top25, ...) is cut from the pool by a job of its own: adding one to the
-# config leaves the split's files, and every run finetuned on them, as they are.
-rule sized_split:
+# Each finetuning subset (top, bottom, random, top25, ...) is cut from the pool by a job of
+# its own: split.fraction reruns top, bottom and random only, and adding a sized subset to
+# the config leaves every file, and every run finetuned on it, as it is.
+rule subset:
     input:
         whole="results/{ranked}/splits/whole.parquet",
     output:
-        "results/{ranked}/splits/{sized}.parquet",
+        "results/{ranked}/splits/{cut}.parquet",
     log:
-        "logs/sized_split/{ranked}/{sized}.log",
+        "logs/subset/{ranked}/{cut}.log",
     benchmark:
-        "benchmarks/sized_split/{ranked}/{sized}.tsv"
+        "benchmarks/subset/{ranked}/{cut}.tsv"
     conda:
         "../envs/data.yaml"
     params:
-        split=sized_split_params,
+        split=subset_params,
     script:
-        "../workflow/scripts/sized_split.py"
+        "../workflow/scripts/subset.py"

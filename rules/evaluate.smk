@@ -1,5 +1,10 @@
 # Evaluation on the held-out test facts: finetuned runs, the zero-shot base model, and the
-# pretrained model's statement completions (cloze) on synthetic worlds.
+# pretrained model's statement completions (cloze) on synthetic worlds. Each writes its
+# predictions; the metrics rule scores them by popularity.
+
+
+localrules:
+    metrics,
 
 
 rule evaluate:
@@ -9,7 +14,6 @@ rule evaluate:
         test=split_file("test"),
     output:
         predictions=f"{RUN}/predictions.parquet",
-        metrics=f"{RUN}/metrics.tsv",
     log:
         "logs/evaluate/{model}/{dataset}/{subset}/seed{seed}.log",
     benchmark:
@@ -26,6 +30,7 @@ rule evaluate:
     params:
         spec=base_model_spec,
         evaluate=evaluate_params,
+        running=running(evaluate_running()),
         prompt_column="question",
     script:
         "../workflow/scripts/evaluate.py"
@@ -38,7 +43,6 @@ use rule evaluate as evaluate_base with:
         test=split_file("test"),
     output:
         predictions=f"{BASE}/predictions.parquet",
-        metrics=f"{BASE}/metrics.tsv",
     log:
         "logs/evaluate_base/{model}/{dataset}.log",
     benchmark:
@@ -54,7 +58,6 @@ use rule evaluate as evaluate_fewshot with:
         demos=split_file("whole"),
     output:
         predictions=f"{FEWSHOT}/predictions.parquet",
-        metrics=f"{FEWSHOT}/metrics.tsv",
     log:
         "logs/evaluate_fewshot/{model}/{dataset}.log",
     benchmark:
@@ -62,6 +65,7 @@ use rule evaluate as evaluate_fewshot with:
     params:
         spec=base_model_spec,
         evaluate=evaluate_params,
+        running=running(evaluate_running()),
         prompt_column="question",
         shots=fewshot_shots(),
 
@@ -75,7 +79,6 @@ use rule evaluate as cloze with:
         test=split_file("test"),
     output:
         predictions=f"{CLOZE}/predictions.parquet",
-        metrics=f"{CLOZE}/metrics.tsv",
     log:
         "logs/cloze/{model}/{dataset}.log",
     benchmark:
@@ -83,6 +86,7 @@ use rule evaluate as cloze with:
     params:
         spec=base_model_spec,
         evaluate=evaluate_params,
+        running=running(evaluate_running()),
         prompt_column="statement",
 
 
@@ -111,6 +115,26 @@ rule attention:
     params:
         spec=base_model_spec,
         attention=attention_params,
+        running=running(evaluate_running()),
         max_drop_fraction=running(max_drop_fraction()),
     script:
         "../workflow/scripts/attention.py"
+
+
+# Accuracy overall, on the top x% most popular facts (evaluate.percentiles) and per decile,
+# from any evaluation's predictions: a job of its own, so that new percentiles rerun no model.
+rule metrics:
+    input:
+        predictions="results/{evaluation}/predictions.parquet",
+    output:
+        "results/{evaluation}/metrics.tsv",
+    log:
+        "logs/metrics/{evaluation}.log",
+    benchmark:
+        "benchmarks/metrics/{evaluation}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        percentiles=metrics_percentiles(),
+    script:
+        "../workflow/scripts/metrics.py"

@@ -140,7 +140,7 @@ def scored(column_values: list, *, max_drop_fraction: float = 0.1) -> Callable[[
 
 
 def split_with(facts: Callable[[], pd.DataFrame], **split) -> Callable[[Tree], None]:
-    """The `split` rule, writing over the tree's split files only on success."""
+    """The `split` and `subset` rules, writing over the tree's split files only on success."""
 
     def action(tree: Tree) -> None:
         for name, table in split_facts(facts(), dataset="synth", **split).items():

@@ -264,6 +264,8 @@ def test_a_job_gets_its_own_datasets_settings_its_seed_and_nothing_that_should_n
     assert open_qa["format"] == "open" and "choice_score" not in open_qa
     assert open_qa["max_new_tokens"] == config["evaluate"]["max_new_tokens"]
     assert not {"fewshot", "attention_questions"} & (mc.keys() | open_qa.keys())  # other rules' settings
+    # How an evaluation runs (not its params, so no rerun), and the metrics rule's percentiles.
+    assert not {"batch_size", "static_cache", "percentiles"} & (mc.keys() | open_qa.keys())
 
 
 def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_format():

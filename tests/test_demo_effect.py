@@ -126,7 +126,7 @@ def test_a_finished_demo_is_up_to_date_and_a_finetune_switch_reruns_the_finetune
     reworded = run_demo(folder, "-n", config=tmp_path / "prompt.yaml")
     plan = reworded.stdout + reworded.stderr
     assert reworded.returncode == 0 and re.search(r"^pretrain\s+1$", plan, re.MULTILINE), plan[-3000:]
-    assert not re.search(r"^(popularity|split)\s", plan, re.MULTILINE)
+    assert not re.search(r"^(popularity|split|subset)\s", plan, re.MULTILINE)
 
 
 @pytest.mark.slow

@@ -31,13 +31,13 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     benchmark(folder, "popularity/mmlu/by-llama2-7b", 600.0)  # model_confidence: llama2-7b ranks its runs' facts
     benchmark(folder, "popularity/mmlu", 600.0)  # ranked so before the model was part of the path
     benchmark(folder, "popularity/popqa", 5.0, rss_mb="NA")  # a column: CPU, too short to sample
-    benchmark(folder, "split/popqa", 3.0)
+    benchmark(folder, "split/popqa/whole", 3.0)
     benchmark(folder, "figures/llama2-7b/popqa", 30.0)
     benchmark(folder, "finetune/gpt2/popqa/top/seed0", 999.0)  # a model the config no longer has
     benchmark(folder, "evaluate/llama2-7b/nq/top/seed0", 999.0)  # nor this dataset
     benchmark(folder, "evaluate/llama2-7b/popqa/top25/seed0", 999.0)  # nor this subset
     benchmark(folder, "attention/llama2-7b/popqa/top/seed7", 999.0)  # nor this seed
-    benchmark(folder, "sized_split/popqa/top25", 1.0)
+    benchmark(folder, "subset/popqa/top25", 1.0)
     benchmark(folder, "size_figure/llama2-7b/popqa", 999.0)  # drawn only when the config has sized subsets
     benchmark(folder, "simulate/zipf/0.5/seed0", 4.0)
     benchmark(folder, "simulate/zipf/1.0/seed0", 999.0)  # the base value: read from the base runs since

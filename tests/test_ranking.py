@@ -57,7 +57,7 @@ def test_without_a_scoring_model_each_model_ranks_the_facts_of_its_own_runs(tmp_
     config, work = two_model_config(tmp_path), tmp_path / "work"
     seeds = {"tiny": 0, "other": 1}
     targets = [f"results/{model}/synth/top/seed{seeds[model]}/adapter" for model in MODELS]
-    snakemake(config, work, *targets)
+    snakemake(config, work, *targets, *[f"results/synth/by-{model}/splits/test.parquet" for model in MODELS])
     # Each model pretrained with its own block, each run finetuned with its own labels.
     models = yaml.safe_load(config.read_text())["models"]
     for model, target in zip(MODELS, targets):

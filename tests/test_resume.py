@@ -288,7 +288,7 @@ def test_finetune_killed_at_three_points_resumes_to_the_uninterrupted_adapter_an
     assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "reference.out").read_text()[-3000:]
     assert "resuming" not in finetune_log(reference)
     assert_same_result(reference / RUN, work / RUN)
-    assert_same_metrics(reference, work)
+    assert_same_predictions(reference, work)
 
 
 @pytest.mark.slow
@@ -330,14 +330,13 @@ def assert_same_result(expected: Path, found: Path) -> None:
     pd.testing.assert_frame_equal(log[columns], pd.read_csv(found / "train_log.tsv", sep="\t")[columns])
 
 
-def assert_same_metrics(expected: Path, found: Path) -> None:
-    """The held-out metrics, computed as the evaluate rule does (here, to spare two jobs' start-up)."""
+def assert_same_predictions(expected: Path, found: Path) -> None:
+    """The held-out predictions, made as the evaluate rule makes them (here, to spare two jobs' start-up)."""
     config = yaml.safe_load((expected / "config.yaml").read_text())
     spec = {"name": "tinyp", "path": config["models"]["tinyp"]["source"]["path"], "trust_remote_code": False}
     params = dict(config["evaluate"], format="open", prompt={"template": "Q: {question} A:", "answer": " {answer}"})
     test = read_table(expected / "results/synth/splits/test.parquet")
     results = [evaluate_model(spec, test, params, adapter=root / RUN / "adapter", device="cpu") for root in (expected, found)]
-    (predictions, metrics), (resumed_predictions, resumed_metrics) = results
+    predictions, resumed_predictions = results
     assert len(predictions) == len(test) > 0
     pd.testing.assert_frame_equal(predictions, resumed_predictions)
-    pd.testing.assert_frame_equal(metrics, resumed_metrics)

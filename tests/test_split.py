@@ -1,6 +1,8 @@
 """Splits: test subjects held out, top/bottom by popularity within relation, deterministic."""
 
+import copy
 import logging
+import re
 import subprocess
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import yaml
 
 from factft.errors import FactftError
-from factft.split import SPLITS, percentiles, split_facts, tie_breaks
+from factft.split import SPLITS, percentiles, pool_subset, split_facts, split_part, tie_breaks
 from factft.tables import check_facts, read_table, write_table
 from test_plots import snakemake_in
 
@@ -182,6 +184,19 @@ def test_same_inputs_and_seed_write_byte_identical_files(facts, tmp_path):
         ).read_bytes()
 
 
+def test_each_table_reads_only_its_own_settings(facts):
+    """The workflow makes each table in a job of its own, from the settings that shape it."""
+    whole = split_part(facts, "whole", pool_size=50, seed=2)
+    assert whole.equals(split_part(facts, "whole", pool_size=50, test_size=3, seed=2))
+    test = split_part(facts, "test", test_size=10, seed=2)
+    assert test.equals(split_part(facts, "test", test_size=10, pool_size=7, seed=2))
+    together = split_facts(facts, pool_size=50, test_size=10, fraction=0.3, seed=2)
+    assert together["whole"].equals(whole) and together["test"].equals(test)
+    for name in ("top", "bottom", "random"):
+        assert pool_subset(whole, name, fraction=0.3, seed=2).equals(together[name])
+    assert pool_subset(whole, "top25", fraction=0.3, seed=2).equals(pool_subset(whole, "top25", seed=2))
+
+
 def test_the_seed_changes_the_test_subjects(facts):
     a = set(split_facts(facts, seed=0)["test"]["subject"])
     b = set(split_facts(facts, seed=1)["test"]["subject"])
@@ -210,10 +225,10 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
         "split": {"test_fraction": 0.2},
     }
 
-    def snakemake(max_drop_fraction: float, target: str) -> subprocess.CompletedProcess:
+    def snakemake(max_drop_fraction: float, *targets: str, options=("--cores", "1")) -> subprocess.CompletedProcess:
         config["split"]["max_drop_fraction"] = max_drop_fraction
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-        return snakemake_in(tmp_path, tmp_path / "config.yaml", [target], "--cores", "1")
+        return snakemake_in(tmp_path, tmp_path / "config.yaml", targets, *options)
 
     # At 0.1 the download stops (4 of 38 is 0.105); at 0.11 it keeps its 34 rows and the
     # popularity job stops (4 of 34).
@@ -234,7 +249,8 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
     assert not (tmp_path / "results" / "trivia" / "facts.parquet").exists()
     raw = tmp_path / "resources" / "datasets" / "trivia" / "raw.parquet"
     downloaded = raw.stat().st_mtime_ns
-    result = snakemake(0.2, "results/trivia/splits/top.parquet")
+    tables = [f"results/trivia/splits/{name}.parquet" for name in SPLITS]
+    result = snakemake(0.2, *tables)
     assert result.returncode == 0, result.stderr[-3000:]
     # A run-time setting: the finished download is not redone for it (nor is anything after it).
     assert raw.stat().st_mtime_ns == downloaded
@@ -245,7 +261,27 @@ def test_dataset_added_only_by_config_flows_through_download_popularity_and_spli
     top, bottom = splits["top"], splits["bottom"]
     assert len(top) == len(bottom) > 0 and top["popularity"].mean() > bottom["popularity"].mean()
     assert len(splits["whole"]) == 12
-    assert "split.pool_size 12: a seeded sample of 12" in (tmp_path / "logs" / "split" / "trivia.log").read_text()
+    assert "split.pool_size 12: a seeded sample of 12" in (tmp_path / "logs/split/trivia/whole.log").read_text()
     # Each table in its own file: the held-out subjects apart from the pool, FT-Random inside it.
     assert set(splits["test"]["subject"]).isdisjoint(splits["whole"]["subject"]) and len(splits["test"])
     assert set(splits["random"]["id"]) < set(splits["whole"]["id"]) and len(splits["random"]) == len(top)
+
+    # A setting reruns the tables it shapes and no others: split.fraction or stratify the three
+    # cut by it (FT-Whole's runs stay), a test-set cap the test set (no finetune), the pool's
+    # cap the pool and all cut from it; the top-level pool cap is the dataset's own here.
+    def planned(change) -> dict[str, int]:
+        before = copy.deepcopy(config)
+        change(config)
+        result = snakemake(0.2, *tables, options=("--dry-run",))
+        config.clear()
+        config.update(before)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {rule: int(n) for rule, n in re.findall(r"^(split|subset)\s+(\d+)$", result.stdout, re.MULTILINE)}
+
+    assert planned(lambda c: None) == {}
+    assert planned(lambda c: c["split"].update(fraction=0.3)) == {"subset": 3}
+    assert planned(lambda c: c["split"].update(stratify="none")) == {"subset": 3}
+    assert planned(lambda c: c["split"].update(test_size=4)) == {"split": 1}
+    assert planned(lambda c: c["split"].update(pool_size=5)) == {}
+    assert planned(lambda c: c["datasets"]["trivia"]["split"].update(pool_size=10)) == {"split": 1, "subset": 3}
+    assert planned(lambda c: c["split"].update(seed=1)) == {"split": 2, "subset": 3}

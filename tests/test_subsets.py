@@ -14,7 +14,7 @@ from factft import subsets
 from factft.config import SCHEMA, check_config
 from factft.errors import FactftError
 from factft.plots import STYLES, make_size_figure, plot_accuracy_vs_subset_size
-from factft.split import split_facts, sized_subset
+from factft.split import pool_subset, split_facts
 from factft.summary import collect_metrics, format_summary, paper_table, summary_table
 from factft.tables import read_table, write_table
 from test_config import load
@@ -75,8 +75,8 @@ def test_a_sized_subset_that_repeats_a_plain_one_is_rejected_by_name():
 def test_sized_subsets_are_heads_of_the_plain_orders_and_stratified(facts):
     whole = split_facts(facts, fraction=0.5, seed=3)
     pool = whole["whole"]
-    top25 = sized_subset(pool, "top25", seed=3)
-    bottom25 = sized_subset(pool, "bottom25", seed=3)
+    top25 = pool_subset(pool, "top25", seed=3)
+    bottom25 = pool_subset(pool, "bottom25", seed=3)
     assert set(top25["id"]) <= set(whole["top"]["id"])
     assert set(bottom25["id"]) <= set(whole["bottom"]["id"])
     for relation, group in pool.groupby("relation"):
@@ -91,20 +91,20 @@ def test_sized_subsets_are_heads_of_the_plain_orders_and_stratified(facts):
 
 def test_sized_random_subsets_nest_and_ignore_the_pools_row_order(facts):
     pool = split_facts(facts, seed=1)["whole"]
-    random10 = sized_subset(pool, "random10", seed=1)
-    random25 = sized_subset(pool, "random25", seed=1)
+    random10 = pool_subset(pool, "random10", seed=1)
+    random25 = pool_subset(pool, "random25", seed=1)
     assert set(random10["id"]) < set(random25["id"])
     shuffled = pool.sample(frac=1.0, random_state=0)
-    assert sorted(sized_subset(shuffled, "random25", seed=1)["id"]) == sorted(random25["id"])
-    assert sized_subset(pool, "random25", seed=2)["id"].tolist() != random25["id"].tolist()
+    assert sorted(pool_subset(shuffled, "random25", seed=1)["id"]) == sorted(random25["id"])
+    assert pool_subset(pool, "random25", seed=2)["id"].tolist() != random25["id"].tolist()
 
 
-def test_an_empty_sized_subset_and_a_plain_name_are_errors_naming_them(facts):
+def test_an_empty_sized_subset_and_the_pool_itself_are_errors_naming_them(facts):
     pool = split_facts(facts, seed=0)["whole"].head(12)
     with pytest.raises(FactftError, match=r"dataset 'tiny': subset 'top5' \(5% of a pool of 12 facts within each"):
-        sized_subset(pool, "top5", dataset="tiny")
-    with pytest.raises(FactftError, match="'top' is not a sized subset"):
-        sized_subset(pool, "top")
+        pool_subset(pool, "top5", dataset="tiny")
+    with pytest.raises(FactftError, match="'whole' is the pool itself, not a subset cut from it"):
+        pool_subset(pool, "whole")
 
 
 def test_summary_has_columns_for_sized_subsets_in_reading_order_and_prints_them(tmp_path):
@@ -163,16 +163,16 @@ def test_snakemake_cuts_sized_subsets_and_draws_the_size_figure_with_its_caption
         "results/tables/summary.tsv",
     ]
     config_path = tmp_path / "config.yaml"
-    rules = ["sized_split", "size_figure", "summary"]
+    rules = ["subset", "size_figure", "summary"]
     run = snakemake_in(tmp_path, config_path, targets, "--cores", "1", "--allowed-rules", *rules)
     assert run.returncode == 0, run.stderr[-3000:]
     whole = split_facts(facts, seed=0)["whole"]
     top25 = read_table(tmp_path / "results/synth/splits/top25.parquet")
-    assert top25["id"].tolist() == sized_subset(whole, "top25", seed=3)["id"].tolist()
+    assert top25["id"].tolist() == pool_subset(whole, "top25", seed=3)["id"].tolist()
     random10 = read_table(tmp_path / "results/synth/splits/random10.parquet")["id"].tolist()
-    assert random10 == sized_subset(whole, "random10", seed=3)["id"].tolist()
-    assert random10 != sized_subset(whole, "random10", seed=0)["id"].tolist()
-    assert "top25 takes" in (tmp_path / "logs/sized_split/synth/top25.log").read_text()
+    assert random10 == pool_subset(whole, "random10", seed=3)["id"].tolist()
+    assert random10 != pool_subset(whole, "random10", seed=0)["id"].tolist()
+    assert "top25 takes" in (tmp_path / "logs/subset/synth/top25.log").read_text()
     assert (tmp_path / "results/figures/tiny/synth/accuracy_vs_subset_size.pdf").stat().st_size > 5_000
     summary = pd.read_csv(tmp_path / "results/tables/summary.tsv", sep="\t").iloc[0]
     assert summary["bottom25_mean"] == pytest.approx(np.mean([0.2, 0.3, 0.2]), abs=1e-6)

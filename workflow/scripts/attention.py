@@ -6,7 +6,11 @@ with to_log(snakemake.log[0]):
     by_layer, example = analyse_attention(
         snakemake.params.spec,
         read_table(snakemake.input.test),
-        dict(snakemake.params.attention, max_drop_fraction=snakemake.params.max_drop_fraction),
+        dict(
+            snakemake.params.attention,
+            **snakemake.params.running,
+            max_drop_fraction=snakemake.params.max_drop_fraction,
+        ),
         adapter=snakemake.input.adapter,
         threads=snakemake.threads,
     )

@@ -2,14 +2,14 @@
 # demonstrations) and cloze.
 from factft.generate import evaluate_model
 from factft.logging import to_log
-from factft.tables import read_table, write_table, write_tsv
+from factft.tables import read_table, write_table
 
 with to_log(snakemake.log[0]):
     demos = snakemake.input.get("demos")
-    predictions, metrics = evaluate_model(
+    predictions = evaluate_model(
         snakemake.params.spec,
         read_table(snakemake.input.test),
-        snakemake.params.evaluate,
+        dict(snakemake.params.evaluate, **snakemake.params.running),
         adapter=snakemake.input.get("adapter"),
         prompt_column=snakemake.params.prompt_column,
         threads=snakemake.threads,
@@ -17,4 +17,3 @@ with to_log(snakemake.log[0]):
         demos=read_table(demos) if demos else None,
     )
     write_table(predictions, snakemake.output.predictions)
-    write_tsv(metrics, snakemake.output.metrics)

@@ -238,9 +238,13 @@ def finetune_settings(config: dict, model: str, dataset: str | None = None) -> d
 # before they existed: left out of a job's params at that value, since Snakemake reruns a
 # job whose params change (the library reads them with .get and that default).
 LATER_SETTINGS = {"compile": False, "optimizer": "adamw", "max_grad_norm": None}
-# What answering and scoring need. evaluate.fewshot and attention_questions stay out: they
-# concern other rules, and a job whose params change is rerun.
-EVALUATE_KEYS = ("max_new_tokens", "batch_size", "static_cache", "percentiles")
+# What answering needs. evaluate.fewshot, attention_questions and percentiles stay out: they
+# concern other rules (percentiles the metrics rule's), and a job whose params change is rerun.
+EVALUATE_KEYS = ("max_new_tokens",)
+# How an evaluation runs, not what it answers (the same answers, up to float rounding where a
+# batch is padded otherwise): like RUNNING_SETTINGS, outside its params, so that a smaller
+# batch for a GPU that ran out of memory reruns no finished evaluation.
+EVALUATE_RUNNING = ("batch_size", "static_cache")
 
 
 # How a finetune runs, not what it learns: how often it saves progress, and whether it

@@ -29,7 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from factft.errors import FactftError
 from factft.logging import PROGRESS_EVERY_S
-from factft.metrics import metrics_table, score_predictions
+from factft.metrics import score_predictions
 from factft.models import BF16_GPU, load_model, peak_memory
 from factft.prompts import (
     IGNORE,
@@ -603,14 +603,15 @@ def evaluate_model(
     device: str | None = None,
     shots: int = 0,
     demos: pd.DataFrame | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(predictions, metrics) of the model in `spec` (plus a finetune `adapter`) on `test`.
+) -> pd.DataFrame:
+    """The predictions of the model in `spec` (plus a finetune `adapter`) on `test`, scored
+    (factft.metrics.metrics_table makes the metrics from them).
 
-    `params` is `evaluate_params` from rules/common.smk: max_new_tokens, batch_size,
-    percentiles, format, prompt, choice_score (multiple choice) and static_cache (used on
-    CUDA only: on a CPU nothing compiles it and it only costs memory). With `shots`, every
-    question follows that many solved demonstrations from `demos` (the finetuning pool), of
-    its relation where it can.
+    `params` is `evaluate_params` with `evaluate_running` from rules/common.smk:
+    max_new_tokens, format, prompt, choice_score (multiple choice), batch_size and
+    static_cache (used on CUDA only: on a CPU nothing compiles it and it only costs memory).
+    With `shots`, every question follows that many solved demonstrations from `demos` (the
+    finetuning pool), of its relation where it can.
     """
     where = f"model '{spec['name']}'" + (f" + {adapter}" if adapter else "")
     check_test_table(test, params["format"], where, prompt_column)
@@ -637,7 +638,6 @@ def evaluate_model(
         where=where,
     )
     seconds = time.perf_counter() - start
-    metrics = metrics_table(predictions, params["percentiles"])
     log.info(
         "%s%s: %d test facts in %.1f s (%.1f questions/s) on %s%s; accuracy %.4f, exact match %.4f",
         where,
@@ -650,4 +650,4 @@ def evaluate_model(
         predictions["correct"].mean(),
         predictions["exact_match"].mean(),
     )
-    return predictions, metrics
+    return predictions

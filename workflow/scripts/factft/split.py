@@ -1,10 +1,15 @@
-"""Split the facts into a subject-disjoint test set and the finetuning subsets of the pool.
+"""Split the facts into a subject-disjoint test set and the finetuning pool, and cut subsets
+from the pool.
 
-top/bottom = the most/least popular `fraction` of the pool, random = a seeded `fraction`,
-whole = the pool. With stratify=relation each subset takes the same number of facts from
-every relation, so top, bottom and random differ in popularity, not in relation mix.
-A sized subset (top25, bottom10, random25: factft.subsets) is cut from the pool the same
-way by sized_subset, a job of its own, so adding one to a grid leaves the others' files alone.
+test = the facts of a seeded share of the subjects, whole = the rest (the pool); each has a
+cap of its own. top/bottom = the most/least popular `fraction` of the pool, random = a
+seeded `fraction`; a sized subset (top25, bottom10, random25: factft.subsets) takes that
+percent. With stratify=relation each subset takes the same number of facts from every
+relation, so top, bottom and random differ in popularity, not in relation mix.
+
+Every table is a job of its own (rules/data.smk): a setting reruns the tables it shapes and
+the runs that read them, no others (split.fraction reruns no FT-Whole run, split.test_size
+no finetune at all).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from factft.errors import FactftError
 log = logging.getLogger(__name__)
 
 SPLITS = ("top", "bottom", "random", "whole", "test")
+# split_part's tables, each with its cap; the other subsets are cut from whole by pool_subset.
+CAPS = {"whole": "pool_size", "test": "test_size"}
 STRATIFY = ("relation", "none")
 
 
@@ -36,18 +43,37 @@ def split_facts(
     test_size: int | None = None,
     seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
-    """The five tables top, bottom, random, whole, test, each with `split` and `popularity_pct`.
+    """The five tables top, bottom, random, whole, test at once, as the workflow's jobs make
+    them one by one (split_part, then pool_subset on whole)."""
+    settings = dict(dataset=dataset, test_fraction=test_fraction, pool_size=pool_size, test_size=test_size, seed=seed)
+    parts = {part: split_part(facts, part, **settings) for part in CAPS}
+    cut = {
+        name: pool_subset(parts["whole"], name, dataset=dataset, fraction=fraction, stratify=stratify, seed=seed)
+        for name in ("top", "bottom", "random")
+    }
+    return {name: {**parts, **cut}[name] for name in SPLITS}
 
-    Deterministic: which rows each table gets depends on the facts' content and the seed only,
+
+def split_part(
+    facts: pd.DataFrame,
+    part: str,
+    *,
+    dataset: str = "facts",
+    test_fraction: float = 0.3,
+    pool_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The test set (`part` test, capped at test_size) or the finetuning pool (whole, capped
+    at pool_size), with `split` and `popularity_pct`; the other part's cap is not read.
+
+    Deterministic: which rows a table gets depends on the facts' content and the seed only,
     never on their row order; every table keeps the facts' row order.
     """
-    if stratify not in STRATIFY:
-        raise FactftError(f"split.stratify: '{stratify}' is unknown; use one of {list(STRATIFY)}")
-    subject_rng, pool_rng, test_rng, random_rng = _streams(seed)[:4]
+    if part not in CAPS:
+        raise FactftError(f"split: '{part}' is not a part of the subject split; use one of {list(CAPS)}")
+    subject_rng, pool_rng, test_rng = _streams(seed)[:3]
     facts = facts.reset_index(drop=True)
-    # Hashed once here: every table's percentiles and the top/bottom order read it.
-    tie = pd.Series(tie_breaks(facts["id"], seed), index=facts.index)
-
     # Test subjects never appear in finetuning: the experiment measures extraction of facts
     # stored in pretraining, not facts taught by finetuning.
     subjects = np.array(sorted(facts["subject"].unique()), dtype=object)
@@ -56,11 +82,65 @@ def split_facts(
             f"dataset '{dataset}': {len(subjects)} subject(s); a subject-disjoint split needs 2 or more"
         )
     n_test = min(max(1, round(test_fraction * len(subjects))), len(subjects) - 1)
-    test_subjects = set(subject_rng.permutation(subjects)[:n_test])
-    in_test = facts["subject"].isin(test_subjects)
-    test = _cap(facts[in_test], test_size, test_rng, f"dataset '{dataset}': split.test_size")
-    pool = _cap(facts[~in_test], pool_size, pool_rng, f"dataset '{dataset}': split.pool_size")
+    in_test = facts["subject"].isin(set(subject_rng.permutation(subjects)[:n_test]))
+    if part == "test":
+        table = _cap(facts[in_test], test_size, test_rng, f"dataset '{dataset}': split.test_size")
+    else:
+        table = _cap(facts[~in_test], pool_size, pool_rng, f"dataset '{dataset}': split.pool_size")
+    log.info(
+        "dataset '%s': %d of %d subjects held out; %s has %d facts",
+        dataset,
+        n_test,
+        len(subjects),
+        part,
+        len(table),
+    )
+    return _finish(table, part, _tie(table, seed))
 
+
+def pool_subset(
+    whole: pd.DataFrame,
+    name: str,
+    *,
+    dataset: str = "facts",
+    fraction: float = 0.5,
+    stratify: str = "relation",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The subset `name` of the pool `whole` (split_part's table), with `split` and
+    `popularity_pct`: top, bottom or random (each `fraction` of the pool), or a sized one
+    (top25, bottom10, random25), whose name gives its share and which ignores `fraction`.
+
+    top25 is the head of top's order, bottom likewise from the other end; the sized random
+    subsets are heads of one seeded order per relation of their own, so random10 lies inside
+    random25 (but not inside random, an independent draw).
+    """
+    if stratify not in STRATIFY:
+        raise FactftError(f"split.stratify: '{stratify}' is unknown; use one of {list(STRATIFY)}")
+    kind, percent = subsets.parse(name)
+    if kind == "whole":
+        raise FactftError(f"split: '{name}' is the pool itself, not a subset cut from it")
+    whole = whole.reset_index(drop=True)
+    tie = _tie(whole, seed)
+    if percent is None:
+        rows = _fraction_subsets(whole, tie, dataset=dataset, fraction=fraction, stratify=stratify, seed=seed)[kind]
+    else:
+        rows = _sized_subset(whole, tie, kind, percent, stratify=stratify, seed=seed)
+        if len(rows) == 0:
+            raise FactftError(
+                f"dataset '{dataset}': subset '{name}' ({percent}% of a pool of {len(whole)} facts"
+                f"{_within(stratify)}) is empty; raise its percent or split.pool_size, or use more facts"
+            )
+    log.info("dataset '%s': %s takes %d of the pool's %d facts", dataset, name, len(rows), len(whole))
+    return _finish(whole.loc[sorted(rows)], name, tie)
+
+
+def _fraction_subsets(
+    pool: pd.DataFrame, tie: pd.Series, *, dataset: str, fraction: float, stratify: str, seed: int
+) -> dict[str, np.ndarray]:
+    """The rows of top, bottom and random, drawn together: top and bottom are checked against
+    each other, and random's draws follow the groups in order."""
+    random_rng = _streams(seed)[3]
     groups = _groups(pool, stratify)
     counts = [_count(fraction, g) for g in groups]
     if sum(counts) == 0:
@@ -77,59 +157,23 @@ def split_facts(
         chosen["bottom"].append(ranked[::-1][:k])
         by_id = _by_id(group)
         chosen["random"].append(by_id[random_rng.choice(len(by_id), size=k, replace=False)])
-
     _check_ranking(chosen["top"], chosen["bottom"], pool, dataset)
-    log.info(
-        "dataset '%s': %d of %d subjects held out; test %d facts, pool %d; top, bottom, random %d each",
-        dataset,
-        n_test,
-        len(subjects),
-        len(test),
-        len(pool),
-        sum(counts),
-    )
-    tables = {name: facts.loc[sorted(np.concatenate(rows))] for name, rows in chosen.items()}
-    tables["whole"] = pool
-    tables["test"] = test
-    return {name: _finish(tables[name], name, tie) for name in SPLITS}
+    return {name: np.concatenate(rows) for name, rows in chosen.items()}
 
 
-def sized_subset(
-    whole: pd.DataFrame,
-    name: str,
-    *,
-    dataset: str = "facts",
-    stratify: str = "relation",
-    seed: int = 0,
-) -> pd.DataFrame:
-    """The sized subset `name` (top25, bottom10, random25) of the pool `whole` (split_facts'
-    table), with `split` and `popularity_pct`, selected as split_facts selects top, bottom and
-    random: top25 is the head of top's order, bottom likewise from the other end; the sized
-    random subsets are heads of one seeded order per relation of their own, so random10 lies
-    inside random25 (but not inside random, an independent draw).
-    """
-    kind, percent = subsets.parse(name)
-    if percent is None:
-        raise FactftError(f"split: '{name}' is not a sized subset (top<P>, bottom<P>, random<P>)")
-    whole = whole.reset_index(drop=True)
-    tie = pd.Series(tie_breaks(whole["id"], seed), index=whole.index)
+def _sized_subset(
+    pool: pd.DataFrame, tie: pd.Series, kind: str, percent: int, *, stratify: str, seed: int
+) -> np.ndarray:
     sized_rng = _streams(seed)[4]
     rows = [np.array([], dtype="int64")]
-    for group in _groups(whole, stratify):
+    for group in _groups(pool, stratify):
         if kind == "random":
             order = _by_id(group)[sized_rng.permutation(len(group))]
         else:
             ranked = _ranked(group, tie)
             order = ranked if kind == "top" else ranked[::-1]
         rows.append(order[: _count(percent / 100, group)])
-    chosen = np.concatenate(rows)
-    if len(chosen) == 0:
-        raise FactftError(
-            f"dataset '{dataset}': subset '{name}' ({percent}% of a pool of {len(whole)} facts{_within(stratify)}) "
-            "is empty; raise its percent or split.pool_size, or use more facts"
-        )
-    log.info("dataset '%s': %s takes %d of the pool's %d facts", dataset, name, len(chosen), len(whole))
-    return _finish(whole.loc[sorted(chosen)], name, tie)
+    return np.concatenate(rows)
 
 
 def _check_ranking(top: list[pd.Index], bottom: list[pd.Index], pool: pd.DataFrame, dataset: str) -> None:
@@ -161,6 +205,11 @@ def _streams(seed: int) -> list[np.random.Generator]:
     """Independent streams (subjects, pool cap, test cap, random, sized random), so changing
     one cap or subset does not reshuffle the others."""
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+
+
+def _tie(table: pd.DataFrame, seed: int) -> pd.Series:
+    """tie_breaks of the table's ids, by row: the percentiles' and top/bottom's order of equals."""
+    return pd.Series(tie_breaks(table["id"], seed), index=table.index)
 
 
 def _groups(pool: pd.DataFrame, stratify: str) -> list[pd.DataFrame]:

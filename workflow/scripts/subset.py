@@ -1,8 +1,8 @@
 from factft.logging import to_log
-from factft.split import sized_subset
+from factft.split import pool_subset
 from factft.tables import read_table, write_table
 
 with to_log(snakemake.log[0]):
     whole = read_table(snakemake.input.whole)
-    subset = sized_subset(whole, snakemake.wildcards.sized, **snakemake.params.split)
+    subset = pool_subset(whole, snakemake.wildcards.cut, **snakemake.params.split)
     write_table(subset, snakemake.output[0])
