@@ -11,7 +11,7 @@ on CPU. What it prints is the compute to report with results, the measured count
 bench/grid_hours.py's estimate, and what the runtime and memory asked of SLURM
 (rules/common.smk) can be set against. A job retried with --retries, or requeued, left the
 times of its last attempt only. Files of models, datasets, subsets, seeds or simulation points
-no longer in the config are left out, and counted.
+no longer in the config, or of an earlier layout of the rules, are left out, and counted.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ MODEL_SCORERS = {name for name, scorer in SCORERS.items() if scorer.needs_model}
 # Rules whose benchmark path starts with {model}: they run that model (rules/evaluate.smk,
 # rules/finetune.smk), on a GPU when it is a hub model (rules/common.smk, model_gpus).
 MODEL_RULES = ("finetune", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention")
+# Rules whose benchmark path is an evaluation's, {model}/{dataset}/..., but that run no model:
+# they score its predictions, on a CPU (rules/evaluate.smk).
+SCORING_RULES = ("metrics",)
 # Rules whose benchmark path starts with {dataset} or {ranked} (rules/data.smk).
 DATASET_RULES = ("popularity", "split", "subset", "pageviews")
+# Benchmark folders of layouts before 2026-12-02 (one split job per dataset, sized_split).
+EARLIER_RULES = ("sized_split",)
 COLUMNS = ["rule", "device", "jobs", "hours", "cpu_hours", "median_min", "longest_min", "longest_job", "max_rss_gb"]
 
 
@@ -74,7 +79,9 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
     first, *rest = job.split("/")
     if rule == "size_figure" and not any(subsets.is_sized(name) for name in config["subsets"]):
         return None  # drawn only with sized subsets: a file of an earlier config
-    if rule in MODEL_RULES:
+    if rule in EARLIER_RULES:
+        return None
+    if rule in MODEL_RULES or rule in SCORING_RULES:
         model, dataset = first, rest[0]
     elif rule in DATASET_RULES:
         # {ranked}: the dataset, or dataset/by-<model> where a model's confidence ranks it
@@ -84,6 +91,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         if (scorer is None) == (popularity.get("scorer") in MODEL_SCORERS):
             return None  # a file of an earlier ranking
         model, dataset = (scorer if rule == "popularity" else None), first
+        if rule == "split" and not rest:
+            return None  # {ranked}/{part} since 2026-12-02
     elif rule == "simulate":  # {sweep}/{point}/seed{seed}
         return (None, None) if simulation_run_is_current(config["simulation"], first, *rest) else None
     else:
@@ -92,11 +101,11 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         return None
     if rule == "subset" and rest[0] not in config["subsets"]:  # {ranked}/{cut}
         return None
-    if rule in MODEL_RULES and len(rest) == 3:  # a finetuned run: .../{subset}/seed{seed}
+    if (rule in MODEL_RULES or rule in SCORING_RULES) and len(rest) == 3:  # a run: .../{subset}/seed{seed}
         subset, seed = rest[1], rest[2].removeprefix("seed")
         if subset not in config["subsets"] or not seed.isdigit() or int(seed) not in config["seeds"]:
             return None
-    return model, dataset
+    return (None if rule in SCORING_RULES else model), dataset
 
 
 def simulation_run_is_current(simulation: dict, sweep: str, point: str, seed: str) -> bool:
@@ -169,7 +178,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         f"{len(gpu)} on a GPU: {gpu['seconds'].sum() / 3600:.2f} GPU-h"
     )
     if other:
-        print(f"  left out: {other} files of models, datasets, subsets, seeds or simulation points not in the config")
+        print(
+            f"  left out: {other} files of models, datasets, subsets, seeds or simulation points not in the config, "
+            "or of earlier rules"
+        )
     shown = table.assign(longest_job=table["longest_job"].str.slice(0, 40))
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     if len(gpu):

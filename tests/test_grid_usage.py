@@ -38,6 +38,11 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     benchmark(folder, "evaluate/llama2-7b/popqa/top25/seed0", 999.0)  # nor this subset
     benchmark(folder, "attention/llama2-7b/popqa/top/seed7", 999.0)  # nor this seed
     benchmark(folder, "subset/popqa/top25", 1.0)
+    benchmark(folder, "metrics/llama2-7b/popqa/top/seed0", 2.0)  # scores predictions: no model, a CPU
+    benchmark(folder, "metrics/gpt2/popqa/top/seed0", 999.0)  # predictions of a model the config lacks
+    benchmark(folder, "metrics/llama2-7b/popqa/top/seed7", 999.0)  # nor this seed
+    benchmark(folder, "sized_split/popqa/top", 999.0)  # layouts before 2026-12-02: one split job per
+    benchmark(folder, "split/popqa", 999.0)  # dataset, sized subsets cut by sized_split
     benchmark(folder, "size_figure/llama2-7b/popqa", 999.0)  # drawn only when the config has sized subsets
     benchmark(folder, "simulate/zipf/0.5/seed0", 4.0)
     benchmark(folder, "simulate/zipf/1.0/seed0", 999.0)  # the base value: read from the base runs since
@@ -52,14 +57,15 @@ def test_usage_sums_each_rules_jobs_and_counts_hub_model_jobs_as_gpu_hours(tmp_p
     assert rows.loc["finetune", "longest_job"] == "llama2-7b/popqa/top/seed1"
     assert rows.loc["finetune", "max_rss_gb"] == pytest.approx(20.0)
     assert rows.loc["popularity", "device"].tolist() == ["gpu", "cpu"]
-    assert rows.loc["split", "device"] == rows.loc["figures", "device"] == "cpu"
+    assert rows.loc["split", "device"] == rows.loc["figures", "device"] == rows.loc["metrics", "device"] == "cpu"
+    assert rows.loc["split", "hours"] == pytest.approx(3.0 / 3600)
     assert (tmp_path / "usage.tsv").read_text().startswith("rule\tdevice\tjobs")
     printed = capsys.readouterr().out
     assert rows.loc["simulate", "jobs"] == 1 and rows.loc["simulate", "device"] == "cpu"
-    assert f"8 jobs of {grid_usage.ROOT / 'config/config.yaml'}" in printed
+    assert f"9 jobs of {grid_usage.ROOT / 'config/config.yaml'}" in printed
     assert f"4 on a GPU: {(1800 + 3600 + 120 + 600) / 3600:.2f} GPU-h" in printed
     assert "GPU-h by model/dataset: llama2-7b/mmlu 0.17, llama2-7b/popqa 1.50, mistral-7b/popqa 0.03" in printed
-    assert "left out: 9 files of models, datasets, subsets, seeds or simulation points not in the config" in printed
+    assert "left out: 13 files of models, datasets, subsets, seeds or simulation points not in the config" in printed
 
 
 def test_a_folder_without_benchmarks_of_the_config_is_a_one_line_error(tmp_path):

@@ -8,6 +8,7 @@ import requests
 import yaml
 
 from factft.errors import FactftError
+from factft import pageviews
 from factft.pageviews import MIN_RATE, RateLimit, article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
 from factft.sources import get_with_retries
@@ -112,16 +113,41 @@ def route(title):
 
 
 def fetch(server, subjects, cache, **extra):
+    """The page views of `subjects` from the test server; titles are taken as they are unless
+    `follow_redirects=True` is passed."""
     return pageview_table(
         [article_title(s) for s in subjects],
         cache,
         start="20230101",
         end="20230103",
         base_url=server.url,
+        titles_url=f"{server.url}/w/api.php",
         backoff=0.01,
         requests_per_second=1000,
-        **extra,
+        **{"follow_redirects": False, **extra},
     )
+
+
+def titles_route(titles):
+    """The MediaWiki query that resolves `titles` (one batch)."""
+    return f"/w/api.php?action=query&format=json&formatversion=2&redirects=1&titles={'|'.join(titles)}"
+
+
+def titles_answer(titles, redirects=(), missing=()):
+    """What the MediaWiki API answers for `titles` (formatversion 2): underscores spelled as
+    spaces, `redirects` as (from, to) pairs, the articles they reach, and `missing` titles."""
+    spelled = {t: t.replace("_", " ") for t in titles}
+    moved = dict(redirects)
+    reached = [moved.get(name, name) for name in spelled.values()]
+    pages = [{"ns": 0, "title": t, **({"missing": True} if t in missing else {"pageid": 1})} for t in reached]
+    return {
+        "batchcomplete": True,
+        "query": {
+            "normalized": [{"fromencoded": False, "from": t, "to": n} for t, n in spelled.items() if t != n],
+            "redirects": [{"from": a, "to": b} for a, b in redirects],
+            "pages": pages,
+        },
+    }
 
 
 def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp_path):
@@ -129,8 +155,8 @@ def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp
     http_server.reply(route("Hallstatt"), (200, daily(1, 2, 3)))
     table = fetch(http_server, ["Ada Lovelace", "Hallstatt", "Ada Lovelace"], tmp_path)
     assert table.to_dict("records") == [
-        {"article": "Ada_Lovelace", "views": 60},
-        {"article": "Hallstatt", "views": 6},
+        {"article": "Ada_Lovelace", "target": "Ada_Lovelace", "views": 60},
+        {"article": "Hallstatt", "target": "Hallstatt", "views": 6},
     ]
     assert len(http_server.requests) == 2
     again = fetch(http_server, ["Hallstatt", "Ada Lovelace"], tmp_path)
@@ -250,6 +276,42 @@ def test_titles_with_slashes_are_escaped_in_the_url(http_server, tmp_path):
     assert article_title("Ella  Fitzgerald\t") == "Ella_Fitzgerald"  # Wikipedia has no title with "__"
 
 
+def test_a_title_that_redirects_counts_the_views_of_the_article_it_leads_to(http_server, tmp_path):
+    titles = ["Ada_Lovelace", "Ada_lovelace", "JFK", "Nobody_Atall"]  # as sorted
+    redirects = [("Ada lovelace", "Ada Lovelace"), ("JFK", "John F. Kennedy")]
+    http_server.reply(titles_route(titles), (200, titles_answer(titles, redirects, missing={"Nobody Atall"})))
+    http_server.reply(route("Ada_Lovelace"), (200, daily(10, 20, 30)))
+    http_server.reply(route("John_F._Kennedy"), (200, daily(500)))
+    subjects = ["Ada lovelace", "JFK", "Ada Lovelace", "Nobody Atall", "AC|DC"]  # no title holds a "|"
+    table = fetch(http_server, subjects, tmp_path, follow_redirects=True)
+    assert table.to_dict("records") == [
+        {"article": "AC|DC", "target": "AC|DC", "views": 0},
+        {"article": "Ada_Lovelace", "target": "Ada_Lovelace", "views": 60},
+        {"article": "Ada_lovelace", "target": "Ada_Lovelace", "views": 60},
+        {"article": "JFK", "target": "John_F._Kennedy", "views": 500},
+        {"article": "Nobody_Atall", "target": "Nobody_Atall", "views": 0},
+    ]
+    # One query for the titles, one request per article: Ada Lovelace's views are asked once.
+    assert sorted(http_server.requests) == sorted(
+        [titles_route(titles), *(route(a) for a in ("AC|DC", "Ada_Lovelace", "John_F._Kennedy", "Nobody_Atall"))]
+    )
+    again = fetch(http_server, subjects, tmp_path, follow_redirects=True)
+    assert again.equals(table) and len(http_server.requests) == 5  # all from the cache
+
+
+def test_titles_are_resolved_a_batch_a_query_and_an_api_error_is_named(http_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(pageviews, "TITLES_PER_QUERY", 2)
+    titles = ["A", "B", "C"]
+    http_server.reply(titles_route(["A", "B"]), (200, titles_answer(["A", "B"], [("B", "A")])))
+    http_server.reply(titles_route(["C"]), (200, {"error": {"code": "toomanyvalues", "info": "Too many values"}}))
+    with pytest.raises(FactftError, match=r"titles 'C' \.\.\.: Too many values from http://127\.0\.0\.1:\d+/w/api"):
+        fetch(http_server, titles, tmp_path, follow_redirects=True)
+    http_server.reply(titles_route(["C"]), (200, titles_answer(["C"])))
+    table = fetch(http_server, titles, tmp_path, follow_redirects=True)
+    assert table["target"].tolist() == ["A", "A", "C"]
+    assert http_server.requests.count(titles_route(["A", "B"])) == 1  # kept from the failed run
+
+
 def test_reversed_date_range_is_an_error_before_any_request(http_server, tmp_path):
     with pytest.raises(FactftError, match="popularity.start 20231231 is after popularity.end 20230101"):
         pageview_table(["x"], tmp_path, start="20231231", end="20230101", base_url=http_server.url)
@@ -275,9 +337,9 @@ def test_a_title_column_names_the_article_when_the_subject_is_not_its_title(http
     http_server.reply(route("Freddie_Mercury"), (200, daily(9)))
     table = pageview_table(
         fact_articles(facts, params, "popqa"), tmp_path, start="20230101", end="20230103",
-        base_url=http_server.url, requests_per_second=1000,
+        base_url=http_server.url, requests_per_second=1000, follow_redirects=False,
     )  # fmt: skip
-    assert table.to_dict("records") == [
+    assert table[["article", "views"]].to_dict("records") == [
         {"article": "", "views": 0},
         {"article": "Freddie_Mercury", "views": 9},
         {"article": "Mercury_(planet)", "views": 5},
@@ -301,9 +363,11 @@ def test_the_pageviews_rule_counts_the_configured_project_and_days_from_the_cach
     for i, subject in enumerate(subjects):
         route = f"/de.wikipedia/all-access/user/{article_title(subject)}/daily/20230301/20230302"
         http_server.reply(route, (200, daily(i, 1)))
+    titles = sorted(article_title(s) for s in subjects)
+    http_server.reply(titles_route(titles), (200, titles_answer(titles)))
     pageview_table(
-        [article_title(s) for s in subjects], tmp_path / "hf" / "pageviews", project="de.wikipedia",
-        start="20230301", end="20230302", base_url=http_server.url, requests_per_second=1000,
+        titles, tmp_path / "hf" / "pageviews", project="de.wikipedia", start="20230301", end="20230302",
+        base_url=http_server.url, titles_url=f"{http_server.url}/w/api.php", requests_per_second=1000,
     )  # fmt: skip
     popularity = {"scorer": "pageviews", "project": "de.wikipedia", "start": "20230301", "end": "20230302"}
     columns = {"question": "prompt", "answers": "gold", "subject": "entity", "relation": "rel"}
@@ -317,7 +381,7 @@ def test_the_pageviews_rule_counts_the_configured_project_and_days_from_the_cach
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = snakemake_in(tmp_path, tmp_path / "config.yaml", ["results/trivia/facts.parquet"], "--cores", "1")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "30 articles, 0 fetched (0 without an article), 30 from the cache" in (
+    assert "30 articles, 0 fetched (0 without an article or views), 30 from the cache" in (
         tmp_path / "logs" / "pageviews" / "trivia.log"
     ).read_text()
     facts = read_table(tmp_path / "results" / "trivia" / "facts.parquet")

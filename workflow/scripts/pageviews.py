@@ -10,6 +10,7 @@ with to_log(snakemake.log[0]):
         project=popularity["project"],
         start=popularity["start"],
         end=popularity["end"],
+        follow_redirects=popularity["follow_redirects"],
         requests_per_second=snakemake.params.requests_per_second,
         contact=snakemake.params.contact,
     )

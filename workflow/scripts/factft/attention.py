@@ -296,7 +296,8 @@ def analyse_attention(
     """(per-layer statistics, the example question's heatmap data) of a model on `test`.
 
     `spec` is `model_spec(name)` and `params` is `attention_params` from rules/common.smk
-    (questions, the cap; batch_size; prompt) plus max_drop_fraction, which the script adds.
+    (questions, the cap; prompt) plus what the script adds: `evaluate_running` (batch_size,
+    static_cache) and max_drop_fraction.
     """
     from factft.generate import pad_id
     from factft.models import load_model

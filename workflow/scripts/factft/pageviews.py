@@ -1,7 +1,9 @@
 """Wikipedia page views of subjects (Wikimedia REST API), fetched politely and cached on disk.
 
-Each subject's total over [start, end] is cached as one small json file, so a rerun (or the
-`popularity` job on a compute node without internet) makes no request. Requests run on a few
+A subject's title may redirect ("JFK" to "John F. Kennedy"), whose own views are a few: it is
+first resolved to its article through the MediaWiki API, 50 titles a query. Each title's
+article and each article's total over [start, end] are cached as small json files, so a
+rerun (or the `popularity` job on a compute node without internet) makes no request. Requests run on a few
 threads under one rate limit: one at a time, a request's round trip (~0.1-0.2 s) would keep
 the rate far below the configured one, and EntityQuestions has about 200,000 subjects.
 """
@@ -35,7 +37,8 @@ MISSING_STATUS = frozenset({400, 404})
 ROUND_TRIP_S = 0.5
 MAX_THREADS = 32
 MIN_RATE = 1.0  # requests/s that a run of 429s (too many requests) slows down to, at most
-PROGRESS_EVERY = 5000  # fetched articles between progress lines
+PROGRESS_EVERY = 5000  # fetched articles (or title queries) between progress lines
+TITLES_PER_QUERY = 50  # the MediaWiki API's limit per query for clients without bot rights
 
 
 class RateLimit:
@@ -102,101 +105,210 @@ def pageview_table(
     project: str = "en.wikipedia",
     start: str = "20230101",
     end: str = "20231231",
+    follow_redirects: bool = True,
     requests_per_second: float = 20,
     base_url: str = API,
+    titles_url: str | None = None,
     attempts: int = 5,
     backoff: float = 1.0,
     timeout: float = 30,
     contact: str | None = None,
 ) -> pd.DataFrame:
-    """Columns article, views (int64): each distinct article's summed daily views.
+    """Columns article, target, views (int64): each distinct article's summed daily views.
 
-    Missing articles (and empty titles) count 0 views. Articles in the cache cost no request;
-    each fetched one is cached at once, so a run stopped by an error keeps what it fetched.
-    `contact` (email or URL) goes into the User-Agent, as Wikimedia asks; an answer "too many
-    requests" (429) halves the rate for the rest of the run.
+    With follow_redirects, a title that redirects (or that Wikipedia spells otherwise) counts
+    the views of the article it leads to, its `target`, asked of the MediaWiki API at
+    `titles_url` (default: the project's api.php); without, each title counts its own.
+    Missing articles (and empty titles) count 0 views. Articles and titles in the cache cost
+    no request; each answer is cached at once, so a run stopped by an error keeps what it
+    fetched. `contact` (email or URL) goes into the User-Agent, as Wikimedia asks; an answer
+    "too many requests" (429) halves the rate for the rest of the run.
     """
     _check_range(start, end)
-    folder = Path(cache_dir) / project / f"{start}-{end}"
-    articles = sorted(set(articles))
-    views = {"": 0}  # facts without a title (fact_articles warned)
-    unreadable = []
-    for article in articles:
-        if not article:
-            continue
-        try:  # one file-system call per article, not two: 200,000 of them on a cluster's NFS
-            views[article] = int(json.loads(_cache_file(folder, article).read_text())["views"])
+    articles = set(articles)
+    untitled, articles = "" in articles, sorted(articles - {""})
+    client = _Client(requests_per_second, contact, attempts=attempts, backoff=backoff, timeout=timeout)
+    try:
+        folder = Path(cache_dir) / project
+        targets = {article: article for article in articles}
+        if follow_redirects:
+            targets = _resolve(articles, folder / "titles", client, titles_url or _api_php(project))
+        url = f"{base_url}/{project}/all-access/user/{{}}/daily/{start}/{end}"
+        views = _views(sorted(set(targets.values())), folder / f"{start}-{end}", client, url)
+    finally:
+        client.close()
+    if untitled:  # facts without a title (fact_articles warned)
+        targets[""], views[""] = "", 0
+    table = pd.DataFrame({"article": sorted(targets)}, dtype=object)
+    table["target"] = table["article"].map(targets)
+    table["views"] = pd.Series([views[t] for t in table["target"]], dtype="int64")
+    return table
+
+
+class _Client:
+    """GETs on a few threads (each with its own Session) under one rate limit."""
+
+    def __init__(self, per_second: float, contact: str | None, **retry):
+        self.per_second, self.contact, self.retry = per_second, contact, retry
+        self.agent, self.limit = user_agent(contact), RateLimit(per_second)
+        self.threads = max(1, min(MAX_THREADS, math.ceil(per_second * ROUND_TRIP_S)))
+        self.local, self.sessions, self.warned = threading.local(), [], False
+
+    def get(self, url: str) -> requests.Response:
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()  # a Session is not shared between threads
+            self.sessions.append(self.local.session)
+        # Every attempt waits its turn (Wikimedia asks clients to keep a modest request rate).
+        return get_with_retries(
+            self.local.session, url, agent=self.agent, pace=self.limit.wait, on_throttled=self._throttled, **self.retry
+        )
+
+    def refused(self, what: str, response: requests.Response, url: str) -> FactftError:
+        problem = f"{what}: HTTP {response.status_code} from {url}"
+        if response.status_code == 403 and not self.contact:
+            problem += "; Wikimedia refuses clients it cannot identify: set `contact` in the config"
+        return FactftError(problem)
+
+    def map(self, fetch, items: list, what: str, *, threads: int | None = None):
+        """(item, fetch(item)) for each item, fetched on the client's threads (or `threads`), in order."""
+        if items and not self.contact and not self.warned:
+            self.warned = True
+            log.warning(
+                "no `contact` in the config: Wikimedia asks clients for an email or URL in the User-Agent "
+                "and may rate-limit those without"
+            )
+        pool = ThreadPoolExecutor(threads or self.threads, thread_name_prefix="pageviews")
+        try:
+            for done, item in enumerate(zip(items, pool.map(fetch, items)), start=1):
+                yield item
+                if done % PROGRESS_EVERY == 0:
+                    log.info("pageviews: %d of %d %s fetched", done, len(items), what)
+        finally:
+            # On an error, requests not yet started are dropped (those fetched stay cached).
+            pool.shutdown(cancel_futures=True)
+
+    def close(self) -> None:
+        for session in self.sessions:
+            session.close()
+
+    def _throttled(self) -> None:
+        if self.limit.slow_down():
+            log.warning("pageviews: HTTP 429 (too many requests); now at most %.3g requests/s", self.limit.per_second)
+
+
+def _views(articles: list[str], folder: Path, client: _Client, url: str) -> dict[str, int]:
+    """Each article's views, from `url` with the article in its {}, cached in `folder`
+    (<project>/<start>-<end>)."""
+    views, todo = _cached(articles, folder, "views")
+    where = f"{folder.parent.name} {folder.name}"
+    log.info(
+        "pageviews %s: %d articles, %d cached, %d to fetch at up to %g requests/s on %d threads (at least %.0f min)",
+        where, len(articles), len(articles) - len(todo), len(todo), client.per_second, client.threads,
+        len(todo) / client.per_second / 60,
+    )  # fmt: skip
+
+    def fetch(article: str) -> int | None:
+        """The article's views, None where it has none (no such article, or no views)."""
+        address = url.format(quote(article, safe=""))
+        response = client.get(address)
+        if response.status_code in MISSING_STATUS:
+            total = None
+        elif response.status_code == 200:
+            total = sum(int(item["views"]) for item in response.json().get("items", []))
+        else:
+            raise client.refused(f"pageviews of '{article}'", response, address)
+        _store(folder, article, {"article": article, "views": total or 0})
+        return total
+
+    missing = 0
+    for article, total in client.map(fetch, todo, "articles"):
+        views[article], missing = total or 0, missing + (total is None)
+    log.info(
+        "pageviews %s: %d articles, %d fetched (%d without an article or views), %d from the cache",
+        where, len(articles), len(todo), missing, len(articles) - len(todo),
+    )  # fmt: skip
+    return views
+
+
+def _resolve(titles: list[str], folder: Path, client: _Client, url: str) -> dict[str, str]:
+    """Each title's article: where its redirect leads, as Wikipedia spells it; the title itself
+    where it has no article. Asked TITLES_PER_QUERY at a time, cached in `folder`."""
+    targets, todo = _cached(titles, folder, "target")
+    # "|" separates titles in a query, and no title holds one: such a name leads nowhere.
+    nowhere = [t for t in todo if "|" in t]
+    targets.update({t: t for t in nowhere})
+    todo = [t for t in todo if "|" not in t]
+    batches = [todo[i : i + TITLES_PER_QUERY] for i in range(0, len(todo), TITLES_PER_QUERY)]
+    log.info("pageviews: %d titles, %d resolved before, %d queries to resolve the rest", len(titles),
+             len(titles) - len(todo) - len(nowhere), len(batches))  # fmt: skip
+
+    def fetch(batch: list[str]) -> dict[str, str]:
+        address = f"{url}?action=query&format=json&formatversion=2&redirects=1&titles={quote('|'.join(batch))}"
+        response = client.get(address)
+        if response.status_code != 200:
+            raise client.refused(f"titles '{batch[0]}' ...", response, address)
+        query = response.json()
+        if "error" in query:
+            raise FactftError(f"titles '{batch[0]}' ...: {query['error'].get('info', query['error'])} from {address}")
+        found = _targets(batch, query.get("query", {}))
+        for title, target in found.items():
+            _store(folder, title, {"title": title, "target": target})
+        return found
+
+    # One query at a time, as the MediaWiki API's etiquette asks: for EntityQuestions some
+    # 4,000 queries, about 15 min at a quarter second each (estimated, not measured), once.
+    for _, found in client.map(fetch, batches, "title queries", threads=1):
+        targets.update(found)
+    moved = sorted((title, target) for title, target in targets.items() if target != title)
+    log.info(
+        "pageviews: %d of %d titles lead to another article%s",
+        len(moved), len(titles), "" if not moved else f" (e.g. '{moved[0][0]}' -> '{moved[0][1]}')",
+    )  # fmt: skip
+    return targets
+
+
+def _targets(batch: list[str], query: dict) -> dict[str, str]:
+    """Each title's article, read from a MediaWiki query's `normalized` spellings, `redirects`
+    and `pages` (formatversion 2)."""
+    spelled = {step["from"]: step["to"] for step in query.get("normalized", [])}
+    redirects = {step["from"]: step["to"] for step in query.get("redirects", [])}
+    exists = {page["title"] for page in query.get("pages", []) if not page.get("missing") and not page.get("invalid")}
+    targets = {}
+    for title in batch:
+        name, seen = spelled.get(title, title), set()
+        while name in redirects and name not in seen:
+            seen.add(name)
+            name = redirects[name]
+        targets[title] = article_title(name) if name in exists else title
+    return targets
+
+
+def _cached(keys: list[str], folder: Path, field: str) -> tuple[dict, list[str]]:
+    """({key: cached value}, the keys to fetch). An unreadable entry is fetched again."""
+    values, unreadable = {}, []
+    for key in keys:
+        try:  # one file-system call per key, not two: 200,000 of them on a cluster's NFS
+            values[key] = json.loads(_cache_file(folder, key).read_text())[field]
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError):  # e.g. emptied by a crash: fetched again
-            unreadable.append(article)
+            unreadable.append(key)
     if unreadable:
         log.warning(
             "pageviews: %d cached entries cannot be read (e.g. %s); fetching them again",
             len(unreadable), _cache_file(folder, unreadable[0]),
         )  # fmt: skip
-    todo = [article for article in articles if article not in views]
-    threads = max(1, min(MAX_THREADS, math.ceil(requests_per_second * ROUND_TRIP_S)))
-    log.info(
-        "pageviews %s %s-%s: %d articles, %d cached, %d to fetch at up to %g requests/s on %d threads "
-        "(at least %.0f min)",
-        project, start, end, len(articles), len(articles) - len(todo), len(todo), requests_per_second, threads,
-        len(todo) / requests_per_second / 60,
-    )  # fmt: skip
-    if todo and not contact:
-        log.warning(
-            "no `contact` in the config: Wikimedia asks clients for an email or URL in the User-Agent "
-            "and may rate-limit those without"
-        )
-    agent, limit, local, sessions = user_agent(contact), RateLimit(requests_per_second), threading.local(), []
+    return values, [key for key in keys if key not in values]
 
-    def throttled() -> None:
-        if limit.slow_down():
-            log.warning("pageviews: HTTP 429 (too many requests); now at most %.3g requests/s", limit.per_second)
 
-    def fetch(article: str) -> tuple[int, bool]:
-        """(views, whether the article is missing), cached."""
-        if not hasattr(local, "session"):
-            local.session = requests.Session()  # a Session is not shared between threads
-            sessions.append(local.session)
-        url = f"{base_url}/{project}/all-access/user/{quote(article, safe='')}/daily/{start}/{end}"
-        # Every attempt waits its turn (Wikimedia asks clients to keep a modest request rate).
-        response = get_with_retries(
-            local.session, url, attempts=attempts, backoff=backoff, timeout=timeout, agent=agent,
-            pace=limit.wait, on_throttled=throttled,
-        )  # fmt: skip
-        if response.status_code in MISSING_STATUS:
-            total = 0
-        elif response.status_code == 200:
-            total = sum(int(item["views"]) for item in response.json().get("items", []))
-        else:
-            problem = f"pageviews of '{article}': HTTP {response.status_code} from {url}"
-            if response.status_code == 403 and not contact:
-                problem += "; Wikimedia refuses clients it cannot identify: set `contact` in the config"
-            raise FactftError(problem)
-        with atomic_path(_cache_file(folder, article), shared=True) as tmp:
-            tmp.write_text(json.dumps({"article": article, "views": total}))
-        return total, response.status_code in MISSING_STATUS
+def _store(folder: Path, key: str, entry: dict) -> None:
+    with atomic_path(_cache_file(folder, key), shared=True) as tmp:
+        tmp.write_text(json.dumps(entry))
 
-    missing = 0
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="pageviews")
-    try:
-        for done, (article, (total, absent)) in enumerate(zip(todo, pool.map(fetch, todo)), start=1):
-            views[article], missing = total, missing + absent
-            if done % PROGRESS_EVERY == 0:
-                log.info("pageviews: %d of %d fetched", done, len(todo))
-    finally:
-        # On an error, requests not yet started are dropped (those fetched stay cached).
-        pool.shutdown(cancel_futures=True)
-        for session in sessions:
-            session.close()
-    log.info(
-        "pageviews %s %s-%s: %d articles, %d fetched (%d without an article), %d from the cache",
-        project, start, end, len(articles), len(todo), missing, len(articles) - len(todo),
-    )  # fmt: skip
-    table = pd.DataFrame({"article": articles})
-    table["views"] = pd.Series([views[a] for a in articles], dtype="int64")
-    return table
+
+def _api_php(project: str) -> str:
+    """The MediaWiki API of a Wikimedia project (en.wikipedia -> https://en.wikipedia.org/w/api.php)."""
+    return f"https://{project}.org/w/api.php"
 
 
 def _cache_file(folder: Path, article: str) -> Path:

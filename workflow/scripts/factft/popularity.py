@@ -96,8 +96,8 @@ class Scorer:
 SCORERS = {
     "column": Scorer(column, settings=("column",), required=("column",), source_column="column"),
     "pageviews": Scorer(
-        pageviews, settings=("project", "start", "end", "title_column"), source_column="title_column",
-        needs_pageviews=True,
+        pageviews, settings=("project", "start", "end", "title_column", "follow_redirects"),
+        source_column="title_column", needs_pageviews=True,
     ),  # fmt: skip
     "model_confidence": Scorer(model_confidence, settings=("model", "shots"), needs_model=True),
     "pretraining_count": Scorer(pretraining_count, synthetic_only=True),
