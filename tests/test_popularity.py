@@ -312,6 +312,52 @@ def test_titles_are_resolved_a_batch_a_query_and_an_api_error_is_named(http_serv
     assert http_server.requests.count(titles_route(["A", "B"])) == 1  # kept from the failed run
 
 
+def test_titles_resolve_as_mediawiki_answers_one_query_at_a_time(http_server, tmp_path, monkeypatch):
+    """A MediaWiki answer with a section redirect to a title Python would upper-case otherwise
+    (ß), an invalid title, an interwiki one and a chain; a "#" title is never sent (MediaWiki
+    would read C# as C). Queries go one at a time however many threads fetch views."""
+    monkeypatch.setattr(pageviews, "TITLES_PER_QUERY", 3)
+    pools = []
+
+    class Recorded(pageviews.ThreadPoolExecutor):
+        def __init__(self, workers, **options):
+            pools.append(workers)
+            super().__init__(workers, **options)
+
+    monkeypatch.setattr(pageviews, "ThreadPoolExecutor", Recorded)
+    first, second = ["A_one", "Eszett", "Foo[bar]"], ["Fr:Paris", "Zed"]  # the sorted titles, 3 a query
+    http_server.reply(titles_route(first), (200, {"batchcomplete": True, "query": {
+        "normalized": [{"fromencoded": False, "from": "A_one", "to": "A one"}],
+        "redirects": [{"from": "A one", "to": "B two"}, {"from": "B two", "to": "C three"},
+                      {"from": "Eszett", "to": "ß", "tofragment": "History"}],
+        "pages": [{"ns": 0, "title": "C three", "pageid": 3}, {"ns": 0, "title": "ß", "pageid": 4},
+                  {"title": "Foo[bar]", "invalidreason": "bad characters", "invalid": True}],
+    }}))  # fmt: skip
+    http_server.reply(titles_route(second), (200, {"batchcomplete": True, "query": {
+        "interwiki": [{"title": "Fr:Paris", "iw": "fr"}], "pages": [{"ns": 0, "title": "Zed", "pageid": 5}],
+    }}))  # fmt: skip
+    http_server.delay = 0.1
+    subjects = ["A one", "Eszett", "Fr:Paris", "Foo[bar]", "Zed", "C#"]
+    table = fetch(http_server, subjects, tmp_path, follow_redirects=True)
+    assert dict(zip(table["article"], table["target"])) == {
+        "A_one": "C_three", "C#": "C#", "Eszett": "ß", "Foo[bar]": "Foo[bar]", "Fr:Paris": "Fr:Paris", "Zed": "Zed"
+    }
+    queries = [r for r in http_server.requests if r.startswith("/w/api.php")]
+    assert queries == [titles_route(first), titles_route(second)]
+    assert pools[0] == 1 and pools[1] > 1  # the title queries on one thread, the views on several
+    assert all(table[c].map(type).eq(str).all() for c in ("article", "target")) and table["views"].dtype == "int64"
+
+
+def test_a_query_is_cut_short_before_its_url_grows_too_long():
+    titles = [f"Заголовок_{i}_" + "ж" * 40 for i in range(50)]  # Cyrillic: 11,000 characters encoded
+    batches = pageviews._batches(titles)
+    assert [t for batch in batches for t in batch] == titles and len(batches) > 1
+    assert all(sum(len(pageviews.quote(t)) + 3 for t in batch) <= pageviews.MAX_QUERY_CHARS for batch in batches)
+    assert pageviews._batches([f"T{i}" for i in range(120)]) == [
+        [f"T{i}" for i in range(start, min(start + 50, 120))] for start in (0, 50, 100)
+    ]
+
+
 def test_reversed_date_range_is_an_error_before_any_request(http_server, tmp_path):
     with pytest.raises(FactftError, match="popularity.start 20231231 is after popularity.end 20230101"):
         pageview_table(["x"], tmp_path, start="20231231", end="20230101", base_url=http_server.url)
@@ -327,6 +373,9 @@ def test_pageviews_scorer_maps_subjects_through_the_fetched_table(tmp_path):
     facts = add_popularity(raw(), PAGEVIEWS, ScoringContext("eq", pageviews=tmp_path / "pageviews.parquet"), 0.1)
     assert facts["popularity"].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0] * 2
     assert set(facts["popularity_source"]) == {"pageviews:en.wikipedia:20230101-20231231"}
+    context = ScoringContext("eq", pageviews=tmp_path / "pageviews.parquet")
+    own = add_popularity(raw(), {**PAGEVIEWS, "follow_redirects": False}, context, 0.1)
+    assert set(own["popularity_source"]) == {"pageviews:en.wikipedia:20230101-20231231:titles-as-given"}
 
 
 def test_a_title_column_names_the_article_when_the_subject_is_not_its_title(http_server, tmp_path):

@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -37,8 +38,12 @@ MISSING_STATUS = frozenset({400, 404})
 ROUND_TRIP_S = 0.5
 MAX_THREADS = 32
 MIN_RATE = 1.0  # requests/s that a run of 429s (too many requests) slows down to, at most
-PROGRESS_EVERY = 5000  # fetched articles (or title queries) between progress lines
+PROGRESS_EVERY = 5000  # fetched articles between progress lines
+QUERY_PROGRESS_EVERY = 200  # title queries (10,000 titles) between progress lines
 TITLES_PER_QUERY = 50  # the MediaWiki API's limit per query for clients without bot rights
+# Characters of titles in one query's URL: servers refuse URLs beyond ~8,000 (50 Cyrillic
+# titles of 45 letters make 11,000).
+MAX_QUERY_CHARS = 6000
 
 
 class RateLimit:
@@ -139,9 +144,13 @@ def pageview_table(
         client.close()
     if untitled:  # facts without a title (fact_articles warned)
         targets[""], views[""] = "", 0
-    table = pd.DataFrame({"article": sorted(targets)}, dtype=object)
-    table["target"] = table["article"].map(targets)
-    table["views"] = pd.Series([views[t] for t in table["target"]], dtype="int64")
+    table = pd.DataFrame(
+        {
+            "article": pd.Series(sorted(targets), dtype=object),
+            "target": pd.Series([targets[a] for a in sorted(targets)], dtype=object),
+            "views": pd.Series([views[targets[a]] for a in sorted(targets)], dtype="int64"),
+        }
+    )
     return table
 
 
@@ -169,8 +178,9 @@ class _Client:
             problem += "; Wikimedia refuses clients it cannot identify: set `contact` in the config"
         return FactftError(problem)
 
-    def map(self, fetch, items: list, what: str, *, threads: int | None = None):
-        """(item, fetch(item)) for each item, fetched on the client's threads (or `threads`), in order."""
+    def map(self, fetch, items: list, what: str, *, threads: int | None = None, every: int = PROGRESS_EVERY):
+        """(item, fetch(item)) for each item, fetched on the client's threads (or `threads`), in
+        order, with a progress line `every` items."""
         if items and not self.contact and not self.warned:
             self.warned = True
             log.warning(
@@ -181,7 +191,7 @@ class _Client:
         try:
             for done, item in enumerate(zip(items, pool.map(fetch, items)), start=1):
                 yield item
-                if done % PROGRESS_EVERY == 0:
+                if done % every == 0:
                     log.info("pageviews: %d of %d %s fetched", done, len(items), what)
         finally:
             # On an error, requests not yet started are dropped (those fetched stay cached).
@@ -199,7 +209,7 @@ class _Client:
 def _views(articles: list[str], folder: Path, client: _Client, url: str) -> dict[str, int]:
     """Each article's views, from `url` with the article in its {}, cached in `folder`
     (<project>/<start>-<end>)."""
-    views, todo = _cached(articles, folder, "views")
+    views, todo = _cached(articles, folder, "views", int)
     where = f"{folder.parent.name} {folder.name}"
     log.info(
         "pageviews %s: %d articles, %d cached, %d to fetch at up to %g requests/s on %d threads (at least %.0f min)",
@@ -233,12 +243,13 @@ def _views(articles: list[str], folder: Path, client: _Client, url: str) -> dict
 def _resolve(titles: list[str], folder: Path, client: _Client, url: str) -> dict[str, str]:
     """Each title's article: where its redirect leads, as Wikipedia spells it; the title itself
     where it has no article. Asked TITLES_PER_QUERY at a time, cached in `folder`."""
-    targets, todo = _cached(titles, folder, "target")
-    # "|" separates titles in a query, and no title holds one: such a name leads nowhere.
-    nowhere = [t for t in todo if "|" in t]
+    targets, todo = _cached(titles, folder, "target", str)
+    # No title holds "|" (it separates titles in a query) or "#" (MediaWiki reads what follows
+    # as a section: "C#" would count C's views): such a name leads nowhere.
+    nowhere = {t for t in todo if "|" in t or "#" in t}
     targets.update({t: t for t in nowhere})
-    todo = [t for t in todo if "|" not in t]
-    batches = [todo[i : i + TITLES_PER_QUERY] for i in range(0, len(todo), TITLES_PER_QUERY)]
+    todo = [t for t in todo if t not in nowhere]
+    batches = _batches(todo)
     log.info("pageviews: %d titles, %d resolved before, %d queries to resolve the rest", len(titles),
              len(titles) - len(todo) - len(nowhere), len(batches))  # fmt: skip
 
@@ -257,7 +268,7 @@ def _resolve(titles: list[str], folder: Path, client: _Client, url: str) -> dict
 
     # One query at a time, as the MediaWiki API's etiquette asks: for EntityQuestions some
     # 4,000 queries, about 15 min at a quarter second each (estimated, not measured), once.
-    for _, found in client.map(fetch, batches, "title queries", threads=1):
+    for _, found in client.map(fetch, batches, "title queries", threads=1, every=QUERY_PROGRESS_EVERY):
         targets.update(found)
     moved = sorted((title, target) for title, target in targets.items() if target != title)
     log.info(
@@ -265,6 +276,19 @@ def _resolve(titles: list[str], folder: Path, client: _Client, url: str) -> dict
         len(moved), len(titles), "" if not moved else f" (e.g. '{moved[0][0]}' -> '{moved[0][1]}')",
     )  # fmt: skip
     return targets
+
+
+def _batches(titles: list[str]) -> list[list[str]]:
+    """Titles TITLES_PER_QUERY at a time, fewer where their URL would pass MAX_QUERY_CHARS."""
+    batches, size = [], 0
+    for title in titles:
+        chars = len(quote(title)) + 3  # and an encoded "|"
+        if not batches or len(batches[-1]) == TITLES_PER_QUERY or size + chars > MAX_QUERY_CHARS:
+            batches.append([])
+            size = 0
+        batches[-1].append(title)
+        size += chars
+    return batches
 
 
 def _targets(batch: list[str], query: dict) -> dict[str, str]:
@@ -275,20 +299,27 @@ def _targets(batch: list[str], query: dict) -> dict[str, str]:
     exists = {page["title"] for page in query.get("pages", []) if not page.get("missing") and not page.get("invalid")}
     targets = {}
     for title in batch:
-        name, seen = spelled.get(title, title), set()
+        sent = unicodedata.normalize("NFC", title)  # as MediaWiki reads every request
+        name, seen = spelled.get(sent, sent), set()
         while name in redirects and name not in seen:
             seen.add(name)
             name = redirects[name]
-        targets[title] = article_title(name) if name in exists else title
+        # The API's spelling is the article's: only its spaces become underscores (its own
+        # case rules differ from Python's upper(): ß, Georgian).
+        targets[title] = name.replace(" ", "_") if name in exists else title
     return targets
 
 
-def _cached(keys: list[str], folder: Path, field: str) -> tuple[dict, list[str]]:
-    """({key: cached value}, the keys to fetch). An unreadable entry is fetched again."""
+def _cached(keys: list[str], folder: Path, field: str, kind: type) -> tuple[dict, list[str]]:
+    """({key: cached value of `field`}, the keys to fetch). An entry that cannot be read, or
+    whose value is not of `kind`, is fetched again."""
     values, unreadable = {}, []
     for key in keys:
         try:  # one file-system call per key, not two: 200,000 of them on a cluster's NFS
-            values[key] = json.loads(_cache_file(folder, key).read_text())[field]
+            value = json.loads(_cache_file(folder, key).read_text())[field]
+            if type(value) is not kind:
+                raise TypeError(value)
+            values[key] = value
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError):  # e.g. emptied by a crash: fetched again
@@ -308,7 +339,7 @@ def _store(folder: Path, key: str, entry: dict) -> None:
 
 def _api_php(project: str) -> str:
     """The MediaWiki API of a Wikimedia project (en.wikipedia -> https://en.wikipedia.org/w/api.php)."""
-    return f"https://{project}.org/w/api.php"
+    return f"https://{project.removesuffix('.org')}.org/w/api.php"
 
 
 def _cache_file(folder: Path, article: str) -> Path:

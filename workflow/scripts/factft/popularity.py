@@ -112,7 +112,8 @@ def describe(params: dict) -> str:
     if scorer == "column":
         return f"column:{params['column']}"
     if scorer == "pageviews":
-        return f"pageviews:{params.get('project', 'en.wikipedia')}:{params.get('start')}-{params.get('end')}"
+        label = f"pageviews:{params.get('project', 'en.wikipedia')}:{params.get('start')}-{params.get('end')}"
+        return label if params.get("follow_redirects", True) else f"{label}:titles-as-given"
     if scorer == "model_confidence":
         return f"model_confidence:{params['model']}:{params.get('shots')}-shot"
     return scorer
