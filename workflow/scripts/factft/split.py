@@ -47,11 +47,12 @@ def split_facts(
     them one by one (split_part, then pool_subset on whole)."""
     settings = dict(dataset=dataset, test_fraction=test_fraction, pool_size=pool_size, test_size=test_size, seed=seed)
     parts = {part: split_part(facts, part, **settings) for part in CAPS}
-    cut = {
+    tables = {
         name: pool_subset(parts["whole"], name, dataset=dataset, fraction=fraction, stratify=stratify, seed=seed)
         for name in ("top", "bottom", "random")
     }
-    return {name: {**parts, **cut}[name] for name in SPLITS}
+    tables.update(parts)
+    return {name: tables[name] for name in SPLITS}
 
 
 def split_part(
