@@ -144,14 +144,14 @@ def pageview_table(
         client.close()
     if untitled:  # facts without a title (fact_articles warned)
         targets[""], views[""] = "", 0
-    table = pd.DataFrame(
+    order = sorted(targets)
+    return pd.DataFrame(
         {
-            "article": pd.Series(sorted(targets), dtype=object),
-            "target": pd.Series([targets[a] for a in sorted(targets)], dtype=object),
-            "views": pd.Series([views[targets[a]] for a in sorted(targets)], dtype="int64"),
+            "article": pd.Series(order, dtype=object),
+            "target": pd.Series([targets[a] for a in order], dtype=object),
+            "views": pd.Series([views[targets[a]] for a in order], dtype="int64"),
         }
     )
-    return table
 
 
 class _Client:
