@@ -1,5 +1,6 @@
 """Popularity scorers: a registry by config name, clean numbers out, page views fetched once."""
 
+import json
 import logging
 
 import pandas as pd
@@ -130,16 +131,24 @@ def fetch(server, subjects, cache, **extra):
 
 def titles_route(titles):
     """The MediaWiki query that resolves `titles` (one batch)."""
-    return f"/w/api.php?action=query&format=json&formatversion=2&redirects=1&titles={'|'.join(titles)}"
+    return f"/w/api.php?{pageviews.TITLES_QUERY}&titles={'|'.join(titles)}"
 
 
-def titles_answer(titles, redirects=(), missing=()):
+def titles_answer(titles, redirects=(), missing=(), ambiguous=()):
     """What the MediaWiki API answers for `titles` (formatversion 2): underscores spelled as
-    spaces, `redirects` as (from, to) pairs, the articles they reach, and `missing` titles."""
+    spaces, `redirects` as (from, to) pairs, the articles they reach, `missing` titles and
+    `ambiguous` ones (disambiguation pages)."""
     spelled = {t: t.replace("_", " ") for t in titles}
     moved = dict(redirects)
     reached = [moved.get(name, name) for name in spelled.values()]
-    pages = [{"ns": 0, "title": t, **({"missing": True} if t in missing else {"pageid": 1})} for t in reached]
+
+    def page(title):
+        if title in missing:
+            return {"ns": 0, "title": title, "missing": True}
+        properties = {"pageprops": {"disambiguation": ""}} if title in ambiguous else {}
+        return {"ns": 0, "title": title, "pageid": 1, **properties}
+
+    pages = [page(t) for t in reached]
     return {
         "batchcomplete": True,
         "query": {
@@ -154,9 +163,9 @@ def test_pageviews_sum_daily_views_and_a_rerun_makes_no_request(http_server, tmp
     http_server.reply(route("Ada_Lovelace"), (200, daily(10, 20, 30)))
     http_server.reply(route("Hallstatt"), (200, daily(1, 2, 3)))
     table = fetch(http_server, ["Ada Lovelace", "Hallstatt", "Ada Lovelace"], tmp_path)
-    assert table.to_dict("records") == [
-        {"article": "Ada_Lovelace", "target": "Ada_Lovelace", "views": 60},
-        {"article": "Hallstatt", "target": "Hallstatt", "views": 6},
+    assert table.to_dict("records") == [  # titles taken as given: whether one is ambiguous is not known
+        {"article": "Ada_Lovelace", "target": "Ada_Lovelace", "views": 60, "disambiguation": None},
+        {"article": "Hallstatt", "target": "Hallstatt", "views": 6, "disambiguation": None},
     ]
     assert len(http_server.requests) == 2
     again = fetch(http_server, ["Hallstatt", "Ada Lovelace"], tmp_path)
@@ -172,7 +181,7 @@ def test_an_unreadable_cache_entry_is_fetched_again_and_replaced(http_server, tm
     with caplog.at_level(logging.WARNING, logger="factft"):
         table = fetch(http_server, ["Ada Lovelace", "Hallstatt"], tmp_path)
     assert table["views"].tolist() == [60, 6]
-    assert f"1 cached entries cannot be read (e.g. {entry}); fetching them again" in caplog.text
+    assert f"1 cached entries cannot be read or lack a field (e.g. {entry}); fetching them again" in caplog.text
     assert http_server.requests.count(route("Hallstatt")) == 2
     assert http_server.requests.count(route("Ada_Lovelace")) == 1
     fetch(http_server, ["Hallstatt"], tmp_path)  # the entry was written anew
@@ -276,27 +285,53 @@ def test_titles_with_slashes_are_escaped_in_the_url(http_server, tmp_path):
     assert article_title("Ella  Fitzgerald\t") == "Ella_Fitzgerald"  # Wikipedia has no title with "__"
 
 
-def test_a_title_that_redirects_counts_the_views_of_the_article_it_leads_to(http_server, tmp_path):
-    titles = ["Ada_Lovelace", "Ada_lovelace", "JFK", "Nobody_Atall"]  # as sorted
-    redirects = [("Ada lovelace", "Ada Lovelace"), ("JFK", "John F. Kennedy")]
-    http_server.reply(titles_route(titles), (200, titles_answer(titles, redirects, missing={"Nobody Atall"})))
+def test_a_title_that_redirects_counts_the_views_of_the_article_it_leads_to(http_server, tmp_path, caplog):
+    titles = ["Ada_Lovelace", "Ada_lovelace", "JFK", "Mercury_(disambiguation)", "Nobody_Atall"]  # as sorted
+    redirects = [("Ada lovelace", "Ada Lovelace"), ("JFK", "John F. Kennedy"), ("Mercury (disambiguation)", "Mercury")]
+    answer = titles_answer(titles, redirects, missing={"Nobody Atall"}, ambiguous={"Mercury"})
+    http_server.reply(titles_route(titles), (200, answer))
     http_server.reply(route("Ada_Lovelace"), (200, daily(10, 20, 30)))
     http_server.reply(route("John_F._Kennedy"), (200, daily(500)))
-    subjects = ["Ada lovelace", "JFK", "Ada Lovelace", "Nobody Atall", "AC|DC"]  # no title holds a "|"
-    table = fetch(http_server, subjects, tmp_path, follow_redirects=True)
+    http_server.reply(route("Mercury"), (200, daily(70)))
+    # No title holds a "|"; a disambiguation page's views count as they are, flagged.
+    subjects = ["Ada lovelace", "JFK", "Ada Lovelace", "Nobody Atall", "AC|DC", "Mercury (disambiguation)"]
+    with caplog.at_level(logging.WARNING, logger="factft.pageviews"):
+        table = fetch(http_server, subjects, tmp_path, follow_redirects=True)
     assert table.to_dict("records") == [
-        {"article": "AC|DC", "target": "AC|DC", "views": 0},
-        {"article": "Ada_Lovelace", "target": "Ada_Lovelace", "views": 60},
-        {"article": "Ada_lovelace", "target": "Ada_Lovelace", "views": 60},
-        {"article": "JFK", "target": "John_F._Kennedy", "views": 500},
-        {"article": "Nobody_Atall", "target": "Nobody_Atall", "views": 0},
+        {"article": "AC|DC", "target": "AC|DC", "views": 0, "disambiguation": False},
+        {"article": "Ada_Lovelace", "target": "Ada_Lovelace", "views": 60, "disambiguation": False},
+        {"article": "Ada_lovelace", "target": "Ada_Lovelace", "views": 60, "disambiguation": False},
+        {"article": "JFK", "target": "John_F._Kennedy", "views": 500, "disambiguation": False},
+        {"article": "Mercury_(disambiguation)", "target": "Mercury", "views": 70, "disambiguation": True},
+        {"article": "Nobody_Atall", "target": "Nobody_Atall", "views": 0, "disambiguation": False},
     ]
+    assert "1 of 6 titles (16.7%) lead to a disambiguation page (e.g. 'Mercury_(disambiguation)')" in caplog.text
     # One query for the titles, one request per article: Ada Lovelace's views are asked once.
-    assert sorted(http_server.requests) == sorted(
-        [titles_route(titles), *(route(a) for a in ("AC|DC", "Ada_Lovelace", "John_F._Kennedy", "Nobody_Atall"))]
-    )
+    articles = ("AC|DC", "Ada_Lovelace", "John_F._Kennedy", "Mercury", "Nobody_Atall")
+    assert sorted(http_server.requests) == sorted([titles_route(titles), *(route(a) for a in articles)])
     again = fetch(http_server, subjects, tmp_path, follow_redirects=True)
-    assert again.equals(table) and len(http_server.requests) == 5  # all from the cache
+    assert again.equals(table) and len(http_server.requests) == 6  # all from the cache
+
+
+def test_page_properties_that_come_in_parts_are_asked_for_to_the_end(http_server, tmp_path):
+    """MediaWiki may cut a query's page properties short (its result size limit) and say where
+    to go on; a title cached without the disambiguation flag (before it was asked) is asked again."""
+    titles = ["Apple", "Mercury"]
+    first = titles_answer(titles)
+    first["continue"] = {"ppcontinue": "2|disambiguation", "continue": "||"}
+    http_server.reply(titles_route(titles), (200, first))
+    http_server.reply(
+        titles_route(titles) + "&ppcontinue=2|disambiguation&continue=||",
+        (200, titles_answer(titles, ambiguous={"Mercury"})),
+    )
+    table = fetch(http_server, titles, tmp_path, follow_redirects=True)
+    assert table["disambiguation"].tolist() == [False, True]
+    assert sum(r.startswith("/w/api.php") for r in http_server.requests) == 2
+    (entry,) = [p for p in (tmp_path / "en.wikipedia" / "titles").rglob("*.json") if "Apple" in p.read_text()]
+    entry.write_text(json.dumps({"title": "Apple", "target": "Apple"}))  # the layout of 2026-12-01
+    http_server.reply(titles_route(["Apple"]), (200, titles_answer(["Apple"])))
+    assert fetch(http_server, titles, tmp_path, follow_redirects=True).equals(table)
+    assert http_server.requests[4:] == [titles_route(["Apple"])]  # views from the cache
 
 
 def test_titles_are_resolved_a_batch_a_query_and_an_api_error_is_named(http_server, tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """Wikipedia page views of subjects (Wikimedia REST API), fetched politely and cached on disk.
 
 A subject's title may redirect ("JFK" to "John F. Kennedy"), whose own views are a few: it is
-first resolved to its article through the MediaWiki API, 50 titles a query. Each title's
-article and each article's total over [start, end] are cached as small json files, so a
-rerun (or the `popularity` job on a compute node without internet) makes no request. Requests run on a few
-threads under one rate limit: one at a time, a request's round trip (~0.1-0.2 s) would keep
-the rate far below the configured one, and EntityQuestions has about 200,000 subjects.
+first resolved to its article through the MediaWiki API, 50 titles a query, which also says
+whether that article is a disambiguation page (an ambiguous name, whose views are no
+entity's). Each title's article and each article's total over [start, end] are cached as
+small json files, so a rerun (or the `popularity` job on a compute node without internet)
+makes no request. Requests run on a few threads under one rate limit: one at a time, a
+request's round trip (~0.1-0.2 s) would keep the rate far below the configured one, and
+EntityQuestions has about 200,000 subjects.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pandas as pd
 import requests
@@ -44,6 +46,7 @@ TITLES_PER_QUERY = 50  # the MediaWiki API's limit per query for clients without
 # Characters of titles in one query's URL: servers refuse URLs beyond ~8,000 (50 Cyrillic
 # titles of 45 letters make 11,000).
 MAX_QUERY_CHARS = 6000
+TITLES_QUERY = "action=query&format=json&formatversion=2&redirects=1&prop=pageprops&ppprop=disambiguation"
 
 
 class RateLimit:
@@ -119,11 +122,13 @@ def pageview_table(
     timeout: float = 30,
     contact: str | None = None,
 ) -> pd.DataFrame:
-    """Columns article, target, views (int64): each distinct article's summed daily views.
+    """Columns article, target, views (int64), disambiguation (boolean): each distinct
+    article's summed daily views.
 
     With follow_redirects, a title that redirects (or that Wikipedia spells otherwise) counts
     the views of the article it leads to, its `target`, asked of the MediaWiki API at
-    `titles_url` (default: the project's api.php); without, each title counts its own.
+    `titles_url` (default: the project's api.php), which also says whether the target is a
+    disambiguation page; without, each title counts its own and disambiguation is unknown (NA).
     Missing articles (and empty titles) count 0 views. Articles and titles in the cache cost
     no request; each answer is cached at once, so a run stopped by an error keeps what it
     fetched. `contact` (email or URL) goes into the User-Agent, as Wikimedia asks; an answer
@@ -135,9 +140,11 @@ def pageview_table(
     client = _Client(requests_per_second, contact, attempts=attempts, backoff=backoff, timeout=timeout)
     try:
         folder = Path(cache_dir) / project
-        targets = {article: article for article in articles}
+        targets, ambiguous = {article: article for article in articles}, None
         if follow_redirects:
-            targets = _resolve(articles, folder / "titles", client, titles_url or _api_php(project))
+            resolved = _resolve(articles, folder / "titles", client, titles_url or _api_php(project))
+            targets = {title: entry["target"] for title, entry in resolved.items()}
+            ambiguous = {title for title, entry in resolved.items() if entry["disambiguation"]}
         url = f"{base_url}/{project}/all-access/user/{{}}/daily/{start}/{end}"
         views = _views(sorted(set(targets.values())), folder / f"{start}-{end}", client, url)
     finally:
@@ -150,6 +157,9 @@ def pageview_table(
             "article": pd.Series(order, dtype=object),
             "target": pd.Series([targets[a] for a in order], dtype=object),
             "views": pd.Series([views[targets[a]] for a in order], dtype="int64"),
+            "disambiguation": pd.Series(
+                [pd.NA if ambiguous is None else article in ambiguous for article in order], dtype="boolean"
+            ),
         }
     )
 
@@ -209,7 +219,8 @@ class _Client:
 def _views(articles: list[str], folder: Path, client: _Client, url: str) -> dict[str, int]:
     """Each article's views, from `url` with the article in its {}, cached in `folder`
     (<project>/<start>-<end>)."""
-    views, todo = _cached(articles, folder, "views", int)
+    cached, todo = _cached(articles, folder, {"views": int})
+    views = {article: entry["views"] for article, entry in cached.items()}
     where = f"{folder.parent.name} {folder.name}"
     log.info(
         "pageviews %s: %d articles, %d cached, %d to fetch at up to %g requests/s on %d threads (at least %.0f min)",
@@ -240,41 +251,62 @@ def _views(articles: list[str], folder: Path, client: _Client, url: str) -> dict
     return views
 
 
-def _resolve(titles: list[str], folder: Path, client: _Client, url: str) -> dict[str, str]:
-    """Each title's article: where its redirect leads, as Wikipedia spells it; the title itself
-    where it has no article. Asked TITLES_PER_QUERY at a time, cached in `folder`."""
-    targets, todo = _cached(titles, folder, "target", str)
+def _resolve(titles: list[str], folder: Path, client: _Client, url: str) -> dict[str, dict]:
+    """Each title's {"target": its article, where its redirect leads, as Wikipedia spells it
+    (the title itself where it has no article), "disambiguation": whether that article is a
+    disambiguation page}. Asked TITLES_PER_QUERY at a time, cached in `folder`."""
+    targets, todo = _cached(titles, folder, {"target": str, "disambiguation": bool})
     # No title holds "|" (it separates titles in a query) or "#" (MediaWiki reads what follows
     # as a section: "C#" would count C's views): such a name leads nowhere.
     nowhere = {t for t in todo if "|" in t or "#" in t}
-    targets.update({t: t for t in nowhere})
+    targets.update({t: {"target": t, "disambiguation": False} for t in nowhere})
     todo = [t for t in todo if t not in nowhere]
     batches = _batches(todo)
     log.info("pageviews: %d titles, %d resolved before, %d queries to resolve the rest", len(titles),
              len(titles) - len(todo) - len(nowhere), len(batches))  # fmt: skip
 
-    def fetch(batch: list[str]) -> dict[str, str]:
-        address = f"{url}?action=query&format=json&formatversion=2&redirects=1&titles={quote('|'.join(batch))}"
+    def ask(address: str, batch: list[str]) -> dict:
         response = client.get(address)
         if response.status_code != 200:
             raise client.refused(f"titles '{batch[0]}' ...", response, address)
-        query = response.json()
-        if "error" in query:
-            raise FactftError(f"titles '{batch[0]}' ...: {query['error'].get('info', query['error'])} from {address}")
-        found = _targets(batch, query.get("query", {}))
-        for title, target in found.items():
-            _store(folder, title, {"title": title, "target": target})
+        answer = response.json()
+        if "error" in answer:
+            raise FactftError(f"titles '{batch[0]}' ...: {answer['error'].get('info', answer['error'])} from {address}")
+        return answer
+
+    def fetch(batch: list[str]) -> dict[str, dict]:
+        address = f"{url}?{TITLES_QUERY}&titles={quote('|'.join(batch))}"
+        answer, query = ask(address, batch), {}
+        for _ in range(len(batch) + 1):  # each further answer brings at least one page's properties
+            for key, items in answer.get("query", {}).items():
+                query.setdefault(key, []).extend(items)
+            if "continue" not in answer:
+                break
+            # The page properties came in parts (MediaWiki's result size limit): ask for the rest.
+            answer = ask(f"{address}&{urlencode(answer['continue'])}", batch)
+        else:
+            raise FactftError(f"titles '{batch[0]}' ...: the MediaWiki API's answer never ends ({address})")
+        found = _targets(batch, query)
+        for title, entry in found.items():
+            _store(folder, title, {"title": title, **entry})
         return found
 
     # One query at a time, as the MediaWiki API's etiquette asks: for EntityQuestions some
     # 4,000 queries, about 15 min at a quarter second each (estimated, not measured), once.
     for _, found in client.map(fetch, batches, "title queries", threads=1, every=QUERY_PROGRESS_EVERY):
         targets.update(found)
-    moved = sorted((title, target) for title, target in targets.items() if target != title)
+    moved = sorted((title, entry["target"]) for title, entry in targets.items() if entry["target"] != title)
     log.info(
         "pageviews: %d of %d titles lead to another article%s",
         len(moved), len(titles), "" if not moved else f" (e.g. '{moved[0][0]}' -> '{moved[0][1]}')",
     )  # fmt: skip
+    ambiguous = sorted(title for title, entry in targets.items() if entry["disambiguation"])
+    if ambiguous:
+        log.warning(
+            "pageviews: %d of %d titles (%.1f%%) lead to a disambiguation page (e.g. '%s'): an ambiguous name, "
+            "whose views are the page's, no entity's; the pageviews table's `disambiguation` column lists them",
+            len(ambiguous), len(titles), 100 * len(ambiguous) / len(titles), ambiguous[0],
+        )  # fmt: skip
     return targets
 
 
@@ -291,12 +323,14 @@ def _batches(titles: list[str]) -> list[list[str]]:
     return batches
 
 
-def _targets(batch: list[str], query: dict) -> dict[str, str]:
-    """Each title's article, read from a MediaWiki query's `normalized` spellings, `redirects`
-    and `pages` (formatversion 2)."""
+def _targets(batch: list[str], query: dict) -> dict[str, dict]:
+    """Each title's {"target", "disambiguation"}, read from a MediaWiki query's `normalized`
+    spellings, `redirects` and `pages` with their `pageprops` (formatversion 2)."""
     spelled = {step["from"]: step["to"] for step in query.get("normalized", [])}
     redirects = {step["from"]: step["to"] for step in query.get("redirects", [])}
-    exists = {page["title"] for page in query.get("pages", []) if not page.get("missing") and not page.get("invalid")}
+    pages = query.get("pages", [])
+    exists = {page["title"] for page in pages if not page.get("missing") and not page.get("invalid")}
+    ambiguous = {page["title"] for page in pages if "disambiguation" in page.get("pageprops", {})}
     targets = {}
     for title in batch:
         sent = unicodedata.normalize("NFC", title)  # as MediaWiki reads every request
@@ -306,27 +340,29 @@ def _targets(batch: list[str], query: dict) -> dict[str, str]:
             name = redirects[name]
         # The API's spelling is the article's: only its spaces become underscores (its own
         # case rules differ from Python's upper(): ß, Georgian).
-        targets[title] = name.replace(" ", "_") if name in exists else title
+        found = name in exists
+        targets[title] = {"target": name.replace(" ", "_") if found else title, "disambiguation": name in ambiguous}
     return targets
 
 
-def _cached(keys: list[str], folder: Path, field: str, kind: type) -> tuple[dict, list[str]]:
-    """({key: cached value of `field`}, the keys to fetch). An entry that cannot be read, or
-    whose value is not of `kind`, is fetched again."""
+def _cached(keys: list[str], folder: Path, kinds: dict[str, type]) -> tuple[dict, list[str]]:
+    """({key: its cached entry's fields named in `kinds`}, the keys to fetch). An entry that
+    cannot be read, or that lacks a field or holds one of another kind, is fetched again."""
     values, unreadable = {}, []
     for key in keys:
         try:  # one file-system call per key, not two: 200,000 of them on a cluster's NFS
-            value = json.loads(_cache_file(folder, key).read_text())[field]
-            if type(value) is not kind:
-                raise TypeError(value)
-            values[key] = value
+            entry = json.loads(_cache_file(folder, key).read_text())
+            fields = {field: entry[field] for field in kinds}
+            if any(type(value) is not kinds[field] for field, value in fields.items()):
+                raise TypeError(entry)
+            values[key] = fields
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError):  # e.g. emptied by a crash: fetched again
             unreadable.append(key)
     if unreadable:
         log.warning(
-            "pageviews: %d cached entries cannot be read (e.g. %s); fetching them again",
+            "pageviews: %d cached entries cannot be read or lack a field (e.g. %s); fetching them again",
             len(unreadable), _cache_file(folder, unreadable[0]),
         )  # fmt: skip
     return values, [key for key in keys if key not in values]
