@@ -409,8 +409,10 @@ def test_a_good_source_file_passes_through_the_same_path(tree):
 
 
 def test_a_number_as_the_answer_is_kept_as_text_not_dropped(tree):
-    source_file("years.csv", b"q,a,s,r\nWhen was Ito born?,1990,Ito,born\nWhen?,2001.0,Lu,born\n", columns=CSV_COLUMNS)(
-        tree
-    )
-    assert read_table("resources/datasets/myqa/raw.parquet")["answers"].map(list).tolist() == [["1990"], ["2001"]]
+    """A csv cell is the text it holds: "007" is no 7, a subject "1984" no 1984.0."""
+    rows = b"q,a,s,r\nWhen was Ito born?,1990,Ito,born\nWho is Bond?,007,1984,agent\nHow much?,2.50,Lu,price\n"
+    source_file("years.csv", rows, columns=CSV_COLUMNS)(tree)
+    raw = read_table("resources/datasets/myqa/raw.parquet")
+    assert raw["answers"].map(list).tolist() == [["1990"], ["007"], ["2.50"]]
+    assert raw["subject"].tolist() == ["Ito", "1984", "Lu"]
 

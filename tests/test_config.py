@@ -313,10 +313,12 @@ def test_a_datasets_prompt_overrides_the_top_level_one_key_by_key_and_fits_its_f
 
 def test_a_kept_or_scored_column_named_like_a_facts_column_is_named_before_any_job():
     config = load("config.yaml")
-    config["datasets"]["popqa"]["popularity"] = {"scorer": "column", "column": "popularity"}
-    with pytest.raises(FactftError, match=r"^datasets\.popqa\.popularity\.column: source column 'popularity' has "
-                       r"the name of a facts column"):
+    config["datasets"]["popqa"]["popularity"] = {"scorer": "pageviews", "title_column": "subject"}
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.popularity\.title_column: source column 'subject' "
+                       r"has the name of a facts column"):
         validated(config)
+    config["datasets"]["popqa"]["popularity"] = {"scorer": "column", "column": "popularity"}  # the one scored
+    validated(config)
     config["datasets"]["popqa"]["popularity"] = {"scorer": "column", "column": "s_pop"}
     config["datasets"]["popqa"]["keep_columns"] = ["s_pop", "subject"]
     with pytest.raises(FactftError, match=r"^datasets\.popqa\.keep_columns: source column 'subject'"):
@@ -324,6 +326,21 @@ def test_a_kept_or_scored_column_named_like_a_facts_column_is_named_before_any_j
     config["datasets"]["popqa"]["keep_columns"] = ["split"]  # a column `split` writes
     with pytest.raises(FactftError, match=r"^datasets\.popqa\.keep_columns: source column 'split'"):
         validated(config)
+
+
+def test_a_popularity_key_the_scorer_does_not_read_or_a_column_kept_twice_is_named():
+    config = load("config.yaml")
+    config["datasets"]["entityquestions"]["popularity"]["column"] = "s_wiki_title"  # meant as title_column
+    with pytest.raises(FactftError, match=r"^datasets\.entityquestions\.popularity\.column: scorer 'pageviews' "
+                       r"does not read it \(it reads: project, start, end, title_column, follow_redirects\)"):
+        validated(config)
+    config = load("config.yaml")
+    config["datasets"]["popqa"]["popularity"]["model"] = "llama2-7b"
+    with pytest.raises(FactftError, match=r"^datasets\.popqa\.popularity\.model: scorer 'column' does not read"):
+        validated(config)
+    config = load("config.yaml")
+    config["datasets"]["popqa"]["keep_columns"] = ["s_pop", "s_pop"]
+    assert "has non-unique elements" in schema_error(config)
 
 
 def test_settings_are_sorted_and_the_users_named_maps_keep_their_order():

@@ -59,6 +59,21 @@ def test_tokenizer_without_pad_token_gets_eos_as_pad(tiny_model_dir, tmp_path):
     assert loaded.pad_token == loaded.eos_token == "</s>"
 
 
+def test_a_tokenizer_that_ends_every_text_with_eos_is_refused_before_the_weights_load(tiny_model_dir, tmp_path):
+    from tokenizers import processors
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )  # what add_eos_token: true makes of a Llama tokenizer
+    tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not reached")
+    problem = r"model 'tiny': its tokenizer ends every text with eos \('</s>'\), so every prompt would end there"
+    with pytest.raises(FactftError, match=problem + r"; set add_eos_token to false in .*m/tokenizer_config\.json"):
+        load_model(spec_for(tmp_path / "m"), device="cpu")
+
+
 def test_chat_needs_a_chat_template_in_the_folder_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # not reached
     with pytest.raises(FactftError, match=r"models\.tiny\.chat is on, but .* holds no chat template"):

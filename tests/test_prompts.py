@@ -336,6 +336,23 @@ def test_a_system_prompt_in_the_first_user_turn_opens_the_conversation_once(tiny
     assert in_turn(chat, prefix + "Q").count("Answer briefly.") == 1 and prefix.count(chat["reply"][0]) == 2
 
 
+def test_a_template_that_opens_replies_with_a_space_gives_it_to_the_answer(tiny_model_dir):
+    """Llama 2 writes " [/INST] Lyon": trained on " [/INST]Lyon", a SentencePiece model would
+    learn "Lyon" without the space its replies always had."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = LLAMA2_CHAT
+    chat = chat_prompt({"name": "tiny", "chat": True}, tokenizer, {"template": TEMPLATE, "answer": ANSWER})
+    demo, fact = ({"question": f"Where was {n} born?", "answers": [city], "relation": "born"} for n, city in
+                  (("A", "Lyon"), ("B", "Rome")))  # fmt: skip
+    prefix = few_shot_prefixes(pd.DataFrame([fact]), 1, chat, demos=pd.DataFrame([demo]))[0]
+    text = in_turn(chat, prefix + fact_prompt(fact, chat["template"])) + gold_answer(fact, chat["answer"])
+    turns = (fact_prompt(demo, TEMPLATE), "Lyon", fact_prompt(fact, TEMPLATE), "Rome")
+    conversation = [{"role": role, "content": content} for role, content in zip(("user", "assistant") * 2, turns)]
+    # The template's own text, but for the opening bos (the tokenizer's) and what follows the last reply.
+    assert "<s>" + text + " </s>" == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert gold_answer(fact, chat["answer"]) == " Rome"
+
+
 # Mistral-Instruct v0.3's template, shortened: the system prompt goes into the last user turn.
 MISTRAL_V3 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"

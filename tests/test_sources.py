@@ -1,6 +1,7 @@
 """Every source kind reads into the raw facts table; bad data fails early and by name."""
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -455,3 +456,68 @@ def test_local_copy_of_the_entityquestions_zip_reads_as_a_path_source(data_dir, 
     facts = load_facts(spec({"path": str(data_dir / "entityquestions" / "dataset.zip")}, "eq"), tmp_path, 0.1)
     assert len(facts) == 15 and facts["id"].iloc[0] == "eq-0"
     assert set(facts["relation"]) == {"P17", "P19", "P50"}
+
+
+def test_a_repeat_is_the_same_question_and_aliases_in_any_order_and_a_mass_of_them_is_a_mapping_error(caplog):
+    table = facts_table(10)
+    table.at[0, "answers"] = ["Shakespeare", "William Shakespeare"]
+    repeat = table.iloc[[0]].assign(answers=[["William Shakespeare", "Shakespeare"]], subject="Hamlet (play)")
+    facts = to_facts(pd.concat([table, repeat], ignore_index=True), spec({}), max_drop_fraction=0.1)
+    assert len(facts) == 10  # else one could be held out and its twin finetuned on
+    # A template mapped as the question: all but a few rows repeat one another.
+    template = facts_table(10).assign(question="Where was X born?", answers=[["Lyon"], ["Paris"]] * 5)
+    with pytest.raises(FactftError, match=r"dataset 'ds': 8 of 10 rows repeat an earlier row's question and "
+                       r"answers; check that datasets\.ds\.columns\.question names each fact's own"):  # fmt: skip
+        to_facts(template, spec({}), max_drop_fraction=0.1)
+    some = pd.concat([facts_table(10), facts_table(10).iloc[:3]], ignore_index=True)
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        assert len(to_facts(some, spec({}), max_drop_fraction=0.1)) == 10
+    assert "3 of 13 rows repeat an earlier row's question and answers" in caplog.text
+
+
+def test_a_missing_id_is_dropped_and_names_are_compared_in_one_unicode_form_and_spacing():
+    table = facts_table(12).assign(key=[f"k{i}" for i in range(11)] + [None])
+    table.at[1, "subject"], table.at[2, "subject"] = "Zoe\u0308  Smith", "Zo\u00eb Smith"  # NFD, two spaces; NFC
+    facts = to_facts(table, spec({}, columns={"id": "key"}), max_drop_fraction=0.1)
+    assert facts["id"].tolist() == [f"k{i}" for i in range(11)]  # not "nan"
+    assert facts["subject"].iloc[1] == facts["subject"].iloc[2] == "Zo\u00eb Smith"
+
+
+def test_a_kept_column_mixing_text_and_numbers_is_kept_as_text_and_scored_where_numeric(tmp_path):
+    from factft.popularity import ScoringContext, add_popularity
+
+    path = tmp_path / "facts.jsonl"
+    rows = [{"question": f"q{i}", "answers": [f"a{i}"], "subject": f"s{i}", "relation": "r", "views": i}
+            for i in range(20)]  # fmt: skip
+    rows[3]["views"] = "n/a"
+    path.write_text("\ufeff" + "\n".join(json.dumps(row) for row in rows))  # with a byte-order mark
+    raw = load_facts(spec({"path": str(path)}, keep_columns=["views"]), tmp_path, max_drop_fraction=0.1)
+    assert raw["views"].tolist()[2:5] == ["2", "n/a", "4"]
+    facts = add_popularity(raw, {"scorer": "column", "column": "views"}, ScoringContext("ds"), 0.1)
+    assert len(facts) == 19 and facts["popularity"].iloc[3] == 4.0
+    # A source column named popularity can be the one scored: the score takes its place.
+    scored = to_facts(facts_table(10).assign(popularity=range(10)), spec({}, popularity={"scorer": "column",
+                      "column": "popularity"}), max_drop_fraction=0.1)  # fmt: skip
+    facts = add_popularity(scored, {"scorer": "column", "column": "popularity"}, ScoringContext("ds"), 0.1)
+    assert facts["popularity"].tolist() == [float(i) for i in range(10)]
+
+
+def test_json_errors_name_the_line_and_a_json_lines_file_named_json_says_so(tmp_path):
+    lines = [json.dumps({"question": f"q{i}"}) for i in range(10)]
+    lines[6] = lines[6][:-3]
+    (tmp_path / "facts.jsonl").write_text("\n".join(lines))
+    with pytest.raises(FactftError, match=r"facts\.jsonl: line 7, column \d+: "):
+        read_file(tmp_path / "facts.jsonl")
+    (tmp_path / "facts.json").write_text("\n".join(json.dumps({"question": f"q{i}"}) for i in range(3)))
+    with pytest.raises(FactftError, match=r"Extra data.*one record a line is JSON Lines: name the file \.jsonl"):
+        read_file(tmp_path / "facts.json")
+
+
+def test_a_url_without_a_file_name_needs_its_reader_named(http_server, tmp_path):
+    http_server.reply("/download?id=3", (200, "question,answers,subject,relation\nq1,a,s1,r\nq2,b,s2,r\n"))
+    source = {"url": f"{http_server.url}/download?id=3"}
+    with pytest.raises(FactftError, match=r"dataset 'ds': cannot tell the kind of file at .*/download\?id=3 from "
+                       r"its name; set datasets\.ds\.source\.reader to one of \['csv', 'tsv'"):  # fmt: skip
+        load_facts(spec(source), tmp_path, max_drop_fraction=0.1)
+    facts = load_facts(spec({**source, "reader": "csv"}), tmp_path, max_drop_fraction=0.1)
+    assert facts["question"].tolist() == ["q1", "q2"]

@@ -97,6 +97,14 @@ def check_config(config: dict) -> None:
         for needed in scorer.required:
             if needed not in popularity:
                 raise FactftError(f"{where}.popularity.{needed}: required by scorer '{scorer_name}'")
+        # Keys the schema fills in for every scorer are everywhere; another that the scorer does not
+        # read is a slip (a page-view `column` meant as title_column) that would pass unnoticed.
+        unread = sorted(set(popularity) - {"scorer", *scorer.settings, *_popularity_defaults()})
+        if unread:
+            raise FactftError(
+                f"{where}.popularity.{unread[0]}: scorer '{scorer_name}' does not read it (it reads: "
+                f"{', '.join(scorer.settings) or 'no other key'})"
+            )
         if scorer.needs_model and "model" in popularity and popularity["model"] not in models:
             raise FactftError(
                 f"{where}.popularity.model: '{popularity['model']}' is not a configured model; "
@@ -305,6 +313,12 @@ def _finetune_validator() -> jsonschema.Draft202012Validator:
 @functools.cache
 def _schema() -> dict:
     return yaml.safe_load(SCHEMA.read_text())
+
+
+def _popularity_defaults() -> set[str]:
+    """The popularity keys the schema gives a default."""
+    dataset = _schema()["properties"]["datasets"]["additionalProperties"]
+    return {key for key, rule in dataset["properties"]["popularity"]["properties"].items() if "default" in rule}
 
 
 def command_line_config(config_args: list[str] | None) -> dict:

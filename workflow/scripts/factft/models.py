@@ -247,6 +247,11 @@ def load_model(
     gguf = None if kind == "full" else spec.get("gguf_file")
     common = {"local_files_only": True, "trust_remote_code": trust}
     source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
+    # The tokenizer first: checked in a second, where the weights may take minutes.
+    tokenizer = AutoTokenizer.from_pretrained(weights, **common, **({"gguf_file": gguf} if gguf else {}))
+    check_tokenizer(tokenizer, name, weights)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     options = {"dtype": dtype or compute_dtype(device), "attn_implementation": attention}
     if quantize:
         from transformers import BitsAndBytesConfig
@@ -280,10 +285,6 @@ def load_model(
         in_4bit = bool(quantize) and not rebuilt
         raise FactftError(does_not_fit(spec, device, finetune=for_training, in_4bit=in_4bit)) from error
 
-    tokenizer_dir = Path(adapter) if kind == "full" else Path(spec["path"])
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **common, **({"gguf_file": gguf} if gguf else {}))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None:
         if not for_training:  # a full finetune saves the folder's own
             model.generation_config = greedy_generation_config(model.generation_config)
@@ -291,6 +292,18 @@ def load_model(
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.train(for_training)
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer, name: str, folder: Path) -> None:
+    """A tokenizer that ends every text with eos (add_eos_token, as some Llama derivatives ship
+    it) would end each prompt there: the model would answer after an end of text."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("x")["input_ids"]
+    if eos is not None and ids[-1:] == [eos] and eos not in tokenizer("x", add_special_tokens=False)["input_ids"]:
+        raise FactftError(
+            f"model '{name}': its tokenizer ends every text with eos ({tokenizer.eos_token!r}), so every prompt "
+            f"would end there; set add_eos_token to false in {folder / 'tokenizer_config.json'}"
+        )
 
 
 def greedy_generation_config(config):

@@ -51,12 +51,13 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     (models.<name>.chat) with its own chat template around each prompt (see in_turn).
 
     Each prompt is the user's turn and the answer is the assistant's reply, so it loses the
-    leading space that follows "A:" in plain text. Few-shot demonstrations are the earlier
-    turns of the conversation. The block records the template's text between the turns:
-    `turn` (before and after the question) and `reply` (before and after a demonstration's
-    answer). Where the template ends a reply with a token of its own that is not eos (Gemma's
-    <end_of_turn>, Phi-3's <|end|>), `stop` names it: replies are trained to end with it and
-    generation stops at it. The template's opening bos is left to the tokenizer, which adds its own.
+    leading space that follows "A:" in plain text, unless the template opens replies with one
+    (Llama 2's). Few-shot demonstrations are the earlier turns of the conversation. The block
+    records the template's text between the turns: `turn` (before and after the question) and
+    `reply` (before and after a demonstration's answer). Where the template ends a reply with a
+    token of its own that is not eos (Gemma's <end_of_turn>, Phi-3's <|end|>), `stop` names it:
+    replies are trained to end with it and generation stops at it. The template's opening bos is
+    left to the tokenizer, which adds its own.
     models.<name>.system_prompt opens the conversation as its system turn (in `turn`'s head);
     models.<name>.chat_template_kwargs are the template's variables (Qwen3's enable_thinking).
     The prompts are built turn by turn, so the template must write each turn the same wherever
@@ -111,7 +112,11 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     bos = tokenizer.bos_token
     if bos and head.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
         head = head[len(bos) :]
-    block = {**prompt, "answer": prompt["answer"].lstrip(), "turn": [head, tail], "reply": [reply_head, reply_tail]}
+    # Llama 2's template writes a reply's opening space in the reply's turn (" [/INST] Lyon"), after
+    # the generation prompt (" [/INST]"): the answer starts with it, as the model read its replies.
+    opening = reply_head[len(tail) :] if reply_head.startswith(tail) else ""
+    reply = [reply_head[: len(reply_head) - len(opening)], reply_tail]
+    block = {**prompt, "answer": opening + prompt["answer"].lstrip(), "turn": [head, tail], "reply": reply}
     stop = _reply_stop(tokenizer, reply_tail)
     return block if stop is None else {**block, "stop": stop}
 

@@ -1,10 +1,11 @@
 """Reading every kind of dataset source into the raw facts table.
 
 A source is a config entry: `{hf: id, name?, split?, revision?}` (the Hugging Face hub),
-`{path: file}` (csv, tsv, jsonl, json, parquet) or `{url, sha256?, reader}` (a file or archive
-fetched once into the cache). `columns` maps facts columns to source columns; the result is
-the raw facts table that `popularity` scores: id, question, answers (list<str>), subject,
-relation (+ choices, answer_index for multiple choice, + kept columns).
+`{path: file}` (csv, tsv, jsonl, json, parquet) or `{url, sha256?, reader?}` (a file or archive
+fetched once into the cache; `reader` names its kind where the URL's name does not). `columns`
+maps facts columns to source columns; the result is the raw facts table that `popularity`
+scores: id, question, answers (list<str>), subject, relation (+ choices, answer_index for
+multiple choice, + kept columns).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -93,7 +95,14 @@ def read_source(spec: dict, cache_dir: str | Path) -> pd.DataFrame:
     if "url" in source:
         path = fetch_url(source["url"], Path(cache_dir) / "downloads", source.get("sha256"))
         reader = source.get("reader", "auto")
-        return read_entityquestions(path) if reader == "entityquestions" else read_file(path)
+        if reader == "entityquestions":
+            return read_entityquestions(path)
+        if reader == "auto" and _suffix(path) not in FILE_SUFFIXES:
+            raise FactftError(
+                f"dataset '{name}': cannot tell the kind of file at {source['url']} from its name; set "
+                f"datasets.{name}.source.reader to one of {[s.lstrip('.') for s in FILE_SUFFIXES if s != '.zip']}"
+            )
+        return read_file(path, kind=None if reader == "auto" else f".{reader}")
     raise FactftError(
         f"datasets.{name}.source: no hf, path or url; synthetic worlds are made by the synthetic_world rule"
     )
@@ -172,12 +181,13 @@ def proxy_hint(error: Exception) -> str:
     return "; check HTTPS_PROXY and HTTP_PROXY" if "proxy" in type(error).__name__.lower() else ""
 
 
-def read_file(path: str | Path) -> pd.DataFrame:
-    """A csv, tsv, jsonl, json or parquet file (optionally .gz) as a table; a .zip is read as
-    EntityQuestions' archive, the one archive layout known here."""
+def read_file(path: str | Path, kind: str | None = None) -> pd.DataFrame:
+    """A csv, tsv, jsonl, json or parquet file (optionally .gz) as a table, of the `kind` (one of
+    FILE_SUFFIXES) its name ends in unless given; a .zip is read as EntityQuestions' archive,
+    the one archive layout known here. A csv or tsv file's cells are read as the text they are
+    ("007", "1984"), empty cells as missing."""
     path = Path(path)
-    stem = path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
-    suffix = PurePosixPath(stem).suffix.lower()
+    suffix = kind or _suffix(path)
     if suffix not in FILE_SUFFIXES:
         raise FactftError(
             f"cannot read {path}: unknown file type '{suffix}'; use one of {list(FILE_SUFFIXES)}"
@@ -190,14 +200,18 @@ def read_file(path: str | Path) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv"):
-            # Only empty cells are missing: "NA" and "None" are real answers (Namibia, a song).
+            # Only empty cells are missing: "NA" and "None" are real answers (Namibia, a song). Text
+            # stays text: read as numbers, an answer "007" would become 7 and a subject "1984" 1984.0.
             sep = "\t" if suffix == ".tsv" else ","
-            return pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""])
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
         if suffix == ".jsonl":
-            with _open_text(path) as lines:
-                return pd.DataFrame.from_records([json.loads(line) for line in lines if line.strip()])
+            return pd.DataFrame.from_records(_json_lines(path))
         with _open_text(path) as stream:
-            records = json.load(stream)
+            try:
+                records = json.load(stream)
+            except json.JSONDecodeError as error:
+                hint = "; one record a line is JSON Lines: name the file .jsonl" if error.msg == "Extra data" else ""
+                raise ValueError(f"{error}{hint}") from None
         if not isinstance(records, list):
             raise ValueError("expected a JSON list of records")
         return pd.DataFrame.from_records(records)
@@ -207,12 +221,31 @@ def read_file(path: str | Path) -> pd.DataFrame:
         raise FactftError(f"cannot read {path}: {error}") from None
 
 
+def _suffix(path: Path) -> str:
+    stem = path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
+    return PurePosixPath(stem).suffix.lower()
+
+
+def _json_lines(path: Path) -> list:
+    """The records of a JSON Lines file; an unreadable one is named by its line number."""
+    with _open_text(path) as lines:
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"line {number}, column {error.colno}: {error.msg}") from None
+        return records
+
+
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark, as some Windows editors write, is read past.
     if path.name.endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def get_with_retries(
@@ -393,16 +426,18 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     facts = pd.DataFrame(
         {
             "id": (
-                table[mapping["id"]].map(str)
+                table[mapping["id"]].map(_text)
                 if "id" in mapping
                 else [f"{name}-{row}" for row in range(len(table))]
             ),
             "question": table[mapping["question"]].map(_text),
-            "subject": table[mapping["subject"]].map(_text),
-            "relation": table[mapping["relation"]].map(_text),
+            # A name is one entity however its spaces run: "Zoë  Smith" is "Zoë Smith".
+            "subject": table[mapping["subject"]].map(lambda value: " ".join(_text(value).split())),
+            "relation": table[mapping["relation"]].map(lambda value: " ".join(_text(value).split())),
         }
     )
     invalid = {
+        "empty id": facts["id"] == "",
         "empty question": facts["question"] == "",
         "empty subject": facts["subject"] == "",
         "empty relation": facts["relation"] == "",
@@ -423,12 +458,12 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
         facts["answers"] = answers.map(parse_answers)
         invalid[MISSHAPED] = ~answers.map(_answers_shaped)
         invalid["no answers"] = (facts["answers"].map(len) == 0) & ~invalid[MISSHAPED]
-    for column in kept:
-        facts[column] = table[column]
+    for key, column in read:
+        facts[column] = _storable(table[column], f"datasets.{name}.{key}", column)
 
-    _check_unique_ids(facts, name, mapping)
     facts = drop_invalid(facts, invalid, f"dataset '{name}'", max_drop_fraction)
-    facts = _drop_repeats(facts, name)
+    _check_unique_ids(facts, name, mapping)
+    facts = _drop_repeats(facts, name, max_drop_fraction)
     _check_subjects(facts, name, mapping["subject"])
     order = ["id", "question", "answers", "subject", "relation"]
     order += [c for c in ("choices", "answer_index") if c in facts] + kept
@@ -467,7 +502,8 @@ def kept_columns(spec: dict) -> list[tuple[str, str]]:
     reserved = ["id", "question", "answers", "subject", "relation", "choices", "answer_index", "popularity"]
     reserved += ["popularity_source", "split", "popularity_pct"]
     for key, column in kept:
-        if column in reserved:
+        # A source column named popularity may be the one scored: the score takes its place.
+        if column in reserved and (key, column) != ("popularity.column", "popularity"):
             raise FactftError(
                 f"datasets.{spec['name']}.{key}: source column '{column}' has the name of a facts column "
                 f"({', '.join(reserved)}); map those through datasets.{spec['name']}.columns, and give a "
@@ -485,17 +521,52 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
             )
 
 
-def _drop_repeats(facts: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Drop rows that repeat an earlier row's question, choices and answers, whatever their
-    subject: a prompt shows only those, so a repeat is the same example, counted twice in the
-    test set's accuracy or trained on twice, and one filed under another subject (an MMLU
-    question under two topics) could be held out and finetuned on at once."""
-    fact = ["question", "answers", *(["choices"] if "choices" in facts else [])]
-    keys = facts[fact].map(lambda value: tuple(value) if isinstance(value, list) else value)
-    repeats = keys.duplicated()
-    if repeats.any():
-        log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s", name, int(repeats.sum()), fact)
+def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> pd.DataFrame:
+    """Drop rows that repeat an earlier row's question, choices and answers (in any order: they
+    are aliases), whatever their subject: a prompt shows only those, so a repeat is the same
+    example, counted twice in the test set's accuracy or trained on twice, and one filed under
+    another subject (an MMLU question under two topics) could be held out and finetuned on at
+    once. A mass of repeats is a column mapped wrongly (a template as the question): more than
+    `max_drop_fraction` of the rows is a warning, more than half an error."""
+    if "choices" in facts:  # the choices' order is the prompt's; the answer is one of them
+        keys = [(q, tuple(c), tuple(a)) for q, c, a in zip(facts["question"], facts["choices"], facts["answers"])]
+    else:
+        keys = [(question, tuple(sorted(answers))) for question, answers in zip(facts["question"], facts["answers"])]
+    repeats = pd.Series(keys, index=facts.index).duplicated()
+    count, fact = int(repeats.sum()), "question, choices and answer" if "choices" in facts else "question and answers"
+    if count:
+        log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s", name, count, fact)
+    if count > max_drop_fraction * len(facts):
+        problem = (
+            f"dataset '{name}': {count} of {len(facts)} rows repeat an earlier row's {fact}; check that "
+            f"datasets.{name}.columns.question names each fact's own question (not a template)"
+        )
+        if count > len(facts) / 2:
+            raise FactftError(problem)
+        log.warning(problem)
     return facts[~repeats]
+
+
+def _storable(values: pd.Series, key: str, column: str) -> pd.Series:
+    """A kept column as parquet can store it: one that mixes text and numbers (a JSON "n/a"
+    among view counts) becomes text, its missing cells left missing; the popularity scorer
+    reads numbers from text, and counts the rest as missing."""
+    if values.dtype != object:
+        return values
+    try:
+        pa.array(values, from_pandas=True)
+        return values
+    except (pa.ArrowException, ValueError, TypeError):
+        pass
+    text = values.map(lambda value: value if _missing(value) or not pd.api.types.is_scalar(value) else str(value))
+    try:
+        pa.array(text, from_pandas=True)
+    except (pa.ArrowException, ValueError, TypeError) as error:
+        raise FactftError(
+            f"{key}: source column '{column}' mixes values a table column cannot hold together, lists and "
+            f"single values ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+        ) from None
+    return text
 
 
 def _check_subjects(facts: pd.DataFrame, name: str, column: str) -> None:
@@ -555,7 +626,7 @@ def parse_answers(value) -> list[str]:
 
     PopQA stores its aliases as a JSON string, and pandas' `to_csv` writes a list column as
     Python's repr (`['Paris', 'City of Light']`): both are lists. Any other string, or a
-    number (a year read from a csv file), is one answer.
+    number (a year in a jsonl or parquet file), is one answer.
     """
     if _number(value):
         value = [int(value) if float(value).is_integer() else value]
@@ -609,10 +680,14 @@ def _choices(value) -> list[str]:
     return [_text(item) for item in value] if isinstance(value, (list, tuple)) else []
 
 
+def _missing(value) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and pd.isna(value))
+
+
 def _text(value) -> str:
-    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
-        return ""
-    return str(value).strip()
+    """A cell as text, in Unicode's composed form (NFC), as Wikipedia and most sources write it:
+    "Zoë" typed as "o" and a combining diaeresis is the same name."""
+    return "" if _missing(value) else unicodedata.normalize("NFC", str(value).strip())
 
 
 def _index(value) -> int:
