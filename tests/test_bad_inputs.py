@@ -415,4 +415,13 @@ def test_a_number_as_the_answer_is_kept_as_text_not_dropped(tree):
     raw = read_table("resources/datasets/myqa/raw.parquet")
     assert raw["answers"].map(list).tolist() == [["1990"], ["007"], ["2.50"]]
     assert raw["subject"].tolist() == ["Ito", "1984", "Lu"]
+    # Integers that pandas wrote as floats (an integer column with a missing cell) are integers again.
+    years = [1990 + i for i in range(9)] + [None]
+    people = [f"p{i}" for i in range(10)]
+    written = pd.DataFrame({"q": [f"When was {p} born?" for p in people], "a": years, "s": people, "r": ["born"] * 10})
+    written = written.to_csv(index=False)
+    assert written.splitlines()[1] == "When was p0 born?,1990.0,p0,born"
+    source_file("years.csv", written.encode(), columns=CSV_COLUMNS)(tree)
+    answers = read_table("resources/datasets/myqa/raw.parquet")["answers"].map(list).tolist()
+    assert answers == [[str(year)] for year in years[:9]]
 

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,6 +50,20 @@ def test_demonstrations_come_from_other_facts_of_the_same_relation_first():
     # "job" has one other fact: the second demonstration comes from another relation.
     job = prefixes[3].splitlines()
     assert "Q: What does Ito Rask do ? A: pilot" in job and len(job) == 2
+
+
+def test_no_question_is_shown_twice_and_too_few_demonstrations_are_counted_in_the_log(caplog):
+    # Two subjects of one name: the same question, twice in the pool.
+    facts = pd.DataFrame(
+        {"question": ["Where was Ann Lee born ?", "Where was Ann Lee born ?", "Where was Bo Ek born ?", "Q4"],
+         "answers": [["Paris"], ["Rome"], ["Lyon"], ["x"]], "relation": ["born"] * 3 + ["other"]}
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        prefixes = few_shot_prefixes(facts, shots=3, prompt=PROMPT)
+    for prefix, question in zip(prefixes, facts["question"]):
+        shown = [line.split(" A:")[0] for line in prefix.splitlines()]
+        assert len(shown) == len(set(shown)) and f"Q: {question}" not in shown
+    assert "4 of 4 prompts have fewer than the 3 demonstrations asked for" in caplog.text
 
 
 def test_zero_shots_is_the_bare_prompt():

@@ -351,6 +351,10 @@ def test_a_template_that_opens_replies_with_a_space_gives_it_to_the_answer(tiny_
     # The template's own text, but for the opening bos (the tokenizer's) and what follows the last reply.
     assert "<s>" + text + " </s>" == tokenizer.apply_chat_template(conversation, tokenize=False)
     assert gold_answer(fact, chat["answer"]) == " Rome"
+    # Only a space moves: no other template's reply opens with anything the answer would take.
+    for template in (MISTRAL, GEMMA, QWEN3, LLAMA31, GEMMA3):
+        tokenizer.chat_template = template
+        assert chat_prompt({"name": "tiny", "chat": True}, tokenizer, chat)["answer"] == "{answer}"
 
 
 # Mistral-Instruct v0.3's template, shortened: the system prompt goes into the last user turn.

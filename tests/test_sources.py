@@ -475,9 +475,9 @@ def test_a_repeat_is_the_same_question_and_aliases_in_any_order_and_a_mass_of_th
     assert "3 of 13 rows repeat an earlier row's question and answers" in caplog.text
 
 
-def test_a_missing_id_is_dropped_and_names_are_compared_in_one_unicode_form_and_spacing():
+def test_a_missing_id_is_dropped_and_names_are_compared_in_one_unicode_form():
     table = facts_table(12).assign(key=[f"k{i}" for i in range(11)] + [None])
-    table.at[1, "subject"], table.at[2, "subject"] = "Zoe\u0308  Smith", "Zo\u00eb Smith"  # NFD, two spaces; NFC
+    table.at[1, "subject"], table.at[2, "subject"] = "Zoe\u0308 Smith", "Zo\u00eb Smith"  # decomposed; composed
     facts = to_facts(table, spec({}, columns={"id": "key"}), max_drop_fraction=0.1)
     assert facts["id"].tolist() == [f"k{i}" for i in range(11)]  # not "nan"
     assert facts["subject"].iloc[1] == facts["subject"].iloc[2] == "Zo\u00eb Smith"
@@ -521,3 +521,35 @@ def test_a_url_without_a_file_name_needs_its_reader_named(http_server, tmp_path)
         load_facts(spec(source), tmp_path, max_drop_fraction=0.1)
     facts = load_facts(spec({**source, "reader": "csv"}), tmp_path, max_drop_fraction=0.1)
     assert facts["question"].tolist() == ["q1", "q2"]
+
+
+def test_a_field_of_a_nested_column_is_mapped_by_its_dotted_name(tmp_path):
+    """Hub datasets nest fields: TriviaQA's answer.aliases, ARC's choices.text."""
+    trivia = pd.DataFrame(
+        {
+            "question": [f"Who wrote book {i}?" for i in range(10)],
+            "answer": [{"aliases": [f"Author {i}", f"A. {i}"], "value": f"Author {i}"} for i in range(10)],
+            "meta": [{"entity": f"Book {i}", "kind": "author"} for i in range(10)],
+        }
+    )
+    trivia.to_parquet(tmp_path / "trivia.parquet")  # struct columns, as the hub stores them
+    nested = {"answers": "answer.aliases", "subject": "meta.entity", "relation": "meta.kind"}
+    facts = load_facts(spec({"path": str(tmp_path / "trivia.parquet")}, columns=nested), tmp_path, 0.1)
+    assert facts["answers"].map(list).iloc[3] == ["Author 3", "A. 3"] and facts["subject"].iloc[3] == "Book 3"
+    arc = pd.DataFrame(
+        {
+            "question": [f"Which is {i}?" for i in range(10)],
+            "choices": [{"text": ["red", "blue", f"n{i}"], "label": ["A", "B", "C"]} for i in range(10)],
+            "answerKey": ["C"] * 10,
+            "id": [f"arc-{i}" for i in range(10)],
+        }
+    )
+    arc.to_parquet(tmp_path / "arc.parquet")
+    columns = {"choices": "choices.text", "answer_index": "answerKey", "subject": "id", "relation": "question"}
+    facts = load_facts(spec({"path": str(tmp_path / "arc.parquet")}, format="multiple_choice", columns=columns),
+                       tmp_path, 0.1)  # fmt: skip
+    assert facts["choices"].iloc[0] == ["red", "blue", "n0"] and facts["answers"].iloc[0] == ["n0"]
+    with pytest.raises(FactftError, match=r"column 'answer' has no field 'alias' \(named in datasets\.ds\.columns\."
+                       r"answers\); its first value: \{'aliases'"):  # fmt: skip
+        load_facts(spec({"path": str(tmp_path / "trivia.parquet")}, columns={**nested, "answers": "answer.alias"}),
+                   tmp_path, 0.1)  # fmt: skip

@@ -115,6 +115,7 @@ def chat_prompt(spec: dict, tokenizer, prompt: dict) -> dict:
     # Llama 2's template writes a reply's opening space in the reply's turn (" [/INST] Lyon"), after
     # the generation prompt (" [/INST]"): the answer starts with it, as the model read its replies.
     opening = reply_head[len(tail) :] if reply_head.startswith(tail) else ""
+    opening = "" if opening.strip() else opening  # a space, never a turn's header
     reply = [reply_head[: len(reply_head) - len(opening)], reply_tail]
     block = {**prompt, "answer": opening + prompt["answer"].lstrip(), "turn": [head, tail], "reply": reply}
     stop = _reply_stop(tokenizer, reply_tail)
@@ -246,7 +247,7 @@ def few_shot_prefixes(
     # A chat model's demonstrations are earlier turns of its conversation (chat_prompt).
     reply_head, reply_tail = prompt.get("reply", ("", separator))
     demo_text = {}
-    prefixes = []
+    prefixes, short = [], 0
     for i, fact in enumerate(records):
         picks: list[int] = []
         # The first 2*shots+1 candidates always hold `shots` usable ones, unless the table is too small.
@@ -255,7 +256,9 @@ def few_shot_prefixes(
                 if len(picks) == shots:
                     break
                 itself = demos is None and j == i
-                if not itself and j not in picks and candidates[j]["question"] != fact["question"]:
+                # No question twice in one prompt, the fact's own among them (a name two subjects share).
+                asked = [fact["question"], *(candidates[k]["question"] for k in picks)]
+                if not itself and j not in picks and candidates[j]["question"] not in asked:
                     picks.append(int(j))
         for j in picks:
             if j not in demo_text:
@@ -263,4 +266,10 @@ def few_shot_prefixes(
                 answer = gold_answer(demo, prompt["answer"])
                 demo_text[j] = fact_prompt(demo, prompt["template"]) + reply_head + answer + reply_tail
         prefixes.append("".join(demo_text[j] for j in picks))
+        short += len(picks) < shots
+    if short:
+        log.warning(
+            "%d of %d prompts have fewer than the %d demonstrations asked for: too few facts to draw them from",
+            short, len(records), shots,
+        )  # fmt: skip
     return prefixes

@@ -203,7 +203,8 @@ def read_file(path: str | Path, kind: str | None = None) -> pd.DataFrame:
             # Only empty cells are missing: "NA" and "None" are real answers (Namibia, a song). Text
             # stays text: read as numbers, an answer "007" would become 7 and a subject "1984" 1984.0.
             sep = "\t" if suffix == ".tsv" else ","
-            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+            table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+            return table.apply(_integers_written_as_floats)
         if suffix == ".jsonl":
             return pd.DataFrame.from_records(_json_lines(path))
         with _open_text(path) as stream:
@@ -219,6 +220,15 @@ def read_file(path: str | Path, kind: str | None = None) -> pd.DataFrame:
         raise FactftError(f"cannot read {path}: it is not UTF-8 text ({error}); save it as UTF-8") from None
     except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError) as error:
         raise FactftError(f"cannot read {path}: {error}") from None
+
+
+def _integers_written_as_floats(column: pd.Series) -> pd.Series:
+    """A column whose every cell is an integer written as a float ("1990.0") as the integers:
+    pandas' to_csv writes an integer column with a missing cell so (years, answer indices)."""
+    filled = column.dropna()
+    if len(filled) and filled.str.fullmatch(r"-?\d+\.0").all():
+        return column.str.removesuffix(".0")
+    return column
 
 
 def _suffix(path: Path) -> str:
@@ -419,6 +429,7 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     mapping = _mapping(spec)
     read = kept_columns(spec)
     wanted = [(f"columns.{key}", column) for key, column in mapping.items()]
+    table = _with_fields(table, name, wanted + read)
     _require_columns(table, name, wanted + read)
     kept = [column for _, column in read]
     table = table.reset_index(drop=True)
@@ -431,9 +442,8 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
                 else [f"{name}-{row}" for row in range(len(table))]
             ),
             "question": table[mapping["question"]].map(_text),
-            # A name is one entity however its spaces run: "Zoë  Smith" is "Zoë Smith".
-            "subject": table[mapping["subject"]].map(lambda value: " ".join(_text(value).split())),
-            "relation": table[mapping["relation"]].map(lambda value: " ".join(_text(value).split())),
+            "subject": table[mapping["subject"]].map(_text),
+            "relation": table[mapping["relation"]].map(_text),
         }
     )
     invalid = {
@@ -510,6 +520,33 @@ def kept_columns(spec: dict) -> list[tuple[str, str]]:
                 "column to keep or score another name in the source"
             )
     return kept
+
+
+def _with_fields(table: pd.DataFrame, name: str, wanted: list[tuple[str, str]]) -> pd.DataFrame:
+    """`table` with a column for each wanted name `column.field` (or deeper) that is not a
+    column itself but a field of one's records: hub datasets nest them (TriviaQA's
+    `answer.aliases`, ARC's `choices.text`). A record without the field is missing."""
+    fields = {}
+    for key, wanted_name in wanted:
+        root, dot, path = wanted_name.partition(".")
+        if wanted_name in table.columns or not dot or root not in table.columns:
+            continue
+        cells = table[root].map(lambda cell: _field(cell, path.split(".")))
+        if cells.map(_missing).all():
+            raise FactftError(
+                f"dataset '{name}': column '{root}' has no field '{path}' (named in datasets.{name}.{key}); "
+                f"its first value: {str(table[root].iloc[0])[:200] if len(table) else 'none'}"
+            )
+        fields[wanted_name] = cells
+    return table.assign(**fields) if fields else table
+
+
+def _field(cell, path: list[str]):
+    for part in path:
+        if not isinstance(cell, dict) or part not in cell:
+            return None
+        cell = cell[part]
+    return cell
 
 
 def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str]]) -> None:
