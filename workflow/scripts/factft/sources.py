@@ -703,8 +703,7 @@ def _number(value) -> bool:
 
 def _answers_shaped(value) -> bool:
     """Whether parse_answers can read `value` (missing counts as readable: it is just empty)."""
-    missing = value is None or (isinstance(value, float) and pd.isna(value))
-    return missing or _number(value) or isinstance(value, (str, list, tuple, np.ndarray))
+    return _missing(value) or _number(value) or isinstance(value, (str, list, tuple, np.ndarray))
 
 
 def _choices(value) -> list[str]:
