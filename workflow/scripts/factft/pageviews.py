@@ -140,26 +140,23 @@ def pageview_table(
     client = _Client(requests_per_second, contact, attempts=attempts, backoff=backoff, timeout=timeout)
     try:
         folder = Path(cache_dir) / project
-        targets, ambiguous = {article: article for article in articles}, None
+        # Titles taken as given: none asked of the API, so whether one is ambiguous is not known.
+        resolved = {article: {"target": article, "disambiguation": pd.NA} for article in articles}
         if follow_redirects:
             resolved = _resolve(articles, folder / "titles", client, titles_url or _api_php(project))
-            targets = {title: entry["target"] for title, entry in resolved.items()}
-            ambiguous = {title for title, entry in resolved.items() if entry["disambiguation"]}
         url = f"{base_url}/{project}/all-access/user/{{}}/daily/{start}/{end}"
-        views = _views(sorted(set(targets.values())), folder / f"{start}-{end}", client, url)
+        views = _views(sorted({entry["target"] for entry in resolved.values()}), folder / f"{start}-{end}", client, url)
     finally:
         client.close()
     if untitled:  # facts without a title (fact_articles warned)
-        targets[""], views[""] = "", 0
-    order = sorted(targets)
+        resolved[""], views[""] = {"target": "", "disambiguation": False if follow_redirects else pd.NA}, 0
+    order = sorted(resolved)
     return pd.DataFrame(
         {
             "article": pd.Series(order, dtype=object),
-            "target": pd.Series([targets[a] for a in order], dtype=object),
-            "views": pd.Series([views[targets[a]] for a in order], dtype="int64"),
-            "disambiguation": pd.Series(
-                [pd.NA if ambiguous is None else article in ambiguous for article in order], dtype="boolean"
-            ),
+            "target": pd.Series([resolved[a]["target"] for a in order], dtype=object),
+            "views": pd.Series([views[resolved[a]["target"]] for a in order], dtype="int64"),
+            "disambiguation": pd.Series([resolved[a]["disambiguation"] for a in order], dtype="boolean"),
         }
     )
 
