@@ -1,9 +1,9 @@
 # factft: QA finetuning on well-known vs little-known facts (Ghosal et al., ICML 2024).
 # Each stage lives in rules/<stage>.smk; config lookups go through rules/common.smk.
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, update_config, validate
+from snakemake.utils import min_version, validate
 
-from factft.config import check_numbers, command_line_config
+from factft.config import apply_command_line, check_numbers
 from factft.errors import FactftError
 
 min_version("9.0")
@@ -16,8 +16,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-# Snakemake reads the items of a --config list or map as strings (seeds=[0] gives ["0"]).
-update_config(config, command_line_config(workflow.config_settings.config_args))
+# Snakemake reads the items of a --config list or map as strings (seeds=[0] gives ["0"]), and
+# merges a source or scorer block into the file's, keeping the keys of the one it replaces.
+apply_command_line(config, workflow.config_settings.config_args)
 try:
     check_numbers(config)
 except FactftError as error:

@@ -13,6 +13,7 @@ from snakemake.utils import update_config, validate
 
 from factft.config import (
     SCHEMA,
+    apply_command_line,
     check_config,
     check_numbers,
     command_line_config,
@@ -400,6 +401,23 @@ def test_command_line_lists_and_maps_are_read_as_the_config_file_reads_them():
     assert config["seeds"] == [0, 2]
     # A map merges into the key's map, as Snakemake's own --config does.
     assert config["split"] == {**load("config.yaml")["split"], "pool_size": 2000, "test_size": None}
+
+
+def test_a_command_line_source_or_scorer_replaces_the_config_files_block():
+    config = load("config.yaml")
+    apply_command_line(config, [
+        "datasets={popqa: {popularity: {scorer: pageviews, title_column: s_wiki_title}}, "
+        "entityquestions: {source: {hf: me/eq, split: test}, popularity: {end: '20231130'}}}",
+        "models={llama2-7b: {source: {pretrain: {dataset: world}}}}",
+    ])  # fmt: skip
+    datasets, paper = config["datasets"], load("config.yaml")["datasets"]
+    # Merged, the old choice's keys would stay: column beside title_column, url beside hf.
+    assert datasets["popqa"]["popularity"] == {"scorer": "pageviews", "title_column": "s_wiki_title"}
+    assert datasets["entityquestions"]["source"] == {"hf": "me/eq", "split": "test"}
+    assert config["models"]["llama2-7b"]["source"] == {"pretrain": {"dataset": "world"}}
+    # A popularity block without a scorer tunes the file's scorer; the rest of a dataset merges.
+    assert datasets["entityquestions"]["popularity"] == {**paper["entityquestions"]["popularity"], "end": "20231130"}
+    assert datasets["popqa"]["columns"] == paper["popqa"]["columns"]
 
 
 def test_a_malformed_command_line_list_is_named_by_the_schema(tmp_path):

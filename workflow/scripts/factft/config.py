@@ -339,6 +339,30 @@ def command_line_config(config_args: list[str] | None) -> dict:
     return typed
 
 
+# Blocks whose keys follow one choice: which source, which scorer. Merged key by key, a block
+# given with --config would keep the config file's other choice ({hf: ..., url: ...}).
+SWITCHED_BLOCKS = {"datasets": ("source", "popularity"), "models": ("source",)}
+
+
+def apply_command_line(config: dict, config_args: list[str] | None) -> None:
+    """Apply `--config` over the config file (rules of README "The paper's grid").
+
+    Maps merge key by key, as Snakemake's own --config does, except that a `source` block, or a
+    `popularity` block that names a scorer, replaces the file's block.
+    """
+    from snakemake.utils import update_config
+
+    typed = command_line_config(config_args)
+    update_config(config, typed)
+    for group, keys in SWITCHED_BLOCKS.items():
+        given = typed.get(group)
+        for name, entry in (given.items() if isinstance(given, dict) else ()):
+            for key in keys if isinstance(entry, dict) else ():
+                block = entry.get(key)
+                if isinstance(block, dict) and (key == "source" or "scorer" in block):
+                    config[group][name][key] = copy.deepcopy(block)
+
+
 def check_and_sort(config: dict) -> None:
     """After the schema: the checks it cannot express (the workflow's and the simulation's),
     then every settings block sorted (rules/common.smk, load_config)."""
