@@ -34,6 +34,7 @@ def run_predictions(correct):
     return pd.DataFrame(
         {
             "id": [f"f{i}" for i in range(n)],
+            "subject": [f"s{i}" for i in range(n)],
             "prediction": answers,
             "correct": correct,
             "exact_match": correct,
@@ -212,7 +213,7 @@ def test_make_summary_writes_both_tables_and_the_cli_prints_the_gap_and_figure(t
     out = capsys.readouterr().out
     assert "tiny on synth: held-out accuracy on 10 test facts (mean +/- sd over 3 seeds)" in out
     assert "FT-Whole" in out and "0.700 +/- 0.100" in out
-    assert "FT-Top - FT-Bottom = +0.30 (sd 0.10 over 3 seeds; 95% CI over test questions +0." in out
+    assert "FT-Top - FT-Bottom = +0.30 (sd 0.10 over 3 seeds; 95% CI over test subjects +0." in out
     assert "answered with the relation's commonest answer: FT-Top 0.23, FT-Bottom 0.57" in out
     assert "(gold answers 0.20)" in out
     figure = results / "figures" / "tiny" / "synth" / "accuracy_vs_popularity.png"
@@ -280,9 +281,10 @@ def test_results_of_an_older_workflow_still_summarise_with_nan_where_data_is_mis
     assert math.isnan(row["top_minus_bottom_ci_low"])
 
 
-def correct_table(correct, ids=None):
+def correct_table(correct, ids=None, subjects=None):
+    """Predictions of `correct`; each question its own subject unless `subjects` are given."""
     ids = ids if ids is not None else [f"q{i}" for i in range(len(correct))]
-    return pd.DataFrame({"id": ids, "correct": correct})
+    return pd.DataFrame({"id": ids, "subject": subjects if subjects is not None else ids, "correct": correct})
 
 
 def test_gap_interval_is_a_point_when_every_question_agrees():
@@ -304,6 +306,26 @@ def test_gap_interval_brackets_the_gap_with_the_width_of_the_normal_approximatio
     assert low < gap < high
     assert (high - low) == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
     assert gap_confidence_interval([(top, bottom)]) == (low, high)  # seeded: the same draws
+
+
+def test_gap_interval_draws_subjects_with_all_their_questions():
+    # 40 held-out subjects of 10 questions each: FT-Top alone right on all of a subject's
+    # questions, or FT-Bottom alone, or neither (the subject's facts stored or not move them
+    # together). The interval is that of 40 subject means, not of 400 independent questions.
+    rng = np.random.default_rng(4)
+    subjects, size = 40, 10
+    per_subject = rng.choice([1.0, -1.0, 0.0], size=subjects, p=[0.4, 0.2, 0.4])
+    difference = np.repeat(per_subject, size)
+    names = np.repeat([f"s{i}" for i in range(subjects)], size)
+    top, bottom = correct_table(difference > 0, subjects=names), correct_table(difference < 0, subjects=names)
+    low, high = gap_confidence_interval([(top, bottom)])
+    standard_error = per_subject.std() / np.sqrt(subjects)
+    assert low < difference.mean() < high
+    assert (high - low) == pytest.approx(2 * 1.96 * standard_error, rel=0.15)
+    # Drawn question by question, the interval would be sqrt(10) times narrower.
+    as_questions = correct_table(difference > 0), correct_table(difference < 0)
+    low_q, high_q = gap_confidence_interval([as_questions])
+    assert (high - low) > 2.5 * (high_q - low_q)
 
 
 def test_gap_interval_pairs_questions_by_id_not_by_row_order():

@@ -188,7 +188,8 @@ def plot_accuracy_vs_subset_size(metrics: pd.DataFrame, model: str, dataset: str
     +/- 1 sd band, seeds as dots). At 100% every selection is the whole pool, so the lines
     meet at FT-Whole. The base model's zero-shot and few-shot QA are dashed, its cloze
     accuracy dotted.
-    `fraction` is split.fraction: the share of top, bottom and random.
+    `fraction` is split.fraction: the share of top, bottom and random. A sized random subset
+    of that share (random50 at 0.5) is a second draw of it: one point averages both draws' runs.
     """
     overall = metrics[(metrics["scope"] == "all") & (metrics["model"] == model) & (metrics["dataset"] == dataset)]
     finetuned = overall[overall["subset"].map(subset_names.is_subset)]
@@ -259,7 +260,7 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     """The whole grid at a glance (the paper's results table as a figure): one panel per dataset,
     per model a bar per finetuning subset (mean over seeds, +/- 1 sd) with each seed as a
     dot, and above the model's bars FT-Top - FT-Bottom from `summary` (summary.tsv: mean over
-    the seeds with both, and its 95% bootstrap interval over test questions where it has one).
+    the seeds with both, and its 95% bootstrap interval over test subjects where it has one).
     """
     gaps = summary.set_index(["model", "dataset"])
     has_interval = gaps[f"{GAP}_ci_low"].notna().any()
@@ -306,7 +307,7 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             ncol=len(subsets),
             frameon=False,
             title="bars: mean over seeds, ± 1 sd; dots: single seeds\nΔ: FT-Top − FT-Bottom, mean over seeds"
-            + (" [95% bootstrap interval over test questions]" if has_interval else ""),
+            + (" [95% bootstrap interval over test subjects]" if has_interval else ""),
             title_fontsize="small",
         )
     return figure

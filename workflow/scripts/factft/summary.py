@@ -8,7 +8,7 @@ factft.subsets; one table per seed) or a reference without seed: "base" (the pre
 model answering zero-shot), "fewshot" (the same after k solved questions, evaluate.fewshot)
 or "cloze" (the pretrained model completing the fact's statement: what it stores, as
 opposed to what QA extracts). A finetuned run's source also names its per-question
-`predictions`, from which come the gap's bootstrap interval over test questions and the
+`predictions`, from which come the gap's bootstrap interval over test subjects and the
 accuracy per relation.
 rules/common.smk builds the sources from the config.
 
@@ -198,9 +198,10 @@ def accuracy_by_relation(model: str, dataset: str, runs: Mapping[tuple[str, int]
     return table.assign(model=model, dataset=dataset)[list(BY_RELATION)].reset_index(drop=True)
 
 
-def _paired_questions(top: pd.DataFrame, bottom: pd.DataFrame) -> np.ndarray:
-    """Per question of one seed, FT-Top's correctness minus FT-Bottom's (aligned by id)."""
-    joined = top.set_index("id")["correct"].to_frame("top").join(
+def _paired_questions(top: pd.DataFrame, bottom: pd.DataFrame) -> pd.DataFrame:
+    """Per question of one seed, by id: its subject and `difference`, FT-Top's correctness
+    minus FT-Bottom's (aligned by id)."""
+    joined = top.set_index("id")[["subject", "correct"]].join(
         bottom.set_index("id")["correct"].rename("bottom"), how="inner"
     ).sort_index()  # every seed's questions in one order
     if len(joined) != len(top) or len(joined) != len(bottom):
@@ -208,7 +209,8 @@ def _paired_questions(top: pd.DataFrame, bottom: pd.DataFrame) -> np.ndarray:
             f"FT-Top and FT-Bottom predictions cover different test questions ({len(top)} and "
             f"{len(bottom)} rows, {len(joined)} shared ids); remake them from the same split"
         )
-    return (joined["top"].astype("float64") - joined["bottom"].astype("float64")).to_numpy()
+    difference = joined["correct"].astype("float64") - joined["bottom"].astype("float64")
+    return pd.DataFrame({"subject": joined["subject"], "difference": difference})
 
 
 def gap_confidence_interval(
@@ -218,31 +220,36 @@ def gap_confidence_interval(
     draws: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of FT-Top minus FT-Bottom accuracy over test questions.
+    """Percentile bootstrap interval of FT-Top minus FT-Bottom accuracy over test subjects.
 
-    `pairs` holds (top, bottom) predictions of each seed that has both. Questions are drawn
-    with replacement and the same draw scores both subsets of every seed (paired), so the
-    interval says how much the gap depends on which questions were asked, given the trained
-    models; the spread over seeds is reported beside it, not inside it (three seeds are too
-    few to resample). (NaN, NaN) without pairs.
+    `pairs` holds (top, bottom) predictions of each seed that has both. The split holds out
+    whole subjects, and one subject's questions rise and fall together (whether pretraining
+    stored its facts moves them all), so subjects are drawn with replacement, each with all its
+    questions: drawing questions as if independent gives too narrow an interval. The same draw
+    scores both subsets of every seed (paired), so the interval says how much the gap depends
+    on which subjects were asked, given the trained models; the spread over seeds is reported
+    beside it, not inside it (three seeds are too few to resample). (NaN, NaN) without pairs.
     """
     if not pairs:
         return float("nan"), float("nan")
-    per_question = np.mean([_paired_questions(top, bottom) for top, bottom in pairs], axis=0)
-    n = len(per_question)
+    seeds = [_paired_questions(top, bottom) for top, bottom in pairs]
+    if any(not questions.index.equals(seeds[0].index) for questions in seeds):
+        raise FactftError("the seeds' predictions cover different test questions; remake them from the same split")
+    per_question = seeds[0].assign(difference=np.mean([q["difference"] for q in seeds], axis=0))
+    by_subject = per_question.groupby("subject", dropna=False)["difference"].agg(["sum", "size"])
+    sums, sizes = by_subject["sum"].to_numpy(), by_subject["size"].to_numpy()
+    n = len(sums)
     if n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    # Draw in chunks: draws x n indices at once would not fit for a large test set.
+    # Draw in chunks: draws x n indices at once would not fit for many subjects.
     chunk = max(1, min(draws, 2_000_000 // n))
-    means = np.concatenate(
-        [
-            per_question[rng.integers(0, n, size=(min(chunk, draws - start), n))].mean(axis=1)
-            for start in range(0, draws, chunk)
-        ]
-    )
+    means = []
+    for start in range(0, draws, chunk):
+        drawn = rng.integers(0, n, size=(min(chunk, draws - start), n))
+        means.append(sums[drawn].sum(axis=1) / sizes[drawn].sum(axis=1))
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(np.concatenate(means), [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -350,7 +357,7 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
         if gap_seeds:
             interval = ""
             if not pd.isna(row.get(f"{GAP}_ci_low", math.nan)):
-                interval = f"; 95% CI over test questions {row[f'{GAP}_ci_low']:+.2f} to {row[f'{GAP}_ci_high']:+.2f}"
+                interval = f"; 95% CI over test subjects {row[f'{GAP}_ci_low']:+.2f} to {row[f'{GAP}_ci_high']:+.2f}"
             lines.append(
                 f"  FT-Top - FT-Bottom = {row[f'{GAP}_mean']:+.2f} "
                 f"(sd {_sd(row[f'{GAP}_sd'], 2)} over {gap_seeds} seed{'s' * (gap_seeds != 1)}{interval})"

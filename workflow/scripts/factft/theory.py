@@ -17,6 +17,9 @@ format. Answers of a relation follow a skewed pool, so a generic relation-only g
 the model can lower its loss either by attending to the subject (useful when the subject's
 facts are salient) or to the relation token, whose value can hold the plausible guess.
 
+The head, the fixed embeddings and salience are the paper's; the world around them (a statement
+and a QA token per relation, skewed answer pools, plain SGD from zero, the same finetuning steps
+for every subset) is factft's rendering of its setting, not checked against the paper's text.
 Settings are one flat dict (a point of factft.sweeps; the schema supplies defaults).
 """
 
