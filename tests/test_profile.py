@@ -1,6 +1,6 @@
 """The SLURM profile (profiles/slurm): found by name from the repository root and by path,
 it plans the workflow for the slurm executor offline (a dry run needs no cluster), with one
-GPU for each GPU job, memory and runtime that grow with the attempt, and the rules that need
+GPU for each job that runs a hub model, memory and runtime that grow with the attempt, and the rules that need
 the internet kept on the login node. .ci/slurm/check.sh runs it on a real cluster."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+# Rules whose jobs run a model: on a GPU for a hub model, on CPU for the demo's tiny one.
 GPU_RULES = {"finetune", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze"}
 # Rules that must never hold a GPU (others, like popularity, ask for one themselves when needed).
 CPU_RULES = {"download", "download_model", "pageviews", "synthetic_world", "pretrain", "split"}
@@ -40,8 +41,8 @@ def dry_run(profile: str | None, configfile: str, workdir: Path, *extra: str) ->
     """`snakemake --profile <profile> -n all` from the repository root, in an empty workdir."""
     profile_args = ["--profile", profile] if profile else []
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", *profile_args, "--configfile", configfile,
-         "--directory", str(workdir), "--dry-run", *extra, "all"],
+        [sys.executable, "-m", "snakemake", "all", *profile_args, "--configfile", configfile,
+         "--directory", str(workdir), "--dry-run", *extra],
         cwd=REPO,
         env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
         capture_output=True,
@@ -87,11 +88,27 @@ def test_profile_found_by_name_from_the_repository_root_plans_the_paper_grid(gri
     assert {job.rule for job in jobs} >= GPU_RULES - {"cloze"} | {"download_model", "popularity", "split"}
 
 
+def ci_gpu_rules() -> set[str]:
+    """The rules whose jobs .ci/slurm/check.sh gives a GPU on the CI cluster (its GPU_RULES)."""
+    return set(re.search(r"^GPU_RULES=\((.*)\)$", (REPO / ".ci" / "slurm" / "check.sh").read_text(), re.M)[1].split())
+
+
 def test_profile_found_by_path_plans_every_gpu_rule_of_the_ci_cluster_config(tmp_path):
-    output, jobs = dry_run("profiles/slurm", "config/ci-slurm.yaml", tmp_path)
+    gpu_rules = ci_gpu_rules()
+    assert gpu_rules == GPU_RULES
+    given = [f"{rule}:gpu=1" for rule in sorted(gpu_rules)]
+    output, jobs = dry_run("profiles/slurm", "config/ci-slurm.yaml", tmp_path, "--set-resources", *given)
     assert "Using profile profiles/slurm for" in output
-    # .ci/slurm/verify.py expects every GPU rule of the profile on the CI cluster.
-    assert {job.rule for job in jobs} >= GPU_RULES
+    # .ci/slurm/verify.py expects a job of each of these rules on the CI cluster, each with a GPU,
+    # and no GPU in any other job.
+    assert {job.rule for job in jobs} >= gpu_rules
+    assert {job.rule for job in jobs if job.resources.get("gpu", "0") == "1"} == gpu_rules
+
+
+def test_through_the_profile_the_tiny_models_jobs_hold_no_gpu(tmp_path):
+    _, jobs = dry_run("slurm", "config/ci-slurm.yaml", tmp_path)
+    assert {job.rule for job in jobs} >= GPU_RULES | {"pretrain"}
+    assert {job.resources.get("gpu", "0") for job in jobs} == {"0"}
 
 
 def test_gpu_jobs_ask_for_one_gpu_and_cpu_jobs_for_none(grid):
@@ -182,16 +199,13 @@ def test_a_full_finetune_asks_for_twice_the_host_memory(grid, tmp_path):
     assert sum(rule == "finetune" and mb == 64000 for (rule, _), mb in memory.items()) == 2 * 4 * 3
 
 
-def test_profile_asks_for_gpus_only_through_the_plugin_and_for_rules_that_exist():
+def test_the_profile_asks_for_no_gpu_itself():
+    # The rules ask for one exactly when a job runs a hub model; a profile request would also
+    # give the tiny model's jobs a GPU, and a --set-resources on the command line would drop it.
     profile = yaml.safe_load(PROFILE.read_text())
-    rules = set()
-    for smk in (REPO / "rules").glob("*.smk"):
-        rules |= {a or b for a, b in re.findall(r"^(?:rule (\w+):|use rule \w+ as (\w+))", smk.read_text(), re.M)}
-    per_rule = profile["set-resources"]
-    assert set(per_rule) <= rules, set(per_rule) - rules
-    assert {rule for rule, res in per_rule.items() if res.get("gpu") == 1} == GPU_RULES
-    # The plugin rejects --gres/--gpus in slurm_extra; the GPU must be the `gpu` resource.
-    for resources in [profile["default-resources"], *per_rule.values()]:
+    for resources in [profile["default-resources"], *profile.get("set-resources", {}).values()]:
+        assert "gpu" not in resources
+        # The plugin rejects --gres/--gpus in slurm_extra; the GPU must be the `gpu` resource.
         assert not re.search(r"--(gres|gpus)", str(resources.get("slurm_extra", "")))
 
 
@@ -214,7 +228,7 @@ def test_grid_usage_counts_as_gpu_jobs_exactly_those_the_rules_give_a_gpu(grid):
 def test_a_site_sets_a_rules_runtime_in_the_profile_as_an_expression_of_the_attempt(tmp_path):
     """The SITE override the profile documents: it replaces the rule's runtime, still by attempt."""
     profile = yaml.safe_load(PROFILE.read_text())
-    profile["set-resources"]["finetune"]["runtime"] = "90 * attempt"
+    profile.setdefault("set-resources", {})["finetune"] = {"runtime": "90 * attempt"}
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "config.yaml").write_text(yaml.safe_dump(profile))
     for attempt, minutes in (("1", "90"), ("2", "180")):

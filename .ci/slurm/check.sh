@@ -6,7 +6,7 @@
 #     the repository's results/), every rule but the localrules (splits, metrics, tables,
 #     figures) a SLURM job
 #  3. check that every job of the DAG finished, and the SLURM jobs (.ci/slurm/verify.py):
-#     completed, GPU rules asked for a GPU and saw CUDA_VISIBLE_DEVICES, all ran offline
+#     completed, GPU_RULES below asked for a GPU and saw CUDA_VISIBLE_DEVICES, all ran offline
 #  4. preemption: rerun one finetune, `scontrol requeue` it once it has written a
 #     checkpoint, and check that it resumed and ended with the uninterrupted run's metrics
 #
@@ -32,9 +32,12 @@ say() { echo "[slurm-ci] $*" >&2; }
 # metrics, tables, figures) never reach for the hub.
 # The --config values repeat the file's: each SLURM job gets them again and must read the
 # list and map as numbers, as the submitting Snakemake does, or it fails validation.
+# The rules ask for a GPU only for a hub model; the tiny model's jobs of these rules are given
+# one here, so that the cluster's (fake) GPUs are placed and seen.
+GPU_RULES=(finetune evaluate evaluate_base evaluate_fewshot cloze)
 SNAKEMAKE=(env -u HF_HUB_OFFLINE -u HF_DATASETS_OFFLINE -u TRANSFORMERS_OFFLINE "$PYTHON" -m snakemake
     --snakefile "$REPO/Snakefile" --profile "$PROFILE" --configfile "$REPO/config/ci-slurm.yaml"
-    --config "seeds=[0]" "evaluate={fewshot: 1}"
+    --config "seeds=[0]" "evaluate={fewshot: 1}" --set-resources "${GPU_RULES[@]/%/:gpu=1}"
     --slurm-keep-successful-logs --slurm-init-seconds-before-status-checks 2 --retries 0)
 
 # Snakemake runs in the background so that a signal to this script acts at once: the EXIT
@@ -86,7 +89,7 @@ if ! grep -q "steps (100%) done" "$ROOT/run.log"; then
     say "FAILED: not every job of the DAG finished ($ROOT/run.log)"
     exit 1
 fi
-"$PYTHON" "$REPO/.ci/slurm/verify.py" "$WORK" "$PROFILE/config.yaml"
+"$PYTHON" "$REPO/.ci/slurm/verify.py" "$WORK" "${GPU_RULES[@]}"
 
 say "preemption: requeue a finetune job after its first checkpoint"
 cp "$RUN/metrics.tsv" "$ROOT/metrics.uninterrupted.tsv"

@@ -1,7 +1,7 @@
 """Check a finished workflow run on the CI's SLURM cluster (called by .ci/slurm/check.sh).
 
 Run in the workflow's working directory, after Snakemake returned: every job SLURM ran for
-it completed; the rules that the profile gives a GPU asked SLURM for one and saw it
+it completed; the rules check.sh gives a GPU (the arguments) asked SLURM for one and saw it
 (CUDA_VISIBLE_DEVICES in the job step, and in the rule's own log where it logs it); no
 other job got one; every job ran with the hub offline. The job steps' environment comes
 from the cluster's TaskProlog (.ci/slurm/cluster.sh), the GPU request from
@@ -15,20 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 PROLOG = re.compile(
     r"^slurm-ci: job=(?P<job>\d+) step=(?P<step>\S+) "
     r"CUDA_VISIBLE_DEVICES=(?P<gpus>\S*) HF_HUB_OFFLINE=(?P<offline>\S*)$",
     re.M,
 )
 RULE_LOG_GPUS = re.compile(r"CUDA_VISIBLE_DEVICES=(\S+?)\)?$", re.M)
-
-
-def gpu_rules(profile: Path) -> set[str]:
-    """Rules the profile gives a GPU outright (rules may still ask for one themselves)."""
-    settings = yaml.safe_load(profile.read_text())
-    return {rule for rule, res in settings.get("set-resources", {}).items() if res.get("gpu") == 1}
 
 
 def job_record(jobid: str) -> dict[str, str]:
@@ -89,8 +81,9 @@ def check_rule_logs(workdir: Path, expected_gpu: set[str]) -> list[str]:
     return problems
 
 
-def main(workdir: str, profile: str) -> int:
-    expected = gpu_rules(Path(profile))
+def main(workdir: str, *gpu_rules: str) -> int:
+    """Check the run in `workdir`, whose jobs of `gpu_rules` (and no others) were given a GPU."""
+    expected = set(gpu_rules)
     problems = check_jobs(Path(workdir), expected) + check_rule_logs(Path(workdir), expected)
     for problem in problems:
         print(f"FAIL: {problem}", file=sys.stderr)
