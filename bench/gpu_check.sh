@@ -10,8 +10,9 @@
 # seconds (default 540) with every finished row kept, and leaves speed-cuda.tsv, the log and
 # the GPU's description in $OUT (bench/results here). The rows issue 4's goals need come
 # first (LoRA q,v's three paths, evaluation with the static cache, compiled blocks), then
-# QLoRA's (its 24 GB setting first) and a model load (the grid's hours); LoRA on all linear
-# layers, which no goal needs, only when asked (--variants lora-qv,lora-all,qlora-all). Copy
+# QLoRA's (its 24 GB setting first) and a model load (the grid's hours), then the rows no
+# goal needs (answers that end, one-round decoding, multiple choice); LoRA on all linear
+# layers, which no goal needs either, only when asked (--variants lora-qv,lora-all,qlora-all). Copy
 # the tsv to bench/results/, then `make bench-hours SPEED=bench/results/speed-cuda.tsv` here
 # prints the grid's GPU hours and issue 4's goals from it; its numbers go into
 # docs/benchmarks.md. Arguments go to bench/speed.py (the last of an option wins): if the

@@ -227,7 +227,8 @@ def gpu_hours(work: dict, speed: dict, who: str) -> float:
 
 def compute_seconds(finetune_tokens: float, questions: float, forward_tokens: float, speed: dict, who: str) -> float:
     # Forward-only work at factft's rate for both (the baseline's own count of tokens): the
-    # benchmark measures no plain forward-only path.
+    # benchmark's multiple-choice rows time short QA prompts and count no padding, so they
+    # give no rate for the grid's forward-only tokens.
     forward_per_s = speed["factft_tokens_per_s"] * FORWARD_SPEEDUP
     return (
         finetune_tokens / speed[f"{who}_tokens_per_s"]

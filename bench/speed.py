@@ -78,8 +78,8 @@ SHAPES = {
     "cpu": {"hidden": 256, "layers": 4, "heads": 8, "mlp": 688, "vocab": 4096},
 }
 SIZES = {  # examples per finetune run, evaluation questions (of them with AnswersEnd), factft's eval batch
-    # eval_batch 500: ten equal batches of 5,000, one compile of the static cache's step.
-    "cuda": {"examples": 2048, "questions": 5000, "ending_questions": 1000, "eval_batch": 500},
+    # eval_batch 500: six equal batches of 3,000, one compile of the static cache's step.
+    "cuda": {"examples": 2048, "questions": 3000, "ending_questions": 1000, "eval_batch": 500},
     "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "eval_batch": 256},
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
@@ -527,40 +527,47 @@ def eval_row(
     )  # fmt: skip
 
 
-def evaluate_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> tuple[list[str], object]:
+def evaluate_rows(
+    table, model, tokenizer, questions: pd.DataFrame, args, rows: list[tuple[str, str, bool]], naive=None
+) -> tuple[dict[str, list[str]], object]:
     """Naive generate on the unmerged LoRA model, then factft's path on the model as factft
-    evaluates it (merged in fp32, unmerged in bf16: merges_exactly): on every question as
-    the random model answers, then on the first args.ending_questions with AnswersEnd.
-    Returns the first kind's naive answers (the static-cache path's reference) and that model."""
+    evaluates it (merged in fp32, unmerged in bf16: merges_exactly). `rows`: (label, path,
+    decode in rounds) to time, where EVAL_LABEL is every question as the random model answers
+    and ENDING_LABEL the first args.ending_questions with AnswersEnd. A label's naive run is
+    timed first unless `naive` holds its answers (the reference of agreement). Returns every
+    label's naive answers and the evaluated model."""
     ending = questions.iloc[: args.ending_questions]
     runs = {
         EVAL_LABEL: (question_prompts(questions), None),
         ENDING_LABEL: (question_prompts(ending), LogitsProcessorList([AnswersEnd(tokenizer, ending, args.device)])),
     }
+    runs = {label: runs[label] for label, _, _ in rows}
     real_tokens = {label: sum(map(len, tokenizer(prompts)["input_ids"])) for label, (prompts, _) in runs.items()}
+    naive = dict(naive or {})
     peft_model = eval_adapter(model)
-    naive = {}
     with unwrapped_on_failure(peft_model):
         for label, (prompts, processors) in runs.items():
-            real = real_tokens[label]
+            if label in naive:
+                continue
             with Passes(peft_model) as passes, Clock(args.device) as clock:
                 naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
+            real = real_tokens[label]
             eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
         from factft.models import merges_exactly
 
         evaluated = peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
-        for label, (prompts, processors) in runs.items():
-            real = real_tokens[label]
-            for path, rounds in [("factft", True), ("factft-one-round", False)]:
-                with Passes(evaluated) as passes, Clock(args.device) as clock:
-                    fast = generate_texts(
-                        evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
-                        rounds=rounds, logits_processor=processors,
-                    )  # fmt: skip
-                eval_row(
-                    table, args, path, args.eval_batch, prompts, real, clock, passes, naive[label], fast, label=label
-                )
-    return naive[EVAL_LABEL], evaluated
+        for label, path, rounds in rows:
+            prompts, processors = runs[label]
+            with Passes(evaluated) as passes, Clock(args.device) as clock:
+                fast = generate_texts(
+                    evaluated, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.eval_batch,
+                    rounds=rounds, logits_processor=processors,
+                )  # fmt: skip
+            eval_row(
+                table, args, path, args.eval_batch, prompts, real_tokens[label], clock, passes, naive[label], fast,
+                label=label,
+            )  # fmt: skip
+    return naive, evaluated
 
 
 def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
@@ -577,7 +584,10 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
     with Clock(args.device) as clock:
         flat = answer_logprobs(model, tokenizer, flat_prompts, [c for o in options for c in o], batch_size=64)
     picked = flat.reshape(-1, 4).argmax(-1)
-    common = dict(stage="evaluate", variant=CHOICE_LABEL, items=len(prompts), real_tokens=real)
+    # Both paths pad their batches; computed_tokens counts the tokens each must compute, padding left out.
+    common = dict(
+        stage="evaluate", variant=CHOICE_LABEL, items=len(prompts), real_tokens=real, note="no padding counted"
+    )
     table.add(
         **common, path="baseline", batch_size=64, computed_tokens=real, seconds=clock.seconds, wall_s=clock.wall,
         cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
@@ -638,9 +648,10 @@ def file_system(path: Path) -> str:
     return "unknown"
 
 
-def load_row(table, spec: dict, args) -> None:
+def load_row(table, spec: dict, args):
     """What every GPU job pays first: loading the model from disk onto the device (bf16 on a
-    GPU), the files evicted from the page cache. A cluster's shared file system may be slower."""
+    GPU), the files evicted from the page cache. A cluster's shared file system may be slower.
+    Returns the loaded model."""
     from factft.models import load_model, weights_bytes
 
     folder = Path(spec["path"])
@@ -653,7 +664,7 @@ def load_row(table, spec: dict, args) -> None:
         stage="load", variant="model", path="factft", items=1, seconds=clock.wall, wall_s=clock.wall,
         cpu_s=clock.cpu, note=where,
     )  # fmt: skip
-    del model
+    return model
 
 
 def save_model(model, tokenizer, folder: Path) -> dict:
@@ -728,7 +739,8 @@ def ratios(table: pd.DataFrame, only: pd.Series | None = None) -> list[str]:
         if "baseline" not in speeds:
             continue
         for path, speed in speeds.items():
-            if path != "baseline" and speed == speed:
+            # A -long row trains on other examples (max_length), so no ratio to the baseline.
+            if path != "baseline" and not path.endswith("-long") and speed == speed:
                 lines.append(f"{stage:9s} {variant:27s} {path:16s} {speed / speeds['baseline']:5.2f}x baseline")
     return lines
 
@@ -790,7 +802,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"{table.common}\n{len(encoded)} finetuning examples, {len(questions)} questions", flush=True)
 
     # Issue 4's goals first (finetuning speed, evaluation speed, then QLoRA's memory and a job's
-    # load): a run cut at its time limit loses the rows no goal needs.
+    # load), then the rows no goal needs: a run cut at its time limit loses only those.
+    naive = {}
     with tempfile.TemporaryDirectory(dir=args.scratch) as workdir:
         # Warm-up of both paths (kernel selection, allocator, lazy imports) outside every measurement.
         warm = settings_for("lora-qv", args.batch_size, max_steps=3)
@@ -804,12 +817,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"saved the model for the rows that reload it in {clock.wall:.0f} s", flush=True)
         if args.evaluate:
             with recorded_failure(table, "evaluate", EVAL_LABEL):
-                naive, model = evaluate_rows(table, model, tokenizer, questions, args)
+                naive, model = evaluate_rows(table, model, tokenizer, questions, args, [(EVAL_LABEL, "factft", True)])
                 if args.static_cache:
                     with recorded_failure(table, "evaluate", EVAL_LABEL):
-                        static_cache_row(table, model, tokenizer, questions, naive, args)
-            with recorded_failure(table, "evaluate", CHOICE_LABEL):
-                choice_rows(table, model, tokenizer, questions, args)
+                        static_cache_row(table, model, tokenizer, questions, naive[EVAL_LABEL], args)
             if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
                 model = model.unload()
         if args.compile:
@@ -826,8 +837,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for variant in [v for v in variants if v.startswith("qlora")]:
             with recorded_failure(table, "finetune", variant):
                 qlora_rows(table, spec, tokenizer, encoded, variant, args, workdir)
+        model = None
         with recorded_failure(table, "load", "model"):
-            load_row(table, spec, args)
+            model = load_row(table, spec, args)
+        # No goal needs these: answers that end, decoding in one round (a diagnostic), multiple
+        # choice; on the model just loaded, which is the saved one (evaluate_rows' adapter is seeded).
+        if args.evaluate and model is not None:
+            later = [(EVAL_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
+            later.append((ENDING_LABEL, "factft-one-round", False))
+            with recorded_failure(table, "evaluate", ENDING_LABEL):
+                _, model = evaluate_rows(table, model, tokenizer, questions, args, later, naive)
+            with recorded_failure(table, "evaluate", CHOICE_LABEL):
+                choice_rows(table, model, tokenizer, questions, args)
 
     result = pd.DataFrame(table.rows).reindex(columns=COLUMNS)
     print(f"\n{args.out}\n" + "\n".join(ratios(result)), flush=True)

@@ -440,7 +440,15 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     (load,) = written[written["stage"] == "load"].itertuples()
     assert load.seconds > 0 and "GB of safetensors on" in load.note  # the evicted model read back, as a job does
     assert (written["date"].notna() & written["torch"].notna()).all()
-    assert written["stage"].tolist()[-1] == "load" and "failed" not in written["path"].tolist()
+    assert "failed" not in written["path"].tolist()
+    # Issue 4's goal rows (above all QLoRA's and the load) before the rows no goal needs.
+    rows = list(zip(written["stage"], written["variant"], written["path"]))
+    goals_end = rows.index(("load", "model", "factft"))
+    assert rows.index(("evaluate", "lora-qv adapter", "factft")) < rows.index(("finetune", "qlora-all", "baseline"))
+    later = {row[1:] for row in rows[goals_end + 1 :]}
+    assert ("lora-qv adapter", "factft-one-round") in later and ("multiple choice, 4", "factft") in later
+    # Timed on the reloaded model, whose seeded adapter answers as the first naive run did.
+    assert evaluated.loc[("lora-qv adapter", "factft-one-round"), "agreement"] == 1.0
 
 
 @pytest.mark.usefixtures("one_thread")

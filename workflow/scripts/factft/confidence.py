@@ -19,6 +19,7 @@ from factft.prompts import chat_prompt, choice_answers, fact_prompt, few_shot_pr
 
 log = logging.getLogger(__name__)
 
+
 def confidence_scores(
     model,
     tokenizer,
