@@ -395,8 +395,9 @@ def test_command_line_lists_and_maps_are_read_as_the_config_file_reads_them():
     config = load("config.yaml")
     # What Snakemake passes on: each argument as typed, its value after the first "=".
     typed = command_line_config(["seeds=[0, 2]", "split={pool_size: 2000, test_size: null}", "contact=a=b", "x=[0"])
-    assert typed == {"seeds": [0, 2], "split": {"pool_size": 2000, "test_size": None}}
-    update_config(config, typed)
+    assert typed == [{"seeds": [0, 2]}, {"split": {"pool_size": 2000, "test_size": None}}]
+    for given in typed:
+        update_config(config, given)
     config = validated(config)
     assert config["seeds"] == [0, 2]
     # A map merges into the key's map, as Snakemake's own --config does.
@@ -418,6 +419,19 @@ def test_a_command_line_source_or_scorer_replaces_the_config_files_block():
     # A popularity block without a scorer tunes the file's scorer; the rest of a dataset merges.
     assert datasets["entityquestions"]["popularity"] == {**paper["entityquestions"]["popularity"], "end": "20231130"}
     assert datasets["popqa"]["columns"] == paper["popqa"]["columns"]
+
+
+def test_a_command_line_key_given_twice_merges_twice_in_order():
+    config = load("config.yaml")
+    apply_command_line(config, [
+        "datasets={popqa: {popularity: {scorer: pageviews, title_column: s_wiki_title}}}",
+        "datasets={popqa: {popularity: {start: '20220101'}}, mmlu: {finetune: {max_length: 256}}}",
+        "split={pool_size: 2000}", "split={test_size: 100}",
+    ])  # fmt: skip
+    popqa = config["datasets"]["popqa"]["popularity"]
+    assert popqa == {"scorer": "pageviews", "title_column": "s_wiki_title", "start": "20220101"}
+    assert config["datasets"]["mmlu"]["finetune"]["max_length"] == 256
+    assert (config["split"]["pool_size"], config["split"]["test_size"]) == (2000, 100)  # numbers, both
 
 
 def test_a_malformed_command_line_list_is_named_by_the_schema(tmp_path):

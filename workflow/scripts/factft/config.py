@@ -321,19 +321,20 @@ def _popularity_defaults() -> set[str]:
     return {key for key, rule in dataset["properties"]["popularity"]["properties"].items() if "default" in rule}
 
 
-def command_line_config(config_args: list[str] | None) -> dict:
-    """The lists and maps among `--config key=value` arguments, read as the config file's YAML is.
+def command_line_config(config_args: list[str] | None) -> list[dict]:
+    """The lists and maps among `--config key=value` arguments, each as {key: value}, in the
+    order given, read as the config file's YAML is.
 
     Snakemake reads their items as strings (YAML's BaseLoader: `seeds=[0]` gives `["0"]`,
     `split={pool_size: 2000}` gives `"2000"`), which the schema then refuses. Scalars are left
     to Snakemake, which already reads numbers and booleans; a malformed list stays its string.
     """
-    typed = {}
+    typed = []
     for arg in config_args or ():
         key, _, value = arg.partition("=")
         if value.lstrip().startswith(("[", "{")):
             try:
-                typed[key] = yaml.safe_load(value)
+                typed.append({key: yaml.safe_load(value)})
             except yaml.YAMLError:
                 pass  # Snakemake kept it as a string; the schema names the key
     return typed
@@ -345,22 +346,23 @@ SWITCHED_BLOCKS = {"datasets": ("source", "popularity"), "models": ("source",)}
 
 
 def apply_command_line(config: dict, config_args: list[str] | None) -> None:
-    """Apply `--config` over the config file (rules of README "The paper's grid").
+    """Apply `--config` over the config file (rules of README "The paper's grid"), one
+    argument after another, as Snakemake does (a key given twice merges twice).
 
     Maps merge key by key, as Snakemake's own --config does, except that a `source` block, or a
-    `popularity` block that names a scorer, replaces the file's block.
+    `popularity` block that names a scorer, replaces the block before it.
     """
     from snakemake.utils import update_config
 
-    typed = command_line_config(config_args)
-    update_config(config, typed)
-    for group, keys in SWITCHED_BLOCKS.items():
-        given = typed.get(group)
-        for name, entry in (given.items() if isinstance(given, dict) else ()):
-            for key in keys if isinstance(entry, dict) else ():
-                block = entry.get(key)
-                if isinstance(block, dict) and (key == "source" or "scorer" in block):
-                    config[group][name][key] = copy.deepcopy(block)
+    for typed in command_line_config(config_args):
+        update_config(config, typed)
+        for group, keys in SWITCHED_BLOCKS.items():
+            given = typed.get(group)
+            for name, entry in (given.items() if isinstance(given, dict) else ()):
+                for key in keys if isinstance(entry, dict) else ():
+                    block = entry.get(key)
+                    if isinstance(block, dict) and (key == "source" or "scorer" in block):
+                        config[group][name][key] = copy.deepcopy(block)
 
 
 def check_and_sort(config: dict) -> None:
