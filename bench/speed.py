@@ -528,14 +528,15 @@ def eval_row(
 
 
 def evaluate_rows(
-    table, model, tokenizer, questions: pd.DataFrame, args, rows: list[tuple[str, str, bool]], naive=None
-) -> tuple[dict[str, list[str]], object]:
+    table, model, tokenizer, questions: pd.DataFrame, args, rows: list[tuple[str, str, bool]], naive: dict
+):
     """Naive generate on the unmerged LoRA model, then factft's path on the model as factft
     evaluates it (merged in fp32, unmerged in bf16: merges_exactly). `rows`: (label, path,
     decode in rounds) to time, where EVAL_LABEL is every question as the random model answers
     and ENDING_LABEL the first args.ending_questions with AnswersEnd. A label's naive run is
-    timed first unless `naive` holds its answers (the reference of agreement). Returns every
-    label's naive answers and the evaluated model."""
+    timed first unless `naive` holds its answers (the reference of agreement); answers timed
+    here are added to `naive`, so a later call has them even if this one fails. Returns the
+    evaluated model."""
     ending = questions.iloc[: args.ending_questions]
     runs = {
         EVAL_LABEL: (question_prompts(questions), None),
@@ -543,7 +544,6 @@ def evaluate_rows(
     }
     runs = {label: runs[label] for label, _, _ in rows}
     real_tokens = {label: sum(map(len, tokenizer(prompts)["input_ids"])) for label, (prompts, _) in runs.items()}
-    naive = dict(naive or {})
     peft_model = eval_adapter(model)
     with unwrapped_on_failure(peft_model):
         for label, (prompts, processors) in runs.items():
@@ -567,7 +567,7 @@ def evaluate_rows(
                 table, args, path, args.eval_batch, prompts, real_tokens[label], clock, passes, naive[label], fast,
                 label=label,
             )  # fmt: skip
-    return naive, evaluated
+    return evaluated
 
 
 def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
@@ -735,7 +735,7 @@ def ratios(table: pd.DataFrame, only: pd.Series | None = None) -> list[str]:
     lines = []
     for (stage, variant), group in table.groupby(["stage", "variant"], sort=False):
         column = "tokens_per_s" if stage == "finetune" else "questions_per_s"
-        speeds = group.set_index("path")[column]
+        speeds = group.drop_duplicates("path", keep="last").set_index("path")[column]  # a rerun row replaces
         if "baseline" not in speeds:
             continue
         for path, speed in speeds.items():
@@ -817,7 +817,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"saved the model for the rows that reload it in {clock.wall:.0f} s", flush=True)
         if args.evaluate:
             with recorded_failure(table, "evaluate", EVAL_LABEL):
-                naive, model = evaluate_rows(table, model, tokenizer, questions, args, [(EVAL_LABEL, "factft", True)])
+                model = evaluate_rows(table, model, tokenizer, questions, args, [(EVAL_LABEL, "factft", True)], naive)
                 if args.static_cache:
                     with recorded_failure(table, "evaluate", EVAL_LABEL):
                         static_cache_row(table, model, tokenizer, questions, naive[EVAL_LABEL], args)
@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             later = [(EVAL_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
             later.append((ENDING_LABEL, "factft-one-round", False))
             with recorded_failure(table, "evaluate", ENDING_LABEL):
-                _, model = evaluate_rows(table, model, tokenizer, questions, args, later, naive)
+                model = evaluate_rows(table, model, tokenizer, questions, args, later, naive)
             with recorded_failure(table, "evaluate", CHOICE_LABEL):
                 choice_rows(table, model, tokenizer, questions, args)
 
