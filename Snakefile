@@ -16,8 +16,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-# Snakemake reads the items of a --config list or map as strings (seeds=[0] gives ["0"]), and
-# merges a source or scorer block into the file's, keeping the keys of the one it replaces.
+# Snakemake reads the items of a --config list or map as strings (seeds=[0] gives ["0"]) and
+# would merge a new source or scorer block into the file's: they are read as the config file's
+# YAML is, and such a block replaces the file's.
 apply_command_line(config, workflow.config_settings.config_args)
 try:
     check_numbers(config)
