@@ -112,7 +112,7 @@ def test_facts_without_their_subject_are_skipped_when_few_and_an_error_when_many
 def test_statistics_are_max_and_summed_weight_per_part_averaged_over_heads_then_questions():
     prompts = [
         prompt_tokens_stub(subject=[1, 2], relation=[3]),
-        prompt_tokens_stub(subject=[1], relation=[]),  # no relation words: counts for the subject only
+        prompt_tokens_stub(subject=[1], relation=[]),  # no relation words: no max, no mass on them
     ]
     # (layers=1, heads=2, tokens=4)
     a = np.array([[[0.1, 0.5, 0.2, 0.2], [0.4, 0.1, 0.3, 0.2]]])
@@ -123,7 +123,7 @@ def test_statistics_are_max_and_summed_weight_per_part_averaged_over_heads_then_
     assert row["subject_max"] == pytest.approx(((0.5 + 0.3) / 2 + (0.3 + 0.1) / 2) / 2)
     assert row["subject_mass"] == pytest.approx(((0.7 + 0.4) / 2 + (0.3 + 0.1) / 2) / 2)
     assert row["relation_max"] == pytest.approx((0.2 + 0.2) / 2)
-    assert row["relation_mass"] == pytest.approx(0.2)
+    assert row["relation_mass"] == pytest.approx((0.2 + 0.0) / 2)  # the rest, 1 - subject - relation, is what is left
 
 
 def prompt_tokens_stub(subject, relation):

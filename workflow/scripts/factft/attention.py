@@ -229,10 +229,10 @@ def attention_layer_numbers(model, count: int, where: str) -> np.ndarray:
 
 def part_statistics(weights: np.ndarray, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(max, mass) per layer of one prompt's (layers, heads, tokens) weights on `positions`,
-    averaged over heads; NaN when there are no such positions."""
+    averaged over heads. Without such positions the max is NaN and the mass 0, so that the
+    subject's, the relation's and the rest's masses still add up to 1 (the rest is what is left)."""
     if not len(positions):
-        nan = np.full(weights.shape[0], np.nan)
-        return nan, nan
+        return np.full(weights.shape[0], np.nan), np.zeros(weights.shape[0])
     part = weights[:, :, list(positions)]
     return part.max(-1).mean(-1), part.sum(-1).mean(-1)
 
@@ -251,7 +251,7 @@ def attention_by_layer(
     table = pd.DataFrame({"layer": layers})
     for name, rows in stats.items():
         rows = np.vstack(rows)
-        # A question whose words are all subject has no relation tokens: it counts for the subject only.
+        # A question whose words are all subject has no relation tokens: no max, and no mass on them.
         table[name] = np.nanmean(rows, axis=0) if not np.isnan(rows).all() else np.nan
     table["questions"] = len(weights)
     return table
