@@ -843,8 +843,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         # No goal needs these: answers that end, decoding in one round (a diagnostic), multiple
         # choice; on the model just loaded, which is the saved one (evaluate_rows' adapter is seeded).
         if args.evaluate and model is not None:
-            later = [(EVAL_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
-            later.append((ENDING_LABEL, "factft-one-round", False))
+            later = [
+                (EVAL_LABEL, "factft-one-round", False),
+                (ENDING_LABEL, "factft", True),
+                (ENDING_LABEL, "factft-one-round", False),
+            ]
             with recorded_failure(table, "evaluate", ENDING_LABEL):
                 model = evaluate_rows(table, model, tokenizer, questions, args, later, naive)
             with recorded_failure(table, "evaluate", CHOICE_LABEL):
