@@ -140,10 +140,10 @@ def pageview_table(
     client = _Client(requests_per_second, contact, attempts=attempts, backoff=backoff, timeout=timeout)
     try:
         folder = Path(cache_dir) / project
-        # Titles taken as given: none asked of the API, so whether one is ambiguous is not known.
-        resolved = {article: {"target": article, "disambiguation": pd.NA} for article in articles}
         if follow_redirects:
             resolved = _resolve(articles, folder / "titles", client, titles_url or _api_php(project))
+        else:  # titles taken as given: none asked of the API, so whether one is ambiguous is not known
+            resolved = {article: {"target": article, "disambiguation": pd.NA} for article in articles}
         url = f"{base_url}/{project}/all-access/user/{{}}/daily/{start}/{end}"
         views = _views(sorted({entry["target"] for entry in resolved.values()}), folder / f"{start}-{end}", client, url)
     finally:
