@@ -209,6 +209,22 @@ def test_the_profile_asks_for_no_gpu_itself():
         assert not re.search(r"--(gres|gpus)", str(resources.get("slurm_extra", "")))
 
 
+def test_only_the_theory_models_jobs_go_to_slurm_as_job_arrays(grid, tmp_path):
+    # The plugin runs an array's first task without srun and without the profile's precommand
+    # (HF_HUB_OFFLINE): fine for `simulate`, which needs neither a GPU nor the hub.
+    spec = importlib.util.spec_from_file_location("ci_verify", REPO / ".ci" / "slurm" / "verify.py")
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    arrays = verify.array_rules(PROFILE.parent)
+    assert arrays == {"simulate"}
+    _, jobs = grid
+    assert sum(job.rule == "simulate" for job in jobs) == 105
+    assert {job.resources.get("gpu", "0") for job in jobs if job.rule in arrays} == {"0"}
+    # The CI cluster runs them as one array (verify.py checks): it needs two jobs at least.
+    _, ci_jobs = dry_run("slurm", "config/ci-slurm.yaml", tmp_path)
+    assert sum(job.rule == "simulate" for job in ci_jobs) >= 2
+
+
 def test_grid_usage_counts_as_gpu_jobs_exactly_those_the_rules_give_a_gpu(grid):
     """bench/grid_usage.py tells GPU jobs from their benchmark paths: the same jobs as the plan's."""
     spec = importlib.util.spec_from_file_location("bench_grid_usage", REPO / "bench" / "grid_usage.py")

@@ -6,7 +6,8 @@
 #     the repository's results/), every rule but the localrules (splits, metrics, tables,
 #     figures) a SLURM job
 #  3. check that every job of the DAG finished, and the SLURM jobs (.ci/slurm/verify.py):
-#     completed, GPU_RULES below asked for a GPU and saw CUDA_VISIBLE_DEVICES, all ran offline
+#     completed, GPU_RULES below asked for a GPU and saw CUDA_VISIBLE_DEVICES, the profile's
+#     slurm-array-jobs rules ran as array tasks, all ran offline
 #  4. preemption: rerun one finetune, `scontrol requeue` it once it has written a
 #     checkpoint, and check that it resumed and ended with the uninterrupted run's metrics
 #
@@ -89,7 +90,7 @@ if ! grep -q "steps (100%) done" "$ROOT/run.log"; then
     say "FAILED: not every job of the DAG finished ($ROOT/run.log)"
     exit 1
 fi
-"$PYTHON" "$REPO/.ci/slurm/verify.py" "$WORK" "${GPU_RULES[@]}"
+"$PYTHON" "$REPO/.ci/slurm/verify.py" "$WORK" "$PROFILE" "${GPU_RULES[@]}"
 
 say "preemption: requeue a finetune job after its first checkpoint"
 cp "$RUN/metrics.tsv" "$ROOT/metrics.uninterrupted.tsv"
