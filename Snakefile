@@ -1,9 +1,9 @@
 # factft: QA finetuning on well-known vs little-known facts (Ghosal et al., ICML 2024).
 # Each stage lives in rules/<stage>.smk; config lookups go through rules/common.smk.
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from factft.config import apply_command_line, check_numbers
+from factft.config import apply_command_line, check_numbers, validate_config
 from factft.errors import FactftError
 
 min_version("9.0")
@@ -22,9 +22,9 @@ if not workflow.overwrite_configfiles:
 apply_command_line(config, workflow.config_settings.config_args)
 try:
     check_numbers(config)
+    validate_config(config)  # workflow/schemas/config.schema.yaml, defaults filled in
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "rules/common.smk"

@@ -441,6 +441,15 @@ def test_a_malformed_command_line_list_is_named_by_the_schema(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_misspelt_key_is_one_line_naming_it_not_the_schema_and_config(tmp_path):
+    run = plan_paper_grid_with(tmp_path, "split={fractoin: 0.5}")
+    assert run.returncode != 0
+    output = run.stderr + run.stdout
+    assert "config: split: Additional properties are not allowed ('fractoin' was unexpected)" in output
+    # Snakemake's own message printed the whole schema and config after it: 1,500 lines.
+    assert len(output.splitlines()) < 10, output[:3000]
+
+
 def test_a_command_line_number_yaml_reads_as_text_is_named_before_any_job(tmp_path):
     run = plan_paper_grid_with(tmp_path, "split={pool_size: 2e3}")
     assert run.returncode != 0

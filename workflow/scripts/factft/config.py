@@ -373,13 +373,37 @@ def check_and_sort(config: dict) -> None:
     sort_settings(config)
 
 
+def validate_config(config: dict) -> None:
+    """Check the config against the schema and fill in its defaults (Snakemake's validate),
+    raising FactftError with one line naming the key: Snakemake's own error goes on to print
+    the whole schema and config (1,500 lines for a misspelt key)."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    given = copy.deepcopy(config)  # validate fills in defaults as it goes
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError:
+        # Its error reaches us only as that text: found again, to name the key.
+        error = jsonschema.exceptions.best_match(StrictValidator(_schema()).iter_errors(given))
+        if error is None:
+            raise
+        raise FactftError(schema_message(error)) from None
+
+
+def schema_message(error: jsonschema.ValidationError) -> str:
+    """A schema error as "key.path: what is wrong" (of a oneOf's alternatives, the likeliest:
+    jsonschema's best_match), the value cut short."""
+    key = ".".join(str(p) for p in error.absolute_path)
+    message = error.message if len(error.message) <= 300 else error.message[:300] + " ..."
+    return f"{key}: {message}" if key else message
+
+
 def load_config(path: str | Path) -> dict:
     """Load, validate, check and sort a config file the way the Snakefile and
     rules/common.smk do (for tests and scripts)."""
-    from snakemake.utils import validate
-
     config = yaml.safe_load(Path(path).read_text())
     check_numbers(config)
-    validate(config, str(SCHEMA))
+    validate_config(config)
     check_and_sort(config)
     return config
