@@ -1,6 +1,7 @@
 # Helpers shared by the rules: config lookups, wildcard constraints, target lists.
 # Rules never dig into nested config; they call these.
 import os
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -9,6 +10,7 @@ from factft.config import (
     EVALUATE_RUNNING,
     RUNNING_SETTINGS,
     check_and_sort,
+    check_local_paths,
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
@@ -23,6 +25,7 @@ from factft.subsets import is_sized
 
 try:
     check_and_sort(config)
+    check_local_paths(config)
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
 
@@ -184,7 +187,7 @@ def popularity_inputs(wildcards):
     dataset, scorer = ranking_of(wildcards)
     inputs = {"raw": raw_table(dataset)}
     if scorer is not None:
-        inputs["model"] = model_dir(scorer)
+        inputs["model"] = model_inputs(scorer)
     if scorer_of(dataset).needs_pageviews:
         inputs["pageviews"] = pageviews_file(dataset)
     return inputs
@@ -295,6 +298,36 @@ def model_dir(model):
     return source["path"] if "path" in source else f"resources/models/{model}"
 
 
+# The files of a local model folder that loading it reads: weights, configs, tokenizer, chat
+# template, remote code.
+MODEL_FILE_SUFFIXES = (
+    ".safetensors",
+    ".json",
+    ".model",
+    ".jinja",
+    ".txt",
+    ".tiktoken",
+    ".py",
+)
+
+
+def model_inputs(model):
+    """A model as a job's input: a local folder's model files, so that weights rewritten in
+    place rerun its jobs (the folder's own time does not change then); else the folder that
+    download_model or pretrain fills."""
+    source = MODELS[model]["source"]
+    if "path" not in source:
+        return model_dir(model)
+    folder = Path(source["path"])
+    if source.get("gguf_file"):
+        return str(folder / source["gguf_file"])
+    return sorted(
+        str(f)
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
+    )
+
+
 def model_spec(model):
     """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`,
     its system prompt, template variables and `quantize` only when set (so that
@@ -315,7 +348,7 @@ def model_spec(model):
 
 
 def base_model(wildcards):
-    return model_dir(wildcards.model)
+    return model_inputs(wildcards.model)
 
 
 def base_model_spec(wildcards):

@@ -329,6 +329,8 @@ CATALOGUE = [
     ("data-missing-column", source_file("myqa.csv", GOOD_CSV, columns=dict(CSV_COLUMNS, answers="gold")),
      "dataset 'myqa': column 'gold' named in datasets.myqa.columns.answers is missing from the source; "
      "its columns are: ['q', 'a', 's', 'r']"),
+    ("data-a-header-and-no-rows", source_file("myqa.csv", b"q,a,s,r\n", columns=CSV_COLUMNS),
+     "dataset 'myqa': the source has no rows"),
     ("data-not-utf8", source_file("myqa.csv", LATIN1_CSV, columns=CSV_COLUMNS),
      "myqa.csv: it is not UTF-8 text ("),
     ("data-answers-not-lists",

@@ -632,9 +632,12 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     import yaml
     from peft import LoraConfig, get_peft_model
 
+    from safetensors.torch import load_file, save
+
     from factft.attention import analyse_attention
 
-    spec = tiny[0]
+    spec = dict(tiny[0], path=str(tmp_path / "tinyp"))
+    shutil.copytree(tiny[0]["path"], spec["path"])
     make_test_table().to_parquet(tmp_path / "test.parquet")
     (tmp_path / "results/synth/splits").mkdir(parents=True)
     make_test_table().to_parquet(tmp_path / "results/synth/splits/test.parquet")
@@ -715,3 +718,17 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     assert list(attention.columns) == list(alone.columns) and len(numbers)
     assert np.allclose(attention[numbers], adapted[numbers], atol=1e-6)  # the rule's settings, these
     assert not np.allclose(attention[numbers], alone[numbers], atol=1e-4)
+    # Weights rewritten in place (a checkpoint exported again into the folder) rerun every job
+    # that read them: the folder's own time does not change then, the file's does.
+    (weights,) = Path(spec["path"]).glob("*.safetensors")
+    weights.write_bytes(save({name: tensor / 2 for name, tensor in load_file(weights).items()}, {"format": "pt"}))
+    rerun = snakemake("--dry-run")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    planned = set(re.findall(r"^(\w+)\s+\d+$", rerun.stdout, re.MULTILINE)) - {"total"}
+    assert planned == {"evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention", "metrics"}, rerun.stdout
+    # A local folder that is gone stops the workflow at once, naming the key; Snakemake alone
+    # would plan nothing and keep the results made from it.
+    shutil.rmtree(spec["path"])
+    gone = snakemake("--dry-run")
+    assert gone.returncode != 0
+    assert f"config: models.tinyp.source.path: no folder {spec['path']}" in gone.stderr + gone.stdout

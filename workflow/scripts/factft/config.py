@@ -149,6 +149,20 @@ def check_config(config: dict) -> None:
                 )
 
 
+def check_local_paths(config: dict) -> None:
+    """Raise FactftError naming the key when a local dataset file or model folder is missing.
+    The workflow checks this as it starts: with results already made from that path, Snakemake
+    would plan nothing (a missing input of a job it need not run) and keep those results."""
+    for name, dataset in config["datasets"].items():
+        path = dataset["source"].get("path")
+        if path is not None and not Path(path).is_file():
+            raise FactftError(f"datasets.{name}.source.path: no file {path} (in {Path.cwd()})")
+    for name, model in config["models"].items():
+        path = model["source"].get("path")
+        if path is not None and not Path(path).is_dir():
+            raise FactftError(f"models.{name}.source.path: no folder {path} (in {Path.cwd()})")
+
+
 # Maps the user names and orders (the order of figures and tables); every other block is
 # settings, whose order means nothing.
 NAMED_MAPS = {("datasets",), ("models",), ("simulation", "sweeps")}
