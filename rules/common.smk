@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from factft.config import (
     CHAT_KEYS,
@@ -14,6 +15,7 @@ from factft.config import (
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
+    model_reads,
     prompt_settings,
 )
 from factft.errors import FactftError
@@ -348,6 +350,12 @@ def model_spec(model):
 
 
 def base_model(wildcards):
+    if not model_reads(config, wildcards.model, wildcards.dataset):
+        world = MODELS[wildcards.model]["source"]["pretrain"]["dataset"]
+        raise WorkflowError(
+            f"model '{wildcards.model}' is pretrained on dataset '{world}''s world and knows no other "
+            f"words: its tokenizer would read '{wildcards.dataset}''s questions as <unk>"
+        )
     return model_inputs(wildcards.model)
 
 
@@ -481,8 +489,16 @@ def cloze_metrics(model, dataset):
 
 
 def experiments():
-    """Every (model, dataset) pair of the grid."""
-    return [(m, d) for m in MODELS for d in DATASETS]
+    """Every (model, dataset) pair of the grid: each model with each dataset it can read (a
+    model pretrained here, only its own world)."""
+    return [(m, d) for m in MODELS for d in DATASETS if model_reads(config, m, d)]
+
+
+for unread in sorted(set(DATASETS) - {dataset for _, dataset in experiments()}):
+    logger.warning(
+        f"dataset '{unread}': no model reads it (a model pretrained here knows only its own "
+        "world's words), so `all` finetunes and evaluates nothing on it: add a hub model"
+    )
 
 
 def run_metrics(model, dataset):
@@ -575,10 +591,12 @@ def summary_sources():
 def summary_tests():
     """Each dataset's test split: the gold answers' relation-guess rate, the reference (the
     test facts are the same however they are ranked: the first model's ranking)."""
-    first = next(iter(MODELS))
+    first = {}
+    for model, dataset in experiments():
+        first.setdefault(dataset, model)
     return {
-        dataset: f"results/{ranked(dataset, first)}/splits/test.parquet"
-        for dataset in DATASETS
+        dataset: f"results/{ranked(dataset, model)}/splits/test.parquet"
+        for dataset, model in first.items()
     }
 
 

@@ -297,6 +297,10 @@ CATALOGUE = [
     ("config-unknown-scoring-model",
      config_with(add_dataset(source={"path": "myqa.csv"}, popularity={"scorer": "model_confidence", "model": "gpt9"})),
      "datasets.myqa.popularity.model: 'gpt9' is not a configured model; models are: ['tiny']"),
+    ("config-scoring-model-of-another-world",
+     config_with(add_dataset(source={"path": "myqa.csv"}, popularity={"scorer": "model_confidence", "model": "tiny"})),
+     "datasets.myqa.popularity.model: 'tiny' is pretrained on another world and cannot read this dataset's "
+     "questions; name a hub model"),
     ("config-unknown-finetune-method-per-model",
      config_with(lambda c: c["models"]["tiny"].update(finetune={"method": "dora"})),
      "models.tiny.finetune.method: 'dora' is not one of ['lora', 'qlora', 'full']"),

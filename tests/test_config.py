@@ -455,3 +455,32 @@ def test_a_command_line_number_yaml_reads_as_text_is_named_before_any_job(tmp_pa
     assert run.returncode != 0
     assert "config: split.pool_size: '2e3' is text to YAML, not a number; write 2000" in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_a_model_pretrained_here_is_paired_only_with_its_own_world(tmp_path):
+    """The demo's tiny model knows only its world's words (any other is <unk> to its tokenizer):
+    `all` pairs it with no other dataset, and asking for such a run says why."""
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    (tmp_path / "myqa.csv").write_text("q,a,s,r,v\nWhere was Ito born?,Lyon,Ito,born,3\nWhere was Lu born?,Rome,Lu,born,5\n")
+    config["datasets"]["myqa"] = {
+        "source": {"path": "myqa.csv"},
+        "columns": {"question": "q", "answers": "a", "subject": "s", "relation": "r"},
+        "keep_columns": ["v"],
+        "popularity": {"scorer": "column", "column": "v"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def plan(target):
+        return subprocess.run(
+            [sys.executable, "-m", "snakemake", target, "-n", "-d", str(tmp_path), "-s", str(ROOT / "Snakefile"),
+             "--configfile", str(tmp_path / "config.yaml")],
+            capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+        )  # fmt: skip
+
+    grid = plan("all")
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    assert "dataset 'myqa': no model reads it" in grid.stderr + grid.stdout
+    assert re.search(r"^finetune\s+\d+$", grid.stdout, re.MULTILINE) and "dataset=myqa" not in grid.stdout
+    run = plan("results/tiny/myqa/top/seed0/metrics.tsv")
+    assert run.returncode != 0
+    assert "model 'tiny' is pretrained on dataset 'synth''s world and knows no other words" in run.stderr + run.stdout

@@ -84,6 +84,13 @@ def yaml_number(text: str) -> str:
     return f"{mantissa}e{exponent}"
 
 
+def model_reads(config: dict, model: str, dataset: str) -> bool:
+    """Whether `model` can be asked `dataset`'s questions: a model pretrained here knows only the
+    words of the world it was pretrained on (any other is <unk> to its tokenizer)."""
+    pretrain = config["models"][model]["source"].get("pretrain")
+    return pretrain is None or pretrain["dataset"] == dataset
+
+
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
     datasets, models = config["datasets"], config["models"]
@@ -109,6 +116,11 @@ def check_config(config: dict) -> None:
             raise FactftError(
                 f"{where}.popularity.model: '{popularity['model']}' is not a configured model; "
                 f"models are: {sorted(models)}"
+            )
+        if scorer.needs_model and "model" in popularity and not model_reads(config, popularity["model"], name):
+            raise FactftError(
+                f"{where}.popularity.model: '{popularity['model']}' is pretrained on another world and "
+                f"cannot read this dataset's questions; name a hub model"
             )
         if scorer.synthetic_only and name not in synthetic:
             raise FactftError(
