@@ -298,7 +298,8 @@ CATALOGUE = [
      config_with(add_dataset(source={"path": "myqa.csv"}, popularity={"scorer": "model_confidence", "model": "gpt9"})),
      "datasets.myqa.popularity.model: 'gpt9' is not a configured model; models are: ['tiny']"),
     ("config-scoring-model-of-another-world",
-     config_with(add_dataset(source={"path": "myqa.csv"}, popularity={"scorer": "model_confidence", "model": "tiny"})),
+     config_with(add_dataset(source={"path": "myqa.csv"},
+                             popularity={"scorer": "model_confidence", "model": "tiny"})),
      "datasets.myqa.popularity.model: 'tiny' is pretrained on another world and cannot read this dataset's "
      "questions; name a hub model"),
     ("config-unknown-finetune-method-per-model",
@@ -320,7 +321,7 @@ CATALOGUE = [
     # config meets data: sizes
     ("split-empty-subsets", split_with(make_facts, fraction=0.2, test_fraction=0.34),
      "dataset 'synth': split.fraction 0.2 of a pool of 8 facts within each relation (split.stratify: relation) "
-     "leaves top, bottom and random empty; raise split.fraction or split.pool_size"),
+     "leaves top, bottom and random empty; raise split.fraction, or split.pool_size where it caps the pool"),
     ("split-one-subject", split_with(lambda: make_facts().assign(subject="Ito")),
      "dataset 'synth': 1 subject(s); a subject-disjoint split needs 2 or more"),
     ("empty-dataset-after-filtering",

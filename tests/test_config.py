@@ -461,7 +461,8 @@ def test_a_model_pretrained_here_is_paired_only_with_its_own_world(tmp_path):
     """The demo's tiny model knows only its world's words (any other is <unk> to its tokenizer):
     `all` pairs it with no other dataset, and asking for such a run says why."""
     config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    (tmp_path / "myqa.csv").write_text("q,a,s,r,v\nWhere was Ito born?,Lyon,Ito,born,3\nWhere was Lu born?,Rome,Lu,born,5\n")
+    rows = ["q,a,s,r,v", "Where was Ito born?,Lyon,Ito,born,3", "Where was Lu born?,Rome,Lu,born,5"]
+    (tmp_path / "myqa.csv").write_text("\n".join(rows) + "\n")
     config["datasets"]["myqa"] = {
         "source": {"path": "myqa.csv"},
         "columns": {"question": "q", "answers": "a", "subject": "s", "relation": "r"},

@@ -337,6 +337,26 @@ def test_evaluate_model_writes_predictions_in_test_order(tiny, tmp_path):
     assert list(predictions["popularity_pct"]) == list(test["popularity_pct"])
 
 
+def test_a_model_that_answers_nothing_is_warned_about(tiny, tmp_path, caplog):
+    """A model whose every answer is empty (here each is one <unk>, which decoding drops) scores
+    0 with no error: the log says why, where a user would otherwise read a plain 0.0."""
+    model = LlamaForCausalLM.from_pretrained(tiny[0]["path"])
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: greedy takes id 0, <unk>
+    model.save_pretrained(tmp_path / "mute")
+    AutoTokenizer.from_pretrained(tiny[0]["path"]).save_pretrained(tmp_path / "mute")
+    spec = dict(tiny[0], path=str(tmp_path / "mute"))
+    params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 3}
+    with caplog.at_level("WARNING"):
+        predictions = evaluate_model(spec, make_test_table(), params, threads=1, device="cpu")
+    assert (predictions["prediction"].str.strip() == "").all()
+    assert "7 of 7 answers are empty" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate_model(tiny[0], make_test_table(), params, threads=1, device="cpu")
+    assert "answers are empty" not in caplog.text
+
+
 def test_cloze_continues_the_statement_instead_of_the_question(tiny):
     spec, model, tokenizer = tiny
     test = make_test_table()

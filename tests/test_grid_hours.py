@@ -251,5 +251,6 @@ def test_a_missing_row_or_size_is_named(tmp_path):
 def test_a_config_the_workflow_would_refuse_is_one_line_naming_it(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(small_config(tmp_path).read_text() + "bogus: 1\n")
-    with pytest.raises(SystemExit, match=r"config.yaml: Additional properties are not allowed \('bogus' was unexpected\)$"):
+    refused = r"config.yaml: Additional properties are not allowed \('bogus' was unexpected\)$"
+    with pytest.raises(SystemExit, match=refused):
         grid_hours.main([str(speed_table(tmp_path)), "--config", str(config), "--size", "popqa=10000"])

@@ -29,7 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from factft.errors import FactftError
 from factft.logging import PROGRESS_EVERY_S
-from factft.metrics import score_predictions
+from factft.metrics import first_line, score_predictions
 from factft.models import BF16_GPU, load_model, peak_memory
 from factft.prompts import (
     IGNORE,
@@ -650,4 +650,14 @@ def evaluate_model(
         predictions["correct"].mean(),
         predictions["exact_match"].mean(),
     )
+    if params["format"] == "open":
+        empty = int((predictions["prediction"].map(first_line).str.strip() == "").sum())
+        if empty > len(predictions) / 2:
+            log.warning(
+                "%s: %d of %d answers are empty (the model ends them at once, or starts them with a line "
+                "break): an undertrained model, or a prompt it does not answer in",
+                where,
+                empty,
+                len(predictions),
+            )
     return predictions

@@ -130,7 +130,8 @@ def pool_subset(
         if len(rows) == 0:
             raise FactftError(
                 f"dataset '{dataset}': subset '{name}' ({percent}% of a pool of {len(whole)} facts"
-                f"{_within(stratify)}) is empty; raise its percent or split.pool_size, or use more facts"
+                f"{_within(stratify)}) is empty; raise its percent, or split.pool_size where it caps the pool, or use "
+                "more facts"
             )
     log.info("dataset '%s': %s takes %d of the pool's %d facts", dataset, name, len(rows), len(whole))
     return _finish(whole.loc[sorted(rows)], name, tie)
@@ -147,7 +148,8 @@ def _fraction_subsets(
     if sum(counts) == 0:
         raise FactftError(
             f"dataset '{dataset}': split.fraction {fraction} of a pool of {len(pool)} facts{_within(stratify)} leaves "
-            "top, bottom and random empty; raise split.fraction or split.pool_size, or use more facts"
+            "top, bottom and random empty; raise split.fraction, or split.pool_size where it caps the pool, or "
+            "use more facts"
         )
     chosen = {"top": [], "bottom": [], "random": []}
     for group, k in zip(groups, counts):
