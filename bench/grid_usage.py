@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft import subsets  # noqa: E402
-from factft.config import load_config  # noqa: E402
+from factft.config import load_config, model_reads  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 from factft.popularity import SCORERS  # noqa: E402
 from factft.sweeps import run_of, sweep_points  # noqa: E402
@@ -99,6 +99,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         return None, None
     if (model is not None and model not in config["models"]) or dataset not in config["datasets"]:
         return None
+    if model is not None and not model_reads(config, model, dataset):
+        return None  # a pair the grid leaves out (a model pretrained here, another world)
     if rule == "subset" and rest[0] not in config["subsets"]:  # {ranked}/{cut}
         return None
     if (rule in MODEL_RULES or rule in SCORING_RULES) and len(rest) == 3:  # a run: .../{subset}/seed{seed}

@@ -27,7 +27,10 @@ from factft.subsets import is_sized
 
 try:
     check_and_sort(config)
-    check_local_paths(config)
+    # Only in the run started by hand: a SLURM job parses this file again on a compute node,
+    # which need not see a dataset file on the login node (only `download`, a localrule, reads it).
+    if workflow.is_main_process:
+        check_local_paths(config)
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
 
@@ -494,11 +497,12 @@ def experiments():
     return [(m, d) for m in MODELS for d in DATASETS if model_reads(config, m, d)]
 
 
-for unread in sorted(set(DATASETS) - {dataset for _, dataset in experiments()}):
-    logger.warning(
-        f"dataset '{unread}': no model reads it (a model pretrained here knows only its own "
-        "world's words), so `all` finetunes and evaluates nothing on it: add a hub model"
-    )
+if workflow.is_main_process:
+    for unread in sorted(set(DATASETS) - {dataset for _, dataset in experiments()}):
+        logger.warning(
+            f"dataset '{unread}': no model reads it (a model pretrained here knows only its own "
+            "world's words), so `all` finetunes and evaluates nothing on it: add a hub model"
+        )
 
 
 def run_metrics(model, dataset):

@@ -15,6 +15,7 @@ from factft.config import (
     SCHEMA,
     apply_command_line,
     check_config,
+    check_local_paths,
     check_numbers,
     command_line_config,
     evaluate_job_settings,
@@ -485,3 +486,17 @@ def test_a_model_pretrained_here_is_paired_only_with_its_own_world(tmp_path):
     run = plan("results/tiny/myqa/top/seed0/metrics.tsv")
     assert run.returncode != 0
     assert "model 'tiny' is pretrained on dataset 'synth''s world and knows no other words" in run.stderr + run.stdout
+
+
+def test_a_missing_local_source_is_named_by_its_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "qa.csv").write_text("q\n")
+    config = {"datasets": {"qa": {"source": {"path": "qa.csv"}}}, "models": {"m": {"source": {"path": "model"}}}}
+    check_local_paths(config)
+    config["models"]["m"]["source"]["gguf_file"] = "m.gguf"
+    with pytest.raises(FactftError, match=r"^models\.m\.source\.gguf_file: no file m\.gguf in model$"):
+        check_local_paths(config)
+    config["datasets"]["qa"]["source"]["path"] = "gone.csv"
+    with pytest.raises(FactftError, match=r"^datasets\.qa\.source\.path: no file gone\.csv \(in "):
+        check_local_paths(config)

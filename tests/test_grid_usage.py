@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 from snakemake.benchmark import BenchmarkRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +79,16 @@ def test_a_folder_without_benchmarks_of_the_config_is_a_one_line_error(tmp_path)
     (tmp_path / "benchmarks/split/popqa.tsv").write_text("seconds\n1\n")
     with pytest.raises(SystemExit, match="popqa.tsv: not a Snakemake benchmark file"):
         grid_usage.main(["--benchmarks", str(tmp_path / "benchmarks")])
+
+
+def test_a_pair_the_grid_leaves_out_is_not_counted(tmp_path):
+    """A model pretrained here runs on its own world alone (rules/common.smk, experiments()):
+    benchmark files of it on another dataset are from an earlier workflow."""
+    config = yaml.safe_load((grid_usage.ROOT / "config/demo.yaml").read_text())
+    config["datasets"]["myqa"] = {"source": {"path": "myqa.csv"}, "popularity": {"scorer": "column", "column": "v"},
+                                  "keep_columns": ["v"]}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    config = grid_usage.load_config(tmp_path / "config.yaml")
+    assert grid_usage.job_model(config, "finetune", "tiny/synth/top/seed0") == ("tiny", "synth")
+    assert grid_usage.job_model(config, "finetune", "tiny/myqa/top/seed0") is None
+    assert grid_usage.job_model(config, "split", "myqa/top") == (None, "myqa")

@@ -654,8 +654,8 @@ def evaluate_model(
         empty = int((predictions["prediction"].map(first_line).str.strip() == "").sum())
         if empty > len(predictions) / 2:
             log.warning(
-                "%s: %d of %d answers are empty (the model ends them at once, or starts them with a line "
-                "break): an undertrained model, or a prompt it does not answer in",
+                "%s: %d of %d answers are empty (the model ends them at once, or writes only blank lines or "
+                "tokens that decoding drops): an undertrained model, or a prompt it does not answer in",
                 where,
                 empty,
                 len(predictions),

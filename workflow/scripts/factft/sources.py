@@ -429,9 +429,9 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     mapping = _mapping(spec)
     read = kept_columns(spec)
     wanted = [(f"columns.{key}", column) for key, column in mapping.items()]
-    table = _with_fields(table, name, wanted + read)
-    if table.empty:  # before any parsing: an empty csv's columns are not even text
+    if len(table) == 0:  # before any parsing: an empty csv's columns are not even text
         raise FactftError(f"dataset '{name}': the source has no rows")
+    table = _with_fields(table, name, wanted + read)
     _require_columns(table, name, wanted + read)
     kept = [column for _, column in read]
     table = table.reset_index(drop=True)
