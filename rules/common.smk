@@ -485,8 +485,7 @@ def cloze_metrics(model, dataset):
     """The pretrained model's statement-completion metrics: only for the synthetic world it
     was pretrained on (statements exist only there). A list, empty when there is none.
     """
-    pretrain = MODELS[model]["source"].get("pretrain")
-    if pretrain is None or pretrain["dataset"] != dataset:
+    if not (tiny_model(model) and model_reads(config, model, dataset)):
         return []
     return [f"{CLOZE.format(model=model, dataset=dataset)}/metrics.tsv"]
 
