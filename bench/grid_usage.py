@@ -90,6 +90,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         popularity = config["datasets"].get(first, {}).get("popularity", {})
         if (scorer is None) == (popularity.get("scorer") in MODEL_SCORERS):
             return None  # a file of an earlier ranking
+        if scorer is not None and (scorer not in config["models"] or not model_reads(config, scorer, first)):
+            return None  # ranked by a model the config lacks, or one that cannot read the dataset
         model, dataset = (scorer if rule == "popularity" else None), first
         if rule == "split" and not rest:
             return None  # {ranked}/{part} since 2026-12-02

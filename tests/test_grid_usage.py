@@ -87,8 +87,12 @@ def test_a_pair_the_grid_leaves_out_is_not_counted(tmp_path):
     config = yaml.safe_load((grid_usage.ROOT / "config/demo.yaml").read_text())
     config["datasets"]["myqa"] = {"source": {"path": "myqa.csv"}, "popularity": {"scorer": "column", "column": "v"},
                                   "keep_columns": ["v"]}  # fmt: skip
+    config["datasets"]["mcqa"] = {"source": {"path": "mcqa.csv"}, "popularity": {"scorer": "model_confidence"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     config = grid_usage.load_config(tmp_path / "config.yaml")
     assert grid_usage.job_model(config, "finetune", "tiny/synth/top/seed0") == ("tiny", "synth")
     assert grid_usage.job_model(config, "finetune", "tiny/myqa/top/seed0") is None
     assert grid_usage.job_model(config, "split", "myqa/top") == (None, "myqa")
+    # Ranked by each finetuned model's own confidence: not by one that cannot read it.
+    assert grid_usage.job_model(config, "popularity", "mcqa/by-tiny") is None
+    assert grid_usage.job_model(config, "split", "mcqa/by-tiny/top") is None

@@ -174,7 +174,7 @@ def check_local_paths(config: dict) -> None:
         if path is not None and not Path(path).is_dir():
             raise FactftError(f"models.{name}.source.path: no folder {path} (in {Path.cwd()})")
         gguf = model["source"].get("gguf_file")
-        if gguf is not None and not (Path(path) / gguf).is_file():
+        if gguf and not (Path(path) / gguf).is_file():
             raise FactftError(f"models.{name}.source.gguf_file: no file {gguf} in {path}")
 
 
