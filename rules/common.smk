@@ -27,12 +27,18 @@ from factft.subsets import is_sized
 
 try:
     check_and_sort(config)
-    # Only in the run started by hand: a SLURM job parses this file again on a compute node,
-    # which need not see a dataset file on the login node (only `download`, a localrule, reads it).
-    if workflow.is_main_process:
-        check_local_paths(config)
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
+# A warning, not an error: targets that never read the path still run. Only in the run started
+# by hand: a SLURM job parses this file again on a compute node, which need not see a dataset
+# file on the login node (only `download`, a localrule, reads it).
+if workflow.is_main_process:
+    try:
+        check_local_paths(config)
+    except FactftError as error:
+        logger.warning(
+            f"config: {error}; jobs that read it fail, and results made from it are kept as they are"
+        )
 
 # Every job inherits this: its log is a file, where the hub libraries' progress bars would be
 # \r-joined lines (finetune logs its own progress lines). Set either to 0 to see them.

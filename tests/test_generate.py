@@ -746,9 +746,8 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     planned = set(re.findall(r"^(\w+)\s+\d+$", rerun.stdout, re.MULTILINE)) - {"total"}
     assert planned == {"evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention", "metrics"}, rerun.stdout
-    # A local folder that is gone stops the workflow at once, naming the key; Snakemake alone
-    # would plan nothing and keep the results made from it.
+    # A local folder that is gone is named at start; Snakemake alone would plan nothing and
+    # silently keep the results made from it.
     shutil.rmtree(spec["path"])
     gone = snakemake("--dry-run")
-    assert gone.returncode != 0
     assert f"config: models.tinyp.source.path: no folder {spec['path']}" in gone.stderr + gone.stdout

@@ -163,7 +163,7 @@ def check_config(config: dict) -> None:
 
 def check_local_paths(config: dict) -> None:
     """Raise FactftError naming the key when a local dataset file or model folder is missing.
-    The workflow checks this as it starts: with results already made from that path, Snakemake
+    The workflow warns with it as it starts: with results already made from that path, Snakemake
     would plan nothing (a missing input of a job it need not run) and keep those results."""
     for name, dataset in config["datasets"].items():
         path = dataset["source"].get("path")
