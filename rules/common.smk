@@ -11,10 +11,10 @@ from factft.config import (
     EVALUATE_RUNNING,
     RUNNING_SETTINGS,
     check_and_sort,
-    check_local_paths,
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
+    missing_local_paths,
     model_reads,
     prompt_settings,
 )
@@ -33,11 +33,9 @@ except FactftError as error:
 # by hand: a SLURM job parses this file again on a compute node, which need not see a dataset
 # file on the login node (only `download`, a localrule, reads it).
 if workflow.is_main_process:
-    try:
-        check_local_paths(config)
-    except FactftError as error:
+    for missing in missing_local_paths(config):
         logger.warning(
-            f"config: {error}; jobs that read it fail, and results made from it are kept as they are"
+            f"config: {missing}; jobs that read it fail, and results made from it are kept as they are"
         )
 
 # Every job inherits this: its log is a file, where the hub libraries' progress bars would be

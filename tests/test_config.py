@@ -15,12 +15,12 @@ from factft.config import (
     SCHEMA,
     apply_command_line,
     check_config,
-    check_local_paths,
     check_numbers,
     command_line_config,
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
+    missing_local_paths,
     prompt_settings,
     sort_settings,
 )
@@ -488,15 +488,18 @@ def test_a_model_pretrained_here_is_paired_only_with_its_own_world(tmp_path):
     assert "model 'tiny' is pretrained on dataset 'synth''s world and knows no other words" in run.stderr + run.stdout
 
 
-def test_a_missing_local_source_is_named_by_its_key(tmp_path, monkeypatch):
+def test_every_missing_local_source_is_named_by_its_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()
     (tmp_path / "qa.csv").write_text("q\n")
     config = {"datasets": {"qa": {"source": {"path": "qa.csv"}}}, "models": {"m": {"source": {"path": "model"}}}}
-    check_local_paths(config)
+    assert missing_local_paths(config) == []
     config["models"]["m"]["source"]["gguf_file"] = "m.gguf"
-    with pytest.raises(FactftError, match=r"^models\.m\.source\.gguf_file: no file m\.gguf in model$"):
-        check_local_paths(config)
+    assert missing_local_paths(config) == ["models.m.source.gguf_file: no file m.gguf in model"]
     config["datasets"]["qa"]["source"]["path"] = "gone.csv"
-    with pytest.raises(FactftError, match=r"^datasets\.qa\.source\.path: no file gone\.csv \(in "):
-        check_local_paths(config)
+    config["models"]["n"] = {"source": {"path": "gone", "gguf_file": "n.gguf"}}
+    assert missing_local_paths(config) == [
+        f"datasets.qa.source.path: no file gone.csv (in {tmp_path})",
+        "models.m.source.gguf_file: no file m.gguf in model",
+        f"models.n.source.path: no folder gone (in {tmp_path})",
+    ]

@@ -161,21 +161,23 @@ def check_config(config: dict) -> None:
                 )
 
 
-def check_local_paths(config: dict) -> None:
-    """Raise FactftError naming the key when a local dataset file or model folder is missing.
-    The workflow warns with it as it starts: with results already made from that path, Snakemake
-    would plan nothing (a missing input of a job it need not run) and keep those results."""
+def missing_local_paths(config: dict) -> list[str]:
+    """One message per local dataset file or model folder (or GGUF file) that is missing, naming
+    its key. The workflow warns with them as it starts: with results already made from such a
+    path, Snakemake would plan nothing (a missing input of a job it need not run) and keep them."""
+    missing = []
     for name, dataset in config["datasets"].items():
         path = dataset["source"].get("path")
         if path is not None and not Path(path).is_file():
-            raise FactftError(f"datasets.{name}.source.path: no file {path} (in {Path.cwd()})")
+            missing.append(f"datasets.{name}.source.path: no file {path} (in {Path.cwd()})")
     for name, model in config["models"].items():
         path = model["source"].get("path")
-        if path is not None and not Path(path).is_dir():
-            raise FactftError(f"models.{name}.source.path: no folder {path} (in {Path.cwd()})")
         gguf = model["source"].get("gguf_file")
-        if gguf and not (Path(path) / gguf).is_file():
-            raise FactftError(f"models.{name}.source.gguf_file: no file {gguf} in {path}")
+        if path is not None and not Path(path).is_dir():
+            missing.append(f"models.{name}.source.path: no folder {path} (in {Path.cwd()})")
+        elif gguf and not (Path(path) / gguf).is_file():
+            missing.append(f"models.{name}.source.gguf_file: no file {gguf} in {path}")
+    return missing
 
 
 # Maps the user names and orders (the order of figures and tables); every other block is
