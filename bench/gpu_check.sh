@@ -7,7 +7,7 @@
 # Installs nothing but the carried bitsandbytes wheel (the machine's image has torch,
 # transformers, peft and accelerate), runs bench/speed.py --device cuda (a Llama-2-7B-shaped
 # model with random weights; about 7-9 minutes, estimated, not yet measured) cut at LIMIT
-# seconds (default 540) with every finished row kept, and leaves speed-cuda.tsv, the log and
+# seconds (default 520) with every finished row kept, and leaves speed-cuda.tsv, the log and
 # the GPU's description in $OUT (bench/results here). The rows issue 4's goals need come
 # first (LoRA q,v's three paths, evaluation with the static cache, compiled blocks), then
 # QLoRA's (its 24 GB setting first) and a model load (the grid's hours), then the rows no
@@ -18,8 +18,8 @@
 # docs/benchmarks.md. Arguments go to bench/speed.py (the last of an option wins): if the
 # limit cut QLoRA or the load, a second call on the still-warm machine (a session has 15
 # device minutes; a fresh start costs 1-2 of them) measures just those:
-#   LIMIT=150 bash bench/gpu_check.sh --variants qlora-all --no-evaluate --no-compile --out $OUT/speed-cuda-2.tsv
-# (with timeout_s=170); then `make bench-hours SPEED="speed-cuda.tsv speed-cuda-2.tsv"`
+#   LIMIT=180 bash bench/gpu_check.sh --variants qlora-all --no-evaluate --no-compile --out $OUT/speed-cuda-2.tsv
+# (with timeout_s=200: it builds and saves the model again first); then `make bench-hours SPEED="speed-cuda.tsv speed-cuda-2.tsv"`
 # reads both (a later table's rows replace an earlier's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +52,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 SCRATCH=/tmp/factft-bench
 rm -rf "$SCRATCH" && mkdir -p "$SCRATCH"
 # The bench stops inside the device call's limit; rows finished by then are kept.
-LIMIT=${LIMIT:-540}
+LIMIT=${LIMIT:-520}
 timeout -k 10 "$LIMIT" python3 bench/speed.py --device cuda --variants lora-qv,qlora-all \
     --out "$OUT/speed-cuda.tsv" --scratch "$SCRATCH" "$@" 2>&1 | tee "$OUT/bench-gpu.log"
 status=${PIPESTATUS[0]}

@@ -19,8 +19,9 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
   merged) against factft.generate.generate_texts (length-sorted batches, a larger batch,
   LoRA merged where that is exact, fp32, as factft.models.load_model does; decoding in
-  rounds, and in one round) on the same questions, max_new_tokens
-  16: questions/s, and the share of questions where both give the same answer. Twice: as
+  rounds, and in one round) on the same questions (on a GPU the naive loop the first 1,000
+  of them), max_new_tokens 16: questions/s, and the share of questions where both give the
+  same answer. Twice: as
   the random model answers (16 tokens each: no answer ends), and with answers that end as a
   finetuned model's do (AnswersEnd: eos after 1-8 tokens, median 2; 1 in 50 never ends);
   and multiple choice (4 options, MMLU's path): every choice scored with its prompt in
@@ -54,10 +55,12 @@ from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))  # factft without installing it (GPU image)
 
+from factft.errors import FactftError  # noqa: E402
 from factft.generate import answer_logprobs, choice_logprobs, generate_texts, left_pad, prompt_answer_ids  # noqa: E402
 from factft.prompts import prompt_text  # noqa: E402
 from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
+    check_packing,
     compile_blocks,
     encode_examples,
     epoch_batches,
@@ -77,10 +80,14 @@ SHAPES = {
     # Wide enough that matrix work, not Python, dominates a step on a CPU core.
     "cpu": {"hidden": 256, "layers": 4, "heads": 8, "mlp": 688, "vocab": 4096},
 }
-SIZES = {  # examples per finetune run, evaluation questions (of them with AnswersEnd), factft's eval batch
+SIZES = {  # examples per finetune run; evaluation questions, of them with AnswersEnd and for the naive
+    # generate loop (its rate is per question at any count: on a GPU the first 1,000 save ~35 s
+    # of the device's few minutes, agreement is over them); factft's eval batch.
     # eval_batch 500: six equal batches of 3,000, one compile of the static cache's step.
-    "cuda": {"examples": 2048, "questions": 3000, "ending_questions": 1000, "eval_batch": 500},
-    "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "eval_batch": 256},
+    "cuda": {
+        "examples": 2048, "questions": 3000, "ending_questions": 1000, "baseline_questions": 1000, "eval_batch": 500,
+    },
+    "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "baseline_questions": 300, "eval_batch": 256},
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
 COMPILED = "lora-qv"  # the variant measured with compiled blocks too
@@ -382,10 +389,25 @@ def train_factft(model, encoded: list[dict], settings: dict, device: str, pad_id
     and times the second: in the first the blocks compile, once for each kind of input the
     data brings, which a job pays once: `stats['compile_s']`, how much longer the first
     epoch took."""
+    probe = packing_probe(model, encoded) if settings["packing"] else None
     seed_everything(0)
     peft_model = prepare_model(model, settings)
     with unwrapped_on_failure(peft_model):
-        return _train_factft(peft_model, encoded, settings, device, pad_id)
+        model, clock, stats = _train_factft(peft_model, encoded, settings, device, pad_id)
+    if probe:
+        stats["note"] = "; ".join(filter(None, (probe, stats.get("note"))))
+    return model, clock, stats
+
+
+def packing_probe(model, encoded: list[dict]) -> str | None:
+    """What factft's finetune checks before packing (factft.train.check_packing), on this
+    device and library versions; untimed. A failure marks the row rather than dropping it."""
+    try:
+        check_packing(model, encoded, "bench")
+    except FactftError as error:
+        print(f"PACKING PROBE FAILED: {error}", flush=True)
+        return f"packing probe failed: {error}"
+    return None
 
 
 def _train_factft(peft_model, encoded: list[dict], settings: dict, device: str, pad_id: int):
@@ -522,6 +544,7 @@ def eval_row(
         forward_passes=passes.passes if passes else float("nan"), seconds=clock.seconds, wall_s=clock.wall,
         cpu_s=clock.cpu, questions_per_s=len(prompts) / clock.seconds, peak_gb=clock.peak_gb,
         peak_reserved_gb=clock.peak_reserved_gb,
+        # over the naive run's questions, the first of `texts` (all of them off a GPU)
         agreement=float(np.mean([a == b for a, b in zip(reference, texts)])) if reference else float("nan"),
         **extra,
     )  # fmt: skip
@@ -549,10 +572,11 @@ def evaluate_rows(
         for label, (prompts, processors) in runs.items():
             if label in naive:
                 continue
+            first = prompts[: args.baseline_questions]
             with Passes(peft_model) as passes, Clock(args.device) as clock:
-                naive[label] = generate_baseline(peft_model, tokenizer, prompts, BASELINE_EVAL_BATCH, processors)
-            real = real_tokens[label]
-            eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, prompts, real, clock, passes, label=label)
+                naive[label] = generate_baseline(peft_model, tokenizer, first, BASELINE_EVAL_BATCH, processors)
+            real = sum(map(len, tokenizer(first)["input_ids"]))
+            eval_row(table, args, "baseline", BASELINE_EVAL_BATCH, first, real, clock, passes, label=label)
         from factft.models import merges_exactly
 
         evaluated = peft_model.merge_and_unload() if merges_exactly(peft_model) else peft_model
@@ -713,6 +737,18 @@ def compiled_row(table, model, tokenizer, encoded: list[dict], args) -> None:
     finetune_row(table, COMPILED, "factft-compiled", args, clock, stats)
 
 
+def release_compiled(model, device: str) -> None:
+    """Drop what compiling left, so that no later row's peak memory holds it: the decoding step
+    transformers compiled for the static cache (kept on the model as `_compiled_call`), dynamo's
+    caches and the CUDA graphs' memory pool."""
+    for module in model.modules():
+        module.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def recorded_failure(table, stage: str, variant: str):
     """An optional part that fails (a missing bitsandbytes, a compile error) becomes a row
@@ -779,6 +815,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.questions = args.questions or sizes["questions"]
     args.eval_batch = args.eval_batch or sizes["eval_batch"]
     args.ending_questions = min(args.questions, sizes["ending_questions"])
+    args.baseline_questions = min(args.questions, sizes["baseline_questions"])
     args.static_cache = args.evaluate and (args.device == "cuda" if args.static_cache is None else args.static_cache)
     args.out = args.out or ROOT / "bench" / "results" / f"speed-{args.device}.tsv"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -821,15 +858,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 if args.static_cache:
                     with recorded_failure(table, "evaluate", EVAL_LABEL):
                         static_cache_row(table, model, tokenizer, questions, naive[EVAL_LABEL], args)
+                    release_compiled(model, args.device)
             if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
                 model = model.unload()
         if args.compile:
             with recorded_failure(table, "finetune", COMPILED):
                 compiled_row(table, model, tokenizer, encoded, args)
+        release_compiled(model, args.device)
         del model
-        # What compiling left (CUDA graphs' memory pool, compiled code holding tensors) must not
-        # count in QLoRA's peak memory.
-        torch._dynamo.reset()
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()

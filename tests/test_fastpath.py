@@ -403,6 +403,7 @@ def load_bench():
 def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     bench = load_bench()
     bench.SHAPES["cpu"] = {"hidden": 32, "layers": 1, "heads": 2, "mlp": 64, "vocab": 256}
+    bench.SIZES["cpu"] = {**bench.SIZES["cpu"], "baseline_questions": 10}  # as a GPU run's first 1,000 of 3,000
     out = tmp_path / "speed.tsv"
     args = ["--device", "cpu", "--examples", "32", "--questions", "24", "--eval-batch", "16", "--out", str(out)]
     table = bench.main([*args, "--variants", "lora-qv,qlora-all", "--batch-size", "4"])
@@ -432,6 +433,8 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     packed = finetune_rows[finetune_rows["path"].str.startswith("factft-packed")]
     assert (packed["computed_tokens"] == packed["real_tokens"]).all()
     evaluated = written[written["stage"] == "evaluate"].set_index(["variant", "path"])
+    assert evaluated.loc[("lora-qv adapter", "baseline"), "items"] == 10  # its rate from the first 10 of 24
+    assert evaluated.loc[("lora-qv adapter", "factft"), "items"] == 24
     assert evaluated.loc[("lora-qv adapter", "factft"), "agreement"] == 1.0  # merged LoRA answers as the unmerged one
     assert evaluated.loc[("lora-qv adapter, answers end", "factft"), "agreement"] == 1.0  # also when decoded in rounds
     choices = evaluated.loc["multiple choice, 4"]
@@ -441,6 +444,7 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     assert load.seconds > 0 and "GB of safetensors on" in load.note  # the evicted model read back, as a job does
     assert (written["date"].notna() & written["torch"].notna()).all()
     assert "failed" not in written["path"].tolist()
+    assert not written["note"].fillna("").str.contains("packing probe").any()
     # Issue 4's goal rows (above all QLoRA's and the load) before the rows no goal needs.
     rows = list(zip(written["stage"], written["variant"], written["path"]))
     goals_end = rows.index(("load", "model", "factft"))
@@ -449,6 +453,28 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     assert ("lora-qv adapter", "factft-one-round") in later and ("multiple choice, 4", "factft") in later
     # Timed on the reloaded model, whose seeded adapter answers as the first naive run did.
     assert evaluated.loc[("lora-qv adapter", "factft-one-round"), "agreement"] == 1.0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_benchmark_marks_a_packed_row_whose_model_fails_the_packing_probe():
+    # On the GPU's library versions the probe is the only check that packed rows measure what
+    # they claim: a failure is printed and noted on the row, which is still timed.
+    bench = load_bench()
+    shape = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "vocab": 256}
+    tokenizer = bench.make_tokenizer(shape["vocab"])
+    encoded = encode_examples(bench.make_facts(8, shape["vocab"], seed=0), tokenizer, bench.PROMPT, max_length=64)
+    opt = OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32,
+        vocab_size=shape["vocab"], max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    models = {"llama": bench.build_model(shape, "cpu"), "opt": AutoModelForCausalLM.from_config(opt)}
+    notes = {}
+    for name, model in models.items():
+        settings = bench.settings_for("lora-qv", 4, packing=True)
+        _, _, stats = bench.train_factft(model, encoded, settings, "cpu", tokenizer.pad_token_id)
+        notes[name] = stats.get("note", "")
+    assert "packing probe" not in notes["llama"]
+    assert notes["opt"].startswith("packing probe failed: model 'bench': OPTForCausalLM lets packed examples")
 
 
 @pytest.mark.usefixtures("one_thread")
