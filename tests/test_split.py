@@ -132,6 +132,39 @@ def test_tied_popularity_is_ordered_by_a_seeded_hash_of_the_id_not_by_row_order(
     assert len(orders) > 1  # another seed, another order among the ties
 
 
+def test_subjects_that_share_a_question_are_held_out_together(facts, caplog):
+    # A copy of a fact under another subject, with another alias and in other case: the model
+    # reads the same prompt, so one must not be tested while its twin is finetuned on.
+    caplog.set_level(logging.INFO)
+    twins = facts[facts["subject"] < "s10"].assign(
+        id=lambda t: t["id"] + "-twin",
+        subject=lambda t: t["subject"] + "-twin",
+        question=lambda t: t["question"].str.upper() + " ",
+        answers=lambda t: t["answers"].map(lambda answers: [*answers, "alias"]),
+    )
+    both = pd.concat([facts, twins], ignore_index=True)
+    for seed in range(5):
+        test = split_part(both, "test", seed=seed, test_fraction=0.25)
+        pool = split_part(both, "whole", seed=seed, test_fraction=0.25)
+        held = set(test["subject"])
+        assert {s.removesuffix("-twin") for s in held} == {s for s in held if not s.endswith("-twin")}
+        assert not {s.removesuffix("-twin") for s in held} & {s.removesuffix("-twin") for s in pool["subject"]}
+    assert "dataset 'facts': 20 subjects share questions, held out together in 10 groups" in caplog.text
+    # Without shared questions each subject is its own group: the split is the one it always was.
+    alone = split_part(facts, "test", seed=3, test_fraction=0.25)
+    assert set(alone["subject"]) == set(split_facts(facts, test_fraction=0.25, seed=3)["test"]["subject"])
+
+
+def test_a_question_every_subject_shares_is_named_as_a_mapped_template(facts):
+    template = facts.assign(question="What is it?")
+    message = r"its 40 subjects all share questions, so none can be held out; .*columns\.question"
+    with pytest.raises(FactftError, match=message):
+        split_part(template, "test", dataset="qa")
+    # Multiple choice: the same question with other choices is another prompt.
+    choices = template.assign(choices=[[f"c{i}", "d"] for i in range(len(template))], answer_index=0)
+    assert 0 < len(split_part(choices, "test", dataset="qa")) < len(choices)
+
+
 def test_pool_and_test_caps_take_seeded_samples(facts):
     splits = split_facts(facts, pool_size=30, test_size=12, seed=1)
     assert len(splits["whole"]) == 30 and len(splits["test"]) == 12

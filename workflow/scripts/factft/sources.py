@@ -574,7 +574,8 @@ def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> p
     repeats = pd.Series(keys, index=facts.index).duplicated()
     count, fact = int(repeats.sum()), "question, choices and answer" if "choices" in facts else "question and answers"
     if count:
-        log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s", name, count, fact)
+        left = len(facts) - count
+        log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s; %d left", name, count, fact, left)
     if count > max_drop_fraction * len(facts):
         problem = (
             f"dataset '{name}': {count} of {len(facts)} rows repeat an earlier row's {fact}; check that "

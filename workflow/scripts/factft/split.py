@@ -1,7 +1,8 @@
 """Split the facts into a subject-disjoint test set and the finetuning pool, and cut subsets
 from the pool.
 
-test = the facts of a seeded share of the subjects, whole = the rest (the pool); each has a
+test = the facts of a seeded share of the subjects (subjects that share a question held out
+together: subject_groups), whole = the rest (the pool); each has a
 cap of its own. top/bottom = the most/least popular `fraction` of the pool, random = a
 seeded `fraction`; a sized subset (top25, bottom10, random25: factft.subsets) takes that
 percent. With stratify=relation each subset takes the same number of facts from every
@@ -77,19 +78,30 @@ def split_part(
     facts = facts.reset_index(drop=True)
     # Test subjects never appear in finetuning: the experiment measures extraction of facts
     # stored in pretraining, not facts taught by finetuning.
-    subjects = np.array(sorted(facts["subject"].unique()), dtype=object)
+    groups = subject_groups(facts)
+    subjects = np.array(sorted(groups.unique()), dtype=object)
     if len(subjects) < 2:
+        count = facts["subject"].nunique()
         raise FactftError(
-            f"dataset '{dataset}': {len(subjects)} subject(s); a subject-disjoint split needs 2 or more"
+            f"dataset '{dataset}': {count} subject(s); a subject-disjoint split needs 2 or more"
+            if count < 2
+            else f"dataset '{dataset}': its {count} subjects all share questions, so none can be held out; check "
+            f"that datasets.{dataset}.columns.question names each fact's own question (not a template)"
         )
+    shared = facts.groupby(groups)["subject"].nunique().loc[lambda sizes: sizes > 1]
+    if len(shared):
+        log.info(
+            "dataset '%s': %d subjects share questions, held out together in %d groups",
+            dataset, int(shared.sum()), len(shared),
+        )  # fmt: skip
     n_test = min(max(1, round(test_fraction * len(subjects))), len(subjects) - 1)
-    in_test = facts["subject"].isin(set(subject_rng.permutation(subjects)[:n_test]))
+    in_test = groups.isin(set(subject_rng.permutation(subjects)[:n_test]))
     if part == "test":
         table = _cap(facts[in_test], test_size, test_rng, f"dataset '{dataset}': split.test_size")
     else:
         table = _cap(facts[~in_test], pool_size, pool_rng, f"dataset '{dataset}': split.pool_size")
     log.info(
-        "dataset '%s': %d of %d subjects held out; %s has %d facts",
+        "dataset '%s': %d of %d subject groups held out; %s has %d facts",
         dataset,
         n_test,
         len(subjects),
@@ -97,6 +109,29 @@ def split_part(
         len(table),
     )
     return _finish(table, part, _tie(table, seed))
+
+
+def subject_groups(facts: pd.DataFrame) -> pd.Series:
+    """Per fact, the group of subjects it is held out with: subjects that share a question (the
+    same words in any case, and the same choices) are one group, named by its first subject in
+    sorted order. A prompt shows the question, not the subject column, so a question filed under
+    two subjects (a copy with other aliases, a name two subjects share) must not be tested and
+    finetuned on at once. Where no subjects share a question, each is a group of its own."""
+    parent: dict = {}
+
+    def root(subject):
+        while parent.setdefault(subject, subject) != subject:
+            parent[subject] = subject = parent[parent[subject]]  # path halving: short chains
+        return subject
+
+    choices = facts["choices"].map(tuple) if "choices" in facts else [()] * len(facts)
+    first_subject: dict[tuple, object] = {}
+    for subject, question, options in zip(facts["subject"], facts["question"], choices):
+        prompt = (" ".join(str(question).casefold().split()), options)
+        a, b = root(subject), root(first_subject.setdefault(prompt, subject))
+        if a != b:  # the smaller name stays the root: a group is named by its first subject
+            parent[max(a, b)] = min(a, b)
+    return facts["subject"].map(root)
 
 
 def pool_subset(
