@@ -74,6 +74,18 @@ def test_a_tokenizer_that_ends_every_text_with_eos_is_refused_before_the_weights
         load_model(spec_for(tmp_path / "m"), device="cpu")
 
 
+def test_a_folder_without_tokenizer_files_is_named_before_the_weights_load(tiny_model_dir, tmp_path):
+    # transformers' own error blames a missing package (sentencepiece or tiktoken).
+    shutil.copytree(tiny_model_dir, tmp_path / "m", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not reached")
+    with pytest.raises(FactftError) as error:
+        load_model(spec_for(tmp_path / "m"), device="cpu")
+    message = str(error.value)
+    assert message.startswith(f"model 'tiny': no tokenizer loads from {tmp_path / 'm'} (files: ['config.json', ")
+    assert "save the model's tokenizer there" in message and "models.tiny.source.path" in message
+    assert "\n" not in message
+
+
 def test_chat_needs_a_chat_template_in_the_folder_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # not reached
     with pytest.raises(FactftError, match=r"models\.tiny\.chat is on, but .* holds no chat template"):

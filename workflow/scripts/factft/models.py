@@ -248,7 +248,16 @@ def load_model(
     common = {"local_files_only": True, "trust_remote_code": trust}
     source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     # The tokenizer first: checked in a second, where the weights may take minutes.
-    tokenizer = AutoTokenizer.from_pretrained(weights, **common, **({"gguf_file": gguf} if gguf else {}))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(weights, **common, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as error:  # a folder without tokenizer files: transformers blames a package
+        files = sorted(p.name for p in weights.iterdir())[:12]
+        said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FactftError(
+            f"model '{name}': no tokenizer loads from {weights} (files: {files}); save the model's tokenizer "
+            f"there (tokenizer.json, or tokenizer.model / vocab.json + merges.txt with tokenizer_config.json), "
+            f"or set models.{name}.source.path to a folder that has one. transformers said: {said}"
+        ) from None
     check_tokenizer(tokenizer, name, weights)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
