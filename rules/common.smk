@@ -274,6 +274,20 @@ def download_targets():
     return targets
 
 
+def data_targets():
+    """Every split table the grid's runs read. Snakemake plans a run again when a job before it
+    is planned, before seeing what that job writes; built first, as a target of their own, the
+    tables that come out the same leave their runs alone (small files are compared by content).
+    """
+    targets = set()
+    for model, dataset in experiments():
+        tables = {"test", "whole", *SUBSETS}
+        targets |= {
+            f"results/{ranked(dataset, model)}/splits/{t}.parquet" for t in tables
+        }
+    return sorted(targets)
+
+
 def split_params(wildcards):
     """What the subject split's table {part} needs: the subject share and seed, and that
     table's cap (the dataset's own, datasets.<name>.split, over the split block's); the

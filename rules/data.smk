@@ -5,6 +5,7 @@
 
 
 localrules:
+    data,
     download,
     download_datasets,
     pageviews,
@@ -16,6 +17,12 @@ localrules:
 rule download_datasets:
     input:
         download_targets(),
+
+
+# The split tables alone: after a data edit, this first, then `all` (README, "The paper's grid").
+rule data:
+    input:
+        data_targets(),
 
 
 rule download:
