@@ -420,6 +420,21 @@ def test_multiple_choice_reads_lists_as_text_and_letters_and_drops_rows_with_emp
         assert f"dropping 1 rows: {reason}" in caplog.text
 
 
+def test_answer_cells_that_look_like_unread_lists_are_warned_about(caplog):
+    table = facts_table(20)
+    table["answers"] = [f'["city{i}", "c{i}"]' for i in range(20)]  # JSON lists, as written in a csv
+    table.at[0, "answers"] = "Rock; Pop"  # one answer with a ; in a twentieth of the rows is no pattern
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        assert to_facts(table, spec({}), max_drop_fraction=0.1)["answers"][1] == ["city1", "c1"]
+    assert "look like lists" not in caplog.text
+    table["answers"] = [f"city{i}|c{i}" for i in range(20)]  # a |-joined export
+    table.at[5, "answers"] = '["city5", "c5"'  # a cut-off list
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        assert to_facts(table, spec({}), max_drop_fraction=0.1)["answers"][0] == ["city0|c0"]  # as README says
+    message = "dataset 'ds': 20 answer cells of column 'answers' look like lists but are read as one answer each"
+    assert f"{message} (e.g. 'city0|c0'); write several answers as a JSON list" in caplog.text
+
+
 def test_a_row_repeating_an_earlier_rows_fact_is_dropped(caplog):
     table = pd.concat([facts_table(10), facts_table(10).iloc[[3, 3, 5]]], ignore_index=True)
     table.at[11, "answers"] = ["elsewhere"]  # the same question with another answer is another fact

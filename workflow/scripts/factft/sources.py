@@ -468,6 +468,7 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
     else:
         answers = table[mapping["answers"]]
         facts["answers"] = answers.map(parse_answers)
+        _warn_unread_lists(facts["answers"], name, mapping["answers"])
         invalid[MISSHAPED] = ~answers.map(_answers_shaped)
         invalid["no answers"] = (facts["answers"].map(len) == 0) & ~invalid[MISSHAPED]
     for key, column in read:
@@ -685,6 +686,21 @@ def parse_answers(value) -> list[str]:
         if text and text not in answers:
             answers.append(text)
     return answers
+
+
+def _warn_unread_lists(answers: pd.Series, name: str, column: str) -> None:
+    """Warn where answer cells read as one answer each look like several: a list that does not
+    parse ('["Paris"'), or answers joined by | or ; in a tenth of the rows or more. Each is then
+    one answer that no prediction matches, and the dataset's accuracy a silent zero."""
+    single = answers.map(lambda found: found[0] if len(found) == 1 else "")
+    broken, joined = single.str.startswith("["), single.str.contains(r"[|;]")
+    if broken.any() or joined.mean() >= 0.1:
+        looks = single[broken | joined]
+        log.warning(
+            "dataset '%s': %d answer cells of column '%s' look like lists but are read as one answer each "
+            "(e.g. %r); write several answers as a JSON list, [\"a\", \"b\"]",
+            name, len(looks), column, looks.iloc[0],
+        )  # fmt: skip
 
 
 def _list_literal(text: str) -> list | None:
