@@ -424,8 +424,9 @@ def test_answer_cells_that_look_like_unread_lists_are_warned_about(caplog):
     table = facts_table(20)
     table["answers"] = [f'["city{i}", "c{i}"]' for i in range(20)]  # JSON lists, as written in a csv
     table.at[0, "answers"] = "Rock; Pop"  # one answer with a ; in a twentieth of the rows is no pattern
+    table.at[1, "answers"] = "[citation needed]"  # brackets, but no list
     with caplog.at_level(logging.WARNING, logger="factft"):
-        assert to_facts(table, spec({}), max_drop_fraction=0.1)["answers"][1] == ["city1", "c1"]
+        assert to_facts(table, spec({}), max_drop_fraction=0.1)["answers"][2] == ["city2", "c2"]
     assert "look like lists" not in caplog.text
     table["answers"] = [f"city{i}|c{i}" for i in range(20)]  # a |-joined export
     table.at[5, "answers"] = '["city5", "c5"'  # a cut-off list

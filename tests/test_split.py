@@ -132,6 +132,10 @@ def test_tied_popularity_is_ordered_by_a_seeded_hash_of_the_id_not_by_row_order(
     assert len(orders) > 1  # another seed, another order among the ties
 
 
+# split_part(make_facts(), "test", seed=3, test_fraction=0.25) before subjects were grouped.
+EXPECTED_SEED3 = ["s00", "s03", "s09", "s16", "s21", "s26", "s30", "s32", "s34", "s37"]
+
+
 def test_subjects_that_share_a_question_are_held_out_together(facts, caplog):
     # A copy of a fact under another subject, with another alias and in other case: the model
     # reads the same prompt, so one must not be tested while its twin is finetuned on.
@@ -150,9 +154,16 @@ def test_subjects_that_share_a_question_are_held_out_together(facts, caplog):
         assert {s.removesuffix("-twin") for s in held} == {s for s in held if not s.endswith("-twin")}
         assert not {s.removesuffix("-twin") for s in held} & {s.removesuffix("-twin") for s in pool["subject"]}
     assert "dataset 'facts': 20 subjects share questions, held out together in 10 groups" in caplog.text
-    # Without shared questions each subject is its own group: the split is the one it always was.
+    # Without shared questions each subject is its own group: the split is the one it always was
+    # (the subjects held out before groups, 2026-12-02).
     alone = split_part(facts, "test", seed=3, test_fraction=0.25)
-    assert set(alone["subject"]) == set(split_facts(facts, test_fraction=0.25, seed=3)["test"]["subject"])
+    assert sorted(set(alone["subject"])) == EXPECTED_SEED3
+    # A template for part of the questions makes one large group: a warning names it.
+    templated = facts.assign(question=facts["question"].mask(facts["subject"] < "s24", "Who plays it?"))
+    caplog.clear()
+    split_part(templated, "test", dataset="qa", seed=0, test_fraction=0.3)
+    warning = "dataset 'qa': 24 subjects share questions and are held out as one group of 72 of the 120 facts"
+    assert warning in caplog.text
 
 
 def test_a_question_every_subject_shares_is_named_as_a_mapped_template(facts):

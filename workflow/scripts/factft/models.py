@@ -121,6 +121,10 @@ def peak_memory(device) -> str:
     return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
+# What a tokenizer loads from (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
 def check_model_folder(spec: dict) -> None:
     """Fail early, naming the model, when its folder holds nothing we are allowed to load."""
     name, path = spec["name"], Path(spec["path"])
@@ -248,16 +252,15 @@ def load_model(
     common = {"local_files_only": True, "trust_remote_code": trust}
     source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     # The tokenizer first: checked in a second, where the weights may take minutes.
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(weights, **common, **({"gguf_file": gguf} if gguf else {}))
-    except (OSError, ValueError) as error:  # a folder without tokenizer files: transformers blames a package
+    if not gguf and not any(any(weights.glob(pattern)) for pattern in TOKENIZER_FILES):
+        # transformers' own error would blame a missing package (sentencepiece or tiktoken)
         files = sorted(p.name for p in weights.iterdir())[:12]
-        said = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise FactftError(
-            f"model '{name}': no tokenizer loads from {weights} (files: {files}); save the model's tokenizer "
+            f"model '{name}': no tokenizer files in {weights} (files: {files}); save the model's tokenizer "
             f"there (tokenizer.json, or tokenizer.model / vocab.json + merges.txt with tokenizer_config.json), "
-            f"or set models.{name}.source.path to a folder that has one. transformers said: {said}"
-        ) from None
+            f"or set models.{name}.source.path to a folder that has one"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(weights, **common, **({"gguf_file": gguf} if gguf else {}))
     check_tokenizer(tokenizer, name, weights)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -693,7 +693,8 @@ def _warn_unread_lists(answers: pd.Series, name: str, column: str) -> None:
     parse ('["Paris"'), or answers joined by | or ; in a tenth of the rows or more. Each is then
     one answer that no prediction matches, and the dataset's accuracy a silent zero."""
     single = answers.map(lambda found: found[0] if len(found) == 1 else "")
-    broken, joined = single.str.startswith("["), single.str.contains(r"[|;]")
+    broken = single.str.match(r"\[.*[\"',]")  # a list's bracket, then a quote or comma: not "[citation needed]"
+    joined = single.str.contains(r"[|;]")
     if broken.any() or joined.mean() >= 0.1:
         looks = single[broken | joined]
         log.warning(

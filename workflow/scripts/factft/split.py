@@ -94,6 +94,14 @@ def split_part(
             "dataset '%s': %d subjects share questions, held out together in %d groups",
             dataset, int(shared.sum()), len(shared),
         )  # fmt: skip
+        largest = groups[groups.isin(shared.index)].value_counts()
+        if largest.iloc[0] > test_fraction / 2 * len(facts):
+            log.warning(
+                "dataset '%s': %d subjects share questions and are held out as one group of %d of the %d facts, "
+                "so the test set's size swings with split.seed; check that datasets.%s.columns.question names "
+                "each fact's own question (not a template)",
+                dataset, shared[largest.index[0]], largest.iloc[0], len(facts), dataset,
+            )  # fmt: skip
     n_test = min(max(1, round(test_fraction * len(subjects))), len(subjects) - 1)
     in_test = groups.isin(set(subject_rng.permutation(subjects)[:n_test]))
     if part == "test":
@@ -117,6 +125,8 @@ def subject_groups(facts: pd.DataFrame) -> pd.Series:
     sorted order. A prompt shows the question, not the subject column, so a question filed under
     two subjects (a copy with other aliases, a name two subjects share) must not be tested and
     finetuned on at once. Where no subjects share a question, each is a group of its own."""
+    if facts["subject"].isna().any():
+        raise FactftError("a fact without a subject: a subject-disjoint split needs every fact's subject")
     parent: dict = {}
 
     def root(subject):
