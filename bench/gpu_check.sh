@@ -19,8 +19,9 @@
 # limit cut QLoRA or the load, a second call on the still-warm machine (a session has 15
 # device minutes; a fresh start costs 1-2 of them) measures just those:
 #   LIMIT=180 bash bench/gpu_check.sh --variants qlora-all --no-evaluate --no-compile --out $OUT/speed-cuda-2.tsv
-# (with timeout_s=200: it builds and saves the model again first); then `make bench-hours SPEED="speed-cuda.tsv speed-cuda-2.tsv"`
-# reads both (a later table's rows replace an earlier's).
+# (with timeout_s=200: it builds and saves the model again first); then
+# `make bench-hours SPEED="speed-cuda.tsv speed-cuda-2.tsv"` reads both (a later table's rows
+# replace an earlier's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}

@@ -21,12 +21,11 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   LoRA merged where that is exact, fp32, as factft.models.load_model does; decoding in
   rounds, and in one round) on the same questions (on a GPU the naive loop the first 1,000
   of them), max_new_tokens 16: questions/s, and the share of questions where both give the
-  same answer. Twice: as
-  the random model answers (16 tokens each: no answer ends), and with answers that end as a
-  finetuned model's do (AnswersEnd: eos after 1-8 tokens, median 2; 1 in 50 never ends);
-  and multiple choice (4 options, MMLU's path): every choice scored with its prompt in
-  full against factft.generate.choice_logprobs (each prompt once, every choice from its KV
-  cache).
+  same answer. Twice: as the random model answers (16 tokens each: no answer ends), and
+  with answers that end as a finetuned model's do (AnswersEnd: eos after 1-8 tokens, median
+  2; 1 in 50 never ends); and multiple choice (4 options, MMLU's path): every choice scored
+  with its prompt in full against factft.generate.choice_logprobs (each prompt once, every
+  choice from its KV cache).
 
 Every finished row is written at once (atomically) to the tsv, so a run stopped at a time
 limit keeps what it measured; each row's ratio to its baseline is printed as it lands, and
