@@ -104,13 +104,18 @@ def ranking_of(wildcards):
     return dataset, by[0].removeprefix(BY) if by else None
 
 
+def split_table(dataset, model, table):
+    """The path of split table `table` (test, whole, a subset) of `dataset`, as ranked for
+    runs of `model`."""
+    return f"results/{ranked(dataset, model)}/splits/{table}.parquet"
+
+
 def split_file(name=None):
     """Input function: the run's split table `name` (`test`, `whole`; by default the run's
     own subset), as ranked for its model."""
 
     def path(wildcards):
-        folder = ranked(wildcards.dataset, wildcards.model)
-        return f"results/{folder}/splits/{name or wildcards.subset}.parquet"
+        return split_table(wildcards.dataset, wildcards.model, name or wildcards.subset)
 
     return path
 
@@ -279,13 +284,10 @@ def data_targets():
     is planned, before seeing what that job writes; built first, as a target of their own, the
     tables that come out the same leave their runs alone (small files are compared by content).
     """
-    targets = set()
-    for model, dataset in experiments():
-        tables = {"test", "whole", *SUBSETS}
-        targets |= {
-            f"results/{ranked(dataset, model)}/splits/{t}.parquet" for t in tables
-        }
-    return sorted(targets)
+    tables = {"test", "whole", *SUBSETS}
+    return sorted(
+        {split_table(d, m, table) for m, d in experiments() for table in tables}
+    )
 
 
 def split_params(wildcards):
@@ -616,8 +618,7 @@ def summary_tests():
     for model, dataset in experiments():
         first.setdefault(dataset, model)
     return {
-        dataset: f"results/{ranked(dataset, model)}/splits/test.parquet"
-        for dataset, model in first.items()
+        dataset: split_table(dataset, model, "test") for dataset, model in first.items()
     }
 
 
