@@ -16,10 +16,20 @@ from factft.metrics import (
 )
 
 
-def test_normalize_lowercases_and_drops_punctuation_articles_and_extra_spaces():
+def test_normalize_lowercases_and_drops_punctuation_a_leading_article_and_extra_spaces():
     assert normalize("  The  Eiffel-Tower, in   PARIS! ") == "eiffeltower in paris"
-    assert normalize("An apple a day") == "apple day"
+    assert normalize("An apple a day") == "apple a day"
     assert normalize("Theatre") == "theatre"
+    assert normalize("A") == "a"  # a lone letter is an answer, not an article
+
+
+def test_an_article_inside_an_alias_stays_so_a_letter_keeps_its_meaning():
+    # SQuAD drops articles anywhere: "Vitamin A" would be "vitamin", found in any vitamin.
+    for prediction in (" Vitamin D", " Vitamin", " Hepatitis B"):
+        assert score_open(prediction, ["Vitamin A", "Hepatitis A"]) == (False, False), prediction
+    assert score_open(" vitamin A.", ["Vitamin A"]) == (True, True)
+    assert score_open(" Blood type A", ["A"]) == (True, False)
+    assert score_open(" The Beatles", ["Beatles"]) == (True, True)
 
 
 def test_any_alias_contained_in_the_prediction_is_correct():
@@ -58,6 +68,16 @@ def test_numbers_stay_whole_with_their_separators():
     assert score_open(" 1,250,000", ["1250000"]) == (True, True)
     assert score_open(" In 1990.", ["1990"]) == (True, False)
     assert score_open(" 3.5", ["3.5"]) == (True, True)
+
+
+def test_a_number_keeps_its_sign_but_a_hyphen_is_punctuation():
+    assert score_open(" -5", ["5"]) == (False, False)
+    assert score_open(" 5", ["-5"]) == (False, False)
+    assert score_open(" \u22125 degrees", ["-5"]) == (True, False)  # the Unicode minus sign is one
+    assert score_open(" (-1,000)", ["-1000"]) == (True, True)
+    # After a letter or a digit the dash joins words or numbers, as before: no sign.
+    assert score_open(" COVID-19", ["COVID 19"]) == (True, True)
+    assert score_open(" 1990-2000", ["2000"]) == (True, False)
 
 
 def test_only_the_first_line_of_the_prediction_counts():

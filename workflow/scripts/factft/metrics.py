@@ -1,10 +1,12 @@
 """Scoring predictions (PopQA's open-QA metric, multiple choice) and accuracy by popularity.
 
 Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, after the
-SQuAD normalisation (lowercase, no punctuation, no articles, single spaces) made to hold for
-any script: accents folded ("São Paulo" is "sao paulo", "Łódź" "lodz"), every Unicode
-punctuation mark dropped (curly quotes, dashes, "。") but a number's separators ("3.5" is
-neither "35" nor holds "3"; "1,000" is "1000"). Containment is on word boundaries, checked with
+SQuAD normalisation (lowercase, no punctuation, no leading article, single spaces) made to hold
+for any script: accents folded ("São Paulo" is "sao paulo", "Łódź" "lodz"), every Unicode
+punctuation mark dropped (curly quotes, dashes, "。") but a number's sign and separators ("3.5"
+is neither "35" nor holds "3"; "1,000" is "1000"; "-5" is not "5"). SQuAD drops articles
+anywhere, which is harmless for its exact match but not for containment: "Vitamin A" would be
+"vitamin", found in "Vitamin D"; so only an article that opens the text goes. Containment is on word boundaries, checked with
 punctuation dropped ("U.S." is "us") and with it read as a space ("Paris's", "Paris—France"
 hold "paris"), correct if either holds. Only the first line counts: a base model keeps
 generating the next "Q: ... A: ..." pair, and an answer to that invented question must not
@@ -32,10 +34,12 @@ import pandas as pd
 
 from factft.errors import FactftError
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-# A number stays one word with its separators, which are not punctuation there: "3" is not in
-# "3.5" or "3:30", and "3.5" is not "35". A thousands comma alone goes: "1,000" is "1000".
-_NUMBER = re.compile(r"(\d+(?:[.,:/]\d+)+)")
+# An article opening the text, with a word after it: a lone "A" is an answer (a blood type).
+_LEADING_ARTICLE = re.compile(r"^(?:a|an|the) (?=\S)")
+# A number stays one word with its sign and separators, which are not punctuation there: "3" is
+# not in "3.5" or "3:30", "3.5" is not "35", "5" not "-5" (a minus after a letter or digit is a
+# hyphen: "COVID-19", "1990-2000"). A thousands comma alone goes: "1,000" is "1000".
+_NUMBER = re.compile(r"((?:(?<!\w)[-\u2212])?\d+(?:[.,:/]\d+)+|(?<!\w)[-\u2212]\d+)")
 _THOUSANDS = re.compile(r",(?=\d{3}(?!\d))")
 # Letters that are not an accented letter to Unicode, so NFKD leaves them whole ("ß" casefolds).
 _LETTERS = str.maketrans({"ø": "o", "ł": "l", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
@@ -47,17 +51,17 @@ DECILES = tuple(range(10, 101, 10))
 def normalize(text: str, punctuation: str = "") -> str:
     """SQuAD's answer normalisation, accents folded (letters such as "ø" and "ß" too) and every
     Unicode punctuation mark (and ASCII's symbols, as SQuAD) replaced by `punctuation`, except
-    a number's separators."""
+    a number's sign and separators; of the articles only one opening the text goes."""
     folded = unicodedata.normalize("NFKD", text.casefold().translate(_LETTERS))
     # re.split with a group: numbers at the odd places, the text around them at the even ones.
     pieces = _NUMBER.split(folded)
     text = "".join(
-        _THOUSANDS.sub("", piece)
+        _THOUSANDS.sub("", piece).replace("\u2212", "-")
         if i % 2
         else "".join(punctuation if _is_punctuation(c) else c for c in piece if not unicodedata.combining(c))
         for i, piece in enumerate(pieces)
     )
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    return _LEADING_ARTICLE.sub("", " ".join(text.split()))
 
 
 def _is_punctuation(char: str) -> bool:
@@ -74,13 +78,14 @@ def score_open(prediction: str, answers: Iterable[str]) -> tuple[bool, bool]:
 
     Containment is checked on word boundaries: "us" must not match inside "russia", nor
     "rome" inside "romeo"; punctuation dropped or read as a space (see the module doc).
-    Aliases that normalise to nothing (e.g. "The") never match.
+    Aliases that normalise to nothing (e.g. "?") never match.
     """
     line = first_line(prediction)
+    answers = [str(answer) for answer in answers]  # read once per punctuation pass
     correct = exact = False
     for punctuation in ("", " "):
         predicted = normalize(line, punctuation)
-        aliases = [a for a in (normalize(str(answer), punctuation) for answer in answers) if a]
+        aliases = [a for a in (normalize(answer, punctuation) for answer in answers) if a]
         correct = correct or any(f" {alias} " in f" {predicted} " for alias in aliases)
         exact = exact or any(alias == predicted for alias in aliases)
     return correct, exact
