@@ -340,7 +340,8 @@ class TrainingLoopClock(TrainerCallback):
 
 
 def train_baseline(model, tokenizer, encoded: list[dict], settings: dict, device: str, workdir: str):
-    """transformers Trainer + peft, defaults apart from what both paths share."""
+    """transformers Trainer + peft, defaults apart from what both paths share (so it clips
+    gradients at norm 1.0, which factft does not: a few norms a step, no measurable cost)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     seed_everything(0)
@@ -512,14 +513,16 @@ def finetune_row(table, variant: str, path: str, args, clock, stats: dict) -> No
 
 
 def finetune_rows(table, model, tokenizer, encoded, variant, args, workdir) -> object:
-    """Baseline, factft padded and factft packed for one variant; returns the base model."""
+    """Baseline, factft padded and factft packed for one variant, each a failed row of its own
+    if it fails (a failed run leaves the model as it found it); returns the base model."""
     for path in ("baseline", "factft", "factft-packed"):
         settings = settings_for(variant, args.batch_size, packing=path == "factft-packed")
-        if path == "baseline":
-            model, clock, stats = train_baseline(model, tokenizer, encoded, settings, args.device, workdir)
-        else:
-            model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-        finetune_row(table, variant, path, args, clock, stats)
+        with recorded_failure(table, "finetune", variant, path):
+            if path == "baseline":
+                model, clock, stats = train_baseline(model, tokenizer, encoded, settings, args.device, workdir)
+            else:
+                model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
+            finetune_row(table, variant, path, args, clock, stats)
     return model
 
 
@@ -624,6 +627,30 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
         peak_reserved_gb=clock.peak_reserved_gb,
         agreement=float(np.mean([np.argmax(s) == p for s, p in zip(scores, picked)])),
     )  # fmt: skip
+
+
+def later_rows(table, model, tokenizer, questions: pd.DataFrame, encoded: list[dict], args, naive: dict) -> None:
+    """The rows no goal needs, on the loaded model (the saved one; evaluate_rows puts the same
+    seeded adapter on it): answers that end, decoding in one round (a diagnostic), the static
+    cache, multiple choice, then compiled blocks, which leave the model compiled."""
+    if args.evaluate:
+        rows = [(EVAL_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
+        rows.append((ENDING_LABEL, "factft-one-round", False))
+        evaluated = None
+        with recorded_failure(table, "evaluate", ENDING_LABEL):
+            model = evaluated = evaluate_rows(table, model, tokenizer, questions, args, rows, naive)
+        # Compared with the naive answers of the model with the adapter: only on that model.
+        if args.static_cache and evaluated is not None and EVAL_LABEL in naive:
+            with recorded_failure(table, "evaluate", EVAL_LABEL, "factft-static"):
+                static_cache_row(table, model, tokenizer, questions, naive[EVAL_LABEL], args)
+            release_compiled(model, args.device)
+        with recorded_failure(table, "evaluate", CHOICE_LABEL):
+            choice_rows(table, model, tokenizer, questions, args)
+        if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
+            model = model.unload()
+    if args.compile:
+        with recorded_failure(table, "finetune", COMPILED):
+            compiled_row(table, model, tokenizer, encoded, args)
 
 
 def static_cache_row(table, evaluated, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
@@ -749,16 +776,17 @@ def release_compiled(model, device: str) -> None:
 
 
 @contextlib.contextmanager
-def recorded_failure(table, stage: str, variant: str):
+def recorded_failure(table, stage: str, variant: str, path: str | None = None):
     """An optional part that fails (a missing bitsandbytes, a compile error) becomes a row
-    saying why, and the run goes on."""
+    saying why (and which `path` failed, where one is given), and the run goes on."""
     try:
         yield
     except Exception as error:  # noqa: BLE001 (any failure here is a result to report)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        table.add(stage=stage, variant=variant, path="failed", note=f"{type(error).__name__}: {error}"[:300])
+        why = f"{path + ': ' if path else ''}{type(error).__name__}: {error}"
+        table.add(stage=stage, variant=variant, path="failed", note=why[:300])
 
 
 def ratios(table: pd.DataFrame, only: pd.Series | None = None) -> list[str]:
@@ -837,33 +865,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table = Table(args.out, {**environment(args.device), "model": f"llama {label} ({n / 1e9:.3g}e9 params)"})
     print(f"{table.common}\n{len(encoded)} finetuning examples, {len(questions)} questions", flush=True)
 
-    # Issue 4's goals first (finetuning speed, evaluation speed, then QLoRA's memory and a job's
-    # load), then the rows no goal needs: a run cut at its time limit loses only those.
+    # Issue 4's goals first (finetuning speed, evaluation speed, QLoRA's memory, a job's load:
+    # the grid's hours), then the rows no goal needs, the compiling ones among them: a run cut
+    # at its time limit loses only those.
     naive = {}
     with tempfile.TemporaryDirectory(dir=args.scratch) as workdir:
         # Warm-up of both paths (kernel selection, allocator, lazy imports) outside every measurement.
         warm = settings_for("lora-qv", args.batch_size, max_steps=3)
         model, _, _ = train_factft(model, encoded, warm, args.device, tokenizer.pad_token_id)
-        model, _, _ = train_baseline(model, tokenizer, encoded[: 3 * args.batch_size], warm, args.device, workdir)
+        with recorded_failure(table, "finetune", "warm-up", "baseline"):  # its own rows will say so too
+            model, _, _ = train_baseline(model, tokenizer, encoded[: 3 * args.batch_size], warm, args.device, workdir)
         for variant in [v for v in variants if v.startswith("lora")]:
-            with recorded_failure(table, "finetune", variant):
-                model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
+            model = finetune_rows(table, model, tokenizer, encoded, variant, args, workdir)
         with Clock(args.device) as clock:
             spec = save_model(model, tokenizer, Path(workdir) / "model")
         print(f"saved the model for the rows that reload it in {clock.wall:.0f} s", flush=True)
         if args.evaluate:
             with recorded_failure(table, "evaluate", EVAL_LABEL):
-                model = evaluate_rows(table, model, tokenizer, questions, args, [(EVAL_LABEL, "factft", True)], naive)
-                if args.static_cache:
-                    with recorded_failure(table, "evaluate", EVAL_LABEL):
-                        static_cache_row(table, model, tokenizer, questions, naive[EVAL_LABEL], args)
-                    release_compiled(model, args.device)
-            if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
-                model = model.unload()
-        if args.compile:
-            with recorded_failure(table, "finetune", COMPILED):
-                compiled_row(table, model, tokenizer, encoded, args)
-        release_compiled(model, args.device)
+                evaluate_rows(table, model, tokenizer, questions, args, [(EVAL_LABEL, "factft", True)], naive)
+        # QLoRA's peak memory must not count the bf16 model: the load row brings it back.
         del model
         gc.collect()
         if args.device == "cuda":
@@ -875,18 +895,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         model = None
         with recorded_failure(table, "load", "model"):
             model = load_row(table, spec, args)
-        # No goal needs these: answers that end, decoding in one round (a diagnostic), multiple
-        # choice; on the model just loaded, which is the saved one (evaluate_rows' adapter is seeded).
-        if args.evaluate and model is not None:
-            later = [
-                (EVAL_LABEL, "factft-one-round", False),
-                (ENDING_LABEL, "factft", True),
-                (ENDING_LABEL, "factft-one-round", False),
-            ]
-            with recorded_failure(table, "evaluate", ENDING_LABEL):
-                model = evaluate_rows(table, model, tokenizer, questions, args, later, naive)
-            with recorded_failure(table, "evaluate", CHOICE_LABEL):
-                choice_rows(table, model, tokenizer, questions, args)
+        if model is not None:
+            later_rows(table, model, tokenizer, questions, encoded, args, naive)
 
     result = pd.DataFrame(table.rows).reindex(columns=COLUMNS)
     print(f"\n{args.out}\n" + "\n".join(ratios(result)), flush=True)

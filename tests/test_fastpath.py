@@ -406,17 +406,17 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     bench.SIZES["cpu"] = {**bench.SIZES["cpu"], "baseline_questions": 10}  # as a GPU run's first 1,000 of 3,000
     out = tmp_path / "speed.tsv"
     args = ["--device", "cpu", "--examples", "32", "--questions", "24", "--eval-batch", "16", "--out", str(out)]
-    table = bench.main([*args, "--variants", "lora-qv,qlora-all", "--batch-size", "4"])
+    table = bench.main([*args, "--variants", "lora-qv,qlora-all", "--batch-size", "4", "--static-cache"])
     printed = capsys.readouterr().out
     written = pd.read_csv(out, sep="\t")
     assert list(written.columns) == bench.COLUMNS and len(written) == len(table)
     finetune_rows = written[written["stage"] == "finetune"]
     paths = ["baseline", "factft", "factft-packed"]
-    # The goals' rows first (LoRA q,v, compiled), then QLoRA's, its memory-saving setting first:
-    # a run cut at its limit keeps those.
+    # The goals' rows first (LoRA q,v, then QLoRA's, its memory-saving setting first), compiled
+    # blocks last: a run cut at its limit keeps the goals' rows.
     gc_paths = ["factft-packed-gc", "factft-packed-gc-long"]
-    assert finetune_rows["path"].tolist() == paths + ["factft-compiled"] + gc_paths + paths
-    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 4 + ["qlora-all"] * 5
+    assert finetune_rows["path"].tolist() == paths + gc_paths + paths + ["factft-compiled"]
+    assert finetune_rows["variant"].tolist() == ["lora-qv"] * 3 + ["qlora-all"] * 5 + ["lora-qv"]
     assert (finetune_rows["seconds"] > 0).all()  # the baseline's from its training loop's own clock
     compiled = finetune_rows.set_index("path").loc["factft-compiled"]
     assert compiled["compile_s"] > 0 and compiled["computed_tokens"] >= compiled["real_tokens"]
@@ -449,10 +449,12 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     rows = list(zip(written["stage"], written["variant"], written["path"]))
     goals_end = rows.index(("load", "model", "factft"))
     assert rows.index(("evaluate", "lora-qv adapter", "factft")) < rows.index(("finetune", "qlora-all", "baseline"))
-    later = {row[1:] for row in rows[goals_end + 1 :]}
+    later = [row[1:] for row in rows[goals_end + 1 :]]
     assert ("lora-qv adapter", "factft-one-round") in later and ("multiple choice, 4", "factft") in later
+    assert later.index(("lora-qv adapter", "factft-static")) < later.index(("lora-qv", "factft-compiled"))
     # Timed on the reloaded model, whose seeded adapter answers as the first naive run did.
     assert evaluated.loc[("lora-qv adapter", "factft-one-round"), "agreement"] == 1.0
+    assert evaluated.loc[("lora-qv adapter", "factft-static"), "agreement"] == 1.0
 
 
 @pytest.mark.usefixtures("one_thread")

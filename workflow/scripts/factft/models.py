@@ -225,8 +225,10 @@ def load_model(
 
     A QLoRA adapter was trained on the NF4-rounded base, not on the original weights: for
     evaluation that base is rebuilt (quantized, then dequantized to the compute dtype) with
-    the adapter on it, which is exactly the trained model, without 4-bit arithmetic. A model
-    held in 4 bits stays so, its adapter beside the 4-bit layers, as in training.
+    the adapter on it: the trained weights, without 4-bit arithmetic. Not bit for bit the
+    trained model: training held the norms, embeddings and output layer in fp32 (peft's
+    prepare_model_for_kbit_training), evaluation in the compute dtype, as every other model
+    is evaluated. A model held in 4 bits stays so, its adapter beside the 4-bit layers.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -680,7 +680,9 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
     with unreadable_checkpoint(path):
         weights = load_file(path / "trainable.safetensors")
         # weights_only: a checkpoint folder must not be able to run code when loaded.
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        # On the CPU first: a checkpoint written on a GPU still reads on a node without one
+        # (load_state_dict moves the state to the weights' device).
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         rng = load_file(path / "rng.safetensors")
     if set(weights) != set(parameters):
         raise FactftError(f"checkpoint {path} does not match the model's trainable weights; delete it")
@@ -689,8 +691,10 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
             parameters[name].copy_(tensor)
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    # The GPUs' generators where the checkpoint has them: one written on the CPU has none.
+    cuda_states = [rng.get(f"cuda{i}") for i in range(torch.cuda.device_count())]
+    if cuda_states and all(state is not None for state in cuda_states):
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 # ---- outputs ---------------------------------------------------------------------
