@@ -51,7 +51,7 @@ def test_missing_nonnumeric_and_negative_popularity_rows_are_dropped_and_counted
     assert len(facts) == 26
     assert not {"d-2", "d-4", "d-6", "d-7"} & set(facts["id"])
     assert "dropping 3 rows: popularity missing or not a number" in caplog.text
-    assert "dropping 1 rows: negative popularity" in caplog.text
+    assert "dropping 1 rows: negative popularity (a count or rate, >= 0: not its logarithm)" in caplog.text
 
 
 def test_more_invalid_popularity_than_max_drop_fraction_is_an_error():

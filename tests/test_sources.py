@@ -437,15 +437,24 @@ def test_answer_cells_that_look_like_unread_lists_are_warned_about(caplog):
 
 
 def test_a_row_repeating_an_earlier_rows_fact_is_dropped(caplog):
-    table = pd.concat([facts_table(10), facts_table(10).iloc[[3, 3, 5]]], ignore_index=True)
+    table = pd.concat([facts_table(10), facts_table(10).iloc[[3, 3, 5, 7]]], ignore_index=True)
     table.at[11, "answers"] = ["elsewhere"]  # the same question with another answer is another fact
     # Filed under another subject, the same question and answer is still the same example: kept,
     # it could be held out while its twin is finetuned on.
     table.at[12, "subject"] = "another topic"
+    # In other case and spacing, the same prompt and aliases.
+    table.at[13, "question"] = "  " + table.at[13, "question"].upper()
+    table.at[13, "answers"] = [answer.lower() for answer in table.at[13, "answers"]]
     with caplog.at_level(logging.INFO, logger="factft"):
-        facts = to_facts(table, spec({}), max_drop_fraction=0.1)
+        facts = to_facts(table, spec({}), max_drop_fraction=0.2)
     assert facts["id"].tolist() == [f"ds-{i}" for i in range(10)] + ["ds-11"]
-    assert "dropping 2 rows that repeat an earlier row's" in caplog.text
+    assert "dropping 3 rows that repeat an earlier row's" in caplog.text
+    # The question asked again with another answer is kept, and said.
+    question = table.at[3, "question"]
+    assert (
+        f"dataset 'ds': 1 question(s) asked again with other answers, in 2 rows (e.g. {question!r}: "
+        f"{list(table.at[3, 'answers'])} / ['elsewhere'])" in caplog.text
+    )
 
 
 def test_facts_that_all_share_one_subject_are_refused_before_their_popularity_is_scored():
@@ -532,11 +541,21 @@ def test_json_errors_name_the_line_and_a_json_lines_file_named_json_says_so(tmp_
 def test_a_url_without_a_file_name_needs_its_reader_named(http_server, tmp_path):
     http_server.reply("/download?id=3", (200, "question,answers,subject,relation\nq1,a,s1,r\nq2,b,s2,r\n"))
     source = {"url": f"{http_server.url}/download?id=3"}
-    with pytest.raises(FactftError, match=r"dataset 'ds': cannot tell the kind of file at .*/download\?id=3 from "
-                       r"its name; set datasets\.ds\.source\.reader to one of \['csv', 'tsv'"):  # fmt: skip
+    with pytest.raises(FactftError, match=r"datasets\.ds\.source: cannot tell the kind of file .*/download\?id=3 "
+                       r"from its name; factft reads csv, tsv, jsonl, json, parquet \(also \.gz\)"):  # fmt: skip
         load_facts(spec(source), tmp_path, max_drop_fraction=0.1)
+    assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").iterdir())  # nothing fetched
     facts = load_facts(spec({**source, "reader": "csv"}), tmp_path, max_drop_fraction=0.1)
     assert facts["question"].tolist() == ["q1", "q2"]
+
+
+def test_a_local_file_of_another_name_is_read_as_its_reader_says(tmp_path):
+    (tmp_path / "facts.txt").write_text("question\tanswers\tsubject\trelation\nq1\ta\ts1\tr\nq2\tb\ts2\tr\n")
+    source = {"path": str(tmp_path / "facts.txt")}
+    with pytest.raises(FactftError, match=r"set datasets\.ds\.source\.reader to the kind it is"):
+        load_facts(spec(source), tmp_path, max_drop_fraction=0.1)
+    facts = load_facts(spec({**source, "reader": "tsv"}), tmp_path, max_drop_fraction=0.1)
+    assert facts["answers"].map(list).tolist() == [["a"], ["b"]]
 
 
 def test_a_field_of_a_nested_column_is_mapped_by_its_dotted_name(tmp_path):

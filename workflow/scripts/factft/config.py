@@ -18,9 +18,10 @@ import yaml
 
 from factft import subsets
 from factft.errors import FactftError
+from factft.pageviews import check_range
 from factft.popularity import SCORERS
 from factft.prompts import FIELDS
-from factft.sources import kept_columns
+from factft.sources import file_kind, kept_columns
 from factft.sweeps import check_simulation
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
@@ -122,6 +123,8 @@ def check_config(config: dict) -> None:
                 f"{where}.popularity.model: '{popularity['model']}' is pretrained on another world and "
                 f"cannot read this dataset's questions; name a hub model"
             )
+        if scorer_name == "pageviews":
+            check_range(popularity["start"], popularity["end"], f"{where}.popularity")
         if scorer.synthetic_only and name not in synthetic:
             raise FactftError(
                 f"{where}.popularity.scorer: {scorer_name} needs a synthetic source "
@@ -129,8 +132,14 @@ def check_config(config: dict) -> None:
             )
         if dataset["format"] == "multiple_choice" and "synthetic" in dataset["source"]:
             raise FactftError(f"{where}.format: synthetic worlds are open QA")
+        check_columns(where, dataset)
         prompt_settings(config, name)
         kept_columns(dict(dataset, name=name))
+        source = dataset["source"]
+        if "path" in source or "url" in source:
+            file_kind(name, source)
+        elif "reader" in source:
+            raise FactftError(f"{where}.source.reader: reads a path's or a url's file; remove it")
     for name, model in models.items():
         pretrain = model["source"].get("pretrain")
         if pretrain and pretrain["dataset"] not in synthetic:
@@ -159,6 +168,21 @@ def check_config(config: dict) -> None:
                     f"finetune.method qlora (dataset '{dataset}') cannot load it; use method lora, or a "
                     "safetensors copy of the model (source.path)"
                 )
+
+
+def check_columns(where: str, dataset: dict) -> None:
+    """A column mapped for the other format would be read by nothing: a slip (a multiple-choice
+    dataset left `format: open`) that must not pass unnoticed."""
+    columns, multiple_choice = dataset["columns"], dataset["format"] == "multiple_choice"
+    unread = ["answers"] if multiple_choice and columns.get("answers", "answers") != "answers" else []
+    unread += [] if multiple_choice else [key for key in ("choices", "answer_index") if key in columns]
+    if unread:
+        fmt = dataset["format"]
+        reads = "choices and answer_index" if multiple_choice else "answers"
+        raise FactftError(
+            f"{where}.columns.{unread[0]}: format {fmt} does not read it (its answers come from {reads}); "
+            f"remove it, or set {where}.format to the dataset's format"
+        )
 
 
 def missing_local_paths(config: dict) -> list[str]:

@@ -22,8 +22,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 def to_log(path: str | Path):
     """Send logging, stdout and stderr to `path` for the body of the block.
 
-    A FactftError ends the job with its message alone (in the log and on stderr, where
-    Snakemake shows it); any other exception keeps its traceback in the log.
+    factft's warnings go to stderr too, where Snakemake shows them: a run that succeeds gives
+    no reason to open its log. A FactftError ends the job with its message alone (in the log
+    and on stderr); any other exception keeps its traceback in the log.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +35,10 @@ def to_log(path: str | Path):
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         real_stderr = sys.stderr
+        shown = logging.StreamHandler(real_stderr)
+        shown.addFilter(lambda record: record.levelno == logging.WARNING)  # errors: see below
+        shown.setFormatter(logging.Formatter(f"factft warning (log {path}): %(message)s"))
+        log.addHandler(shown)
         try:
             with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
                 yield
@@ -46,3 +51,4 @@ def to_log(path: str | Path):
             raise
         finally:
             root.removeHandler(handler)
+            log.removeHandler(shown)

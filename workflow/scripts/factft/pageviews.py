@@ -134,7 +134,7 @@ def pageview_table(
     fetched. `contact` (email or URL) goes into the User-Agent, as Wikimedia asks; an answer
     "too many requests" (429) halves the rate for the rest of the run.
     """
-    _check_range(start, end)
+    check_range(start, end)
     articles = set(articles)
     untitled, articles = "" in articles, sorted(articles - {""})
     client = _Client(requests_per_second, contact, attempts=attempts, backoff=backoff, timeout=timeout)
@@ -381,10 +381,13 @@ def _cache_file(folder: Path, article: str) -> Path:
     return folder / digest[:2] / f"{digest}.json"
 
 
-def _check_range(start: str, end: str) -> None:
-    try:
-        first, last = datetime.strptime(start, "%Y%m%d"), datetime.strptime(end, "%Y%m%d")
-    except ValueError as error:
-        raise FactftError(f"popularity.start/end: {error}; dates are YYYYMMDD") from None
-    if first > last:
-        raise FactftError(f"popularity.start {start} is after popularity.end {end}")
+def check_range(start: str, end: str, where: str = "popularity") -> None:
+    """Days `start` to `end` (YYYYMMDD), checked when the workflow starts (config.check_config,
+    `where` the config's key) and again before any request."""
+    for key, day in (("start", start), ("end", end)):
+        try:
+            datetime.strptime(day, "%Y%m%d")
+        except ValueError:
+            raise FactftError(f"{where}.{key}: '{day}' is no day (YYYYMMDD, such as 20230101)") from None
+    if start > end:  # YYYYMMDD sorts as the days do
+        raise FactftError(f"{where}.start {start} is after {where}.end {end}")

@@ -143,7 +143,7 @@ def add_popularity(
         facts,
         {
             "popularity missing or not a number": ~finite,
-            "negative popularity": finite & (facts["popularity"] < 0),
+            "negative popularity (a count or rate, >= 0: not its logarithm)": finite & (facts["popularity"] < 0),
         },
         where,
         max_drop_fraction,

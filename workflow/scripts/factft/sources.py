@@ -1,8 +1,8 @@
 """Reading every kind of dataset source into the raw facts table.
 
 A source is a config entry: `{hf: id, name?, split?, revision?}` (the Hugging Face hub),
-`{path: file}` (csv, tsv, jsonl, json, parquet) or `{url, sha256?, reader?}` (a file or archive
-fetched once into the cache; `reader` names its kind where the URL's name does not). `columns`
+`{path: file, reader?}` (csv, tsv, jsonl, json, parquet) or `{url, sha256?, reader?}` (a file or
+archive fetched once into the cache); `reader` names the file's kind where its name does not. `columns`
 maps facts columns to source columns; the result is the raw facts table that `popularity`
 scores: id, question, answers (list<str>), subject, relation (+ choices, answer_index for
 multiple choice, + kept columns).
@@ -90,22 +90,35 @@ def read_source(spec: dict, cache_dir: str | Path) -> pd.DataFrame:
     name, source = spec["name"], spec["source"]
     if "hf" in source:
         return read_hf(name, source, cache_dir)
-    if "path" in source:
-        return read_file(source["path"])
-    if "url" in source:
-        path = fetch_url(source["url"], Path(cache_dir) / "downloads", source.get("sha256"))
-        reader = source.get("reader", "auto")
-        if reader == "entityquestions":
-            return read_entityquestions(path)
-        if reader == "auto" and _suffix(path) not in FILE_SUFFIXES:
-            raise FactftError(
-                f"dataset '{name}': cannot tell the kind of file at {source['url']} from its name; set "
-                f"datasets.{name}.source.reader to one of {[s.lstrip('.') for s in FILE_SUFFIXES if s != '.zip']}"
-            )
-        return read_file(path, kind=None if reader == "auto" else f".{reader}")
+    if "path" in source or "url" in source:
+        kind = file_kind(name, source)  # before a fetch: a URL that names no kind fails at once
+        if "path" in source:
+            path = Path(source["path"])
+        else:
+            path = fetch_url(source["url"], Path(cache_dir) / "downloads", source.get("sha256"))
+        return read_entityquestions(path) if kind == "entityquestions" else read_file(path, kind=kind)
     raise FactftError(
         f"datasets.{name}.source: no hf, path or url; synthetic worlds are made by the synthetic_world rule"
     )
+
+
+def file_kind(name: str, source: dict) -> str:
+    """How a `path` or `url` source's file is read: as its `reader` names, else by the kind
+    its name ends in (one of FILE_SUFFIXES, .gz allowed); an error naming the key where
+    neither tells. Checked when the workflow starts (config.check_config), and again here."""
+    reader = source.get("reader", "auto")
+    if reader != "auto":
+        return reader if reader == "entityquestions" else f".{reader}"
+    where = source["path"] if "path" in source else urlparse(source["url"]).path
+    suffix = _suffix(PurePosixPath(where))
+    if suffix not in FILE_SUFFIXES:
+        kinds = [kind.lstrip(".") for kind in FILE_SUFFIXES if kind != ".zip"]
+        raise FactftError(
+            f"datasets.{name}.source: cannot tell the kind of file {source.get('path') or source['url']} from "
+            f"its name; factft reads {', '.join(kinds)} (also .gz) and EntityQuestions' .zip: set "
+            f"datasets.{name}.source.reader to the kind it is, or save it as one of them"
+        )
+    return suffix
 
 
 # ---- hub, files, urls -------------------------------------------------------------
@@ -553,26 +566,39 @@ def _field(cell, path: list[str]):
 
 
 def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str]]) -> None:
+    columns = [str(c) for c in table.columns]
     for key, column in wanted:
         if column not in table.columns:
+            # A key the config leaves out names the column of its own name.
+            default = " (its default, where the config sets none)" if key == f"columns.{column}" else ""
+            # One column whose name holds the separators: a file split on the wrong character.
+            joined = len(columns) == 1 and next((sep for sep in ";|\t," if sep in columns[0]), None)
+            hint = f"; the file looks {joined!r}-separated, which its kind does not read" if joined else ""
             raise FactftError(
-                f"dataset '{name}': column '{column}' named in datasets.{name}.{key} is missing from the "
-                f"source; its columns are: {[str(c) for c in table.columns]}"
+                f"dataset '{name}': column '{column}' named in datasets.{name}.{key}{default} is missing from "
+                f"the source; its columns are: {columns}{hint}"
             )
 
 
+def question_key(question) -> str:
+    """A question as compared for repeats and for subjects that share one: in any case and
+    spacing ("What is X?" and "what is  x?" prompt the same answer)."""
+    return " ".join(str(question).casefold().split())
+
+
 def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> pd.DataFrame:
-    """Drop rows that repeat an earlier row's question, choices and answers (in any order: they
-    are aliases), whatever their subject: a prompt shows only those, so a repeat is the same
-    example, counted twice in the test set's accuracy or trained on twice, and one filed under
-    another subject (an MMLU question under two topics) could be held out and finetuned on at
-    once. A mass of repeats is a column mapped wrongly (a template as the question): more than
-    `max_drop_fraction` of the rows is a warning, more than half an error."""
-    if "choices" in facts:  # the choices' order is the prompt's; the answer is one of them
-        keys = [(q, tuple(c), tuple(a)) for q, c, a in zip(facts["question"], facts["choices"], facts["answers"])]
-    else:
-        keys = [(question, tuple(sorted(answers))) for question, answers in zip(facts["question"], facts["answers"])]
-    repeats = pd.Series(keys, index=facts.index).duplicated()
+    """Drop rows that repeat an earlier row's question, choices and answers (question and
+    aliases in any case, aliases in any order), whatever their subject: a prompt shows only
+    those, so a repeat is the same example, counted twice in the test set's accuracy or trained
+    on twice, and one filed under another subject (an MMLU question under two topics) could be
+    held out and finetuned on at once. A mass of repeats is a column mapped wrongly (a template
+    as the question): more than `max_drop_fraction` of the rows is a warning, more than half an
+    error. A question asked again with other answers is kept, and named in a warning."""
+    choices = facts["choices"].map(tuple) if "choices" in facts else pd.Series([()] * len(facts), index=facts.index)
+    # The choices' order is the prompt's (the answer is one of them); aliases have no order.
+    prompts = pd.Series(list(zip(facts["question"].map(question_key), choices)), index=facts.index)
+    answers = facts["answers"].map(lambda aliases: tuple(sorted({question_key(a) for a in aliases})))
+    repeats = pd.Series(list(zip(prompts, answers)), index=facts.index).duplicated()
     count, fact = int(repeats.sum()), "question, choices and answer" if "choices" in facts else "question and answers"
     if count:
         left = len(facts) - count
@@ -585,6 +611,17 @@ def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> p
         if count > len(facts) / 2:
             raise FactftError(problem)
         log.warning(problem)
+    kept = pd.DataFrame({"prompt": prompts, "answers": answers, "question": facts["question"]})[~repeats]
+    differing = kept.groupby("prompt", sort=False)["answers"].transform("size") > 1
+    if differing.any():
+        example = kept[differing].groupby("prompt", sort=False).head(2)
+        log.warning(
+            "dataset '%s': %d question(s) asked again with other answers, in %d rows (e.g. %r: %s); each "
+            "row is kept, its own answers its gold: homonymous subjects (two people named alike) do this, "
+            "so does a question whose answers differ from row to row",
+            name, kept[differing]["prompt"].nunique(), int(differing.sum()), example["question"].iloc[0],
+            " / ".join(str(list(facts.at[i, "answers"])) for i in example.index),
+        )  # fmt: skip
     return facts[~repeats]
 
 
@@ -635,14 +672,14 @@ def _check_unique_ids(facts: pd.DataFrame, name: str, mapping: dict) -> None:
 def drop_invalid(
     table: pd.DataFrame, invalid: dict[str, pd.Series], where: str, max_drop_fraction: float
 ) -> pd.DataFrame:
-    """Drop the rows flagged in `invalid` (reason -> boolean mask), log the counts per reason,
-    and fail when more than `max_drop_fraction` of the rows go (the data is then not what the
-    config says it is)."""
+    """Drop the rows flagged in `invalid` (reason -> boolean mask), warn of the counts per
+    reason (a run that succeeds must not lose rows unseen), and fail when more than
+    `max_drop_fraction` of the rows go (the data is then not what the config says it is)."""
     bad = pd.Series(False, index=table.index)
     for reason, mask in invalid.items():
         fresh = mask & ~bad
         if fresh.any():
-            log.info("%s: dropping %d rows: %s", where, int(fresh.sum()), reason)
+            log.warning("%s: dropping %d rows: %s", where, int(fresh.sum()), reason)
         bad |= mask
     dropped, total = int(bad.sum()), len(table)
     if total == 0:

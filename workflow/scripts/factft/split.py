@@ -24,6 +24,7 @@ import pandas as pd
 
 from factft import subsets
 from factft.errors import FactftError
+from factft.sources import question_key
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def subject_groups(facts: pd.DataFrame) -> pd.Series:
     choices = facts["choices"].map(tuple) if "choices" in facts else [()] * len(facts)
     first_subject: dict[tuple, object] = {}
     for subject, question, options in zip(facts["subject"], facts["question"], choices):
-        prompt = (" ".join(str(question).casefold().split()), options)
+        prompt = (question_key(question), options)
         a, b = root(subject), root(first_subject.setdefault(prompt, subject))
         if a != b:  # the smaller name stays the root: a group is named by its first subject
             parent[max(a, b)] = min(a, b)
