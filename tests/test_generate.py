@@ -382,6 +382,11 @@ def test_a_prompt_beyond_the_models_context_is_an_error_naming_the_settings(tiny
     words = " ".join(["Lyon"] * model.config.max_position_embeddings)
     with pytest.raises(FactftError, match=r"exceeds the model's context of \d+ positions; .*evaluate.fewshot"):
         generate_texts(model, tokenizer, ["Q: short A:", words], max_new_tokens=2, batch_size=2)
+    # Likelihoods past the context are noise too: multiple choice and model_confidence scoring.
+    with pytest.raises(FactftError, match=r"a prompt with its longest choice, of the most tokens, exceeds"):
+        choice_logprobs(model, tokenizer, ["Q: short A:", words], [[" Lyon", " Paris"]] * 2, batch_size=4)
+    with pytest.raises(FactftError, match=r"a prompt with its answer, of the most tokens, exceeds"):
+        answer_logprobs(model, tokenizer, ["Q: short A:", words], [" Lyon"] * 2, batch_size=4)
 
 
 def test_a_multimodal_models_context_is_that_of_its_text_model(tiny):

@@ -151,6 +151,14 @@ def test_lettered_demonstrations_show_their_options_and_answer_letter_a_blank_li
     ]
 
 
+def test_demonstrations_of_several_lines_are_a_blank_line_apart_whatever_makes_them_so():
+    test = pd.DataFrame({"question": ["Sum:\n2+2?"], "relation": ["math"]})
+    pool = pd.DataFrame({"question": ["Sum:\n1+1?", "Sum:\n1+2?"], "answers": [["2"], ["3"]], "relation": ["math"] * 2})
+    # A question of two lines in a one-line template: a single line break would not end it.
+    (prefix,) = few_shot_prefixes(test, shots=2, prompt={"template": TEMPLATE, "answer": ANSWER}, demos=pool)
+    assert sorted(prefix.removesuffix("\n\n").split("\n\n")) == ["Q: Sum:\n1+1? A: 2", "Q: Sum:\n1+2? A: 3"]
+
+
 def test_a_chat_models_prompt_is_its_users_turn_and_the_answer_its_reply(bpe_tokenizer):
     plain = {"template": TEMPLATE, "answer": ANSWER}
     assert chat_prompt({"name": "smollm2"}, bpe_tokenizer, plain) is plain

@@ -153,14 +153,8 @@ def generate_texts(
     with it). Logits of nan or inf at any step stop it (check_finite_rows); `where` names the model.
     """
     encoded = tokenizer(list(prompts))["input_ids"]
-    # Past its trained positions a model's answers are noise, not a finding.
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # Gemma 3: text_config
     longest = max((len(e) for e in encoded), default=0)
-    if limit and longest + max_new_tokens > limit:
-        raise FactftError(
-            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
-            f"{limit} positions; shorten prompt.template, lower evaluate.fewshot or evaluate.max_new_tokens"
-        )
+    check_context(model, longest + max_new_tokens, f"a prompt of {longest} tokens plus {max_new_tokens} new tokens")
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer) | {int(i) for i in end_ids if i is not None}
     cache = {"cache_implementation": "static"} if static_cache else {}
@@ -234,6 +228,16 @@ def generate_texts(
     # Many answers cut off would mean max_new_tokens truncates them, or the model never learned to stop.
     log.info("%d of %d answers reached max_new_tokens (%d) without ending", cut_off.sum(), len(encoded), max_new_tokens)
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
+
+
+def check_context(model, tokens: int, what: str) -> None:
+    """Past its trained positions a model's answers and likelihoods are noise, not a finding."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # Gemma 3: text_config
+    if limit and tokens > limit:
+        raise FactftError(
+            f"{what} exceeds the model's context of {limit} positions; shorten prompt.template, lower "
+            "evaluate.fewshot (popularity.shots, scoring), or evaluate.max_new_tokens"
+        )
 
 
 def round_budgets(max_new_tokens: int, first: int = 4, growth: int = 4) -> list[int]:
@@ -347,6 +351,7 @@ def answer_logprobs(
     Logits of nan or inf stop it (check_finite_rows); `where` names the model."""
     pairs = [prompt_answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
     sequences = [p + a for p, a in pairs]
+    check_context(model, max(map(len, sequences), default=0), "a prompt with its answer, of the most tokens,")
     answer_lengths = np.array([len(a) for _, a in pairs])
     pad = pad_id(tokenizer)
     keeps_logits = accepts_logits_to_keep(model)
@@ -424,6 +429,8 @@ def choice_logprobs(
                 f"choice {[len(ids) for ids in row].index(0)} of {prompts[question]!r} has no tokens: "
                 f"choices {list(choices[question])}"
             )
+    longest = max((len(p) + max(map(len, row)) for p, row in zip(prompt_ids, choice_ids)), default=0)
+    check_context(model, longest, "a prompt with its longest choice, of the most tokens,")
     scores = [np.zeros(len(options), dtype=np.float64) for options in choices]
     widest = max((len(options) for options in choices), default=1)
     pad = pad_id(tokenizer)

@@ -236,10 +236,12 @@ def few_shot_prefixes(
     """
     if shots == 0:
         return [""] * len(facts)
-    # A prompt of several lines (a question and its options) needs a blank line to end it.
-    separator = "\n\n" if "\n" in prompt["template"] else "\n"
     records = facts.to_dict("records")
     candidates = records if demos is None else demos.to_dict("records")
+    # A prompt of several lines (a question and its options) needs a blank line to end it.
+    template = prompt["template"]
+    several = "\n" in template or "{choices}" in template or any("\n" in str(r["question"]) for r in candidates)
+    separator = "\n\n" if several else "\n"
     order = np.random.default_rng(seed).permutation(len(candidates))
     by_relation: dict[str, list[int]] = defaultdict(list)
     for j in order:
