@@ -352,6 +352,7 @@ CATALOGUE = [
                              popularity={"scorer": "column", "column": "v"})),
      "datasets.myqa.columns.choices: format open does not read it (its answers come from answers); remove it, "
      "or set datasets.myqa.format to the dataset's format"),
+    ("data-an-empty-file", source_file("myqa.csv", b"", columns=CSV_COLUMNS), "cannot read myqa.csv: the file is empty"),
     ("data-a-header-and-no-rows", source_file("myqa.csv", b"q,a,s,r\n", columns=CSV_COLUMNS),
      "dataset 'myqa': the source has no rows"),
     ("data-not-utf8", source_file("myqa.csv", LATIN1_CSV, columns=CSV_COLUMNS),

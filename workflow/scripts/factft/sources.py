@@ -207,6 +207,8 @@ def read_file(path: str | Path, kind: str | None = None) -> pd.DataFrame:
         )
     if not path.is_file():
         raise FactftError(f"cannot read {path}: no such file")
+    if path.stat().st_size == 0:
+        raise FactftError(f"cannot read {path}: the file is empty")
     if suffix == ".zip":
         return read_entityquestions(path)
     try:
