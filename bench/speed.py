@@ -514,7 +514,7 @@ def finetune_row(table, variant: str, path: str, args, clock, stats: dict) -> No
 
 def finetune_rows(table, model, tokenizer, encoded, variant, args, workdir) -> object:
     """Baseline, factft padded and factft packed for one variant, each a failed row of its own
-    if it fails (a failed run leaves the model as it found it); returns the base model."""
+    if it fails (a failed run takes its adapter out again); returns the base model."""
     for path in ("baseline", "factft", "factft-packed"):
         settings = settings_for(variant, args.batch_size, packing=path == "factft-packed")
         with recorded_failure(table, "finetune", variant, path):
@@ -637,10 +637,13 @@ def later_rows(table, model, tokenizer, questions: pd.DataFrame, encoded: list[d
         rows = [(EVAL_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
         rows.append((ENDING_LABEL, "factft-one-round", False))
         evaluated = None
-        with recorded_failure(table, "evaluate", ENDING_LABEL):
+        with recorded_failure(table, "evaluate", EVAL_LABEL, "factft-one-round, answers end"):
             model = evaluated = evaluate_rows(table, model, tokenizer, questions, args, rows, naive)
         # Compared with the naive answers of the model with the adapter: only on that model.
-        if args.static_cache and evaluated is not None and EVAL_LABEL in naive:
+        if args.static_cache and (evaluated is None or EVAL_LABEL not in naive):
+            table.add(stage="evaluate", variant=EVAL_LABEL, path="failed", note="factft-static: not run, the rows "
+                      "before it failed")  # fmt: skip
+        elif args.static_cache:
             with recorded_failure(table, "evaluate", EVAL_LABEL, "factft-static"):
                 static_cache_row(table, model, tokenizer, questions, naive[EVAL_LABEL], args)
             release_compiled(model, args.device)

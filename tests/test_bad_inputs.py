@@ -336,7 +336,7 @@ CATALOGUE = [
      "its columns are: ['q', 'a', 's', 'r']"),
     ("data-missing-default-column",
      source_file("myqa.csv", GOOD_CSV, columns={k: v for k, v in CSV_COLUMNS.items() if k != "relation"}),
-     "column 'relation' named in datasets.myqa.columns.relation (its default, where the config sets none) is "
+     "column 'relation' named in datasets.myqa.columns.relation (its default name) is "
      "missing from the source; its columns are: ['q', 'a', 's', 'r']"),
     ("data-semicolon-separated", source_file("myqa.csv", GOOD_CSV.replace(b",", b";"), columns=CSV_COLUMNS),
      "its columns are: ['q;a;s;r']; the file looks ';'-separated, which its kind does not read"),
@@ -352,7 +352,8 @@ CATALOGUE = [
                              popularity={"scorer": "column", "column": "v"})),
      "datasets.myqa.columns.choices: format open does not read it (its answers come from answers); remove it, "
      "or set datasets.myqa.format to the dataset's format"),
-    ("data-an-empty-file", source_file("myqa.csv", b"", columns=CSV_COLUMNS), "cannot read myqa.csv: the file is empty"),
+    ("data-an-empty-file", source_file("myqa.csv", b"", columns=CSV_COLUMNS),
+     "cannot read myqa.csv: the file is empty"),
     ("data-a-header-and-no-rows", source_file("myqa.csv", b"q,a,s,r\n", columns=CSV_COLUMNS),
      "dataset 'myqa': the source has no rows"),
     ("data-not-utf8", source_file("myqa.csv", LATIN1_CSV, columns=CSV_COLUMNS),
@@ -371,7 +372,8 @@ CATALOGUE = [
      config_with(add_dataset(source={"path": "myqa.txt"}, popularity={"scorer": "column", "column": "v"})),
      "datasets.myqa.source: cannot tell the kind of file myqa.txt from its name"),
     ("config-reader-of-a-hub-dataset",
-     config_with(add_dataset(source={"hf": "org/myqa", "reader": "csv"}, popularity={"scorer": "column", "column": "v"})),
+     config_with(add_dataset(source={"hf": "org/myqa", "reader": "csv"},
+                             popularity={"scorer": "column", "column": "v"})),
      "datasets.myqa.source.reader: reads a path's or a url's file; remove it"),
     ("data-non-numeric-popularity", scored(["many"] * 10 + [3.0, 4.0]),
      "10 of 12 rows are invalid ({'popularity missing or not a number': 10}), more than split.max_drop_fraction 0.1"),

@@ -29,6 +29,10 @@ def test_an_article_inside_an_alias_stays_so_a_letter_keeps_its_meaning():
         assert score_open(prediction, ["Vitamin A", "Hepatitis A"]) == (False, False), prediction
     assert score_open(" vitamin A.", ["Vitamin A"]) == (True, True)
     assert score_open(" Blood type A", ["A"]) == (True, False)
+    # An alias that is an article alone counts only as the last word, not as any "a" or "the".
+    assert score_open(" It is a dog", ["A"]) == (False, False)
+    assert score_open(" It was the Beatles", ["The The"]) == (False, False)
+    assert score_open(" The The", ["The The"]) == (True, True)
     assert score_open(" The Beatles", ["Beatles"]) == (True, True)
 
 

@@ -455,6 +455,14 @@ def test_a_row_repeating_an_earlier_rows_fact_is_dropped(caplog):
         f"dataset 'ds': 1 question(s) asked again with other answers, in 2 rows (e.g. {question!r}: "
         f"{list(table.at[3, 'answers'])} / ['elsewhere'])" in caplog.text
     )
+    # With several such questions the example is one question's rows, not every group's.
+    many = pd.concat([facts_table(10), facts_table(10).assign(answers=[[f"other{i}"] for i in range(10)])])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="factft"):
+        to_facts(many.reset_index(drop=True), spec({}), max_drop_fraction=0.1)
+    first = many["question"].iloc[0]
+    assert f"10 question(s) asked again with other answers, in 20 rows (e.g. {first!r}: " in caplog.text
+    assert f"{list(many['answers'].iloc[0])} / ['other0']); each row" in caplog.text
 
 
 def test_facts_that_all_share_one_subject_are_refused_before_their_popularity_is_scored():

@@ -154,7 +154,8 @@ def generate_texts(
     """
     encoded = tokenizer(list(prompts))["input_ids"]
     longest = max((len(e) for e in encoded), default=0)
-    check_context(model, longest + max_new_tokens, f"a prompt of {longest} tokens plus {max_new_tokens} new tokens")
+    what = f"a prompt of {longest} tokens plus {max_new_tokens} new tokens"
+    check_context(model, longest + max_new_tokens, what, "evaluate.fewshot or evaluate.max_new_tokens")
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer) | {int(i) for i in end_ids if i is not None}
     cache = {"cache_implementation": "static"} if static_cache else {}
@@ -230,13 +231,12 @@ def generate_texts(
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
 
 
-def check_context(model, tokens: int, what: str) -> None:
+def check_context(model, tokens: int, what: str, settings: str = "evaluate.fewshot or popularity.shots") -> None:
     """Past its trained positions a model's answers and likelihoods are noise, not a finding."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # Gemma 3: text_config
     if limit and tokens > limit:
         raise FactftError(
-            f"{what} exceeds the model's context of {limit} positions; shorten prompt.template, lower "
-            "evaluate.fewshot (popularity.shots, scoring), or evaluate.max_new_tokens"
+            f"{what} exceeds the model's context of {limit} positions; shorten prompt.template, or lower {settings}"
         )
 
 
@@ -429,7 +429,7 @@ def choice_logprobs(
                 f"choice {[len(ids) for ids in row].index(0)} of {prompts[question]!r} has no tokens: "
                 f"choices {list(choices[question])}"
             )
-    longest = max((len(p) + max(map(len, row)) for p, row in zip(prompt_ids, choice_ids)), default=0)
+    longest = max((len(p) + max(map(len, row), default=0) for p, row in zip(prompt_ids, choice_ids)), default=0)
     check_context(model, longest, "a prompt with its longest choice, of the most tokens,")
     scores = [np.zeros(len(options), dtype=np.float64) for options in choices]
     widest = max((len(options) for options in choices), default=1)

@@ -1,16 +1,16 @@
 """Scoring predictions (PopQA's open-QA metric, multiple choice) and accuracy by popularity.
 
-Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, after the
-SQuAD normalisation (lowercase, no punctuation, no leading article, single spaces) made to hold
-for any script: accents folded ("São Paulo" is "sao paulo", "Łódź" "lodz"), every Unicode
+Open QA follows PopQA: a prediction is correct when a gold alias occurs in it, after the SQuAD
+normalisation (lowercase, no punctuation, no leading article, single spaces) made to hold for
+any script: accents folded ("São Paulo" is "sao paulo", "Łódź" "lodz"), every Unicode
 punctuation mark dropped (curly quotes, dashes, "。") but a number's sign and separators ("3.5"
 is neither "35" nor holds "3"; "1,000" is "1000"; "-5" is not "5"). SQuAD drops articles
 anywhere, which is harmless for its exact match but not for containment: "Vitamin A" would be
-"vitamin", found in "Vitamin D"; so only an article that opens the text goes. Containment is on word boundaries, checked with
-punctuation dropped ("U.S." is "us") and with it read as a space ("Paris's", "Paris—France"
-hold "paris"), correct if either holds. Only the first line counts: a base model keeps
-generating the next "Q: ... A: ..." pair, and an answer to that invented question must not
-score.
+"vitamin", found in "Vitamin D"; so only an article that opens the text goes. Containment is on
+word boundaries, checked with punctuation dropped ("U.S." is "us") and with it read as a space
+("Paris's", "Paris—France" hold "paris"), correct if either holds. Only the first line counts:
+a base model keeps generating the next "Q: ... A: ..." pair, and an answer to that invented
+question must not score.
 
 Each prediction is also flagged `relation_guess` when it is the commonest answer of its
 relation in the run: the paper's mechanism seen in the answers. A model that learned to
@@ -35,7 +35,8 @@ import pandas as pd
 from factft.errors import FactftError
 
 # An article opening the text, with a word after it: a lone "A" is an answer (a blood type).
-_LEADING_ARTICLE = re.compile(r"^(?:a|an|the) (?=\S)")
+_ARTICLE_WORDS = ("a", "an", "the")
+_LEADING_ARTICLE = re.compile(rf"^(?:{'|'.join(_ARTICLE_WORDS)}) (?=\S)")
 # A number stays one word with its sign and separators, which are not punctuation there: "3" is
 # not in "3.5" or "3:30", "3.5" is not "35", "5" not "-5" (a minus after a letter or digit is a
 # hyphen: "COVID-19", "1990-2000"). A thousands comma alone goes: "1,000" is "1000".
@@ -78,7 +79,9 @@ def score_open(prediction: str, answers: Iterable[str]) -> tuple[bool, bool]:
 
     Containment is checked on word boundaries: "us" must not match inside "russia", nor
     "rome" inside "romeo"; punctuation dropped or read as a space (see the module doc).
-    Aliases that normalise to nothing (e.g. "?") never match.
+    Aliases that normalise to nothing (e.g. "?") never match, and one that is an article alone
+    (the letter "A", the band "The The") only as the prediction's last word: "Blood type A"
+    holds "a", "It is a dog" does not.
     """
     line = first_line(prediction)
     answers = [str(answer) for answer in answers]  # read once per punctuation pass
@@ -86,9 +89,15 @@ def score_open(prediction: str, answers: Iterable[str]) -> tuple[bool, bool]:
     for punctuation in ("", " "):
         predicted = normalize(line, punctuation)
         aliases = [a for a in (normalize(answer, punctuation) for answer in answers) if a]
-        correct = correct or any(f" {alias} " in f" {predicted} " for alias in aliases)
+        correct = correct or any(_holds(predicted, alias) for alias in aliases)
         exact = exact or any(alias == predicted for alias in aliases)
     return correct, exact
+
+
+def _holds(predicted: str, alias: str) -> bool:
+    if alias in _ARTICLE_WORDS:
+        return f" {predicted}".endswith(f" {alias}")
+    return f" {alias} " in f" {predicted} "
 
 
 def relation_guess(answers: Sequence, relations: Sequence) -> np.ndarray:

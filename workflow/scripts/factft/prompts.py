@@ -238,16 +238,12 @@ def few_shot_prefixes(
         return [""] * len(facts)
     records = facts.to_dict("records")
     candidates = records if demos is None else demos.to_dict("records")
-    # A prompt of several lines (a question and its options) needs a blank line to end it.
-    template = prompt["template"]
-    several = "\n" in template or "{choices}" in template or any("\n" in str(r["question"]) for r in candidates)
-    separator = "\n\n" if several else "\n"
     order = np.random.default_rng(seed).permutation(len(candidates))
     by_relation: dict[str, list[int]] = defaultdict(list)
     for j in order:
         by_relation[str(candidates[j]["relation"])].append(int(j))
     # A chat model's demonstrations are earlier turns of its conversation (chat_prompt).
-    reply_head, reply_tail = prompt.get("reply", ("", separator))
+    reply_head, reply_tail = prompt.get("reply", ("", None))
     demo_text = {}
     prefixes, short = [], 0
     for i, fact in enumerate(records):
@@ -266,7 +262,9 @@ def few_shot_prefixes(
             if j not in demo_text:
                 demo = candidates[j]
                 answer = gold_answer(demo, prompt["answer"])
-                demo_text[j] = fact_prompt(demo, prompt["template"]) + reply_head + answer + reply_tail
+                text = fact_prompt(demo, prompt["template"]) + reply_head + answer
+                # A demonstration of several lines (a question and its options) needs a blank line to end it.
+                demo_text[j] = text + (reply_tail if reply_tail is not None else "\n\n" if "\n" in text else "\n")
         prefixes.append("".join(demo_text[j] for j in picks))
         short += len(picks) < shots
     if short:

@@ -572,7 +572,7 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
     for key, column in wanted:
         if column not in table.columns:
             # A key the config leaves out names the column of its own name.
-            default = " (its default, where the config sets none)" if key == f"columns.{column}" else ""
+            default = " (its default name)" if key == f"columns.{column}" else ""
             # One column whose name holds the separators: a file split on the wrong character.
             joined = len(columns) == 1 and next((sep for sep in ";|\t," if sep in columns[0]), None)
             hint = f"; the file looks {joined!r}-separated, which its kind does not read" if joined else ""
@@ -582,10 +582,16 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
             )
 
 
-def question_key(question) -> str:
-    """A question as compared for repeats and for subjects that share one: in any case and
-    spacing ("What is X?" and "what is  x?" prompt the same answer)."""
-    return " ".join(str(question).casefold().split())
+def text_key(text) -> str:
+    """A question or an answer as compared for repeats and for subjects that share a question:
+    in any case and spacing ("What is X?" and "what is  x?" prompt the same answer)."""
+    return " ".join(str(text).casefold().split())
+
+
+def prompt_keys(facts: pd.DataFrame) -> pd.Series:
+    """Per fact, what its prompt shows: the question (text_key) and the choices, in their order."""
+    choices = facts["choices"].map(tuple) if "choices" in facts else pd.Series([()] * len(facts), index=facts.index)
+    return pd.Series(list(zip(facts["question"].map(text_key), choices)), index=facts.index)
 
 
 def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> pd.DataFrame:
@@ -596,15 +602,13 @@ def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> p
     held out and finetuned on at once. A mass of repeats is a column mapped wrongly (a template
     as the question): more than `max_drop_fraction` of the rows is a warning, more than half an
     error. A question asked again with other answers is kept, and named in a warning."""
-    choices = facts["choices"].map(tuple) if "choices" in facts else pd.Series([()] * len(facts), index=facts.index)
-    # The choices' order is the prompt's (the answer is one of them); aliases have no order.
-    prompts = pd.Series(list(zip(facts["question"].map(question_key), choices)), index=facts.index)
-    answers = facts["answers"].map(lambda aliases: tuple(sorted({question_key(a) for a in aliases})))
+    prompts = prompt_keys(facts)
+    answers = facts["answers"].map(lambda aliases: tuple(sorted({text_key(a) for a in aliases})))  # no order
     repeats = pd.Series(list(zip(prompts, answers)), index=facts.index).duplicated()
     count, fact = int(repeats.sum()), "question, choices and answer" if "choices" in facts else "question and answers"
     if count:
         left = len(facts) - count
-        log.info("dataset '%s': dropping %d rows that repeat an earlier row's %s; %d left", name, count, fact, left)
+        log.warning("dataset '%s': dropping %d rows that repeat an earlier row's %s; %d left", name, count, fact, left)
     if count > max_drop_fraction * len(facts):
         problem = (
             f"dataset '{name}': {count} of {len(facts)} rows repeat an earlier row's {fact}; check that "
@@ -616,13 +620,14 @@ def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> p
     kept = pd.DataFrame({"prompt": prompts, "answers": answers, "question": facts["question"]})[~repeats]
     differing = kept.groupby("prompt", sort=False)["answers"].transform("size") > 1
     if differing.any():
-        example = kept[differing].groupby("prompt", sort=False).head(2)
+        first = kept.loc[differing, "prompt"].iloc[0]
+        example = kept.index[kept["prompt"] == first][:2]
         log.warning(
             "dataset '%s': %d question(s) asked again with other answers, in %d rows (e.g. %r: %s); each "
             "row is kept, its own answers its gold: homonymous subjects (two people named alike) do this, "
             "so does a question whose answers differ from row to row",
-            name, kept[differing]["prompt"].nunique(), int(differing.sum()), example["question"].iloc[0],
-            " / ".join(str(list(facts.at[i, "answers"])) for i in example.index),
+            name, kept[differing]["prompt"].nunique(), int(differing.sum()), kept.at[example[0], "question"],
+            " / ".join(str(list(facts.at[i, "answers"])) for i in example),
         )  # fmt: skip
     return facts[~repeats]
 

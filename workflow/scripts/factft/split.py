@@ -24,7 +24,7 @@ import pandas as pd
 
 from factft import subsets
 from factft.errors import FactftError
-from factft.sources import question_key
+from factft.sources import prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,8 @@ def subject_groups(facts: pd.DataFrame) -> pd.Series:
             parent[subject] = subject = parent[parent[subject]]  # path halving: short chains
         return subject
 
-    choices = facts["choices"].map(tuple) if "choices" in facts else [()] * len(facts)
     first_subject: dict[tuple, object] = {}
-    for subject, question, options in zip(facts["subject"], facts["question"], choices):
-        prompt = (question_key(question), options)
+    for subject, prompt in zip(facts["subject"], prompt_keys(facts)):
         a, b = root(subject), root(first_subject.setdefault(prompt, subject))
         if a != b:  # the smaller name stays the root: a group is named by its first subject
             parent[max(a, b)] = min(a, b)
