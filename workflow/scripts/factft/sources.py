@@ -2,8 +2,8 @@
 
 A source is a config entry: `{hf: id, name?, split?, revision?}` (the Hugging Face hub),
 `{path: file, reader?}` (csv, tsv, jsonl, json, parquet) or `{url, sha256?, reader?}` (a file or
-archive fetched once into the cache); `reader` names the file's kind where its name does not. `columns`
-maps facts columns to source columns; the result is the raw facts table that `popularity`
+archive fetched once into the cache); `reader` names the file's kind where its name does not.
+`columns` maps facts columns to source columns; the result is the raw facts table that `popularity`
 scores: id, question, answers (list<str>), subject, relation (+ choices, answer_index for
 multiple choice, + kept columns).
 """
