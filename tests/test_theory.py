@@ -25,6 +25,7 @@ from factft.sweeps import (
     point_settings,
     point_value,
     run_of,
+    split_sizes,
     sweep_points,
 )
 from factft.theory import OneLayerAttention, fact_salience, make_world, simulate, split_subjects
@@ -201,6 +202,18 @@ def test_test_subjects_are_never_finetuned_and_top_is_more_mentioned_than_bottom
         assert not set(splits[subset]) & set(splits["test"])
     assert world.mentions[splits["top"]].min() >= world.mentions[splits["bottom"]].max()
     assert len(splits["top"]) == len(splits["bottom"]) == len(splits["random"])
+
+
+def test_test_subjects_are_all_stated_in_pretraining_even_without_min_mentions():
+    settings = dict(TINY, subjects=40, pretrain_steps=20, min_mentions=0, zipf=2.0)
+    world = make_world(settings, seed=0)
+    n_test, _ = split_sizes(settings)
+    assert (world.mentions == 0).sum() > 0  # some subjects were never stated
+    splits = split_subjects(world, settings, seed=0)
+    assert len(splits["test"]) == n_test and (world.mentions[splits["test"]] > 0).all()
+    assert sorted(np.concatenate([splits["test"], splits["whole"]])) == list(range(world.subjects))
+    with pytest.raises(FactftError, match="pretraining stated .* raise min_mentions"):
+        split_subjects(world, dict(settings, test_fraction=0.9), seed=0)
 
 
 def test_schema_accepts_the_demo_block_and_fills_defaults_for_a_bare_one(tmp_path):

@@ -144,11 +144,19 @@ def split_subjects(world: World, settings: dict, seed: int) -> dict[str, np.ndar
     pretraining, not facts taught by finetuning. Top/bottom rank the pool by pretraining mentions.
     """
     rng = np.random.default_rng(seed)
-    seen = np.flatnonzero(world.mentions > 0)
     order = rng.permutation(world.subjects)
     n_test, size = split_sizes(settings)
-    test = np.sort(np.intersect1d(order[:n_test], seen))
-    pool = order[n_test:]
+    # Test subjects are drawn among those pretraining stated (all of them where min_mentions >= 1),
+    # so every sweep point tests n_test subjects: a fact never seen has nothing to extract.
+    seen = order[world.mentions[order] > 0]
+    if len(seen) < n_test:
+        raise FactftError(
+            f"simulation: pretraining stated {len(seen)} of {world.subjects} subjects, fewer than the "
+            f"{n_test} to test (zipf {settings['zipf']}, min_mentions {settings['min_mentions']}): "
+            "raise min_mentions, pretrain_steps or batch_size"
+        )
+    test = np.sort(seen[:n_test])
+    pool = order[~np.isin(order, test)]
     by_mentions = pool[np.argsort(-world.mentions[pool], kind="stable")]
     return {
         "top": by_mentions[:size],
