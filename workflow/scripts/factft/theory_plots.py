@@ -75,6 +75,8 @@ def sweep_tables(accuracy: list[pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 def _seed_note(table: pd.DataFrame, mean_as: str) -> str:
     seeds = sorted(table["seed"].unique())
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]})"
     return f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); dots: single seeds, {mean_as}: mean over seeds"
 
 
@@ -190,7 +192,8 @@ def plot_salience(salience: pd.DataFrame) -> Figure:
     ax.set_xscale("log")
     ax.set_xlabel("statements about the subject in pretraining")
     ax.set_ylabel(r"salience $\phi(a)^\top W_V \phi(s)$ of the true answer")
-    ax.set_title(f"Salience after pretraining, {len(salience['seed'].unique())} seeds pooled", fontsize=9)
+    seeds = salience["seed"].nunique()
+    ax.set_title(f"Salience after pretraining, {f'{seeds} seeds pooled' if seeds > 1 else 'one seed'}", fontsize=9)
     _legend_below(figure, ncol=4, markerscale=2)
     return figure
 
@@ -205,15 +208,16 @@ def plot_attention(attention: pd.DataFrame) -> Figure:
         style = dict(label=LABELS[subset], markersize=4, markevery=2, **STYLES[subset])
         left.plot(mean.index, mean["test_attention_subject"], **style)
         right.plot(mean.index, mean["test_accuracy"], **style)
-    left.axhline(0.5, color="0.7", linewidth=0.8)
+    left.axhline(0.5, color="0.7", linewidth=0.8, label="even split: subject and relation token")
     left.set_ylabel("attention on the subject (held-out facts)")
     right.set_ylabel("held-out QA accuracy")
     # Both are shares (of attention, of facts): one 0-1 scale keeps their changes comparable.
     for ax in (left, right):
         ax.set_ylim(0, 1)
         ax.set_xlabel("finetuning step")
-    figure.suptitle(f"Through finetuning, mean over {len(attention['seed'].unique())} seeds", fontsize=9)
-    _legend_below(figure, ncol=len(SUBSETS))
+    seeds = attention["seed"].nunique()
+    figure.suptitle(f"Through finetuning, {f'mean over {seeds} seeds' if seeds > 1 else 'one seed'}", fontsize=9)
+    _legend_below(figure, ncol=len(SUBSETS) + 1)
     return figure
 
 
