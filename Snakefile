@@ -3,7 +3,7 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from factft.config import apply_command_line, check_numbers, validate_config
+from factft.config import apply_command_line, prepare_config
 from factft.errors import FactftError
 
 min_version("9.0")
@@ -20,9 +20,9 @@ if not workflow.overwrite_configfiles:
 # would merge a new source or scorer block into the file's: they are read as the config file's
 # YAML is, and such a block replaces the file's.
 apply_command_line(config, workflow.config_settings.config_args)
+# Checked against workflow/schemas/config.schema.yaml (defaults filled in), then beyond it.
 try:
-    check_numbers(config)
-    validate_config(config)  # workflow/schemas/config.schema.yaml, defaults filled in
+    prepare_config(config)
 except FactftError as error:
     raise WorkflowError(f"config: {error}") from None
 

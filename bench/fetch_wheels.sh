@@ -2,7 +2,7 @@
 # Fetch the one package bench/gpu_check.sh installs on the GPU machine (which has no network):
 # bitsandbytes for QLoRA, as a wheel for that machine's Python 3.12 on x86-64, into .whl/
 # (ignored by git; name it in the device tool's `carry`). 0.50.2 is the version measured
-# there in ../shared/notes/gpu-baseline.md.
+# there in docs/benchmarks.md's "GPU reference".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}

@@ -12,7 +12,7 @@ The rates: with a table from `bench/speed.py --device cuda`, the measured real t
 finetune path the config selects (method, LoRA targets, packing, checkpointing, compile: a
 compiled path also pays its compile time in every finetune job) and the measured questions/s
 of evaluation, for factft and for the plain baseline. With `--reference`, the reference H200
-rates of ../shared/notes/gpu-baseline.md (a plain loop on dense batches, no padding at all)
+rates of docs/benchmarks.md's "GPU reference" (a plain loop on dense batches, no padding at all)
 times the share of computed tokens that are real, measured by the table's rows on any device
 (padding depends on the length mix, not the device): an estimate until a GPU run measures
 the rates. Prints a table per dataset and, for CUDA rows, issue 4's goals.
@@ -48,7 +48,7 @@ QUESTION_TOKENS, CHOICES, CHOICE_TOKENS, OPTION_TOKENS = 55, 4, 15, 2
 # A forward pass costs 2N FLOPs a token, a LoRA training step 4N (forward + activation
 # gradients): forward-only work runs at about twice the training rate.
 FORWARD_SPEEDUP = 2.0
-# ../shared/notes/gpu-baseline.md: one H200, Llama-2-7B shape, plain loop on full batches of
+# docs/benchmarks.md, "GPU reference": one H200, Llama-2-7B shape, plain loop on full batches of
 # random tokens (64 x 64), and plain `generate` (prompt 32, 16 new tokens).
 REFERENCE_TOKENS_PER_S = {"lora-qv": 13_516, "lora-all": 9_374, "qlora-all": 7_787}
 REFERENCE_QUESTIONS_PER_S = {"baseline": 59.5, "factft": 318.0}  # batch 64; batch 512

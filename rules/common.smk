@@ -10,7 +10,6 @@ from factft.config import (
     CHAT_KEYS,
     EVALUATE_RUNNING,
     RUNNING_SETTINGS,
-    check_and_sort,
     evaluate_job_settings,
     finetune_job_settings,
     finetune_settings,
@@ -18,24 +17,20 @@ from factft.config import (
     model_reads,
     prompt_settings,
 )
-from factft.errors import FactftError
 from factft.popularity import DOWNLOAD_READS, SCORERS
 from factft.sweeps import BASE as SIM_BASE
 from factft.sweeps import point_settings, point_value, run_of, sweep_points
 from factft.split import CAPS
 from factft.subsets import is_sized
 
-try:
-    check_and_sort(config)
-except FactftError as error:
-    raise WorkflowError(f"config: {error}") from None
 # A warning, not an error: targets that never read the path still run. Only in the run started
 # by hand: a SLURM job parses this file again on a compute node, which need not see a dataset
 # file on the login node (only `download`, a localrule, reads it).
 if workflow.is_main_process:
     for missing in missing_local_paths(config):
         logger.warning(
-            f"config: {missing}; jobs that read it fail, and results made from it are kept as they are"
+            f"config: {missing}; results made from it are kept as they are, and a job that must read it"
+            " stops the plan (Missing input files)"
         )
 
 # Every job inherits this: its log is a file, where the hub libraries' progress bars would be
@@ -346,6 +341,8 @@ def model_inputs(model):
     folder = Path(source["path"])
     if source.get("gguf_file"):
         return str(folder / source["gguf_file"])
+    if not folder.is_dir():
+        return str(folder)  # missing: warned at start, like a missing dataset file
     return sorted(
         str(f)
         for f in folder.iterdir()
@@ -479,6 +476,11 @@ def evaluate_params(wildcards):
 def evaluate_running():
     """How evaluations (and attention) run (EVALUATE_RUNNING): a change reruns no finished job."""
     return {key: config["evaluate"][key] for key in EVALUATE_RUNNING}
+
+
+def evaluate_batch_size():
+    """Rows per forward pass where a model scores facts (model_confidence), as evaluations run."""
+    return config["evaluate"]["batch_size"]
 
 
 def metrics_percentiles():
@@ -638,7 +640,8 @@ def summary_inputs():
 # ---- attention analysis (the paper's attention analysis: rules attention, attention_figures) ----
 
 ATTENTION_FIGURE = "results/figures/{model}/{dataset}/attention"
-# The heatmap shows one question under FT-Top and FT-Bottom (else the first two subsets).
+# The heatmap shows one question under FT-Top and FT-Bottom, those of them the config runs
+# (neither: its first two subsets).
 HEATMAP_SUBSETS = [s for s in ("top", "bottom") if s in SUBSETS] or PAPER_SUBSETS[:2]
 
 

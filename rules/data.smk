@@ -86,6 +86,7 @@ rule popularity:
         model=popularity_model,
         question=scoring_question,
         max_drop_fraction=running(max_drop_fraction()),
+        batch_size=running(evaluate_batch_size()),
     script:
         "../workflow/scripts/popularity.py"
 

@@ -690,11 +690,11 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     targets = [f"results/tinyp/synth/{part}/metrics.tsv" for part in ("top/seed0", "base", "cloze", "fewshot")]
     root = Path(__file__).resolve().parents[1]
 
-    def snakemake(*options: str) -> subprocess.CompletedProcess:
+    def snakemake(*options: str, only=None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(Path(sys.executable).parent / "snakemake"), "-s", str(root / "Snakefile"), "--configfile",
              "config.yaml", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention",
-             "metrics", *options, "--", *targets, "results/tinyp/synth/top/seed0/attention.tsv"],
+             "metrics", *options, "--", *(only or [*targets, "results/tinyp/synth/top/seed0/attention.tsv"])],
             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
         )  # fmt: skip
 
@@ -751,8 +751,14 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     planned = set(re.findall(r"^(\w+)\s+\d+$", rerun.stdout, re.MULTILINE)) - {"total"}
     assert planned == {"evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention", "metrics"}, rerun.stdout
-    # A local folder that is gone is named at start; Snakemake alone would plan nothing and
-    # silently keep the results made from it.
+    # A local folder that is gone is named at start. Results made from it are kept (Snakemake
+    # alone would keep them silently); a target whose own job reads it names it.
+    assert snakemake("--touch").returncode == 0
     shutil.rmtree(spec["path"])
-    gone = snakemake("--dry-run")
+    gone = snakemake("--dry-run", only=targets)  # metrics: the evaluations that read the model are upstream
+    assert gone.returncode == 0, gone.stdout[-3000:] + gone.stderr[-3000:]  # its listing once raised FileNotFoundError
     assert f"config: models.tinyp.source.path: no folder {spec['path']}" in gone.stderr + gone.stdout
+    assert "Nothing to be done" in gone.stdout + gone.stderr
+    asked = snakemake("--dry-run", only=["results/tinyp/synth/top/seed0/attention.tsv"])
+    assert asked.returncode != 0 and "Missing input files for rule attention" in asked.stdout, asked.stdout[-3000:]
+    assert f"affected files:\n        {spec['path']}\n" in asked.stdout

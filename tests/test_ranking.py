@@ -77,6 +77,11 @@ def test_without_a_scoring_model_each_model_ranks_the_facts_of_its_own_runs(tmp_
     assert tests["tiny"] == tests["other"]  # held out by subject, whoever ranks
     plan = snakemake(config, work, *targets, "-n", "--forcerun", "finetune").stdout
     assert finetune_inputs(plan) == {m: f"results/synth/by-{m}/splits/top.parquet" for m in MODELS}
+    # Scoring runs in evaluate.batch_size's batches: how a job runs, so a change scores nothing again.
+    settings = yaml.safe_load(config.read_text())
+    settings["evaluate"]["batch_size"] *= 2
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    assert "Nothing to be done" in snakemake(config, work, *targets, "-n").stdout
 
 
 def test_a_named_scoring_model_ranks_the_facts_of_every_run(tmp_path):

@@ -8,6 +8,7 @@ with to_log(snakemake.log[0]):
         dataset=params.popularity["dataset"],
         model=params.model,
         pageviews=snakemake.input.get("pageviews"),
+        batch_size=params.batch_size,
         **(params.question or {}),  # fmt and prompt, where a model's confidence scores
     )
     raw = read_table(snakemake.input.raw)

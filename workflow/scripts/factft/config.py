@@ -420,9 +420,12 @@ def apply_command_line(config: dict, config_args: list[str] | None) -> None:
                         config[group][name][key] = copy.deepcopy(block)
 
 
-def check_and_sort(config: dict) -> None:
-    """After the schema: the checks it cannot express (the workflow's and the simulation's),
-    then every settings block sorted (rules/common.smk, load_config)."""
+def prepare_config(config: dict) -> None:
+    """Check a config and make it the workflow's, in place (the Snakefile, load_config): numbers
+    as numbers, the schema with its defaults filled in, the checks the schema cannot express
+    (the workflow's and the simulation's), then every settings block sorted."""
+    check_numbers(config)
+    validate_config(config)
     check_config(config)
     check_simulation(config["simulation"])
     sort_settings(config)
@@ -455,10 +458,7 @@ def schema_message(error: jsonschema.ValidationError) -> str:
 
 
 def load_config(path: str | Path) -> dict:
-    """Load, validate, check and sort a config file the way the Snakefile and
-    rules/common.smk do (for tests and scripts)."""
+    """A config file, prepared as the Snakefile prepares it (for tests and scripts)."""
     config = yaml.safe_load(Path(path).read_text())
-    check_numbers(config)
-    validate_config(config)
-    check_and_sort(config)
+    prepare_config(config)
     return config

@@ -29,7 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from factft.errors import FactftError
 from factft.logging import PROGRESS_EVERY_S
-from factft.metrics import first_line, score_predictions
+from factft.metrics import FORMATS, first_line, score_predictions
 from factft.models import BF16_GPU, load_model, peak_memory
 from factft.prompts import (
     IGNORE,
@@ -44,7 +44,6 @@ from factft.prompts import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("open", "multiple_choice")
 TEST_COLUMNS = ("id", "question", "answers", "subject", "relation", "popularity", "popularity_pct")
 
 

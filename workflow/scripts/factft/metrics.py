@@ -45,6 +45,7 @@ _THOUSANDS = re.compile(r",(?=\d{3}(?!\d))")
 # Letters that are not an accented letter to Unicode, so NFKD leaves them whole ("ß" casefolds).
 _LETTERS = str.maketrans({"ø": "o", "ł": "l", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
 
+FORMATS = ("open", "multiple_choice")  # how a dataset is asked, and so scored
 METRICS_COLUMNS = ("scope", "x", "n", "accuracy", "exact_match", "relation_guess")
 DECILES = tuple(range(10, 101, 10))
 
@@ -146,7 +147,7 @@ def score_predictions(
         exact = correct
         answers = np.asarray(choices, dtype="int64")
     else:
-        raise FactftError(f"format '{fmt}': unknown; formats are open, multiple_choice")
+        raise FactftError(f"format '{fmt}': unknown; formats are {', '.join(FORMATS)}")
     table = pd.DataFrame(
         {
             "id": test["id"].astype(str).to_numpy(),

@@ -34,6 +34,7 @@ class ScoringContext:
     prompt: dict | None = None  # config prompt block, for model_confidence
     model: dict | None = None  # model_spec of the scoring model, for model_confidence
     pageviews: str | Path | None = None  # table written by the `pageviews` rule
+    batch_size: int = 16  # rows per forward pass of model_confidence (evaluate.batch_size)
 
 
 def column(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
@@ -64,7 +65,9 @@ def model_confidence(facts: pd.DataFrame, params: dict, context: ScoringContext)
 
     if context.model is None:
         raise FactftError(f"dataset '{context.dataset}': scorer model_confidence needs popularity.model")
-    return model_confidence_scores(facts, context.model, params["shots"], context.prompt, context.fmt)
+    return model_confidence_scores(
+        facts, context.model, params["shots"], context.prompt, context.fmt, batch_size=context.batch_size
+    )
 
 
 def pretraining_count(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
