@@ -12,7 +12,7 @@ from factft.errors import FactftError
 from factft import pageviews
 from factft.pageviews import MIN_RATE, RateLimit, article_title, fact_articles, pageview_table
 from factft.popularity import SCORERS, ScoringContext, add_popularity
-from factft.sources import get_with_retries
+from factft.net import get_with_retries
 from factft.tables import check_facts, read_table, write_table
 from test_plots import snakemake_in
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from factft.errors import FactftError
-from factft.sources import hub_connection_errors, hub_failure
+from factft.net import hub_connection_errors, hub_failure
 from factft.tables import atomic_dir, check_new_dir
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import pandas as pd
 import requests
 
 from factft.errors import FactftError
-from factft.sources import get_with_retries, user_agent
+from factft.net import get_with_retries, user_agent
 from factft.tables import atomic_path
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,7 @@ import pandas as pd
 
 from factft.errors import FactftError
 from factft.pageviews import fact_articles
-from factft.sources import drop_invalid
-from factft.tables import check_facts, read_table
+from factft.tables import check_facts, drop_invalid, read_table
 
 log = logging.getLogger(__name__)
 

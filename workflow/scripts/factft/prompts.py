@@ -273,3 +273,15 @@ def few_shot_prefixes(
             short, len(records), shots,
         )  # fmt: skip
     return prefixes
+
+
+def text_key(text) -> str:
+    """A question or an answer as compared for repeats and for subjects that share a question:
+    in any case and spacing ("What is X?" and "what is  x?" prompt the same answer)."""
+    return " ".join(str(text).casefold().split())
+
+
+def prompt_keys(facts: pd.DataFrame) -> pd.Series:
+    """Per fact, what its prompt shows: the question (text_key) and the choices, in their order."""
+    choices = facts["choices"].map(tuple) if "choices" in facts else pd.Series([()] * len(facts), index=facts.index)
+    return pd.Series(list(zip(facts["question"].map(text_key), choices)), index=facts.index)

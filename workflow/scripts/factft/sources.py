@@ -16,10 +16,8 @@ import hashlib
 import json
 import logging
 import re
-import time
 import unicodedata
 import zipfile
-from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -29,20 +27,14 @@ import pyarrow as pa
 import requests
 
 from factft.errors import FactftError
-from factft.tables import atomic_path
+from factft.net import get_with_retries, hub_connection_errors, hub_failure
+from factft.popularity import SCORERS
+from factft.prompts import prompt_keys, text_key
+from factft.tables import atomic_path, drop_invalid
 
 log = logging.getLogger(__name__)
 
 
-def user_agent(contact: str | None = None) -> str:
-    """factft's User-Agent, with the operator's contact (email or URL) when the config gives
-    one: Wikimedia's policy asks clients for it and may rate-limit those without."""
-    who = f"{contact}; " if contact else ""
-    return f"factft/0.1 ({who}research workflow reproducing Ghosal et al., ICML 2024) python-requests"
-
-
-USER_AGENT = user_agent()
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".zip")
 # A drop reason of its own: the answers column holds something else (a dict, a bool), not just nothing.
 MISSHAPED = "answers not a list or a string"
@@ -169,31 +161,6 @@ def read_hf(name: str, source: dict, cache_dir: str | Path) -> pd.DataFrame:
     return loaded.to_pandas()
 
 
-def hub_connection_errors() -> tuple[type[Exception], ...]:
-    """What the hub clients raise when the hub cannot be reached: datasets' ConnectionError,
-    and the HTTP client's own errors, a proxy's refusal among them (neither of the two kinds
-    derives from the other)."""
-    from huggingface_hub.utils import httpx
-
-    return ConnectionError, httpx.HTTPError
-
-
-def hub_failure(error: Exception) -> str:
-    """A failed hub call in a few words: the error's type, its first line where that is short
-    and specific (not huggingface_hub's paragraph of advice), a hint for a refusing proxy."""
-    lines = str(error).strip().splitlines()
-    reason = type(error).__name__
-    if lines and len(lines[0]) <= 160:
-        reason += f": {lines[0]}"
-    return reason + proxy_hint(error)
-
-
-def proxy_hint(error: Exception) -> str:
-    """Where a proxy refused (the hub client's or requests' ProxyError), what to check: clusters
-    often reach the internet through one, which refuses without credentials."""
-    return "; check HTTPS_PROXY and HTTP_PROXY" if "proxy" in type(error).__name__.lower() else ""
-
-
 def read_file(path: str | Path, kind: str | None = None) -> pd.DataFrame:
     """A csv, tsv, jsonl, json or parquet file (optionally .gz) as a table, of the `kind` (one of
     FILE_SUFFIXES) its name ends in unless given; a .zip is read as EntityQuestions' archive,
@@ -271,55 +238,6 @@ def _open_text(path: Path):
 
         return gzip.open(path, "rt", encoding="utf-8-sig")
     return open(path, encoding="utf-8-sig")
-
-
-def get_with_retries(
-    session: requests.Session,
-    url: str,
-    *,
-    attempts: int = 5,
-    backoff: float = 1.0,
-    timeout: float = 60,
-    stream: bool = False,
-    agent: str = USER_AGENT,
-    pace: Callable[[], None] | None = None,
-    on_throttled: Callable[[], None] | None = None,
-) -> requests.Response:
-    """GET `url`; retry connection errors, 429 and 5xx with exponential backoff.
-
-    Returns the last response (any other status is the caller's to judge); raises FactftError
-    when every attempt failed. Retry-After is honoured but capped, so the loop stays bounded.
-    For a caller that sets the pace: `pace` is called before every attempt, retries included,
-    and `on_throttled` on each 429 (too many requests).
-    """
-    problem = ""
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(_retry_delay(problem, backoff, attempt))
-        if pace is not None:
-            pace()
-        try:
-            response = session.get(url, timeout=timeout, stream=stream, headers={"User-Agent": agent})
-        except (requests.ConnectionError, requests.Timeout) as error:
-            problem = f"{type(error).__name__}: {error}{proxy_hint(error)}"
-            continue
-        if response.status_code not in RETRY_STATUS:
-            return response
-        if response.status_code == 429 and on_throttled is not None:
-            on_throttled()
-        problem = response
-        response.close()
-    reason = f"HTTP {problem.status_code}" if isinstance(problem, requests.Response) else problem
-    raise FactftError(f"cannot fetch {url}: gave up after {attempts} attempts ({reason})")
-
-
-def _retry_delay(problem, backoff: float, attempt: int) -> float:
-    delay = backoff * 2 ** (attempt - 1)
-    if isinstance(problem, requests.Response):
-        retry_after = problem.headers.get("Retry-After", "")
-        if retry_after.isdigit():
-            delay = max(delay, min(float(retry_after), 60.0))
-    return delay
 
 
 def fetch_url(
@@ -518,8 +436,6 @@ def _mapping(spec: dict) -> dict:
 def kept_columns(spec: dict) -> list[tuple[str, str]]:
     """(config key, column) of keep_columns, plus the column the popularity scorer reads;
     an error names the key of one that would overwrite a facts column."""
-    from factft.popularity import SCORERS  # popularity imports this module (drop_invalid)
-
     kept = [("keep_columns", column) for column in spec.get("keep_columns") or []]
     popularity = spec.get("popularity") or {}
     scorer = SCORERS.get(popularity.get("scorer"))
@@ -580,18 +496,6 @@ def _require_columns(table: pd.DataFrame, name: str, wanted: list[tuple[str, str
                 f"dataset '{name}': column '{column}' named in datasets.{name}.{key}{default} is missing from "
                 f"the source; its columns are: {columns}{hint}"
             )
-
-
-def text_key(text) -> str:
-    """A question or an answer as compared for repeats and for subjects that share a question:
-    in any case and spacing ("What is X?" and "what is  x?" prompt the same answer)."""
-    return " ".join(str(text).casefold().split())
-
-
-def prompt_keys(facts: pd.DataFrame) -> pd.Series:
-    """Per fact, what its prompt shows: the question (text_key) and the choices, in their order."""
-    choices = facts["choices"].map(tuple) if "choices" in facts else pd.Series([()] * len(facts), index=facts.index)
-    return pd.Series(list(zip(facts["question"].map(text_key), choices)), index=facts.index)
 
 
 def _drop_repeats(facts: pd.DataFrame, name: str, max_drop_fraction: float) -> pd.DataFrame:
@@ -674,36 +578,6 @@ def _check_unique_ids(facts: pd.DataFrame, name: str, mapping: dict) -> None:
             f"{list(duplicated.unique()[:3])}; map datasets.{name}.columns.id to a unique column, "
             "or leave it out to number the rows"
         )
-
-
-def drop_invalid(
-    table: pd.DataFrame, invalid: dict[str, pd.Series], where: str, max_drop_fraction: float
-) -> pd.DataFrame:
-    """Drop the rows flagged in `invalid` (reason -> boolean mask), warn of the counts per
-    reason (a run that succeeds must not lose rows unseen), and fail when more than
-    `max_drop_fraction` of the rows go (the data is then not what the config says it is)."""
-    bad = pd.Series(False, index=table.index)
-    for reason, mask in invalid.items():
-        fresh = mask & ~bad
-        if fresh.any():
-            log.warning("%s: dropping %d rows: %s", where, int(fresh.sum()), reason)
-        bad |= mask
-    dropped, total = int(bad.sum()), len(table)
-    if total == 0:
-        raise FactftError(f"{where}: the source has no rows")
-    reasons = {reason: int(mask.sum()) for reason, mask in invalid.items() if mask.any()}
-    if dropped == total:
-        raise FactftError(
-            f"{where}: all {total} rows are invalid ({reasons}), nothing is left; check the column "
-            "mapping and the source's values"
-        )
-    if dropped / total > max_drop_fraction:
-        raise FactftError(
-            f"{where}: {dropped} of {total} rows are invalid ({reasons}), more than split.max_drop_fraction "
-            f"{max_drop_fraction}; check the column mapping, or raise split.max_drop_fraction"
-        )
-    log.info("%s: kept %d of %d rows", where, total - dropped, total)
-    return table[~bad]
 
 
 def parse_answers(value) -> list[str]:

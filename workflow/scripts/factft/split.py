@@ -24,7 +24,7 @@ import pandas as pd
 
 from factft import subsets
 from factft.errors import FactftError
-from factft.sources import prompt_keys
+from factft.prompts import prompt_keys
 
 log = logging.getLogger(__name__)
 

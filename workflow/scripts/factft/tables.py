@@ -185,3 +185,33 @@ def check_facts(facts: pd.DataFrame, where: str) -> None:
     empty = facts["answers"].map(len) == 0
     if empty.any():
         raise FactftError(f"{where}: {int(empty.sum())} rows have no answers")
+
+
+def drop_invalid(
+    table: pd.DataFrame, invalid: dict[str, pd.Series], where: str, max_drop_fraction: float
+) -> pd.DataFrame:
+    """Drop the rows flagged in `invalid` (reason -> boolean mask), warn of the counts per
+    reason (a run that succeeds must not lose rows unseen), and fail when more than
+    `max_drop_fraction` of the rows go (the data is then not what the config says it is)."""
+    bad = pd.Series(False, index=table.index)
+    for reason, mask in invalid.items():
+        fresh = mask & ~bad
+        if fresh.any():
+            log.warning("%s: dropping %d rows: %s", where, int(fresh.sum()), reason)
+        bad |= mask
+    dropped, total = int(bad.sum()), len(table)
+    if total == 0:
+        raise FactftError(f"{where}: the source has no rows")
+    reasons = {reason: int(mask.sum()) for reason, mask in invalid.items() if mask.any()}
+    if dropped == total:
+        raise FactftError(
+            f"{where}: all {total} rows are invalid ({reasons}), nothing is left; check the column "
+            "mapping and the source's values"
+        )
+    if dropped / total > max_drop_fraction:
+        raise FactftError(
+            f"{where}: {dropped} of {total} rows are invalid ({reasons}), more than split.max_drop_fraction "
+            f"{max_drop_fraction}; check the column mapping, or raise split.max_drop_fraction"
+        )
+    log.info("%s: kept %d of %d rows", where, total - dropped, total)
+    return table[~bad]
