@@ -399,9 +399,12 @@ def pretrain_params(wildcards):
     return MODELS[wildcards.tiny_model]["source"]["pretrain"]
 
 
-def pretrain_corpus(wildcards):
-    world = pretrain_params(wildcards)["dataset"]
+def corpus_file(world):
     return f"resources/datasets/{world}/corpus.txt"
+
+
+def pretrain_corpus(wildcards):
+    return corpus_file(pretrain_params(wildcards)["dataset"])
 
 
 def pretrain_facts(wildcards):

@@ -29,7 +29,7 @@ rule download:
     input:
         source_file,
     output:
-        raw="resources/datasets/{fetched}/raw.parquet",
+        raw=raw_table("{fetched}"),
     log:
         "logs/download/{fetched}.log",
     benchmark:
@@ -46,9 +46,9 @@ rule download:
 
 rule pageviews:
     input:
-        raw="resources/datasets/{dataset}/raw.parquet",
+        raw=raw_table("{dataset}"),
     output:
-        views="resources/datasets/{dataset}/pageviews.parquet",
+        views=pageviews_file("{dataset}"),
     log:
         "logs/pageviews/{dataset}.log",
     benchmark:

@@ -3,8 +3,8 @@
 
 rule synthetic_world:
     output:
-        raw="resources/datasets/{world}/raw.parquet",
-        corpus="resources/datasets/{world}/corpus.txt",
+        raw=raw_table("{world}"),
+        corpus=corpus_file("{world}"),
     log:
         "logs/synthetic_world/{world}.log",
     benchmark:
