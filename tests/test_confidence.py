@@ -168,3 +168,19 @@ def test_a_model_that_overflows_fp16_stops_the_scorer_on_a_gpu_without_bf16(fp16
 def test_missing_columns_name_the_scorer_and_the_columns(spec):
     with pytest.raises(FactftError, match=r"model_confidence.*\['choices', 'answer_index'\]"):
         model_confidence_scores(facts_table(), spec, 2, PROMPT, "multiple_choice")
+
+
+def test_the_model_confidence_scorer_scores_in_the_batch_size_its_context_gives(spec, monkeypatch):
+    from factft import confidence
+    from factft.popularity import SCORERS, ScoringContext
+
+    given, real = [], confidence.model_confidence_scores
+
+    def recording(*args, **kwargs):  # the real scorer, its batch size noted
+        given.append(kwargs.get("batch_size"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(confidence, "model_confidence_scores", recording)
+    context = ScoringContext("x", prompt=PROMPT, model=spec, batch_size=3)  # evaluate.batch_size, from the rule
+    scores = SCORERS["model_confidence"].score(facts_table(), {"shots": 1}, context)
+    assert given == [3] and scores.between(0, 1).all()
