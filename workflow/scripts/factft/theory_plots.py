@@ -73,6 +73,12 @@ def sweep_tables(accuracy: list[pd.DataFrame]) -> dict[str, pd.DataFrame]:
     return {"accuracy": long.reset_index(drop=True), "gap": gap, "gap_summary": summary}
 
 
+def _over_seeds(table: pd.DataFrame, many: str) -> str:
+    """`many` with its {n} seeds filled in, or "one seed"."""
+    seeds = table["seed"].nunique()
+    return many.format(n=seeds) if seeds > 1 else "one seed"
+
+
 def _seed_note(table: pd.DataFrame, mean_as: str) -> str:
     seeds = sorted(table["seed"].unique())
     if len(seeds) == 1:
@@ -192,8 +198,7 @@ def plot_salience(salience: pd.DataFrame) -> Figure:
     ax.set_xscale("log")
     ax.set_xlabel("statements about the subject in pretraining")
     ax.set_ylabel(r"salience $\phi(a)^\top W_V \phi(s)$ of the true answer")
-    seeds = salience["seed"].nunique()
-    ax.set_title(f"Salience after pretraining, {f'{seeds} seeds pooled' if seeds > 1 else 'one seed'}", fontsize=9)
+    ax.set_title(f"Salience after pretraining, {_over_seeds(salience, '{n} seeds pooled')}", fontsize=9)
     _legend_below(figure, ncol=4, markerscale=2)
     return figure
 
@@ -215,8 +220,7 @@ def plot_attention(attention: pd.DataFrame) -> Figure:
     for ax in (left, right):
         ax.set_ylim(0, 1)
         ax.set_xlabel("finetuning step")
-    seeds = attention["seed"].nunique()
-    figure.suptitle(f"Through finetuning, {f'mean over {seeds} seeds' if seeds > 1 else 'one seed'}", fontsize=9)
+    figure.suptitle(f"Through finetuning, {_over_seeds(attention, 'mean over {n} seeds')}", fontsize=9)
     _legend_below(figure, ncol=len(SUBSETS) + 1)
     return figure
 
