@@ -129,7 +129,7 @@ wildcard_constraints:
     cut=alternatives({"top", "bottom", "random", *SIZED_SUBSETS}),
     seed=r"\d+",
     ranked=alternatives(rankings()),
-    # What an evaluation rule's path has between results/ and predictions.parquet.
+    # What an evaluation rule's path has between results/ and answers.parquet.
     evaluation=rf"(?:{alternatives(MODELS)})/(?:{alternatives(DATASETS)})/"
     rf"(?:base|fewshot|cloze|(?:{alternatives(SUBSETS)})/seed\d+)",
 
@@ -484,6 +484,23 @@ def evaluate_running():
 def evaluate_batch_size():
     """Rows per forward pass where a model scores facts (model_confidence), as evaluations run."""
     return config["evaluate"]["batch_size"]
+
+
+def evaluated(wildcards):
+    """The model and dataset of an evaluation's path ({model}/{dataset}/...)."""
+    model, dataset, *_ = Path(wildcards.evaluation).parts
+    return model, dataset
+
+
+def evaluation_test(wildcards):
+    """The test split an evaluation answered."""
+    model, dataset = evaluated(wildcards)
+    return split_table(dataset, model, "test")
+
+
+def evaluation_format(wildcards):
+    model, dataset = evaluated(wildcards)
+    return DATASETS[dataset]["format"]
 
 
 def metrics_percentiles():

@@ -1,9 +1,11 @@
 # Evaluation on the held-out test facts: finetuned runs, the zero-shot base model, and the
 # pretrained model's statement completions (cloze) on synthetic worlds. Each writes its
-# predictions; the metrics rule scores them by popularity.
+# model's answers; the score rule scores them (a scoring fix reruns no model), the metrics
+# rule makes accuracy by popularity from the scores.
 
 
 localrules:
+    score,
     metrics,
 
 
@@ -13,7 +15,7 @@ rule evaluate:
         adapter=f"{RUN}/adapter",
         test=split_file("test"),
     output:
-        predictions=f"{RUN}/predictions.parquet",
+        answers=f"{RUN}/answers.parquet",
     log:
         "logs/evaluate/{model}/{dataset}/{subset}/seed{seed}.log",
     benchmark:
@@ -42,7 +44,7 @@ use rule evaluate as evaluate_base with:
         model=base_model,
         test=split_file("test"),
     output:
-        predictions=f"{BASE}/predictions.parquet",
+        answers=f"{BASE}/answers.parquet",
     log:
         "logs/evaluate_base/{model}/{dataset}.log",
     benchmark:
@@ -57,7 +59,7 @@ use rule evaluate as evaluate_fewshot with:
         test=split_file("test"),
         demos=split_file("whole"),
     output:
-        predictions=f"{FEWSHOT}/predictions.parquet",
+        answers=f"{FEWSHOT}/answers.parquet",
     log:
         "logs/evaluate_fewshot/{model}/{dataset}.log",
     benchmark:
@@ -78,7 +80,7 @@ use rule evaluate as cloze with:
         model=base_model,
         test=split_file("test"),
     output:
-        predictions=f"{CLOZE}/predictions.parquet",
+        answers=f"{CLOZE}/answers.parquet",
     log:
         "logs/cloze/{model}/{dataset}.log",
     benchmark:
@@ -121,8 +123,28 @@ rule attention:
         "../workflow/scripts/attention.py"
 
 
+# Any evaluation's answers, scored against the gold answers of the test split it answered
+# (factft.metrics: PopQA's open-QA match, or the picked choice), with each fact's popularity.
+rule score:
+    input:
+        answers="results/{evaluation}/answers.parquet",
+        test=evaluation_test,
+    output:
+        predictions="results/{evaluation}/predictions.parquet",
+    log:
+        "logs/score/{evaluation}.log",
+    benchmark:
+        "benchmarks/score/{evaluation}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        format=evaluation_format,
+    script:
+        "../workflow/scripts/score.py"
+
+
 # Accuracy overall, on the top x% most popular facts (evaluate.percentiles) and per decile,
-# from any evaluation's predictions: a job of its own, so that new percentiles rerun no model.
+# from any evaluation's predictions: a job of its own, so that new percentiles rerun nothing else.
 rule metrics:
     input:
         predictions="results/{evaluation}/predictions.parquet",

@@ -69,7 +69,7 @@ def two_runs(tmp_path_factory) -> list[Path]:
 def test_two_demo_runs_write_byte_identical_splits_and_identical_metrics(two_runs):
     first, second = two_runs
     # The adapter's config too: peft holds all-linear's layers in a set.
-    written = [f"{RUN}/predictions.parquet", "results/synth/facts.parquet", f"{RUN}/adapter/adapter_config.json"]
+    written = [f"{RUN}/answers.parquet", f"{RUN}/predictions.parquet", "results/synth/facts.parquet", f"{RUN}/adapter/adapter_config.json"]
     for path in TARGETS + written:
         assert (first / path).read_bytes() == (second / path).read_bytes(), f"{path} differs between the runs"
     adapters = [load_file(run / RUN / "adapter/adapter_model.safetensors") for run in two_runs]

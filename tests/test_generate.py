@@ -21,7 +21,7 @@ from transformers import (
 
 from factft import models
 from factft.errors import FactftError
-from factft.metrics import first_line
+from factft.metrics import first_line, score_answers
 from factft.generate import (
     answer_logprobs,
     choice_logprobs,
@@ -249,7 +249,7 @@ def test_multiple_choice_picks_the_most_likely_choice(tiny):
         assert predictions["choice"].iloc[row] == int(np.argmax(direct))
         assert predictions["prediction"].iloc[row] == test["choices"].iloc[row][int(np.argmax(direct))]
     expected = predictions["choice"].to_numpy() == test["answer_index"].to_numpy()
-    assert list(predictions["correct"]) == list(expected)
+    assert list(score_answers(test, predictions, "multiple_choice")["correct"]) == list(expected)
     # evaluate.choice_score: mean: each choice's log-likelihood per token. A long last choice
     # loses by summing and wins per token in some rows.
     test["choices"] = [[*c[:-1], f"{c[-1]} , a city or a job in the land of {c[0]}"] for c in test["choices"]]
@@ -276,7 +276,8 @@ def test_lettered_multiple_choice_picks_the_likeliest_letter_after_the_options(b
         direct = [_direct_logprob(model, bpe_tokenizer, prompt, f" {letter}") for letter in "ABCD"[: len(fact["choices"])]]
         assert predictions["choice"].iloc[row] == int(np.argmax(direct))
         assert predictions["prediction"].iloc[row] == fact["choices"][int(np.argmax(direct))]
-    assert list(predictions["correct"]) == list(predictions["choice"] == test["answer_index"])
+    scored = score_answers(test, predictions, "multiple_choice")
+    assert list(scored["correct"]) == list(predictions["choice"] == test["answer_index"])
 
 
 def sliding_window_model(vocab_size: int):
@@ -325,16 +326,13 @@ def test_choices_scored_from_one_pass_over_the_prompt_equal_each_choice_scored_i
         choice_logprobs(model, tokenizer, prompts, [*options[:2], [" Milan", "", " Oslo"]], batch_size=3)
 
 
-def test_evaluate_model_writes_predictions_in_test_order(tiny, tmp_path):
+def test_evaluate_model_writes_answers_in_test_order(tiny, tmp_path):
     spec, _, _ = tiny
     test = make_test_table().sample(frac=1.0, random_state=1).reset_index(drop=True)
     params = {"format": "open", "prompt": PROMPT, "max_new_tokens": 3, "batch_size": 3}
-    predictions = evaluate_model(spec, test, params, threads=1, device="cpu")
-    assert list(predictions["id"]) == list(test["id"])
-    assert list(predictions.columns[:8]) == [
-        "id", "prediction", "correct", "exact_match", "popularity_pct", "popularity", "subject", "relation"
-    ]
-    assert list(predictions["popularity_pct"]) == list(test["popularity_pct"])
+    answers = evaluate_model(spec, test, params, threads=1, device="cpu")
+    assert list(answers.columns) == ["id", "prediction"]
+    assert list(answers["id"]) == list(test["id"])
 
 
 def test_a_model_that_answers_nothing_is_warned_about(tiny, tmp_path, caplog):
@@ -612,7 +610,7 @@ def test_a_real_pretrained_model_answers_well_known_questions():
     # One demonstration in the template: zero-shot, this 135M model answers with a new "A:".
     prompt = {"template": "Q: What is the capital of Spain? A: Madrid\nQ: {question} A:", "answer": " {answer}"}
     params = {"format": "open", "prompt": prompt, "max_new_tokens": 6, "batch_size": 4}
-    predictions = evaluate_model(smollm2_spec(), test, params, device="cpu")
+    predictions = score_answers(test, evaluate_model(smollm2_spec(), test, params, device="cpu"), "open")
     assert predictions["correct"].sum() >= 3, list(predictions["prediction"])
     # Only the first line is scored, so decoding stops at its end: the model would go on with a new question.
     assert predictions["prediction"].str.endswith("\n").any() and not predictions["prediction"].str.contains("Q:").any()
@@ -634,12 +632,13 @@ def test_an_instruction_tuned_model_answers_in_its_chat_template():
     )
     prompt = {"template": "Q: {question} A:", "answer": " {answer}"}
     params = {"format": "open", "prompt": prompt, "max_new_tokens": 12, "batch_size": 8}
-    plain = evaluate_model(smollm2_spec(), test, params, device="cpu")
-    chat = evaluate_model(dict(smollm2_spec(), chat=True), test, params, device="cpu")
+    plain = score_answers(test, evaluate_model(smollm2_spec(), test, params, device="cpu"), "open")
+    chat = score_answers(test, evaluate_model(dict(smollm2_spec(), chat=True), test, params, device="cpu"), "open")
     # Asked as plain text, SmolLM2-Instruct continues the page ("\nA:"); as its user's turn, it replies.
     assert chat["correct"].sum() >= 4 > plain["correct"].sum(), (list(plain["prediction"]), list(chat["prediction"]))
     # Zero-shot it replies in sentences; after two solved turns, with the answer alone.
     shown = evaluate_model(dict(smollm2_spec(), chat=True), test, params, device="cpu", shots=2, demos=test)
+    shown = score_answers(test, shown, "open")
     assert chat["exact_match"].sum() < shown["exact_match"].sum() >= 4, list(shown["prediction"])
 
 
@@ -694,19 +693,23 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
         return subprocess.run(
             [str(Path(sys.executable).parent / "snakemake"), "-s", str(root / "Snakefile"), "--configfile",
              "config.yaml", "--allowed-rules", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention",
-             "metrics", *options, "--", *(only or [*targets, "results/tinyp/synth/top/seed0/attention.tsv"])],
+             "score", "metrics", *options, "--", *(only or [*targets, "results/tinyp/synth/top/seed0/attention.tsv"])],
             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
         )  # fmt: skip
 
     done = snakemake("--cores", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    # New percentiles rescore the predictions and ask no model again; another batch size or
-    # cache asks nothing (the same answers).
+    # New percentiles remake the metrics and ask no model again, nor does a scoring fix
+    # (--forcerun score); another batch size or cache asks nothing (the same answers).
+    def planned(*options: str) -> set[str]:
+        plan = snakemake("--dry-run", *options)
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        return set(re.findall(r"^(\w+)\s+\d+$", plan.stdout, re.MULTILINE))
+
+    assert planned("--forcerun", "score") == {"score", "metrics", "total"}
     config["evaluate"].update(percentiles=[25, 100])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    rescored = snakemake("--dry-run")
-    assert rescored.returncode == 0, rescored.stderr[-3000:]
-    assert set(re.findall(r"^(\w+)\s+\d+$", rescored.stdout, re.MULTILINE)) == {"metrics", "total"}, rescored.stdout
+    assert planned() == {"metrics", "total"}
     config["evaluate"].update(percentiles=[10, 20, 30, 40, 50, 60, 70, 80, 90, 100], batch_size=2, static_cache=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     same = snakemake("--dry-run")
@@ -750,7 +753,8 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     rerun = snakemake("--dry-run")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     planned = set(re.findall(r"^(\w+)\s+\d+$", rerun.stdout, re.MULTILINE)) - {"total"}
-    assert planned == {"evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention", "metrics"}, rerun.stdout
+    models = {"evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention"}
+    assert planned == models | {"score", "metrics"}, rerun.stdout
     # A local folder that is gone is named at start. Results made from it are kept (Snakemake
     # alone would keep them silently); a target whose own job reads it names it.
     assert snakemake("--touch").returncode == 0

@@ -6,11 +6,13 @@ import pytest
 
 from factft.errors import FactftError
 from factft.metrics import (
+    answers_table,
     first_line,
     gold_metrics,
     metrics_table,
     normalize,
     relation_guess,
+    score_answers,
     score_open,
     score_predictions,
 )
@@ -125,6 +127,31 @@ def test_multiple_choice_is_correct_when_the_predicted_index_is_the_answer_index
     assert list(table["correct"]) == [True, False, True]
     assert list(table["exact_match"]) == [True, False, True]
     assert list(table["choice"]) == [0, 1, 1]
+
+
+def test_answers_are_scored_against_their_own_facts_whatever_their_order():
+    """score_answers matches an evaluation's answers to the test split by id."""
+    facts = _test_facts()
+    answers = answers_table(facts, [" Paris", " Lugdunum.", " Milan", ""]).iloc[[2, 0, 3, 1]]
+    assert score_answers(facts, answers, "open").equals(
+        score_predictions(facts, [" Paris", " Lugdunum.", " Milan", ""], "open")
+    )
+    facts = _test_facts(3, answer_index=[0, 2, 1], choices=[["a", "b", "c"]] * 3)
+    answers = answers_table(facts, ["a", "b", "b"], choices=[0, 1, 1]).iloc[::-1]
+    assert list(score_answers(facts, answers, "multiple_choice")["correct"]) == [True, False, True]
+
+
+def test_answers_that_do_not_cover_the_test_split_once_each_are_an_error_naming_them():
+    facts = _test_facts()
+    answers = answers_table(facts, ["a", "b", "c", "d"])
+    with pytest.raises(FactftError, match=r"run/answers.parquet: 3 answers .* 4 facts, e.g. f3 has none; rerun"):
+        score_answers(facts, answers.iloc[:3], "open", where="run/answers.parquet")
+    with pytest.raises(FactftError, match="5 answers to 4 ids"):
+        score_answers(facts, pd.concat([answers, answers.iloc[:1]]), "open")
+    with pytest.raises(FactftError, match="4 answers to 4 ids for the test split's 3 facts"):
+        score_answers(facts.iloc[:3], answers, "open")
+    with pytest.raises(FactftError, match=r"no column \['choice'\]"):
+        score_answers(_test_facts(answer_index=[0] * 4), answers, "multiple_choice")
 
 
 def test_multiple_choice_without_answer_index_is_a_user_error():

@@ -3,7 +3,7 @@
 #
 #  1. install and start the cluster (.ci/slurm/cluster.sh); stop it on any exit
 #  2. run config/ci-slurm.yaml with `--profile profiles/slurm` in a scratch folder (never
-#     the repository's results/), every rule but the localrules (splits, metrics, tables,
+#     the repository's results/), every rule but the localrules (splits, scoring, metrics, tables,
 #     figures) a SLURM job
 #  3. check that every job of the DAG finished, and the SLURM jobs (.ci/slurm/verify.py):
 #     completed, GPU_RULES below asked for a GPU and saw CUDA_VISIBLE_DEVICES, the profile's
@@ -30,7 +30,7 @@ say() { echo "[slurm-ci] $*" >&2; }
 # Always under `timeout -s INT`: SIGTERM does not stop a Snakemake that waits on SLURM;
 # SIGINT does (and cancels its jobs). HF_HUB_OFFLINE stays unset here: jobs must get it from
 # the profile's precommand (verify.py checks), and this config's local rules (splits,
-# metrics, tables, figures) never reach for the hub.
+# scoring, metrics, tables, figures) never reach for the hub.
 # The --config values repeat the file's: each SLURM job gets them again and must read the
 # list and map as numbers, as the submitting Snakemake does, or it fails validation.
 # The rules ask for a GPU only for a hub model; the tiny model's jobs of these rules are given

@@ -6,7 +6,7 @@ from factft.tables import read_table, write_table
 
 with to_log(snakemake.log[0]):
     demos = snakemake.input.get("demos")
-    predictions = evaluate_model(
+    answers = evaluate_model(
         snakemake.params.spec,
         read_table(snakemake.input.test),
         dict(snakemake.params.evaluate, **snakemake.params.running),
@@ -16,4 +16,4 @@ with to_log(snakemake.log[0]):
         shots=snakemake.params.get("shots", 0),
         demos=read_table(demos) if demos else None,
     )
-    write_table(predictions, snakemake.output.predictions)
+    write_table(answers, snakemake.output.answers)

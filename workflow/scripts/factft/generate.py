@@ -1,4 +1,5 @@
-"""Evaluating a model on test facts: greedy generation, choice scoring, predictions, metrics.
+"""Evaluating a model on test facts: greedy generation and choice likelihoods, into its answers
+(factft.metrics scores them, in a job of its own).
 
 Questions are processed in batches of similar token length (left-padded, longest batch
 first so an out-of-memory error shows at once), and every result is put back in the
@@ -29,7 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from factft.errors import FactftError
 from factft.logging import PROGRESS_EVERY_S
-from factft.metrics import FORMATS, first_line, score_predictions
+from factft.metrics import FORMATS, answers_table, first_line
 from factft.models import BF16_GPU, load_model, peak_memory
 from factft.prompts import (
     IGNORE,
@@ -556,7 +557,7 @@ def predict(
     choice_score: str = "sum",
     where: str = "the model",
 ) -> pd.DataFrame:
-    """The predictions table for `test` (see factft.metrics.score_predictions).
+    """The answers table for `test` (factft.metrics.answers_table).
 
     Open QA: greedy generation after the prompt. Multiple choice: the choice whose target
     (its text or letter in the answer template) is most likely after the prompt, in all or per token
@@ -586,7 +587,7 @@ def predict(
             end_ids=[reply_end_id(tokenizer, prompt)],
             where=where,
         )
-        return score_predictions(test, texts, fmt)
+        return answers_table(test, texts)
     options = [choice_answers(choices, prompt["answer"]) for choices in test["choices"]]
     if options:
         log.info("its choices: %r", options[0])
@@ -595,7 +596,7 @@ def predict(
     )
     picked = [int(np.argmax(s)) for s in scores]
     texts = [str(choices[i]) for choices, i in zip(test["choices"], picked)]
-    return score_predictions(test, texts, fmt, choices=picked)
+    return answers_table(test, texts, choices=picked)
 
 
 def evaluate_model(
@@ -610,8 +611,8 @@ def evaluate_model(
     shots: int = 0,
     demos: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The predictions of the model in `spec` (plus a finetune `adapter`) on `test`, scored
-    (factft.metrics.metrics_table makes the metrics from them).
+    """The answers of the model in `spec` (plus a finetune `adapter`) to `test`
+    (factft.metrics.score_answers scores them).
 
     `params` is `evaluate_params` with `evaluate_running` from rules/common.smk:
     max_new_tokens, format, prompt, choice_score (multiple choice), batch_size and
@@ -629,7 +630,7 @@ def evaluate_model(
     prompt = chat_prompt(spec, tokenizer, params["prompt"])
     prefixes = few_shot_prefixes(test, shots, prompt, demos=demos) if shots else None
     start = time.perf_counter()
-    predictions = predict(
+    answers = predict(
         model,
         tokenizer,
         test,
@@ -645,7 +646,7 @@ def evaluate_model(
     )
     seconds = time.perf_counter() - start
     log.info(
-        "%s%s: %d test facts in %.1f s (%.1f questions/s) on %s%s; accuracy %.4f, exact match %.4f",
+        "%s%s: %d test facts in %.1f s (%.1f questions/s) on %s%s",
         where,
         f", {shots}-shot" if shots else "",
         len(test),
@@ -653,17 +654,15 @@ def evaluate_model(
         len(test) / max(seconds, 1e-9),
         model.device,
         peak_memory(model.device),
-        predictions["correct"].mean(),
-        predictions["exact_match"].mean(),
     )
     if params["format"] == "open":
-        empty = int((predictions["prediction"].map(first_line).str.strip() == "").sum())
-        if empty > len(predictions) / 2:
+        empty = int((answers["prediction"].map(first_line).str.strip() == "").sum())
+        if empty > len(answers) / 2:
             log.warning(
                 "%s: %d of %d answers are empty (the model ends them at once, or writes only blank lines or "
                 "tokens that decoding drops): an undertrained model, or a prompt it does not answer in",
                 where,
                 empty,
-                len(predictions),
+                len(answers),
             )
-    return predictions
+    return answers

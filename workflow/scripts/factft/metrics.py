@@ -24,6 +24,7 @@ picks one letter whatever the question).
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 import unicodedata
@@ -33,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
+
+log = logging.getLogger(__name__)
 
 # An article opening the text, with a word after it: a lone "A" is an answer (a blood type).
 _ARTICLE_WORDS = ("a", "an", "the")
@@ -126,7 +129,7 @@ def score_predictions(
     test: pd.DataFrame, predictions: Sequence[str], fmt: str, choices: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """The predictions table: id, prediction, correct, exact_match, the test facts' popularity,
-    subject and relation, and relation_guess.
+    subject and relation, relation_guess, and for multiple choice the picked choice.
 
     `predictions` are generated texts aligned with `test`'s rows; for multiple choice,
     `choices` are the predicted choice indices (then `predictions` are those choices' texts).
@@ -163,6 +166,47 @@ def score_predictions(
     )
     if choices is not None:
         table["choice"] = np.asarray(choices, dtype="int64")
+    return table
+
+
+def answers_table(test: pd.DataFrame, predictions: Sequence[str], choices: Sequence[int] | None = None) -> pd.DataFrame:
+    """What an evaluation writes (answers.parquet): per test fact its id and the model's raw
+    answer, and for multiple choice the picked choice's index. Scoring is a job of its own
+    (score_answers), so that a scoring fix reruns no model."""
+    if len(predictions) != len(test):
+        raise ValueError(f"{len(predictions)} predictions for {len(test)} test facts")
+    table = pd.DataFrame({"id": test["id"].astype(str).to_numpy(), "prediction": [str(p) for p in predictions]})
+    if choices is not None:
+        table["choice"] = np.asarray(choices, dtype="int64")
+    return table
+
+
+def score_answers(test: pd.DataFrame, answers: pd.DataFrame, fmt: str, where: str = "the answers") -> pd.DataFrame:
+    """The predictions table (score_predictions) of an evaluation's `answers` (answers_table)
+    on the `test` facts it answered, matched by id. `where` names the answers in errors."""
+    needed = ["id", "prediction", *(["choice"] if fmt == "multiple_choice" else [])]
+    missing = [c for c in needed if c not in answers.columns]
+    if missing:
+        raise FactftError(f"{where}: no column {missing}; rerun its evaluation")
+    by_id = answers.assign(id=answers["id"].astype(str)).drop_duplicates("id").set_index("id")
+    ids = test["id"].astype(str)
+    absent = ids[~ids.isin(by_id.index)]
+    if len(absent) or len(by_id) != len(answers) or len(by_id) != len(ids):
+        example = f", e.g. {absent.iloc[0]} has none" if len(absent) else ""
+        raise FactftError(
+            f"{where}: {len(answers)} answers to {answers['id'].nunique()} ids for the test split's "
+            f"{len(test)} facts{example}; rerun its evaluation on this split"
+        )
+    aligned = by_id.loc[ids]
+    choices = aligned["choice"].to_numpy() if fmt == "multiple_choice" else None
+    table = score_predictions(test, aligned["prediction"].tolist(), fmt, choices=choices)
+    log.info(
+        "%s: %d answers, accuracy %.4f, exact match %.4f",
+        where,
+        len(table),
+        table["correct"].mean(),
+        table["exact_match"].mean(),
+    )
     return table
 
 
