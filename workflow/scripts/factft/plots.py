@@ -27,6 +27,7 @@ from matplotlib.lines import Line2D
 from factft import subsets as subset_names
 from factft.errors import FactftError
 from factft.metrics import gold_metrics
+from factft.popularity import SCORERS, Scorer
 from factft.summary import GAP, LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics, read_summary
 from factft.tables import atomic_path, read_table
 
@@ -60,10 +61,7 @@ def plot_accuracy_vs_popularity(
     `scorer` (the dataset's popularity.scorer) names what ranks the facts on the axes.
     """
     # Where a model's confidence stands in for popularity (MMLU has none), the axes say so.
-    if scorer == "model_confidence":
-        ranking, ranked_first = "model confidence", "most confidently known"
-    else:
-        ranking, ranked_first = "popularity", "most popular"
+    ranking, ranked_first = SCORERS[scorer].ranking if scorer in SCORERS else Scorer.ranking
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.95):
         figure = Figure(figsize=(16, 4.8), layout="constrained")
         top_ax, decile_ax, guess_ax = figure.subplots(1, 3)

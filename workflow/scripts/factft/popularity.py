@@ -2,8 +2,9 @@
 
 A scorer is `fn(facts, params, context) -> pd.Series` (numbers aligned with `facts`); `params`
 is the dataset's `popularity` config block. Adding a scorer = one function + its SCORERS entry
-(a Scorer: what the config check, the download and the rules must know of it) + its name in
-the schema's `popularity.scorer` enum.
+(a Scorer: what the config check, the download, the rules and the figures must know of it) + its
+name in the schema's `popularity.scorer` enum + its sentence in the popularity figure's caption
+(report/accuracy_vs_popularity.rst, which names an unknown scorer as such).
 """
 
 from __future__ import annotations
@@ -93,15 +94,29 @@ class Scorer:
     needs_model: bool = False  # a model's confidence ranks: the model is part of the results path
     needs_pageviews: bool = False  # reads the table the `pageviews` rule fetches
     synthetic_only: bool = False  # reads the statement counts a synthetic world writes
+    # The `popularity_source` label after the scorer's name: what determines its numbers.
+    label: Callable[[dict], str] | None = None
+    # What the figures call its ranking, and its first facts.
+    ranking: tuple[str, str] = ("popularity", "most popular")
+
+
+def _pageviews_label(params: dict) -> str:
+    label = f"{params.get('project', 'en.wikipedia')}:{params.get('start')}-{params.get('end')}"
+    return label if params.get("follow_redirects", True) else f"{label}:titles-as-given"
 
 
 SCORERS = {
-    "column": Scorer(column, settings=("column",), required=("column",), source_column="column"),
+    "column": Scorer(
+        column, settings=("column",), required=("column",), source_column="column", label=lambda p: p["column"]
+    ),
     "pageviews": Scorer(
         pageviews, settings=("project", "start", "end", "title_column", "follow_redirects"),
-        source_column="title_column", needs_pageviews=True,
+        source_column="title_column", needs_pageviews=True, label=_pageviews_label,
     ),  # fmt: skip
-    "model_confidence": Scorer(model_confidence, settings=("model", "shots"), needs_model=True),
+    "model_confidence": Scorer(
+        model_confidence, settings=("model", "shots"), needs_model=True,
+        label=lambda p: f"{p['model']}:{p.get('shots')}-shot", ranking=("model confidence", "most confidently known"),
+    ),  # fmt: skip
     "pretraining_count": Scorer(pretraining_count, synthetic_only=True),
 }
 # The popularity keys that loading a dataset reads: other keys (page-view dates) leave the download alone.
@@ -110,15 +125,9 @@ DOWNLOAD_READS = ("scorer", *sorted({s.source_column for s in SCORERS.values() i
 
 def describe(params: dict) -> str:
     """The `popularity_source` label: scorer plus what determines its numbers."""
-    scorer = params["scorer"]
-    if scorer == "column":
-        return f"column:{params['column']}"
-    if scorer == "pageviews":
-        label = f"pageviews:{params.get('project', 'en.wikipedia')}:{params.get('start')}-{params.get('end')}"
-        return label if params.get("follow_redirects", True) else f"{label}:titles-as-given"
-    if scorer == "model_confidence":
-        return f"model_confidence:{params['model']}:{params.get('shots')}-shot"
-    return scorer
+    name = params["scorer"]
+    label = SCORERS[name].label if name in SCORERS else None
+    return f"{name}:{label(params)}" if label else name
 
 
 def add_popularity(
