@@ -48,6 +48,7 @@ from factft.theory_plots import (
     plot_salience,
     plot_subsets,
     sweep_tables,
+    write_sweep_tables,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,6 +329,26 @@ def test_gap_is_top_minus_bottom_per_seed_and_summary_counts_seeds_where_top_win
     summary = tables["gap_summary"].set_index("value")
     assert summary.loc[1.0, "gap"] == pytest.approx(0.1)
     assert summary.loc[1.0, "seeds_top_above"] == 1 and summary.loc[2.0, "seeds"] == 1
+
+
+def test_a_sweep_point_read_from_the_base_run_is_tagged_with_the_value_it_stands_for(tmp_path):
+    """A sweep's point at the base settings reads the base run's table (tagged sweep "base",
+    no value; factft.sweeps.run_of): the sweep's tables give it the sweep and its value."""
+    paths = []
+    for sweep, value, top in [("base", None, 0.8), ("zipf", 2.0, 0.9)]:
+        rows = [
+            {"sweep": sweep, "value": value, "seed": 0, "subset": subset, "accuracy": accuracy, "accuracy_head": accuracy}
+            for subset, accuracy in [("top", top), ("bottom", 0.5), ("random", 0.6), ("whole", 0.6)]
+        ]
+        paths.append(tmp_path / f"{sweep}.parquet")
+        pd.DataFrame(rows).to_parquet(paths[-1])
+    outputs = {name: tmp_path / f"{name}.tsv" for name in ("accuracy", "gap", "gap_summary")}
+    write_sweep_tables(paths, outputs, "zipf", [1.0, 2.0])
+    gap = pd.read_csv(outputs["gap"], sep="\t")
+    assert list(gap["sweep"]) == ["zipf", "zipf"] and list(gap["value"]) == [1.0, 2.0]
+    assert list(gap["gap"]) == pytest.approx([0.3, 0.4])
+    with pytest.raises(ValueError):  # a value per table: one missing is an error, not a shorter table
+        write_sweep_tables(paths, outputs, "zipf", [1.0])
 
 
 def test_base_point_tables_and_every_figure_are_written(tmp_path):
