@@ -337,7 +337,7 @@ def test_a_sweep_point_read_from_the_base_run_is_tagged_with_the_value_it_stands
     paths = []
     for sweep, value, top in [("base", None, 0.8), ("zipf", 2.0, 0.9)]:
         rows = [
-            {"sweep": sweep, "value": value, "seed": 0, "subset": subset, "accuracy": accuracy, "accuracy_head": accuracy}
+            dict(sweep=sweep, value=value, seed=0, subset=subset, accuracy=accuracy, accuracy_head=accuracy)
             for subset, accuracy in [("top", top), ("bottom", 0.5), ("random", 0.6), ("whole", 0.6)]
         ]
         paths.append(tmp_path / f"{sweep}.parquet")
