@@ -280,6 +280,10 @@ def test_a_train_log_without_steps_or_columns_is_named(tmp_path):
         read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "empty.tsv"))])
     with pytest.raises(FactftError, match=r"train log .*odd.tsv: no columns \['epoch', 'loss'\]"):
         read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "odd.tsv"))])
+    # A file cut to nothing (a job killed while writing it elsewhere than through write_tsv).
+    (tmp_path / "blank.tsv").write_text("")
+    with pytest.raises(FactftError, match=r"cannot read train log .*blank.tsv: No columns"):
+        read_train_logs([dict(subset="top", seed=0, path=str(tmp_path / "blank.tsv"))])
 
 
 @pytest.mark.parametrize("low,high", [(0.3, 20.0), (4.6, 9.4), (5.1, 5.9), (9.5, 10.5)])

@@ -31,6 +31,7 @@ import pandas as pd
 
 from factft.errors import FactftError
 from factft.prompts import chat_prompt, in_turn, prompt_text
+from factft.tables import read_tsv
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,7 @@ def read_attention(sources: Iterable[Mapping]) -> pd.DataFrame:
         path = Path(source["path"])
         if not path.is_file():
             raise FactftError(f"attention table {path} is missing; run the `attention` rule for it")
-        tables.append(pd.read_csv(path, sep="\t").assign(subset=source["subset"], seed=source["seed"]))
+        tables.append(read_tsv(path, "attention table").assign(subset=source["subset"], seed=source["seed"]))
     if not tables:
         raise FactftError("no attention tables to plot: the config has no subsets or seeds")
     return pd.concat(tables, ignore_index=True)
@@ -464,7 +465,7 @@ def make_attention_figures(
         if not Path(path).is_file():
             raise FactftError(f"attention example {path} is missing; run the `attention` rule for it")
         # Tokens are text: "NA" or "1990" must not turn into a missing value or a number.
-        tables[subset] = pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"token": str})
+        tables[subset] = read_tsv(path, "attention example", keep_default_na=False, dtype={"token": str})
     if not tables:
         raise FactftError(f"no attention example for model '{model}' on dataset '{dataset}' to plot")
     save_figure(plot_attention_by_layer(data, model, dataset), by_layer_paths)

@@ -29,7 +29,7 @@ from factft.errors import FactftError
 from factft.metrics import gold_metrics
 from factft.popularity import SCORERS, Scorer
 from factft.summary import GAP, LABELS, REFERENCES, SUBSETS, accuracy_by_percentile, collect_metrics, read_summary
-from factft.tables import atomic_path, read_table
+from factft.tables import atomic_path, read_table, read_tsv
 
 # One colour and marker per subset in every figure (seaborn's colourblind palette; the
 # markers keep lines apart in greyscale print).
@@ -329,7 +329,7 @@ def read_train_logs(sources: Iterable[Mapping]) -> pd.DataFrame:
     tables = []
     for source in sources:
         path = source["path"]
-        table = pd.read_csv(path, sep="\t")
+        table = read_tsv(path, "train log")
         missing = [c for c in TRAIN_LOG_COLUMNS if c not in table.columns]
         if missing or table.empty:
             raise FactftError(f"train log {path}: " + (f"no columns {missing}" if missing else "no steps"))

@@ -29,7 +29,7 @@ import pandas as pd
 from factft import subsets as subset_names
 from factft.errors import FactftError
 from factft.metrics import METRICS_COLUMNS, gold_metrics
-from factft.tables import read_table, write_tsv
+from factft.tables import read_table, read_tsv, write_tsv
 
 SUBSETS = subset_names.KINDS  # the paper's four: summary.tsv always has their columns
 REFERENCES = ("base", "fewshot", "cloze")
@@ -76,10 +76,7 @@ def collect_metrics(sources: Iterable[Mapping]) -> pd.DataFrame:
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """Read one metrics.tsv; a missing or malformed file is a FactftError naming it."""
-    try:
-        table = pd.read_csv(path, sep="\t")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise FactftError(f"cannot read metrics table {path}: {error}") from None
+    table = read_tsv(path, "metrics table")
     missing = [c for c in METRICS_COLUMNS if c not in table.columns and c not in OPTIONAL_METRICS]
     if missing:
         raise FactftError(
@@ -332,7 +329,7 @@ def make_summary(
 def read_summary(path: str | Path) -> pd.DataFrame:
     """summary.tsv as make_summary wrote it: a model or dataset named like a number ("007",
     "1e3") or a missing value ("NA") keeps the config's name."""
-    return pd.read_csv(path, sep="\t", dtype={"model": str, "dataset": str}, keep_default_na=False, na_values=[""])
+    return read_tsv(path, "summary table", dtype={"model": str, "dataset": str}, keep_default_na=False, na_values=[""])
 
 
 def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None) -> str:

@@ -162,6 +162,15 @@ def write_table(table: pd.DataFrame, path: str | Path) -> None:
         pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
 
 
+def read_tsv(path: str | Path, kind: str = "table", **options) -> pd.DataFrame:
+    """Read a tab-separated table (pandas.read_csv `options`); a missing or malformed file is a
+    FactftError naming it as `kind`."""
+    try:
+        return pd.read_csv(path, sep="\t", **options)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise FactftError(f"cannot read {kind} {path}: {error}") from None
+
+
 def write_tsv(table: pd.DataFrame, path: str | Path) -> None:
     """Write a tab-separated table atomically (metrics, summaries)."""
     with atomic_path(path) as tmp:
