@@ -40,7 +40,7 @@ MODEL_SCORERS = {name for name, scorer in SCORERS.items() if scorer.needs_model}
 # rules/finetune.smk), on a GPU when it is a hub model (rules/common.smk, model_gpus).
 MODEL_RULES = ("finetune", "evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention")
 # Rules whose benchmark path is an evaluation's, {model}/{dataset}/..., but that run no model:
-# they score its answers, on a CPU (rules/evaluate.smk).
+# they score its answers and make its metrics, on a CPU (rules/evaluate.smk).
 SCORING_RULES = ("score", "metrics")
 # Rules whose benchmark path starts with {dataset} or {ranked} (rules/data.smk).
 DATASET_RULES = ("popularity", "split", "subset", "pageviews")

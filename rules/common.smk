@@ -499,6 +499,7 @@ def evaluation_test(wildcards):
 
 
 def evaluation_format(wildcards):
+    """How the evaluation's dataset is asked, and so scored (open, multiple_choice)."""
     model, dataset = evaluated(wildcards)
     return DATASETS[dataset]["format"]
 

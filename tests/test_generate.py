@@ -752,9 +752,9 @@ def test_evaluate_and_cloze_rules_run_through_snakemake(tiny, tmp_path):
     weights.write_bytes(save({name: tensor / 2 for name, tensor in load_file(weights).items()}, {"format": "pt"}))
     rerun = snakemake("--dry-run")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    planned = set(re.findall(r"^(\w+)\s+\d+$", rerun.stdout, re.MULTILINE)) - {"total"}
+    replanned = set(re.findall(r"^(\w+)\s+\d+$", rerun.stdout, re.MULTILINE)) - {"total"}
     models = {"evaluate", "evaluate_base", "evaluate_fewshot", "cloze", "attention"}
-    assert planned == models | {"score", "metrics"}, rerun.stdout
+    assert replanned == models | {"score", "metrics"}, rerun.stdout
     # A local folder that is gone is named at start. Results made from it are kept (Snakemake
     # alone would keep them silently); a target whose own job reads it names it.
     assert snakemake("--touch").returncode == 0

@@ -144,7 +144,8 @@ def test_answers_are_scored_against_their_own_facts_whatever_their_order():
 def test_answers_that_do_not_cover_the_test_split_once_each_are_an_error_naming_them():
     facts = _test_facts()
     answers = answers_table(facts, ["a", "b", "c", "d"])
-    with pytest.raises(FactftError, match=r"run/answers.parquet: 3 answers .* 4 facts, e.g. f3 has none; rerun"):
+    remake = "remake it: snakemake --forcerun run/answers.parquet"
+    with pytest.raises(FactftError, match=rf"run/answers.parquet: 3 answers .* 4 facts, e.g. f3 has none; {remake}"):
         score_answers(facts, answers.iloc[:3], "open", where="run/answers.parquet")
     with pytest.raises(FactftError, match="5 answers to 4 ids"):
         score_answers(facts, pd.concat([answers, answers.iloc[:1]]), "open")
@@ -152,6 +153,8 @@ def test_answers_that_do_not_cover_the_test_split_once_each_are_an_error_naming_
         score_answers(facts.iloc[:3], answers, "open")
     with pytest.raises(FactftError, match=r"no column \['choice'\]"):
         score_answers(_test_facts(answer_index=[0] * 4), answers, "multiple_choice")
+    with pytest.raises(FactftError, match=r"1 answers are missing \(null\)"):
+        score_answers(facts, answers.assign(prediction=["a", None, "c", "d"]), "open")
 
 
 def test_multiple_choice_without_answer_index_is_a_user_error():

@@ -185,9 +185,12 @@ def score_answers(test: pd.DataFrame, answers: pd.DataFrame, fmt: str, where: st
     """The predictions table (score_predictions) of an evaluation's `answers` (answers_table)
     on the `test` facts it answered, matched by id. `where` names the answers in errors."""
     needed = ["id", "prediction", *(["choice"] if fmt == "multiple_choice" else [])]
+    remake = f"remake it: snakemake --forcerun {where} (with the run's options)"
     missing = [c for c in needed if c not in answers.columns]
     if missing:
-        raise FactftError(f"{where}: no column {missing}; rerun its evaluation")
+        raise FactftError(f"{where}: no column {missing}; {remake}")
+    if answers["prediction"].isna().any():
+        raise FactftError(f"{where}: {int(answers['prediction'].isna().sum())} answers are missing (null); {remake}")
     by_id = answers.assign(id=answers["id"].astype(str)).drop_duplicates("id").set_index("id")
     ids = test["id"].astype(str)
     absent = ids[~ids.isin(by_id.index)]
@@ -195,7 +198,7 @@ def score_answers(test: pd.DataFrame, answers: pd.DataFrame, fmt: str, where: st
         example = f", e.g. {absent.iloc[0]} has none" if len(absent) else ""
         raise FactftError(
             f"{where}: {len(answers)} answers to {answers['id'].nunique()} ids for the test split's "
-            f"{len(test)} facts{example}; rerun its evaluation on this split"
+            f"{len(test)} facts{example}; {remake}"
         )
     aligned = by_id.loc[ids]
     choices = aligned["choice"].to_numpy() if fmt == "multiple_choice" else None

@@ -1,6 +1,6 @@
 """Summaries over seeds of the metrics tables: the analog of the paper's results table, and the plotted data.
 
-Each evaluation writes a long metrics table (factft.metrics: scope, x, n, accuracy,
+Each evaluation's scores make a long metrics table (factft.metrics: scope, x, n, accuracy,
 exact_match, relation_guess: the share answered with the relation's commonest answer). A
 *source* labels one such file: {model, dataset, subset, seed, path}, where subset is a
 finetuning subset (top, bottom, random, whole, or a sized one such as top25:
