@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 
 from factft.errors import FactftError
-from factft.pageviews import fact_articles
 from factft.tables import check_facts, drop_invalid, read_table
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,8 @@ def column(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Ser
 
 def pageviews(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
     """The subject's Wikipedia page views, from the table the `pageviews` rule fetched."""
+    from factft.pageviews import fact_articles  # requests: the figures' env, which reads SCORERS, has none
+
     if context.pageviews is None:
         raise FactftError(
             f"dataset '{context.dataset}': scorer pageviews needs the page-view table; "
