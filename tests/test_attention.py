@@ -12,14 +12,16 @@ from factft.attention import (
     analyse_attention,
     attention_by_layer,
     last_position_attention,
+    prompt_tokens,
+    example_index,
+    select_questions,
+    require_eager_attention,
+)
+from factft.attention_plots import (
     make_attention_figures,
     plot_attention_by_layer,
     plot_attention_heatmaps,
-    prompt_tokens,
-    example_index,
     read_attention,
-    select_questions,
-    require_eager_attention,
 )
 from factft import models
 from factft.errors import FactftError

@@ -1,4 +1,4 @@
-from factft.attention import make_attention_figures
+from factft.attention_plots import make_attention_figures
 from factft.logging import to_log
 
 with to_log(snakemake.log[0]):
