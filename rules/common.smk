@@ -230,12 +230,17 @@ def source_file(wildcards):
 
 
 def scoring_question(wildcards):
-    """The prompt and format a model's confidence is asked in; None for the scorers that run
-    no model, so that a prompt edit does not rerun their popularity (and split) jobs."""
+    """The prompt and format a model's confidence is asked in (for multiple choice, with the
+    choice score evaluation picks by); None for the scorers that run no model, so that a
+    prompt edit does not rerun their popularity (and split) jobs."""
     dataset, scorer = ranking_of(wildcards)
     if scorer is None:
         return None
-    return {"prompt": prompt_params(wildcards), "fmt": DATASETS[dataset]["format"]}
+    fmt = DATASETS[dataset]["format"]
+    question = {"prompt": prompt_params(wildcards), "fmt": fmt}
+    if fmt == "multiple_choice":
+        question["choice_score"] = config["evaluate"]["choice_score"]
+    return question
 
 
 def popularity_model(wildcards):

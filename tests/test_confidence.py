@@ -109,6 +109,27 @@ def test_multiple_choice_confidence_is_the_softmax_over_choices_at_the_gold_one(
     assert scores.loc[10] + flipped.loc[10] == pytest.approx(1.0)
 
 
+def test_multiple_choice_confidence_scores_choices_per_token_as_evaluation_does_with_choice_score_mean(spec):
+    """With evaluate.choice_score: mean, a long choice is not ranked down for its length alone:
+    the softmax is over the per-token log-likelihoods evaluation picks by."""
+    from factft.generate import choice_logprobs
+    from factft.models import load_model
+    from factft.popularity import SCORERS, ScoringContext
+
+    facts = facts_table().assign(
+        choices=[["Lyon", "Rome the city of the job of Lyon"]] * 6, answer_index=[1, 1, 1, 0, 0, 0]
+    )
+    summed = model_confidence_scores(facts, spec, 1, PROMPT, "multiple_choice")
+    context = ScoringContext("x", fmt="multiple_choice", prompt=PROMPT, model=spec, choice_score="mean")
+    per_token = SCORERS["model_confidence"].score(facts, {"shots": 1}, context)
+    model, tokenizer = load_model(spec, device="cpu")
+    prompt = few_shot_prefixes(facts, shots=1, prompt=PROMPT)[0] + "Q: Where was Ilmo Varsk born ? A:"
+    options = [" Lyon", " Rome the city of the job of Lyon"]
+    means = choice_logprobs(model, tokenizer, [prompt], [options], batch_size=1, mean=True)[0]
+    assert per_token.loc[10] == pytest.approx(np.exp(means[1]) / np.exp(means).sum(), rel=1e-6)
+    assert per_token.loc[10] > summed.loc[10]  # the long gold choice, no longer paid for its length
+
+
 def test_lettered_confidence_is_the_softmax_over_the_letters_after_lettered_demonstrations(bpe_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 

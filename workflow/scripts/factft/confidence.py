@@ -29,12 +29,14 @@ def confidence_scores(
     fmt: str,
     *,
     batch_size: int = 16,
+    choice_score: str = "sum",
     where: str = "the model",
 ) -> np.ndarray:
     """Probability of each fact's gold answer under the few-shot prompt (float64 in [0, 1]).
 
     Open QA: the product of the gold answer's token probabilities (teacher forcing).
-    Multiple choice: the softmax over the choices' summed log-likelihoods, at the gold choice;
+    Multiple choice: the softmax over the choices' log-likelihoods, summed or per token as
+    evaluation picks a choice (`choice_score`, evaluate.choice_score), at the gold choice;
     with lettered answers, with the model's letter preference taken out (without_letter_prior).
     `where` names the scorer and model in errors.
     """
@@ -49,7 +51,9 @@ def confidence_scores(
         answers = [gold_answer(fact, prompt["answer"]) for fact in records]
         return np.exp(answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size, where=where))
     options = [choice_answers(choices, prompt["answer"]) for choices in facts["choices"]]
-    scores = choice_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, where=where)
+    scores = choice_logprobs(
+        model, tokenizer, prompts, options, batch_size=batch_size, mean=choice_score == "mean", where=where
+    )
     probabilities = [_softmax(s) for s in scores]
     if "{letter}" in prompt["answer"]:
         probabilities = without_letter_prior(probabilities)
@@ -89,6 +93,7 @@ def model_confidence_scores(
     fmt: str,
     *,
     batch_size: int = 16,
+    choice_score: str = "sum",
     device: str | None = None,
 ) -> pd.Series:
     """The scorer: the pretrained model `model` (a `model_spec` dict) scores every fact.
@@ -106,6 +111,8 @@ def model_confidence_scores(
         return pd.Series([], index=facts.index, dtype="float64", name="model_confidence")
     loaded, tokenizer = load_model(model, device=device)
     prompt = chat_prompt(model, tokenizer, prompt)
-    scores = confidence_scores(loaded, tokenizer, facts, shots, prompt, fmt, batch_size=batch_size, where=where)
+    scores = confidence_scores(
+        loaded, tokenizer, facts, shots, prompt, fmt, batch_size=batch_size, choice_score=choice_score, where=where
+    )
     log.info("%s: %d facts, %d shots, mean confidence %.4f", where, len(facts), shots, float(scores.mean()))
     return pd.Series(np.clip(scores, 0.0, 1.0), index=facts.index, dtype="float64", name="model_confidence")

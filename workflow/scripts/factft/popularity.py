@@ -34,6 +34,7 @@ class ScoringContext:
     model: dict | None = None  # model_spec of the scoring model, for model_confidence
     pageviews: str | Path | None = None  # table written by the `pageviews` rule
     batch_size: int = 16  # rows per forward pass of model_confidence (evaluate.batch_size)
+    choice_score: str = "sum"  # multiple choice: as evaluation picks a choice (evaluate.choice_score)
 
 
 def column(facts: pd.DataFrame, params: dict, context: ScoringContext) -> pd.Series:
@@ -67,7 +68,13 @@ def model_confidence(facts: pd.DataFrame, params: dict, context: ScoringContext)
     if context.model is None:
         raise FactftError(f"dataset '{context.dataset}': scorer model_confidence needs popularity.model")
     return model_confidence_scores(
-        facts, context.model, params["shots"], context.prompt, context.fmt, batch_size=context.batch_size
+        facts,
+        context.model,
+        params["shots"],
+        context.prompt,
+        context.fmt,
+        batch_size=context.batch_size,
+        choice_score=context.choice_score,
     )
 
 
