@@ -24,6 +24,7 @@ from factft.train import (
     make_optimizer,
     out_of_memory,
     learning_rate,
+    log_examples,
     epoch_batches,
     prepare_model,
     trainable_parameters,
@@ -104,6 +105,18 @@ def test_loss_counts_only_answer_tokens(tiny_model_dir, facts):
     assert counted.sum(dim=1).tolist() == [2, 3, 2]
     manual = torch.nn.functional.cross_entropy(logits[:, :-1][counted], targets[counted])
     assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_examples_cut_to_max_length_are_warned_about(tiny_model_dir, facts, caplog):
+    """A prompt cut at its start (a chat model's system turn) trains on another prompt than
+    evaluation asks: the finetune's log warns, and so the console (factft.logging)."""
+    tokenizer = load_model(spec(tiny_model_dir), device="cpu")[1]
+    with caplog.at_level("WARNING"):
+        log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=32), tokenizer, 32)
+    assert "reach finetune.max_length" not in caplog.text
+    with caplog.at_level("WARNING"):
+        log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=4), tokenizer, 4)
+    assert f"{len(facts)} of {len(facts)} finetuning examples reach finetune.max_length 4" in caplog.text
 
 
 def test_lora_trains_a_small_part_and_full_trains_every_weight(tiny_model_dir):

@@ -94,7 +94,8 @@ def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length:
 
 def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
     """The first example as the model reads it (prompt -> target), and how many fill
-    max_length (their prompts may have lost their start): a prompt template's effect, seen."""
+    max_length: a prompt template's effect, seen. Those are warned about: their prompts may
+    have lost their start (a chat model's system turn first), which evaluation keeps."""
     first = encoded[0]
     cut = sum(1 for label in first["labels"] if label == IGNORE)
     full = sum(1 for example in encoded if len(example["input_ids"]) >= max_length)
@@ -106,6 +107,14 @@ def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
         full,
         max_length,
     )
+    if full:
+        log.warning(
+            "%d of %d finetuning examples reach finetune.max_length %d: their prompts may be cut at the "
+            "start, so the model trains on other prompts than it is asked; raise finetune.max_length",
+            full,
+            len(encoded),
+            max_length,
+        )
 
 
 def epoch_batches(
