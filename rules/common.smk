@@ -548,7 +548,8 @@ if workflow.is_main_process:
     for unread in sorted(set(DATASETS) - {dataset for _, dataset in experiments()}):
         logger.warning(
             f"dataset '{unread}': no model reads it (a model pretrained here knows only its own "
-            "world's words), so `all` finetunes and evaluates nothing on it: add a hub model"
+            "world's words), so `all` finetunes and evaluates nothing on it: add a hub model or a "
+            "local model folder"
         )
 
 

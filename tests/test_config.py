@@ -225,6 +225,15 @@ def test_per_model_finetune_overrides_merge_and_are_checked():
         finetune_settings(config, "llama2-7b")
 
 
+def test_overrides_of_a_model_and_a_dataset_it_never_runs_on_do_not_clash():
+    """The demo's tiny model reads only its own world: a hub dataset's override is not its."""
+    config = load("demo.yaml")
+    config["datasets"]["popqa"] = dict(load("config.yaml")["datasets"]["popqa"], finetune={"max_length": 64})
+    config["models"]["tiny"]["finetune"] = {"max_length": 32}
+    config = validated(config)
+    assert finetune_settings(config, "tiny", "synth")["max_length"] == 32
+
+
 def test_per_dataset_finetune_overrides_merge_and_a_clash_with_a_models_is_named():
     config = load("config.yaml")
     config["datasets"]["entityquestions"]["finetune"] = {"epochs": 1, "lora": {"r": 8}}

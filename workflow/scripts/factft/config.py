@@ -154,7 +154,7 @@ def check_config(config: dict) -> None:
         for key in CHAT_KEYS:
             if model.get(key) and not model.get("chat"):
                 raise FactftError(f"models.{name}.{key}: the chat template is used only with models.{name}.chat: true")
-        for dataset in datasets:
+        for dataset in (d for d in datasets if model_reads(config, name, d)):  # the pairs that run
             method = finetune_settings(config, name, dataset)["method"]
             if model.get("quantize") and method != "qlora":
                 # lora would train over the 4-bit base all the same; full cannot train 4-bit weights.
