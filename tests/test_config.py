@@ -21,6 +21,7 @@ from factft.config import (
     finetune_job_settings,
     finetune_settings,
     missing_local_paths,
+    prepare_config,
     prompt_settings,
     sort_settings,
 )
@@ -223,6 +224,23 @@ def test_per_model_finetune_overrides_merge_and_are_checked():
     config["models"]["llama2-7b"]["finetune"] = {"method": "dora"}
     with pytest.raises(FactftError, match=r"models\.llama2-7b\.finetune\.method"):
         finetune_settings(config, "llama2-7b")
+
+
+def test_a_local_model_folder_that_cannot_be_loaded_stops_the_workflow_at_start(tmp_path):
+    """Before any data job runs: not when its first model job fails (on a GPU node, retried)."""
+    config = load("demo.yaml")
+    config["models"]["mine"] = {"source": {"path": str(tmp_path)}}
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FactftError, match=rf"model 'mine': no safetensors weights in {tmp_path} .*pytorch_model.bin"):
+        prepare_config(copy.deepcopy(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FactftError, match=rf"model 'mine': no tokenizer files in {tmp_path}"):
+        prepare_config(copy.deepcopy(config))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    prepare_config(copy.deepcopy(config))
+    config["models"]["mine"]["chat"] = True
+    with pytest.raises(FactftError, match=r"models.mine.chat is on, but .* holds no chat template"):
+        prepare_config(copy.deepcopy(config))
 
 
 def test_overrides_of_a_model_and_a_dataset_it_never_runs_on_do_not_clash():

@@ -112,6 +112,7 @@ def test_missing_gguf_file_is_named(tiny_model_dir):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here torch can use the GPU it is given")
 def test_a_job_given_a_gpu_its_torch_cannot_use_stops_before_loading_a_large_model(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")  # the folder check passes; never read
     with open(tmp_path / "model.safetensors", "wb") as weights:
         weights.truncate(3 * 2**30)  # sparse: 3.2 GB to stat, nothing on disk, never read
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what SLURM sets for `sbatch --gpus=1`

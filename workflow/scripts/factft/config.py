@@ -18,6 +18,7 @@ import yaml
 
 from factft import subsets
 from factft.errors import FactftError
+from factft.model_folder import check_model_folder
 from factft.pageviews import check_range
 from factft.popularity import SCORERS
 from factft.prompts import FIELDS
@@ -202,6 +203,17 @@ def missing_local_paths(config: dict) -> list[str]:
         elif gguf and not (Path(path) / gguf).is_file():
             missing.append(f"models.{name}.source.gguf_file: no file {gguf} in {path}")
     return missing
+
+
+def check_local_models(config: dict) -> None:
+    """A local model folder (`source.path`) that is there must hold what a job loads: found
+    now, not when its first model job fails after the data jobs ran (missing_local_paths warns
+    of one that is not there)."""
+    for name, model in config["models"].items():
+        source = model["source"]
+        if "path" in source and Path(source["path"]).is_dir():
+            spec = dict(name=name, path=source["path"], gguf_file=source.get("gguf_file"), chat=model.get("chat"))
+            check_model_folder(spec)
 
 
 # Maps the user names and orders (the order of figures and tables); every other block is
@@ -427,6 +439,7 @@ def prepare_config(config: dict) -> None:
     check_numbers(config)
     validate_config(config)
     check_config(config)
+    check_local_models(config)
     check_simulation(config["simulation"])
     sort_settings(config)
 

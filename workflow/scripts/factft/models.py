@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from factft.errors import FactftError
+from factft.model_folder import check_model_folder, check_tokenizer_files
 from factft.net import hub_connection_errors, hub_failure
 from factft.tables import atomic_dir, check_new_dir
 
@@ -122,47 +123,6 @@ def peak_memory(device) -> str:
 
 
 # What a tokenizer loads from (fast, sentencepiece, BPE, WordPiece, tiktoken).
-TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
-
-
-def check_model_folder(spec: dict) -> None:
-    """Fail early, naming the model, when its folder holds nothing we are allowed to load."""
-    name, path = spec["name"], Path(spec["path"])
-    if not path.is_dir():
-        raise FactftError(
-            f"model '{name}': folder {path} does not exist; run `snakemake download_models` where "
-            f"there is internet, or set models.{name}.source.path to a local model folder"
-        )
-    gguf = spec.get("gguf_file")
-    if gguf:
-        if not (path / gguf).is_file():
-            raise FactftError(
-                f"model '{name}': GGUF file {gguf} (models.{name}.source.gguf_file) is not in {path}; "
-                f"files there: {sorted(p.name for p in path.iterdir())[:10]}"
-            )
-        return
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise FactftError(
-            f"model '{name}': no safetensors weights in {path} (found {found}); only *.safetensors "
-            "or a GGUF file are loaded, since pickled .bin weights can run code: convert the "
-            f"weights, or set models.{name}.source.path / gguf_file to a folder that has them"
-        )
-    if spec.get("chat") and not has_chat_template(path):
-        raise FactftError(
-            f"model '{name}': models.{name}.chat is on, but {path} holds no chat template "
-            "(chat_template.jinja, or chat_template in tokenizer_config.json): is it an instruction-tuned model?"
-        )
-
-
-def has_chat_template(path: Path) -> bool:
-    """Whether a model folder ships a chat template, in either of the places transformers reads."""
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
-        return True
-    config = path / "tokenizer_config.json"
-    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
-
-
 def trained_quantization(adapter: str | Path) -> str | None:
     """The quantization of the base an adapter was trained on ("nf4" for QLoRA), from the
     trained.json that factft's finetune writes beside it; None for other adapters."""
@@ -254,14 +214,8 @@ def load_model(
     common = {"local_files_only": True, "trust_remote_code": trust}
     source = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     # The tokenizer first: checked in a second, where the weights may take minutes.
-    if not gguf and not any(any(weights.glob(pattern)) for pattern in TOKENIZER_FILES):
-        # transformers' own error would blame a missing package (sentencepiece or tiktoken)
-        files = sorted(p.name for p in weights.iterdir())[:12]
-        raise FactftError(
-            f"model '{name}': no tokenizer files in {weights} (files: {files}); save the model's tokenizer "
-            f"there (tokenizer.json, or tokenizer.model / vocab.json + merges.txt with tokenizer_config.json), "
-            f"or set models.{name}.source.path to a folder that has one"
-        )
+    if not gguf:
+        check_tokenizer_files(name, weights)
     tokenizer = AutoTokenizer.from_pretrained(weights, **common, **({"gguf_file": gguf} if gguf else {}))
     check_tokenizer(tokenizer, name, weights)
     if tokenizer.pad_token is None:
