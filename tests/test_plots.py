@@ -214,6 +214,16 @@ def test_overview_has_a_panel_per_dataset_a_bar_per_subset_and_the_gap_per_model
     assert "bootstrap" not in figure.legends[0].get_title().get_text()  # no interval, none named
 
 
+def test_overview_marks_a_model_that_does_not_run_on_a_dataset(tmp_path):
+    """An empty slot would read as accuracy 0 (the demo's tiny model reads only its own world)."""
+    sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa") + make_sources(
+        tmp_path, GRID, model="m2", dataset="synth"
+    )
+    popqa, synth = overview_of(sources).axes
+    assert [t.get_text() for t in popqa.texts] == ["Δ +0.30", "not run"]
+    assert [t.get_text() for t in synth.texts] == ["not run", "Δ +0.30"]
+
+
 def test_overview_gives_the_gaps_bootstrap_interval_from_the_summary(tmp_path):
     sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa")
     figure = overview_of(sources, intervals={("m1", "popqa"): (0.21, 0.38)})

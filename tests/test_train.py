@@ -119,6 +119,18 @@ def test_examples_cut_to_max_length_are_warned_about(tiny_model_dir, facts, capl
     assert f"{len(facts)} of {len(facts)} finetuning examples reach finetune.max_length 4" in caplog.text
 
 
+def test_examples_the_tokenizer_reads_as_unknown_are_warned_about(tiny_model_dir, facts, caplog):
+    """A model pretrained on another world's words (a copied folder escapes the config check)."""
+    tokenizer = load_model(spec(tiny_model_dir), device="cpu")[1]
+    with caplog.at_level("WARNING"):
+        log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=32), tokenizer, 32)
+    assert "unknown to the tokenizer" not in caplog.text
+    strange = facts.assign(question=["Wo wurde Qxzv Ppqr geboren ?"] * len(facts))
+    with caplog.at_level("WARNING"):
+        log_examples(encode_examples(strange, tokenizer, PROMPT, max_length=32), tokenizer, 32)
+    assert "tokens are unknown to the tokenizer (<unk>): this model cannot read these questions" in caplog.text
+
+
 def test_lora_trains_a_small_part_and_full_trains_every_weight(tiny_model_dir):
     full = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings(method="full"))
     lora = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings(method="lora"))

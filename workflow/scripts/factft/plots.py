@@ -281,6 +281,11 @@ def plot_overview(metrics: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             dots = {s: "0.15" for s in subsets}
             sns.stripplot(**common, dodge=True, jitter=False, palette=dots, size=3, legend=False)
             for position, model in enumerate(models):
+                if not (data["model"] == model).any():  # a pair the grid leaves out: not a zero
+                    ax.annotate(
+                        "not run", (position, 0.02), xycoords=("data", "axes fraction"), ha="center", color="0.4"
+                    )
+                    continue
                 gap = gaps.loc[(model, dataset)] if (model, dataset) in gaps.index else None
                 if gap is None or pd.isna(gap[f"{GAP}_mean"]):
                     continue

@@ -92,10 +92,15 @@ def encode_examples(examples: pd.DataFrame, tokenizer, prompt: dict, max_length:
     ]
 
 
+# Above this share of unknown tokens, a tokenizer cannot read the examples: warned about.
+UNKNOWN_SHARE = 0.05
+
+
 def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
     """The first example as the model reads it (prompt -> target), and how many fill
     max_length: a prompt template's effect, seen. Those are warned about: their prompts may
-    have lost their start (a chat model's system turn first), which evaluation keeps."""
+    have lost their start (a chat model's system turn first), which evaluation keeps. So are
+    examples that the tokenizer reads as unknown tokens."""
     first = encoded[0]
     cut = sum(1 for label in first["labels"] if label == IGNORE)
     full = sum(1 for example in encoded if len(example["input_ids"]) >= max_length)
@@ -114,6 +119,16 @@ def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
             full,
             len(encoded),
             max_length,
+        )
+    unknown = sum(sum(1 for token in example["input_ids"] if token == tokenizer.unk_token_id) for example in encoded)
+    tokens = sum(len(example["input_ids"]) for example in encoded)
+    if tokenizer.unk_token_id is not None and unknown > UNKNOWN_SHARE * tokens:
+        log.warning(
+            "%d of the finetuning examples' %d tokens are unknown to the tokenizer (%s): this model cannot "
+            "read these questions (a model pretrained on another world's words?)",
+            unknown,
+            tokens,
+            tokenizer.unk_token,
         )
 
 
