@@ -9,6 +9,7 @@ from pathlib import Path
 
 from factft.errors import FactftError
 
+# What a tokenizer loads from (fast, sentencepiece, BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 

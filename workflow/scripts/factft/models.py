@@ -122,7 +122,6 @@ def peak_memory(device) -> str:
     return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
-# What a tokenizer loads from (fast, sentencepiece, BPE, WordPiece, tiktoken).
 def trained_quantization(adapter: str | Path) -> str | None:
     """The quantization of the base an adapter was trained on ("nf4" for QLoRA), from the
     trained.json that factft's finetune writes beside it; None for other adapters."""
