@@ -238,7 +238,9 @@ def scoring_question(wildcards):
         return None
     fmt = DATASETS[dataset]["format"]
     question = {"prompt": prompt_params(wildcards), "fmt": fmt}
-    if fmt == "multiple_choice":
+    # At "sum", what the scorer did before it read the setting: left out, so that finished
+    # popularity jobs (and all after them) are not planned again.
+    if fmt == "multiple_choice" and config["evaluate"]["choice_score"] != "sum":
         question["choice_score"] = config["evaluate"]["choice_score"]
     return question
 

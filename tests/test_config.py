@@ -241,6 +241,10 @@ def test_a_local_model_folder_that_cannot_be_loaded_stops_the_workflow_at_start(
     config["models"]["mine"]["chat"] = True
     with pytest.raises(FactftError, match=r"models.mine.chat is on, but .* holds no chat template"):
         prepare_config(copy.deepcopy(config))
+    # A gguf_file that is not there is warned about (missing_local_paths), as a missing folder is.
+    config["models"]["mine"] = {"source": {"path": str(tmp_path), "gguf_file": "m.gguf"}}
+    prepare_config(copy.deepcopy(config))
+    assert missing_local_paths(config) == [f"models.mine.source.gguf_file: no file m.gguf in {tmp_path}"]
 
 
 def test_overrides_of_a_model_and_a_dataset_it_never_runs_on_do_not_clash():

@@ -129,6 +129,12 @@ def test_examples_the_tokenizer_reads_as_unknown_are_warned_about(tiny_model_dir
     with caplog.at_level("WARNING"):
         log_examples(encode_examples(strange, tokenizer, PROMPT, max_length=32), tokenizer, 32)
     assert "tokens are unknown to the tokenizer (<unk>): this model cannot read these questions" in caplog.text
+    # GPT-2's family: the end-of-text token, after every answer, is its unk too.
+    caplog.clear()
+    tokenizer.unk_token = tokenizer.eos_token
+    with caplog.at_level("WARNING"):
+        log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=32), tokenizer, 32)
+    assert "unknown to the tokenizer" not in caplog.text
 
 
 def test_lora_trains_a_small_part_and_full_trains_every_weight(tiny_model_dir):

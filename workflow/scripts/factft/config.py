@@ -208,10 +208,11 @@ def missing_local_paths(config: dict) -> list[str]:
 def check_local_models(config: dict) -> None:
     """A local model folder (`source.path`) that is there must hold what a job loads: found
     now, not when its first model job fails after the data jobs ran (missing_local_paths warns
-    of one that is not there)."""
+    of one that is not there, or a missing gguf_file in it)."""
     for name, model in config["models"].items():
         source = model["source"]
-        if "path" in source and Path(source["path"]).is_dir():
+        gguf = source.get("gguf_file")
+        if "path" in source and Path(source["path"]).is_dir() and (not gguf or (Path(source["path"]) / gguf).is_file()):
             spec = dict(name=name, path=source["path"], gguf_file=source.get("gguf_file"), chat=model.get("chat"))
             check_model_folder(spec)
 

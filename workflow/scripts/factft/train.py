@@ -120,9 +120,12 @@ def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
             len(encoded),
             max_length,
         )
-    unknown = sum(sum(1 for token in example["input_ids"] if token == tokenizer.unk_token_id) for example in encoded)
+    # GPT-2's family uses its end-of-text token as unk too: that one is no unknown word.
+    special = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    unk = tokenizer.unk_token_id
+    unknown = sum(sum(1 for token in example["input_ids"] if token == unk) for example in encoded)
     tokens = sum(len(example["input_ids"]) for example in encoded)
-    if tokenizer.unk_token_id is not None and unknown > UNKNOWN_SHARE * tokens:
+    if unk is not None and unk not in special and unknown > UNKNOWN_SHARE * tokens:
         log.warning(
             "%d of the finetuning examples' %d tokens are unknown to the tokenizer (%s): this model cannot "
             "read these questions (a model pretrained on another world's words?)",
