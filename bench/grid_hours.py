@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft import subsets  # noqa: E402
-from factft.config import finetune_settings, load_config, model_reads, prompt_settings  # noqa: E402
+from factft.config import finetune_settings, load_config, prompt_settings, runs_on  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 from factft.popularity import SCORERS  # noqa: E402
 
@@ -82,7 +82,7 @@ def dataset_work(config: dict, name: str, size: int) -> dict:
     else:
         prompt, target = choice_tokens(prompt_settings(config, name))
         tokens = prompt + target
-    readers = [model for model in config["models"] if model_reads(config, model, name)]  # the workflow's pairs
+    readers = [model for model in config["models"] if runs_on(config, model, name)]  # the workflow's pairs
     models, seeds = len(readers), len(config["seeds"])
     examples = longest = 0.0
     for model in readers:
@@ -177,7 +177,7 @@ def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: str) -
 
 def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> dict:
     """Real tokens/s of finetuning and questions/s of evaluation, factft's and the baseline's."""
-    pairs = [(m, d) for m in config["models"] for d in config["datasets"] if model_reads(config, m, d)]
+    pairs = [(m, d) for m in config["models"] for d in config["datasets"] if runs_on(config, m, d)]
     settings = [finetune_settings(config, m, d) for m, d in pairs]
     variants = {finetune_variant(s) for s in settings}
     paths = {factft_finetune_path(s) for s in settings}

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft import subsets  # noqa: E402
-from factft.config import load_config, model_reads  # noqa: E402
+from factft.config import load_config, model_reads, model_resources, runs_on  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 from factft.popularity import SCORERS  # noqa: E402
 from factft.sweeps import run_of, sweep_points  # noqa: E402
@@ -101,8 +101,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         return None, None
     if (model is not None and model not in config["models"]) or dataset not in config["datasets"]:
         return None
-    if model is not None and not model_reads(config, model, dataset):
-        return None  # a pair the grid leaves out (a model pretrained here, another world)
+    if model is not None and not runs_on(config, model, dataset):
+        return None  # a pair the grid leaves out (another world's model, or one not in models.<m>.datasets)
     if rule == "subset" and rest[0] not in config["subsets"]:  # {ranked}/{cut}
         return None
     if (rule in MODEL_RULES or rule in SCORING_RULES) and len(rest) == 3:  # a run: .../{subset}/seed{seed}
@@ -124,8 +124,8 @@ def simulation_run_is_current(simulation: dict, sweep: str, point: str, seed: st
 
 
 def job_device(config: dict, model: str | None) -> str:
-    """A job that runs a hub model had a GPU (rules/common.smk, model_gpus); the tiny model runs on CPU."""
-    return "gpu" if model is not None and "pretrain" not in config["models"][model]["source"] else "cpu"
+    """A job that runs a model had a GPU unless its resources say none (rules/common.smk, model_gpus)."""
+    return "gpu" if model is not None and model_resources(config, model)["gpu"] else "cpu"
 
 
 def usage_table(jobs: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,9 @@ from factft.config import (
     finetune_settings,
     missing_local_paths,
     model_reads,
+    model_resources,
     prompt_settings,
+    runs_on,
 )
 from factft.popularity import DOWNLOAD_READS, SCORERS
 from factft.sweeps import BASE as SIM_BASE
@@ -253,22 +255,21 @@ def popularity_model(wildcards):
 
 def popularity_gpus(wildcards):
     scorer = ranking_of(wildcards)[1]
-    return 0 if scorer is None or tiny_model(scorer) else 1
-
-
-# Megabytes of host memory for a job that loads a hub model: a 7B checkpoint passes through
-# host memory on its way to the GPU (~2x its bf16 size).
-HUB_MODEL_MEM_MB = 32000
+    return 0 if scorer is None else model_resources(config, scorer)["gpu"]
 
 
 def popularity_mem_mb(wildcards, attempt):
-    """Host memory: a hub model's where one scores the facts, else a CPU job's."""
-    return (HUB_MODEL_MEM_MB if popularity_gpus(wildcards) else 4000) * attempt
+    """Host memory: the scoring model's where one scores the facts, at least a CPU job's."""
+    scorer = ranking_of(wildcards)[1]
+    mem_mb = 4000 if scorer is None else max(4000, model_resources(config, scorer)["mem_mb"])
+    return mem_mb * attempt
 
 
 def popularity_runtime(wildcards, attempt):
-    """Minutes; a hub model scores each fact once (MMLU's 14k: minutes on one GPU)."""
-    return (120 if popularity_gpus(wildcards) else 60) * attempt
+    """Minutes; a model scores each fact once, as an evaluation (MMLU's 14k: minutes on one GPU)."""
+    scorer = ranking_of(wildcards)[1]
+    minutes = 60 if scorer is None else max(60, model_resources(config, scorer)["evaluate_runtime"])
+    return minutes * attempt
 
 
 def download_targets():
@@ -377,13 +378,19 @@ def model_spec(model):
 
 
 def base_model(wildcards):
-    if not model_reads(config, wildcards.model, wildcards.dataset):
-        world = MODELS[wildcards.model]["source"]["pretrain"]["dataset"]
+    model, dataset = wildcards.model, wildcards.dataset
+    if not model_reads(config, model, dataset):
+        world = MODELS[model]["source"]["pretrain"]["dataset"]
         raise WorkflowError(
-            f"model '{wildcards.model}' is pretrained on dataset '{world}''s world and knows no other "
-            f"words: its tokenizer would read '{wildcards.dataset}''s questions as <unk>"
+            f"model '{model}' is pretrained on dataset '{world}''s world and knows no other "
+            f"words: its tokenizer would read '{dataset}''s questions as <unk>"
         )
-    return model_inputs(wildcards.model)
+    if not runs_on(config, model, dataset):
+        raise WorkflowError(
+            f"model '{model}' runs on the datasets models.{model}.datasets lists ({', '.join(MODELS[model]['datasets'])}), "
+            f"not on '{dataset}': add it there"
+        )
+    return model_inputs(model)
 
 
 def base_model_spec(wildcards):
@@ -437,15 +444,15 @@ def tiny_model(model):
 
 
 def model_gpus(wildcards):
-    """One GPU for a job that runs a hub model, none for the tiny demo model. Without the
-    SLURM profile this still matters: `--resources gpu=1` runs them one at a time."""
-    return 0 if tiny_model(wildcards.model) else 1
+    """One GPU for a job that runs a hub model, none for the tiny demo model (factft.config.
+    model_resources). Without the SLURM profile this still matters: `--resources gpu=1` runs
+    them one at a time."""
+    return model_resources(config, wildcards.model)["gpu"]
 
 
 def model_mem_mb(wildcards, attempt):
-    """Host memory of a job that loads the model (finetune, evaluate, attention); a tiny
-    model takes little."""
-    return (2000 if tiny_model(wildcards.model) else HUB_MODEL_MEM_MB) * attempt
+    """Host memory of a job that loads the model (finetune, evaluate, attention)."""
+    return model_resources(config, wildcards.model)["mem_mb"] * attempt
 
 
 def finetune_mem_mb(wildcards, attempt):
@@ -458,7 +465,7 @@ def finetune_mem_mb(wildcards, attempt):
 
 def finetune_runtime(wildcards, attempt):
     """Minutes; a --retries attempt after a timeout resumes from its checkpoint with more."""
-    return (30 if tiny_model(wildcards.model) else 480) * attempt
+    return model_resources(config, wildcards.model)["finetune_runtime"] * attempt
 
 
 def prompt_params(wildcards):
@@ -528,7 +535,7 @@ def fewshot_metrics(model, dataset):
 
 def evaluate_runtime(wildcards, attempt):
     """Minutes; generation over a few thousand test questions, batched on one GPU."""
-    return (15 if tiny_model(wildcards.model) else 120) * attempt
+    return model_resources(config, wildcards.model)["evaluate_runtime"] * attempt
 
 
 def cloze_metrics(model, dataset):
@@ -541,17 +548,17 @@ def cloze_metrics(model, dataset):
 
 
 def experiments():
-    """Every (model, dataset) pair of the grid: each model with each dataset it can read (a
-    model pretrained here, only its own world)."""
-    return [(m, d) for m in MODELS for d in DATASETS if model_reads(config, m, d)]
+    """Every (model, dataset) pair of the grid: each model with each dataset it runs on
+    (a model pretrained here: its own world; else all, or models.<model>.datasets)."""
+    return [(m, d) for m in MODELS for d in DATASETS if runs_on(config, m, d)]
 
 
 if workflow.is_main_process:
     for unread in sorted(set(DATASETS) - {dataset for _, dataset in experiments()}):
         logger.warning(
-            f"dataset '{unread}': no model reads it (a model pretrained here knows only its own "
-            "world's words), so `all` finetunes and evaluates nothing on it: add a hub model or a "
-            "local model folder"
+            f"dataset '{unread}': no model runs on it (a model pretrained here knows only its own "
+            "world's words; models.<model>.datasets limits a model to those it lists), so `all` "
+            "finetunes and evaluates nothing on it: add a hub model or a local model folder"
         )
 
 

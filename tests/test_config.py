@@ -23,6 +23,7 @@ from factft.config import (
     missing_local_paths,
     prepare_config,
     prompt_settings,
+    runs_on,
     sort_settings,
 )
 from factft.errors import FactftError
@@ -197,6 +198,22 @@ def test_model_confidence_scorer_needs_a_configured_model():
     config["datasets"]["mmlu"]["popularity"]["model"] = "gpt-9"
     with pytest.raises(FactftError, match=r"datasets\.mmlu\.popularity\.model: 'gpt-9' is not a configured model"):
         validated(config)
+
+
+def test_a_models_datasets_list_limits_the_grid_and_names_only_datasets_it_can_read():
+    config = load("config.yaml")
+    config["models"]["mistral-7b"]["datasets"] = ["popqa"]
+    config = validated(config)
+    assert [d for d in config["datasets"] if runs_on(config, "mistral-7b", d)] == ["popqa"]
+    assert all(runs_on(config, "llama2-7b", d) for d in config["datasets"])  # no list: every dataset
+    config["models"]["mistral-7b"]["datasets"] = ["popqa", "trivia"]
+    with pytest.raises(FactftError, match=r"models\.mistral-7b\.datasets: 'trivia' is not a configured dataset"):
+        validated(config)
+    demo = load("demo.yaml")
+    demo["datasets"]["other"] = copy.deepcopy(demo["datasets"]["synth"])
+    demo["models"]["tiny"]["datasets"] = ["synth", "other"]
+    with pytest.raises(FactftError, match=r"models\.tiny\.datasets: 'other' is not the world the model is pretrained on"):
+        validated(demo)
 
 
 def test_pretraining_count_needs_a_synthetic_world():
@@ -423,6 +440,22 @@ def test_config_on_the_command_line_overrides_keys_of_the_paper_grid(tmp_path):
     assert re.search(r"^finetune\s+12$", run.stdout, re.MULTILINE), run.stdout[-3000:]
 
 
+def test_a_model_limited_to_some_datasets_runs_on_those_alone(tmp_path):
+    run = plan_paper_grid_with(tmp_path, "models={mistral-7b: {datasets: [popqa]}}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    # llama2-7b on 3 datasets, mistral-7b on PopQA alone: 4 pairs x 4 subsets x 3 seeds.
+    assert re.search(r"^finetune\s+48$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+    explicit = subprocess.run(
+        [sys.executable, "-m", "snakemake", "results/mistral-7b/mmlu/base/metrics.tsv", "-n", "--directory",
+         str(tmp_path), "-s", str(ROOT / "Snakefile"), "--config", "models={mistral-7b: {datasets: [popqa]}}"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert explicit.returncode != 0
+    assert "model 'mistral-7b' runs on the datasets models.mistral-7b.datasets lists (popqa), not on 'mmlu'" in (
+        explicit.stderr + explicit.stdout
+    )
+
+
 def test_command_line_lists_and_maps_are_read_as_the_config_file_reads_them():
     config = load("config.yaml")
     # What Snakemake passes on: each argument as typed, its value after the first "=".
@@ -512,7 +545,7 @@ def test_a_model_pretrained_here_is_paired_only_with_its_own_world(tmp_path):
 
     grid = plan("all")
     assert grid.returncode == 0, grid.stderr[-3000:]
-    assert "dataset 'myqa': no model reads it" in grid.stderr + grid.stdout
+    assert "dataset 'myqa': no model runs on it" in grid.stderr + grid.stdout
     assert re.search(r"^finetune\s+\d+$", grid.stdout, re.MULTILINE) and "dataset=myqa" not in grid.stdout
     run = plan("results/tiny/myqa/top/seed0/metrics.tsv")
     assert run.returncode != 0

@@ -201,6 +201,28 @@ def test_a_full_finetune_asks_for_twice_the_host_memory(grid, tmp_path):
     assert sum(rule == "finetune" and mb == 64000 for (rule, _), mb in memory.items()) == 2 * 4 * 3
 
 
+def test_a_models_own_resources_size_its_jobs_alone(grid, tmp_path):
+    """models.<name>.resources: a small model on CPU nodes, or a larger one given more."""
+    small = ("--config", "models={mistral-7b: {resources: {gpu: 0, mem_mb: 6000, finetune_runtime: 50}}}")
+    _, jobs = dry_run("slurm", "config/config.yaml", tmp_path, *small, "--attempt", "1")
+    usual = {(j.rule, j.wildcards): j.resources for j in grid[1]}
+    model_jobs = [j for j in jobs if j.rule in GPU_RULES | {"attention", "popularity"} and "mistral-7b" in j.wildcards]
+    assert {j.rule for j in model_jobs} >= {"finetune", "evaluate", "popularity"}
+    for job in model_jobs:
+        runtime = {"finetune": "50", "popularity": "120"}.get(job.rule, "120")  # scoring: at least an hour
+        assert (job.resources.get("gpu", "0"), job.resources["mem_mb"], job.resources["runtime"]) == (
+            "0", "6000", runtime
+        ), job
+    others = [j for j in jobs if j.rule in GPU_RULES and "llama2-7b" in j.wildcards]
+    assert others and all(j.resources == usual[j.rule, j.wildcards] for j in others)
+    spec = importlib.util.spec_from_file_location("bench_grid_usage", REPO / "bench" / "grid_usage.py")
+    grid_usage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_usage)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["models"]["mistral-7b"]["resources"] = {"gpu": 0}
+    assert (grid_usage.job_device(config, "mistral-7b"), grid_usage.job_device(config, "llama2-7b")) == ("cpu", "gpu")
+
+
 def test_the_profile_asks_for_no_gpu_itself():
     # The rules ask for one exactly when a job runs a hub model; a profile request would also
     # give the tiny model's jobs a GPU, and a --set-resources on the command line would drop it.

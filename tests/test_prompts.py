@@ -90,6 +90,7 @@ def test_truncation_cuts_the_prompt_from_the_left_keeps_bos_and_the_answer(words
     assert short["input_ids"][0] == words.bos_token_id
     assert short["input_ids"][1:] == full["input_ids"][-4:]
     assert answer_part(words, short) == answer_part(words, full)
+    assert full["cut"] == 0 and short["cut"] == len(full["input_ids"]) - 5
 
 
 def test_bpe_answer_keeps_its_leading_space_in_its_first_token(bpe_tokenizer):

@@ -228,6 +228,15 @@ def test_config_only_csv_maps_its_own_columns_and_keeps_its_popularity_column(da
     assert facts[facts["subject"] == "Lego"].iloc[0]["answers"] == ["1932"]
 
 
+def test_a_dataset_without_a_relation_column_is_one_relation_named_after_it(tmp_path):
+    table = pd.DataFrame({"question": ["Who wrote Emma?", "Who wrote Ulysses?"], "answers": [["Austen"], ["Joyce"]],
+                          "subject": ["Emma", "Ulysses"]})  # fmt: skip
+    facts = to_facts(table, spec({}, "books", columns={"relation": None}), max_drop_fraction=0.1)
+    assert list(facts["relation"]) == ["books", "books"]
+    with pytest.raises(FactftError, match=r"relation"):  # without the null, the missing column is named
+        to_facts(table, spec({}, "books"), max_drop_fraction=0.1)
+
+
 @pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "json", "parquet", "csv.gz"])
 def test_every_file_format_reads_the_same_facts(tmp_path, suffix):
     table = pd.DataFrame(

@@ -109,14 +109,16 @@ def test_loss_counts_only_answer_tokens(tiny_model_dir, facts):
 
 def test_examples_cut_to_max_length_are_warned_about(tiny_model_dir, facts, caplog):
     """A prompt cut at its start (a chat model's system turn) trains on another prompt than
-    evaluation asks: the finetune's log warns, and so the console (factft.logging)."""
+    evaluation asks: the finetune's log warns, and so the console (factft.logging). An example
+    that exactly fits is not cut."""
     tokenizer = load_model(spec(tiny_model_dir), device="cpu")[1]
+    longest = max(len(e["input_ids"]) for e in encode_examples(facts, tokenizer, PROMPT, max_length=64))
     with caplog.at_level("WARNING"):
-        log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=32), tokenizer, 32)
-    assert "reach finetune.max_length" not in caplog.text
+        log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=longest), tokenizer, longest)
+    assert "longer than finetune.max_length" not in caplog.text
     with caplog.at_level("WARNING"):
         log_examples(encode_examples(facts, tokenizer, PROMPT, max_length=4), tokenizer, 4)
-    assert f"{len(facts)} of {len(facts)} finetuning examples reach finetune.max_length 4" in caplog.text
+    assert f"{len(facts)} of {len(facts)} finetuning examples are longer than finetune.max_length 4" in caplog.text
 
 
 def test_examples_the_tokenizer_reads_as_unknown_are_warned_about(tiny_model_dir, facts, caplog):

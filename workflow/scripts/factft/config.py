@@ -93,6 +93,29 @@ def model_reads(config: dict, model: str, dataset: str) -> bool:
     return pretrain is None or pretrain["dataset"] == dataset
 
 
+# A model's jobs' resources, per attempt, by its kind; models.<name>.resources overrides them.
+# A model pretrained here is CPU-sized. Any other is taken for a 7B on one GPU: its checkpoint
+# passes through host memory on its way there (~2x its bf16 size).
+MODEL_RESOURCES = {
+    "pretrained here": {"gpu": 0, "mem_mb": 2000, "finetune_runtime": 30, "evaluate_runtime": 15},
+    "other": {"gpu": 1, "mem_mb": 32000, "finetune_runtime": 480, "evaluate_runtime": 120},
+}
+
+
+def model_resources(config: dict, model: str) -> dict:
+    """gpu, mem_mb (host memory of a job that loads the model) and the minutes of a finetune
+    and of an evaluation, for `model`'s jobs."""
+    kind = "pretrained here" if "pretrain" in config["models"][model]["source"] else "other"
+    return {**MODEL_RESOURCES[kind], **config["models"][model].get("resources", {})}
+
+
+def runs_on(config: dict, model: str, dataset: str) -> bool:
+    """Whether the grid finetunes and evaluates `model` on `dataset`: one it can read, and one
+    of `models.<model>.datasets` where that lists some."""
+    listed = config["models"][model].get("datasets")
+    return model_reads(config, model, dataset) and (listed is None or dataset in listed)
+
+
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
     datasets, models = config["datasets"], config["models"]
@@ -155,7 +178,17 @@ def check_config(config: dict) -> None:
         for key in CHAT_KEYS:
             if model.get(key) and not model.get("chat"):
                 raise FactftError(f"models.{name}.{key}: the chat template is used only with models.{name}.chat: true")
-        for dataset in (d for d in datasets if model_reads(config, name, d)):  # the pairs that run
+        for dataset in model.get("datasets", []):
+            if dataset not in datasets:
+                raise FactftError(
+                    f"models.{name}.datasets: '{dataset}' is not a configured dataset; datasets are: {sorted(datasets)}"
+                )
+            if not model_reads(config, name, dataset):
+                raise FactftError(
+                    f"models.{name}.datasets: '{dataset}' is not the world the model is pretrained on "
+                    f"('{pretrain['dataset']}'), so it cannot read its questions"
+                )
+        for dataset in (d for d in datasets if runs_on(config, name, d)):  # the pairs that run
             method = finetune_settings(config, name, dataset)["method"]
             if model.get("quantize") and method != "qlora":
                 # lora would train over the 4-bit base all the same; full cannot train 4-bit weights.
@@ -196,23 +229,29 @@ def missing_local_paths(config: dict) -> list[str]:
         if path is not None and not Path(path).is_file():
             missing.append(f"datasets.{name}.source.path: no file {path} (in {Path.cwd()})")
     for name, model in config["models"].items():
-        path = model["source"].get("path")
-        gguf = model["source"].get("gguf_file")
-        if path is not None and not Path(path).is_dir():
-            missing.append(f"models.{name}.source.path: no folder {path} (in {Path.cwd()})")
-        elif gguf and not (Path(path) / gguf).is_file():
-            missing.append(f"models.{name}.source.gguf_file: no file {gguf} in {path}")
+        message = _missing_model_path(name, model["source"])
+        if message:
+            missing.append(message)
     return missing
+
+
+def _missing_model_path(name: str, source: dict) -> str | None:
+    """What of a local model's folder (or its GGUF file) is not there; None for a hub model."""
+    path, gguf = source.get("path"), source.get("gguf_file")
+    if path is not None and not Path(path).is_dir():
+        return f"models.{name}.source.path: no folder {path} (in {Path.cwd()})"
+    if path is not None and gguf and not (Path(path) / gguf).is_file():
+        return f"models.{name}.source.gguf_file: no file {gguf} in {path}"
+    return None
 
 
 def check_local_models(config: dict) -> None:
     """A local model folder (`source.path`) that is there must hold what a job loads: found
-    now, not when its first model job fails after the data jobs ran (missing_local_paths warns
-    of one that is not there, or a missing gguf_file in it)."""
+    now, not when its first model job fails after the data jobs ran (one that is not there is
+    warned about: missing_local_paths)."""
     for name, model in config["models"].items():
         source = model["source"]
-        gguf = source.get("gguf_file")
-        if "path" in source and Path(source["path"]).is_dir() and (not gguf or (Path(source["path"]) / gguf).is_file()):
+        if "path" in source and _missing_model_path(name, source) is None:
             spec = dict(name=name, path=source["path"], gguf_file=source.get("gguf_file"), chat=model.get("chat"))
             check_model_folder(spec)
 

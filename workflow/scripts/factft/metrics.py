@@ -218,7 +218,7 @@ def metrics_table(predictions: pd.DataFrame, percentiles: Sequence[float]) -> pd
     and per popularity decile.
 
     popularity_pct is a percentile rank in (0, 100], 100 = most popular. scope "top", x:
-    rows with popularity_pct > 100 - x (the paper's accuracy-by-popularity x-axis); scope "decile", x:
+    rows with popularity_pct > 100 - x (accuracy by popularity, as the paper plots it); scope "decile", x:
     rows with x - 10 < popularity_pct <= x (decile 100 = the most popular tenth). A
     percentile of exactly 0 is counted in top-100 and decile 10, so no row falls outside.
     Empty bins keep their row with n = 0 and NaN accuracy, so every table has the same rows.

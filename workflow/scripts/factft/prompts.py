@@ -186,7 +186,7 @@ def gold_answer(fact: Mapping, template: str) -> str:
 
 def encode_example(tokenizer, prompt: str, answer: str, max_length: int, end_id: int | None = None) -> dict:
     """Token ids of prompt + answer + eos (or `end_id`: see reply_end_id), with labels -100 on
-    every prompt token.
+    every prompt token, and `cut`: how many tokens max_length dropped.
 
     The answer's tokens are the suffix of the joint tokenization beyond the prompt's own
     tokens, so a BPE tokenizer keeps the answer's leading space in its first token, as at
@@ -204,6 +204,7 @@ def encode_example(tokenizer, prompt: str, answer: str, max_length: int, end_id:
     end_id = tokenizer.eos_token_id if end_id is None else end_id
     if end_id is not None and (not answer_ids or answer_ids[-1] != end_id):
         answer_ids = answer_ids + [end_id]
+    full_length = len(prompt_ids) + len(answer_ids)
     answer_ids = answer_ids[:max_length]
     room = max_length - len(answer_ids)
     if len(prompt_ids) > room:
@@ -214,6 +215,7 @@ def encode_example(tokenizer, prompt: str, answer: str, max_length: int, end_id:
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE] * len(prompt_ids) + answer_ids,
+        "cut": full_length - len(prompt_ids) - len(answer_ids),
     }
 
 

@@ -378,7 +378,8 @@ def to_facts(table: pd.DataFrame, spec: dict, max_drop_fraction: float) -> pd.Da
             ),
             "question": table[mapping["question"]].map(_text),
             "subject": table[mapping["subject"]].map(_text),
-            "relation": table[mapping["relation"]].map(_text),
+            # Without a relation column (columns.relation: null), the dataset is one relation.
+            "relation": table[mapping["relation"]].map(_text) if "relation" in mapping else name,
         }
     )
     invalid = {
@@ -423,6 +424,8 @@ def _mapping(spec: dict) -> dict:
     """facts column -> source column, with the defaults that need no config."""
     columns = spec.get("columns") or {}
     mapping = {key: columns.get(key, key) for key in ("question", "subject", "relation")}
+    if mapping["relation"] is None:
+        del mapping["relation"]
     if "id" in columns:
         mapping["id"] = columns["id"]
     if spec.get("format", "open") == "multiple_choice":

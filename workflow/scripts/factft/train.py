@@ -97,26 +97,26 @@ UNKNOWN_SHARE = 0.05
 
 
 def log_examples(encoded: list[dict], tokenizer, max_length: int) -> None:
-    """The first example as the model reads it (prompt -> target), and how many fill
-    max_length: a prompt template's effect, seen. Those are warned about: their prompts may
-    have lost their start (a chat model's system turn first), which evaluation keeps. So are
-    examples that the tokenizer reads as unknown tokens."""
+    """The first example as the model reads it (prompt -> target), and how many max_length
+    cut: a prompt template's effect, seen. Cut ones are warned about: their prompts lost their
+    start (a chat model's system turn first), which evaluation keeps. So are examples that the
+    tokenizer reads as unknown tokens."""
     first = encoded[0]
-    cut = sum(1 for label in first["labels"] if label == IGNORE)
-    full = sum(1 for example in encoded if len(example["input_ids"]) >= max_length)
+    prompt_length = sum(1 for label in first["labels"] if label == IGNORE)
+    cut = sum(1 for example in encoded if example["cut"])
     log.info(
-        "%d examples, the first: %r -> %r; %d of them at max_length %d",
+        "%d examples, the first: %r -> %r; %d of them cut to max_length %d",
         len(encoded),
-        tokenizer.decode(first["input_ids"][:cut]),
-        tokenizer.decode(first["input_ids"][cut:]),
-        full,
+        tokenizer.decode(first["input_ids"][:prompt_length]),
+        tokenizer.decode(first["input_ids"][prompt_length:]),
+        cut,
         max_length,
     )
-    if full:
+    if cut:
         log.warning(
-            "%d of %d finetuning examples reach finetune.max_length %d: their prompts may be cut at the "
-            "start, so the model trains on other prompts than it is asked; raise finetune.max_length",
-            full,
+            "%d of %d finetuning examples are longer than finetune.max_length %d: their prompts are cut at "
+            "the start, so the model trains on other prompts than it is asked; raise finetune.max_length",
+            cut,
             len(encoded),
             max_length,
         )
