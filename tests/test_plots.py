@@ -226,12 +226,12 @@ def test_overview_marks_a_model_that_does_not_run_on_a_dataset(tmp_path):
 
 def test_overview_gives_the_gaps_bootstrap_interval_from_the_summary(tmp_path):
     sources = make_sources(tmp_path, GRID, model="m1", dataset="popqa")
-    figure = overview_of(sources, intervals={("m1", "popqa"): (0.21, 0.38)})
+    figure = overview_of(sources, intervals={("m1", "popqa", "top_minus_bottom"): (0.21, 0.38)})
     assert [t.get_text() for t in figure.axes[0].texts] == ["Δ +0.30\n[+0.21, +0.38]"]
     assert "bootstrap interval" in figure.legends[0].get_title().get_text()
     summary = tmp_path / "summary.tsv"
     metrics = collect_metrics(sources)
-    summary_table(metrics, intervals={("m1", "popqa"): (0.21, 0.38)}).to_csv(summary, sep="\t", index=False)
+    summary_table(metrics, intervals={("m1", "popqa", "top_minus_bottom"): (0.21, 0.38)}).to_csv(summary, sep="\t", index=False)
     make_overview(sources, summary, [tmp_path / "overview.png"])
     assert (tmp_path / "overview.png").stat().st_size > 10_000
 

@@ -138,6 +138,27 @@ def test_top_minus_bottom_gap_is_paired_by_seed_not_by_position(tmp_path):
     assert row["top_minus_bottom_seeds"] == 3
 
 
+def test_top_minus_whole_is_paired_by_seed_with_its_interval_over_test_subjects(tmp_path):
+    """The paper's second claim: the popular half matches finetuning on the whole pool."""
+    sources = make_sources(tmp_path, GRID)
+    make_summary(sources, {}, tmp_path / "s.tsv", tmp_path / "p.tsv", tmp_path / "r.tsv")
+    row = read_summary(tmp_path / "s.tsv").iloc[0]
+    # Per seed: 0.6-0.8, 0.7-0.6, 0.9-0.7.
+    assert row["top_minus_whole_mean"] == pytest.approx(0.1 / 3, abs=1e-6)  # the tsv's 6 digits
+    assert row["top_minus_whole_sd"] == pytest.approx(np.std([-0.2, 0.1, 0.2], ddof=1), abs=1e-6)
+    assert row["top_minus_whole_seeds"] == 3
+    # The seeds' questions: FT-Top right on the 6, 7, 9 most popular, FT-Whole on the 8, 6, 7.
+    runs = {(s["subset"], s["seed"]): pd.read_parquet(s["predictions"]) for s in sources if s["seed"] is not None}
+    interval = (row["top_minus_whole_ci_low"], row["top_minus_whole_ci_high"])
+    assert interval == pytest.approx(gap_interval(runs, "top", "whole"), abs=1e-6)
+    assert row["top_minus_whole_ci_low"] < row["top_minus_whole_mean"] < row["top_minus_whole_ci_high"]
+    text = format_summary(read_summary(tmp_path / "s.tsv"))
+    assert "FT-Top - FT-Whole = +0.03 (sd 0.21 over 3 seeds; 95% CI over test subjects" in text
+    without_whole = summary_table(collect_metrics(make_sources(tmp_path / "b", {"top": {0: 6}, "bottom": {0: 4}})))
+    assert without_whole.iloc[0]["top_minus_whole_seeds"] == 0
+    assert "FT-Whole" not in format_summary(without_whole)
+
+
 def test_gap_uses_only_seeds_that_have_both_top_and_bottom(tmp_path):
     grid = {"top": {0: 6, 1: 7, 2: 9}, "bottom": {0: 4, 1: 3}}
     row = summary_table(collect_metrics(make_sources(tmp_path, grid))).iloc[0]
@@ -393,8 +414,10 @@ def test_accuracy_by_relation_of_older_predictions_has_no_guess_and_no_runs_give
 def test_paper_table_gives_percent_mean_and_sd_per_subset_and_the_gap_in_markdown(tmp_path):
     summary = summary_table(collect_metrics(make_sources(tmp_path, GRID)))
     lines = paper_table(summary, "markdown").splitlines()
-    assert lines[0] == "| Model | Dataset | FT-Top | FT-Bottom | FT-Random | FT-Whole | Top - Bottom |"
-    assert lines[2] == "| tiny | synth | 73.3 ± 15.3 | 43.3 ± 15.3 | 50.0 ± 0.0 | 70.0 ± 10.0 | +30.0 ± 10.0 |"
+    assert lines[0] == "| Model | Dataset | FT-Top | FT-Bottom | FT-Random | FT-Whole | Top - Bottom | Top - Whole |"
+    assert lines[2] == (
+        "| tiny | synth | 73.3 ± 15.3 | 43.3 ± 15.3 | 50.0 ± 0.0 | 70.0 ± 10.0 | +30.0 ± 10.0 | +3.3 ± 20.8 |"
+    )
 
 
 def test_paper_table_in_latex_escapes_names_and_leaves_out_subsets_the_grid_lacks(tmp_path):

@@ -41,6 +41,9 @@ LABELS = {
 }
 KEYS = ("model", "dataset", "subset", "seed")
 GAP = "top_minus_bottom"
+# Paired differences reported with their spread over seeds and interval over test subjects: the
+# paper's gap, and its second claim, that the popular half matches finetuning on the whole pool.
+COMPARISONS = (("top", "bottom"), ("top", "whole"))
 # Older metrics tables lack it; read as NaN rather than forcing the evaluations to rerun.
 OPTIONAL_METRICS = ("relation_guess",)
 FIGURE_NAME = "accuracy_vs_popularity"
@@ -93,7 +96,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
 def summary_table(
     metrics: pd.DataFrame,
     gold_guess: Mapping[str, float] | None = None,
-    intervals: Mapping[tuple[str, str], tuple[float, float]] | None = None,
+    intervals: Mapping[tuple[str, str, str], tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """One row per (model, dataset): overall held-out accuracy over seeds, references, the gap.
 
@@ -104,7 +107,8 @@ def summary_table(
     paired by seed (the runs of one seed share the adapter initialisation and the
     training seed, so the paired difference removes the variation they share). sd is the sample
     standard deviation over seeds (NaN for one seed). top_minus_bottom_ci_low/_high: the
-    gap's interval from `intervals` ((model, dataset) -> (low, high), see gap_interval).
+    gap's interval from `intervals` ((model, dataset, "top_minus_bottom") -> (low, high), see
+    gap_interval). The same five for top_minus_whole (COMPARISONS).
     Then <subset>_guess: the share of questions answered with the relation's commonest answer
     (factft.metrics.relation_guess), mean over seeds, and gold_guess: that share for the gold
     answers, from `gold_guess` (dataset -> share). Missing entries give NaN.
@@ -129,11 +133,14 @@ def summary_table(
         for reference in REFERENCES:
             values = group.loc[group["subset"] == reference, "accuracy"]
             row[reference] = values.iloc[0] if len(values) else math.nan
-        gap = _paired_gap(by_seed)
-        row[f"{GAP}_mean"] = gap.mean()
-        row[f"{GAP}_sd"] = gap.std(ddof=1)
-        row[f"{GAP}_seeds"] = len(gap)
-        row[f"{GAP}_ci_low"], row[f"{GAP}_ci_high"] = (intervals or {}).get((model, dataset), (math.nan, math.nan))
+        for first, second in COMPARISONS:
+            name = comparison(first, second)
+            gap = _paired_gap(by_seed, first, second)
+            row[f"{name}_mean"] = gap.mean()
+            row[f"{name}_sd"] = gap.std(ddof=1)
+            row[f"{name}_seeds"] = len(gap)
+            interval = (intervals or {}).get((model, dataset, name), (math.nan, math.nan))
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval
         for subset in subsets:
             row[f"{subset}_guess"] = runs.loc[runs["subset"] == subset, "relation_guess"].mean()
         row["gold_guess"] = (gold_guess or {}).get(dataset, math.nan)
@@ -141,11 +148,16 @@ def summary_table(
     return pd.DataFrame(rows)
 
 
-def _paired_gap(by_seed: pd.DataFrame) -> pd.Series:
-    """FT-Top minus FT-Bottom for each seed that has both."""
-    if "top" not in by_seed or "bottom" not in by_seed:
+def comparison(first: str, second: str) -> str:
+    """The summary's name for `first` minus `second`: top_minus_bottom."""
+    return f"{first}_minus_{second}"
+
+
+def _paired_gap(by_seed: pd.DataFrame, first: str, second: str) -> pd.Series:
+    """`first` minus `second` for each seed that has both."""
+    if first not in by_seed or second not in by_seed:
         return pd.Series(dtype="float64")
-    return (by_seed["top"] - by_seed["bottom"]).dropna()
+    return (by_seed[first] - by_seed[second]).dropna()
 
 
 def predictions_by_experiment(sources: Iterable[Mapping]) -> Iterator[tuple[tuple[str, str], dict]]:
@@ -162,12 +174,14 @@ def predictions_by_experiment(sources: Iterable[Mapping]) -> Iterator[tuple[tupl
         yield experiment, {run: read_table(path) for run, path in runs.items()}
 
 
-def gap_interval(runs: Mapping[tuple[str, int], pd.DataFrame]) -> tuple[float, float]:
-    """gap_confidence_interval over every seed of `runs` with both FT-Top and FT-Bottom."""
+def gap_interval(
+    runs: Mapping[tuple[str, int], pd.DataFrame], first: str = "top", second: str = "bottom"
+) -> tuple[float, float]:
+    """gap_confidence_interval over every seed of `runs` with both `first` and `second`."""
     pairs = [
-        (table, runs[("bottom", seed)])
+        (table, runs[(second, seed)])
         for (subset, seed), table in runs.items()
-        if subset == "top" and ("bottom", seed) in runs
+        if subset == first and (second, seed) in runs
     ]
     return gap_confidence_interval(pairs)
 
@@ -195,18 +209,19 @@ def accuracy_by_relation(model: str, dataset: str, runs: Mapping[tuple[str, int]
     return table.assign(model=model, dataset=dataset)[list(BY_RELATION)].reset_index(drop=True)
 
 
-def _paired_questions(top: pd.DataFrame, bottom: pd.DataFrame) -> pd.DataFrame:
-    """Per question of one seed, by id: its subject and `difference`, FT-Top's correctness
-    minus FT-Bottom's (aligned by id)."""
-    joined = top.set_index("id")[["subject", "correct"]].join(
-        bottom.set_index("id")["correct"].rename("bottom"), how="inner"
+def _paired_questions(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """Per question of one seed, by id: its subject and `difference`, the first subset's
+    correctness minus the second's (FT-Top's minus FT-Bottom's), aligned by id."""
+    joined = first.set_index("id")[["subject", "correct"]].join(
+        second.set_index("id")["correct"].rename("second"), how="inner"
     ).sort_index()  # every seed's questions in one order
-    if len(joined) != len(top) or len(joined) != len(bottom):
+    if len(joined) != len(first) or len(joined) != len(second):
         raise FactftError(
-            f"FT-Top and FT-Bottom predictions cover different test questions ({len(top)} and "
-            f"{len(bottom)} rows, {len(joined)} shared ids); remake them from the same split"
+            f"the predictions of two subsets compared (FT-Top and FT-Bottom, or FT-Whole) cover different "
+            f"test questions ({len(first)} and {len(second)} rows, {len(joined)} shared ids); remake them "
+            "from the same split"
         )
-    difference = joined["correct"].astype("float64") - joined["bottom"].astype("float64")
+    difference = joined["correct"].astype("float64") - joined["second"].astype("float64")
     return pd.DataFrame({"subject": joined["subject"], "difference": difference})
 
 
@@ -217,7 +232,8 @@ def gap_confidence_interval(
     draws: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of FT-Top minus FT-Bottom accuracy over test subjects.
+    """Percentile bootstrap interval of FT-Top minus FT-Bottom accuracy (or of another pair of
+    subsets) over test subjects.
 
     `pairs` holds (top, bottom) predictions of each seed that has both. The split holds out
     whole subjects, and one subject's questions rise and fall together (whether pretraining
@@ -318,7 +334,8 @@ def make_summary(
     gold = {dataset: gold_guess(read_table(path)) for dataset, path in tests.items()}
     intervals, by_relation = {}, []
     for (model, dataset), runs in predictions_by_experiment(sources):
-        intervals[(model, dataset)] = gap_interval(runs)
+        for first, second in COMPARISONS:
+            intervals[(model, dataset, comparison(first, second))] = gap_interval(runs, first, second)
         by_relation.append(accuracy_by_relation(model, dataset, runs))
     write_tsv(summary_table(metrics, gold, intervals), summary_path)
     write_tsv(accuracy_by_percentile(metrics), by_percentile_path)
@@ -350,17 +367,19 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
         for reference in REFERENCES:
             if not pd.isna(row.get(reference, math.nan)):
                 lines.append(f"  {label(reference):<{width}}  {row[reference]:.3f}")
-        gap_seeds = int(row[f"{GAP}_seeds"])
-        if gap_seeds:
-            interval = ""
-            if not pd.isna(row.get(f"{GAP}_ci_low", math.nan)):
-                interval = f"; 95% CI over test subjects {row[f'{GAP}_ci_low']:+.2f} to {row[f'{GAP}_ci_high']:+.2f}"
-            lines.append(
-                f"  FT-Top - FT-Bottom = {row[f'{GAP}_mean']:+.2f} "
-                f"(sd {_sd(row[f'{GAP}_sd'], 2)} over {gap_seeds} seed{'s' * (gap_seeds != 1)}{interval})"
-            )
-        else:
-            lines.append("  FT-Top - FT-Bottom: not available (needs subsets top and bottom)")
+        for first, second in COMPARISONS:
+            name, text = comparison(first, second), f"{label(first)} - {label(second)}"
+            seeds = int(row.get(f"{name}_seeds", 0))  # a summary.tsv from before top_minus_whole: 0
+            if seeds:
+                interval = ""
+                if not pd.isna(row.get(f"{name}_ci_low", math.nan)):
+                    interval = f"; 95% CI over test subjects {row[f'{name}_ci_low']:+.2f} to {row[f'{name}_ci_high']:+.2f}"
+                lines.append(
+                    f"  {text} = {row[f'{name}_mean']:+.2f} "
+                    f"(sd {_sd(row[f'{name}_sd'], 2)} over {seeds} seed{'s' * (seeds != 1)}{interval})"
+                )
+            elif name == GAP:  # the paper's gap is missed; the other comparison is optional
+                lines.append(f"  {text}: not available (needs subsets {first} and {second})")
         guesses = [
             f"{label(subset)} {row[f'{subset}_guess']:.2f}"
             for subset in subsets
@@ -382,26 +401,29 @@ def format_summary(summary: pd.DataFrame, figures_dir: str | Path | None = None)
 
 def paper_table(summary: pd.DataFrame, fmt: str) -> str:
     """The paper's results table from summary.tsv, for a paper or a lab note: held-out accuracy in %
-    (mean +/- sd over seeds) per subset the summary has, and FT-Top - FT-Bottom, one row per
-    (model, dataset). fmt: "markdown" or "latex" (booktabs; model and dataset names escaped).
+    (mean +/- sd over seeds) per subset the summary has, FT-Top - FT-Bottom, and FT-Top - FT-Whole
+    where the summary has it, one row per (model, dataset). fmt: "markdown" or "latex" (booktabs;
+    model and dataset names escaped).
     """
     if fmt not in TABLE_FORMATS:
         raise FactftError(f"table format '{fmt}': unknown; formats are {', '.join(TABLE_FORMATS)}")
     latex = fmt == "latex"
     subsets = [s for s in _summary_subsets(summary) if summary[f"{s}_mean"].notna().any()]
+    whole = comparison("top", "whole")
+    gaps = [GAP] + ([whole] if f"{whole}_mean" in summary and summary[f"{whole}_mean"].notna().any() else [])
     header = [
         "Model",
         "Dataset",
         *(label(s).replace("%", r"\%") if latex else label(s) for s in subsets),
-        "Top $-$ Bottom" if latex else "Top - Bottom",
+        *(name.replace("_minus_", " $-$ " if latex else " - ").title() for name in gaps),
     ]
     rows = []
     for _, row in summary.iterrows():
         names = [str(row["model"]), str(row["dataset"])]
         cells = [name.translate(_LATEX_SPECIAL) if latex else name for name in names]
-        for name in [*subsets, GAP]:
+        for name in [*subsets, *gaps]:
             mean, sd = row[f"{name}_mean"], row[f"{name}_sd"]
-            cell = "n/a" if pd.isna(mean) else f"{100 * mean:{'+' if name == GAP else ''}.1f}"
+            cell = "n/a" if pd.isna(mean) else f"{100 * mean:{'+' if name in gaps else ''}.1f}"
             if not (pd.isna(mean) or pd.isna(sd)):
                 cell += f" $\\pm$ {100 * sd:.1f}" if latex else f" ± {100 * sd:.1f}"
             cells.append(cell)
