@@ -261,14 +261,20 @@ def popularity_gpus(wildcards):
 def popularity_mem_mb(wildcards, attempt):
     """Host memory: the scoring model's where one scores the facts, at least a CPU job's."""
     scorer = ranking_of(wildcards)[1]
-    mem_mb = 4000 if scorer is None else max(4000, model_resources(config, scorer)["mem_mb"])
+    mem_mb = (
+        4000 if scorer is None else max(4000, model_resources(config, scorer)["mem_mb"])
+    )
     return mem_mb * attempt
 
 
 def popularity_runtime(wildcards, attempt):
     """Minutes; a model scores each fact once, as an evaluation (MMLU's 14k: minutes on one GPU)."""
     scorer = ranking_of(wildcards)[1]
-    minutes = 60 if scorer is None else max(60, model_resources(config, scorer)["evaluate_runtime"])
+    minutes = (
+        60
+        if scorer is None
+        else max(60, model_resources(config, scorer)["evaluate_runtime"])
+    )
     return minutes * attempt
 
 

@@ -52,6 +52,18 @@ def test_demonstrations_come_from_other_facts_of_the_same_relation_first():
     assert "Q: What does Ito Rask do ? A: pilot" in job and len(job) == 2
 
 
+def test_each_fact_draws_its_own_demonstrations_seeded():
+    """A relation's questions sharing one set would rest a few-shot reference on one draw."""
+    facts = pd.DataFrame({"question": [f"Where was P{i} born ?" for i in range(40)],
+                          "answers": [[f"City{i}"] for i in range(40)], "relation": "born"})  # fmt: skip
+    prefixes = few_shot_prefixes(facts, shots=3, prompt=PROMPT)
+    assert prefixes == few_shot_prefixes(facts, shots=3, prompt=PROMPT)
+    assert len({frozenset(prefix.splitlines()) for prefix in prefixes}) > 30
+    shown = [line for prefix in prefixes for line in prefix.splitlines()]
+    assert len(set(shown)) > 30  # most facts serve as a demonstration somewhere
+    assert few_shot_prefixes(facts, shots=3, prompt=PROMPT, seed=1) != prefixes
+
+
 def test_no_question_is_shown_twice_and_too_few_demonstrations_are_counted_in_the_log(caplog):
     # Two subjects of one name: the same question, twice in the pool.
     facts = pd.DataFrame(

@@ -85,7 +85,8 @@ def grid_second_attempt(tmp_path_factory):
 
 def test_profile_found_by_name_from_the_repository_root_plans_the_paper_grid(grid):
     output, jobs = grid
-    assert "Using profile slurm for" in output
+    # The workflow's own profile (profiles/default: content checks) is read beside it.
+    assert "Using profiles slurm and workflow specific profile profiles/default for" in output
     # No cloze: the grid has no synthetic world.
     assert {job.rule for job in jobs} >= GPU_RULES - {"cloze"} | {"download_model", "popularity", "split"}
 
@@ -100,7 +101,7 @@ def test_profile_found_by_path_plans_every_gpu_rule_of_the_ci_cluster_config(tmp
     assert gpu_rules == GPU_RULES
     given = [f"{rule}:gpu=1" for rule in sorted(gpu_rules)]
     output, jobs = dry_run("profiles/slurm", "config/ci-slurm.yaml", tmp_path, "--set-resources", *given)
-    assert "Using profile profiles/slurm for" in output
+    assert "Using profiles profiles/slurm and workflow specific profile profiles/default for" in output
     # .ci/slurm/verify.py expects a job of each of these rules on the CI cluster, each with a GPU,
     # and no GPU in any other job.
     assert {job.rule for job in jobs} >= gpu_rules

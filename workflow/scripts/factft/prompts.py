@@ -233,14 +233,17 @@ def few_shot_prefixes(
     They are drawn from `demos` (for evaluation: the finetuning pool, whose subjects the test
     set never shares) or, without it, from the other facts of `facts` (popularity scoring).
     Demonstrations come from the fact's own relation when it has enough of them (the model
-    then sees the expected answer type), topped up from the whole table otherwise. A fact is
-    never its own demonstration, nor is a fact with the same question.
+    then sees the expected answer type), topped up from the whole table otherwise. Each fact
+    draws its own, seeded, as lm-eval draws per document: a relation's questions sharing one
+    set would rest the reference on that one draw. A fact is never its own demonstration, nor
+    is a fact with the same question.
     """
     if shots == 0:
         return [""] * len(facts)
     records = facts.to_dict("records")
     candidates = records if demos is None else demos.to_dict("records")
-    order = np.random.default_rng(seed).permutation(len(candidates))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(candidates))
     by_relation: dict[str, list[int]] = defaultdict(list)
     for j in order:
         by_relation[str(candidates[j]["relation"])].append(int(j))
@@ -250,9 +253,12 @@ def few_shot_prefixes(
     prefixes, short = [], 0
     for i, fact in enumerate(records):
         picks: list[int] = []
-        # The first 2*shots+1 candidates always hold `shots` usable ones, unless the table is too small.
+        # Any 2*shots+1 candidates hold `shots` usable ones, unless the table is too small.
         for pool in (by_relation[str(fact["relation"])], order):
-            for j in pool[: 2 * shots + 1]:
+            if len(picks) == shots:
+                break
+            drawn = rng.choice(len(pool), size=min(len(pool), 2 * shots + 1), replace=False)
+            for j in (pool[k] for k in drawn):
                 if len(picks) == shots:
                     break
                 itself = demos is None and j == i
