@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from factft import subsets  # noqa: E402
-from factft.config import load_config, model_reads, model_resources, runs_on  # noqa: E402
+from factft.config import load_config, model_resources, ranking_models, runs_on  # noqa: E402
 from factft.errors import FactftError  # noqa: E402
 from factft.popularity import SCORERS  # noqa: E402
 from factft.sweeps import run_of, sweep_points  # noqa: E402
@@ -90,8 +90,8 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         popularity = config["datasets"].get(first, {}).get("popularity", {})
         if (scorer is None) == (popularity.get("scorer") in MODEL_SCORERS):
             return None  # a file of an earlier ranking
-        if scorer is not None and (scorer not in config["models"] or not model_reads(config, scorer, first)):
-            return None  # ranked by a model the config lacks, or one that cannot read the dataset
+        if scorer is not None and scorer not in ranking_models(config, first):
+            return None  # ranked by a model the config lacks, or one that no longer ranks it
         model, dataset = (scorer if rule == "popularity" else None), first
         if rule == "split" and not rest:
             return None  # {ranked}/{part} since 2026-12-02
@@ -101,7 +101,7 @@ def job_model(config: dict, rule: str, job: str) -> tuple[str | None, str | None
         return None, None
     if (model is not None and model not in config["models"]) or dataset not in config["datasets"]:
         return None
-    if model is not None and not runs_on(config, model, dataset):
+    if (rule in MODEL_RULES or rule in SCORING_RULES) and not runs_on(config, model, dataset):
         return None  # a pair the grid leaves out (another world's model, or one not in models.<m>.datasets)
     if rule == "subset" and rest[0] not in config["subsets"]:  # {ranked}/{cut}
         return None

@@ -17,6 +17,7 @@ from factft.config import (
     model_reads,
     model_resources,
     prompt_settings,
+    ranking_models,
     runs_on,
 )
 from factft.popularity import DOWNLOAD_READS, SCORERS
@@ -92,7 +93,11 @@ def ranked(dataset, model):
 
 
 def rankings():
-    return {ranked(dataset, model) for dataset in DATASETS for model in MODELS}
+    """Every {ranked}: a dataset, or dataset/by-<model> for each model that ranks it."""
+    folders = {d for d in DATASETS if not ranking_models(config, d)}
+    return folders | {
+        f"{d}/{BY}{m}" for d in DATASETS for m in ranking_models(config, d)
+    }
 
 
 def ranking_of(wildcards):
@@ -366,8 +371,8 @@ def model_inputs(model):
 
 def model_spec(model):
     """What loading a model needs: folder, GGUF file, remote-code opt-in; `chat`,
-    its system prompt, template variables and `quantize` only when set (so that
-    they rerun no job)."""
+    its system prompt, template variables, `quantize`, and `device: cpu` for a model whose
+    `resources` give it no GPU, only when set (so that they rerun no job)."""
     source = MODELS[model]["source"]
     spec = {
         "name": model,
@@ -380,6 +385,10 @@ def model_spec(model):
     for key in (*CHAT_KEYS, "quantize"):
         if MODELS[model].get(key):
             spec[key] = MODELS[model][key]
+    # Where a GPU is visible its jobs would use it, yet hold none (`--resources gpu=1`), so
+    # beside a 7B job's. The demo's model (no GPU either) keeps the default: what it ran on.
+    if MODELS[model].get("resources", {}).get("gpu") == 0:
+        spec["device"] = "cpu"
     return spec
 
 

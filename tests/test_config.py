@@ -454,6 +454,13 @@ def test_a_model_limited_to_some_datasets_runs_on_those_alone(tmp_path):
     assert "model 'mistral-7b' runs on the datasets models.mistral-7b.datasets lists (popqa), not on 'mmlu'" in (
         explicit.stderr + explicit.stdout
     )
+    # Nor is MMLU ranked by its confidence (a GPU job) for runs it does not make.
+    ranking = subprocess.run(
+        [sys.executable, "-m", "snakemake", "results/mmlu/by-mistral-7b/splits/top.parquet", "-n", "--directory",
+         str(tmp_path), "-s", str(ROOT / "Snakefile"), "--config", "models={mistral-7b: {datasets: [popqa]}}"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )  # fmt: skip
+    assert ranking.returncode != 0 and "No rule to produce results/mmlu/by-mistral-7b" in ranking.stderr + ranking.stdout
 
 
 def test_command_line_lists_and_maps_are_read_as_the_config_file_reads_them():

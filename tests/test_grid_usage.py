@@ -96,3 +96,22 @@ def test_a_pair_the_grid_leaves_out_is_not_counted(tmp_path):
     # Ranked by each finetuned model's own confidence: not by one that cannot read it.
     assert grid_usage.job_model(config, "popularity", "mcqa/by-tiny") is None
     assert grid_usage.job_model(config, "split", "mcqa/by-tiny/top") is None
+
+
+def test_a_model_limited_to_some_datasets_is_counted_where_it_runs_or_ranks(tmp_path):
+    """models.<name>.datasets: its runs elsewhere are from an earlier config, but a dataset it
+    ranks as popularity.model has that scoring job planned all the same."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["models"]["mistral-7b"]["datasets"] = ["popqa"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    limited = grid_usage.load_config(tmp_path / "config.yaml")
+    assert grid_usage.job_model(limited, "finetune", "mistral-7b/popqa/top/seed0") == ("mistral-7b", "popqa")
+    assert grid_usage.job_model(limited, "finetune", "mistral-7b/mmlu/top/seed0") is None
+    assert grid_usage.job_model(limited, "metrics", "mistral-7b/mmlu/top/seed0") is None
+    assert grid_usage.job_model(limited, "popularity", "mmlu/by-mistral-7b") is None  # no run of it to rank for
+    assert grid_usage.job_model(limited, "split", "mmlu/by-llama2-7b/test") == (None, "mmlu")
+    config["datasets"]["mmlu"]["popularity"]["model"] = "mistral-7b"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    ranker = grid_usage.load_config(tmp_path / "config.yaml")
+    assert grid_usage.job_model(ranker, "popularity", "mmlu/by-mistral-7b") == ("mistral-7b", "mmlu")
+    assert grid_usage.job_model(ranker, "popularity", "mmlu/by-llama2-7b") is None

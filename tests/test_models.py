@@ -139,6 +139,15 @@ def test_a_small_model_given_a_gpu_its_torch_cannot_use_runs_on_the_cpu_saying_s
     assert "given GPU" not in caplog.text
 
 
+def test_a_model_whose_resources_give_it_no_gpu_loads_on_the_cpu_whatever_is_visible(tiny_model_dir, monkeypatch):
+    """models.<name>.resources: {gpu: 0} puts `device: cpu` in its spec (rules/common.smk,
+    model_spec): its jobs hold no GPU, so they must not use one that is visible."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU workstation
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    model, _ = load_model(spec_for(tiny_model_dir, device="cpu"))
+    assert model.device.type == "cpu"
+
+
 def test_a_model_too_large_for_its_gpu_is_an_error_naming_the_remedies(tiny_model_dir, monkeypatch):
     spec = {"name": "tiny", "path": str(tiny_model_dir)}
 

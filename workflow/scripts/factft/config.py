@@ -116,6 +116,18 @@ def runs_on(config: dict, model: str, dataset: str) -> bool:
     return model_reads(config, model, dataset) and (listed is None or dataset in listed)
 
 
+def ranking_models(config: dict, dataset: str) -> list[str]:
+    """The models whose confidence ranks `dataset`'s facts, each into a folder of its own
+    (by-<model>): its popularity.model, else each model that runs on it; none where its scorer
+    needs no model."""
+    popularity = config["datasets"][dataset]["popularity"]
+    if not SCORERS[popularity["scorer"]].needs_model:
+        return []
+    if "model" in popularity:
+        return [popularity["model"]]
+    return [model for model in config["models"] if runs_on(config, model, dataset)]
+
+
 def check_config(config: dict) -> None:
     """Raise FactftError naming the key when config entries do not fit together."""
     datasets, models = config["datasets"], config["models"]

@@ -42,7 +42,11 @@ CPU_WEIGHTS_LIMIT = 2**30
 BF16_GPU = "a GPU with bf16 (compute capability 8.0 on)"
 
 
-def default_device() -> str:
+def default_device(spec: dict | None = None) -> str:
+    """The spec's `device` (a model whose resources give it no GPU: the CPU), else CUDA where
+    there is one."""
+    if spec and spec.get("device"):
+        return spec["device"]
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -68,7 +72,7 @@ def check_device(spec: dict, device: str) -> None:
     loading, where the model is large (weights_bytes >= CPU_WEIGHTS_LIMIT), and says so in
     its log where it is not."""
     gpus = given_gpus()
-    if str(device) != "cpu" or not gpus or torch.cuda.is_available():
+    if str(device) != "cpu" or not gpus or torch.cuda.is_available() or spec.get("device") == "cpu":
         return
     if torch.version.cuda is None and torch.version.hip is None:
         why = f"torch {torch.__version__} is a CPU-only build"
@@ -194,7 +198,7 @@ def load_model(
     quantize = quantize or spec.get("quantize")
     if quantize not in (None, *QUANTIZATIONS):
         raise FactftError(f"quantize '{quantize}' is not supported; use one of {QUANTIZATIONS} or none")
-    device = device or default_device()
+    device = device or default_device(spec)
     check_model_folder(spec)
     check_device(spec, device)
     name, trust = spec["name"], bool(spec.get("trust_remote_code"))

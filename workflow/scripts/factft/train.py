@@ -793,7 +793,7 @@ def finetune(
         method, seed = settings["method"], int(settings["seed"])
         if method not in METHODS:
             raise FactftError(f"finetune.method '{method}' is unknown; use one of {METHODS}")
-        device = device or default_device()
+        device = device or default_device(model_spec)
         check_new_dir(out_dir)
         if settings.get("compile"):
             check_compile(device)
