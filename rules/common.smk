@@ -459,9 +459,9 @@ def tiny_model(model):
 
 
 def model_gpus(wildcards):
-    """One GPU for a job that runs a hub model, none for the tiny demo model (factft.config.
-    model_resources). Without the SLURM profile this still matters: `--resources gpu=1` runs
-    them one at a time."""
+    """One GPU for a job that runs a hub model or a local folder, none for the demo's tiny
+    model or one whose resources say gpu 0 (factft.config.model_resources). Without the SLURM
+    profile this still matters: `--resources gpu=1` runs them one at a time."""
     return model_resources(config, wildcards.model)["gpu"]
 
 

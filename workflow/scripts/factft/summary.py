@@ -42,7 +42,7 @@ LABELS = {
 KEYS = ("model", "dataset", "subset", "seed")
 GAP = "top_minus_bottom"
 # Paired differences reported with their spread over seeds and interval over test subjects: the
-# paper's gap, and its second claim, that the popular half matches finetuning on the whole pool.
+# paper's gap, and its other finding as its abstract reads: the popular half matches the whole pool.
 COMPARISONS = (("top", "bottom"), ("top", "whole"))
 # Older metrics tables lack it; read as NaN rather than forcing the evaluations to rerun.
 OPTIONAL_METRICS = ("relation_guess",)
