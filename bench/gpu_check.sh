@@ -6,7 +6,7 @@
 #
 # Installs nothing but the carried bitsandbytes wheel (the machine's image has torch,
 # transformers, peft and accelerate), runs bench/speed.py --device cuda (a Llama-2-7B-shaped
-# model with random weights; about 7-9 minutes, estimated, not yet measured) cut at LIMIT
+# model with random weights; 553 s on 2026-12-04, cut just before its last row) cut at LIMIT
 # seconds (default 520) with every finished row kept, and leaves speed-cuda.tsv, the log and
 # the GPU's description in $OUT (bench/results here). The rows issue 4's goals need come
 # first (LoRA q,v's three paths, evaluation, QLoRA's with its 24 GB setting first, a model
@@ -23,6 +23,8 @@
 # (with timeout_s=200: it builds and saves the model again first); then
 # `make bench-hours SPEED="speed-cuda.tsv speed-cuda-2.tsv"` reads both (a later table's rows
 # replace an earlier's).
+# Measured on 2026-12-04 (docs/benchmarks.md): every goal's row is in bench/results/; what a
+# next lent GPU should run, the compiled blocks, is at the end of docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
