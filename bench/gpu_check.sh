@@ -11,7 +11,7 @@
 # the GPU's description in $OUT (bench/results here). The rows issue 4's goals need come
 # first (LoRA q,v's three paths, evaluation, QLoRA's with its 24 GB setting first, a model
 # load for the grid's hours), then the rows no goal needs but where they beat the eager paths
-# (answers that end, one-round decoding, the static cache, multiple choice, compiled blocks;
+# (answers that end, the static cache, multiple choice, compiled blocks;
 # a goal takes its best path); LoRA on all linear
 # layers, which no goal needs either, only when asked (--variants lora-qv,lora-all,qlora-all). Copy
 # the tsv to bench/results/, then `make bench-hours SPEED=bench/results/speed-cuda.tsv` here

@@ -168,10 +168,18 @@ def factft_finetune_path(settings: dict) -> str:
     return path
 
 
-def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: str) -> pd.Series:
+def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: str, batch_size: int | None = None):
+    """The last row of (stage, variant, path), of `batch_size` where given: a step's fixed cost
+    makes a finetuning rate depend on the batch (2.7x from 16 to 128 on an H200)."""
     found = table[(table["stage"] == stage) & (table["variant"] == variant) & (table["path"] == path)]
+    if batch_size is not None:
+        found = found[found["batch_size"] == batch_size]
     if found.empty:
-        raise SystemExit(f"{source}: no row for stage {stage}, variant {variant}, path {path}; rerun bench/speed.py")
+        at = f" at batch size {batch_size}" if batch_size is not None else ""
+        raise SystemExit(
+            f"{source}: no row for stage {stage}, variant {variant}, path {path}{at}; rerun bench/speed.py"
+            + (f" --batch-size {batch_size}" if batch_size is not None else "")
+        )
     return found.iloc[-1]
 
 
@@ -181,10 +189,12 @@ def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> di
     settings = [finetune_settings(config, m, d) for m, d in pairs]
     variants = {finetune_variant(s) for s in settings}
     paths = {factft_finetune_path(s) for s in settings}
-    if len(variants) > 1 or len(paths) > 1:
-        raise SystemExit(f"jobs finetune differently ({sorted(variants | paths)}): give each its own config")
-    variant, path = variants.pop(), paths.pop()
-    # factft.generate decodes in rounds off a GPU only (rounds_by_default): the bench's "factft" row.
+    batches = {s["batch_size"] for s in settings}
+    if len(variants) > 1 or len(paths) > 1 or len(batches) > 1:
+        kinds = sorted(variants | paths) + [f"batch {b}" for b in sorted(batches)]
+        raise SystemExit(f"jobs finetune differently ({kinds}): give each its own config")
+    variant, path, batch = variants.pop(), paths.pop(), batches.pop()
+    # As factft.generate.rounds_by_default decides: one round on CUDA, rounds (the "factft" row) elsewhere.
     eval_path = "factft-one-round" if (table["device"] == "cuda").any() else "factft"
     if config["evaluate"].get("static_cache"):
         eval_path = "factft-static"
@@ -196,7 +206,7 @@ def rates(table: pd.DataFrame, config: dict, source: str, reference: bool) -> di
     if reference and path.endswith("-compiled"):
         raise SystemExit("finetune.compile: the reference rates are of an eager loop; give a table measured on a GPU")
     for who, finetune_path, evaluate_path in (("factft", path, eval_path), ("baseline", "baseline", "baseline")):
-        train = row(table, "finetune", variant, finetune_path, source)
+        train = row(table, "finetune", variant, finetune_path, source, batch_size=batch)
         # Compiling the blocks: once in every finetune job.
         out[f"{who}_compile_s"] = float(train["compile_s"]) if finetune_path.endswith("-compiled") else 0.0
         if reference:
@@ -276,8 +286,8 @@ def goal_lines(table: pd.DataFrame, hours: float) -> list[str]:
             f"{verdict(qv[best] >= GOALS['tokens_per_s'])}; {ratio:.2f}x the baseline (goal >= 2x): "
             f"{verdict(ratio >= GOALS['speedup'])}"
         )
-    # Each a path the workflow takes: one round is its default on a GPU, static_cache a setting
-    # (the "factft" row decodes in rounds, its default on a CPU).
+    # factft's best open-QA path on this table: one round (its default on CUDA), the static cache
+    # (a setting), or rounds (its default elsewhere).
     fast = speeds("evaluate", OPEN_QA, "questions_per_s").drop("baseline", errors="ignore")
     if len(fast):
         best = fast.idxmax()

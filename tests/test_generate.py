@@ -193,7 +193,7 @@ def test_decoding_in_rounds_gives_the_answers_of_one_pass(tiny, caplog):
     for batch_size in (1, 3, 7):
         caplog.clear()
         with caplog.at_level("INFO", logger="factft.generate"):
-            rounds = generate_texts(model, tokenizer, prompts, batch_size=batch_size, **options)
+            rounds = generate_texts(model, tokenizer, prompts, batch_size=batch_size, rounds=True, **options)
         assert rounds == one_pass
     # The 6-token answer and the 3 endless ones continue after the first round.
     assert [r.getMessage() for r in caplog.records] == [
@@ -203,9 +203,9 @@ def test_decoding_in_rounds_gives_the_answers_of_one_pass(tiny, caplog):
     ]
 
 
-def test_rounds_are_the_default_off_a_gpu_only():
-    # Measured: on an H200 one round decodes faster whether answers end or not (speed-cuda.tsv);
-    # on a CPU rounds win where answers end (speed-cpu.tsv). The test above ran the CPU default.
+def test_rounds_are_the_default_everywhere_but_on_cuda():
+    # Measured: on an H200 one round decoded faster where answers end (speed-cuda.tsv); on a CPU
+    # rounds win there (speed-cpu.tsv).
     assert rounds_by_default("cpu") and rounds_by_default(torch.device("cpu"))
     assert not rounds_by_default("cuda") and not rounds_by_default(torch.device("cuda", 0))
 
@@ -216,7 +216,7 @@ def test_where_most_answers_run_long_the_remaining_batches_decode_in_one_round(t
     endless = LogitsProcessorList([EndsAfter(tokenizer, {})])
     options = dict(max_new_tokens=11, batch_size=2, logits_processor=endless)
     with caplog.at_level("INFO", logger="factft.generate"):
-        rounds = generate_texts(model, tokenizer, prompts, **options)
+        rounds = generate_texts(model, tokenizer, prompts, rounds=True, **options)
     assert rounds == generate_texts(model, tokenizer, prompts, rounds=False, **options)
     # The first batch's 2 rows ran 4 tokens and did not end: the other 5 went on to 11 at once.
     assert [r.getMessage() for r in caplog.records] == [

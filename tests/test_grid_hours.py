@@ -43,6 +43,7 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
     columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
     table = pd.DataFrame(rows, columns=columns)
     table["compile_s"] = (table["path"] == "factft-compiled") * 90.0
+    table["batch_size"] = rates.get("batch_size", 16)  # config.yaml's
     table["seconds"] = (table["stage"] == "load") * rates.get("load_s", 0.0)
     table["note"] = (table["stage"] == "load").map({True: "13.48 GB of safetensors on ext4", False: None})
     table.insert(0, "device_name", "NVIDIA H200" if device == "cuda" else "CPU")
@@ -150,7 +151,7 @@ def test_the_jobs_that_load_a_model_are_the_gpu_jobs_of_the_workflows_plan(tmp_p
         env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
     )  # fmt: skip
     gpu_jobs = re.findall(r"^\s*resources: .*\bgpu=1\b", plan.stdout, re.MULTILINE)
-    speed = speed_table(tmp_path, packed_tps=22_000.0)  # config.yaml packs
+    speed = speed_table(tmp_path)
     works = grid_hours.main([str(speed), "--config", str(ROOT / "config" / "config.yaml")])
     assert sum(work["loads"] for work in works) == len(gpu_jobs) == 206  # MMLU ranked by each model: 2 scorers
 
@@ -235,6 +236,17 @@ def test_reference_rates_scale_by_the_tables_real_token_share(tmp_path):
     assert work["factft"] == pytest.approx(
         (work["finetune_tokens"] / factft + work["questions"] / grid_hours.REFERENCE_QUESTIONS_PER_S["factft"]) / 3600
     )
+
+
+def test_finetuning_rates_are_read_at_the_configs_batch_size(tmp_path):
+    # A step's fixed cost makes the rate depend on the batch: a table measured at another batch
+    # (say bench/speed.py --batch-size 128 layered over the first) must not stand in for it.
+    speed = speed_table(tmp_path, batch_size=128)
+    with pytest.raises(SystemExit, match=r"path factft at batch size 16; rerun bench/speed.py --batch-size 16"):
+        grid_hours.main([str(speed), "--config", str(small_config(tmp_path)), "--size", "popqa=10000"])
+    config = small_config(tmp_path, batch_size=128)
+    (work,) = grid_hours.main([str(speed), "--config", str(config), "--size", "popqa=10000"])
+    assert work["factft"] == pytest.approx((work["finetune_tokens"] / 20_000 + work["questions"] / 600) / 3600)
 
 
 def test_a_missing_row_or_size_is_named(tmp_path):

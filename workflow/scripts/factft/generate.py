@@ -143,7 +143,7 @@ def generate_texts(
     rows decoding to max_new_tokens. After each round the unfinished rows of every batch are
     pooled and continue together (prompt and answer so far as their new prompt). Where most
     answers run past the first round, the remaining batches decode in one round instead.
-    By default (None) rounds run off a GPU only (rounds_by_default).
+    By default (None) rounds run everywhere but on CUDA (rounds_by_default).
 
     `static_cache` preallocates the KV cache, which transformers then compiles the decoding
     step for on CUDA (CUDA graphs: no per-kernel launch cost). Longest batch first, the
@@ -243,11 +243,12 @@ def check_context(model, tokens: int, what: str, settings: str = "evaluate.fewsh
 
 
 def rounds_by_default(device) -> bool:
-    """Whether to decode in rounds on `device`. On a CPU the tokens set the time, and rounds
-    save those of rows that have ended (1.2x where answers end, bench/results/speed-cpu.tsv).
-    On a GPU fewer passes did not pay for each round's extra `generate` call and the prompts
-    it reads again: one round was 1.12x (answers that end) and 1.7x (answers that run to 16
-    tokens) on an H200 (bench/results/speed-cuda.tsv)."""
+    """Whether to decode in rounds on `device`: everywhere but on CUDA. On a CPU the tokens set
+    the time, and rounds save those of rows that have ended (1.2x where answers end,
+    bench/results/speed-cpu.tsv). On an H200 the passes rounds save did not pay for their extra
+    `generate` calls and re-read prompts: one round was 1.12x where answers end, timed back to
+    back (bench/results/speed-cuda.tsv; 1.7x where none ends, a pair not timed alike). Other
+    accelerators (MPS, XPU) keep rounds: not measured."""
     return torch.device(device).type != "cuda"
 
 
