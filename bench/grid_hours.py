@@ -172,14 +172,13 @@ def row(table: pd.DataFrame, stage: str, variant: str, path: str, source: str, b
     """The last row of (stage, variant, path), of `batch_size` where given: a step's fixed cost
     makes a finetuning rate depend on the batch (2.7x from 16 to 128 on an H200)."""
     found = table[(table["stage"] == stage) & (table["variant"] == variant) & (table["path"] == path)]
+    at = rerun = ""
     if batch_size is not None:
         found = found[found["batch_size"] == batch_size]
+        at, rerun = f" at batch size {batch_size}", f" --batch-size {batch_size}"
     if found.empty:
-        at = f" at batch size {batch_size}" if batch_size is not None else ""
-        raise SystemExit(
-            f"{source}: no row for stage {stage}, variant {variant}, path {path}{at}; rerun bench/speed.py"
-            + (f" --batch-size {batch_size}" if batch_size is not None else "")
-        )
+        what = f"stage {stage}, variant {variant}, path {path}{at}"
+        raise SystemExit(f"{source}: no row for {what}; rerun bench/speed.py{rerun}")
     return found.iloc[-1]
 
 
