@@ -11,7 +11,7 @@
 # the GPU's description in $OUT (bench/results here). The rows issue 4's goals need come
 # first (LoRA q,v's three paths, evaluation, QLoRA's with its 24 GB setting first, a model
 # load for the grid's hours), then the rows no goal needs but where they beat the eager paths
-# (answers that end, the static cache, multiple choice, compiled blocks;
+# (answers that end, the static cache, multiple choice, compiled blocks as CUDA graphs and not;
 # a goal takes its best path); LoRA on all linear
 # layers, which no goal needs either, only when asked (--variants lora-qv,lora-all,qlora-all). Copy
 # the tsv to bench/results/, then `make bench-hours SPEED=bench/results/speed-cuda.tsv` here
@@ -24,7 +24,8 @@
 # `make bench-hours SPEED="speed-cuda.tsv speed-cuda-2.tsv"` reads both (a later table's rows
 # replace an earlier's).
 # Measured on 2026-12-04 (docs/benchmarks.md): every goal's row is in bench/results/; what a
-# next lent GPU should run, the compiled blocks, is at the end of docs/benchmarks.md.
+# next lent GPU should run, the compiled blocks with CUDA graphs and without, is at the end
+# of docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}

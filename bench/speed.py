@@ -13,7 +13,11 @@ tokens, answer 1-8 tokens, skewed short as in PopQA), measured side by side:
   bitsandbytes runs it on a CPU too, slowly), with the same LoRA settings, examples, batch
   size and learning rate: real (non-pad) tokens/s, MFU ((4N + 6 x trainable) FLOPs per
   token against 989 TFLOP/s, CUDA only) and peak memory; and LoRA q,v with compiled
-  blocks (`finetune.compile`), timed over a second epoch (the first compiles them);
+  blocks (`finetune.compile`), timed over a second epoch (the first compiles them), on CUDA
+  also replayed as CUDA graphs (factft-graphs: the library's `compile: graphs`, widths
+  rounded up to multiples of 16; in the config's schema once a GPU has measured it);
+- profile: where an eager LoRA q,v step's time goes (torch.profiler over 3 steps): operator
+  calls, and on CUDA the launches and the GPU's busy time against the step's wall time;
 - loading: the model read from disk onto the device, page cache evicted (every GPU job's
   first cost; bench/grid_hours.py counts it per job);
 - evaluation: a naive `generate` loop (batches of 64 in test order, padded, LoRA not
@@ -49,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch._dynamo.utils import counters
+from torch.autograd import DeviceType
 from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +65,8 @@ from factft.generate import answer_logprobs, choice_logprobs, generate_texts, le
 from factft.prompts import prompt_text  # noqa: E402
 from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
+    GRAPH_WIDTH_MULTIPLE,
+    batch_width,
     check_packing,
     compile_blocks,
     encode_examples,
@@ -89,7 +97,8 @@ SIZES = {  # examples per finetune run; evaluation questions, of them with Answe
     "cpu": {"examples": 512, "questions": 300, "ending_questions": 2000, "baseline_questions": 300, "eval_batch": 256},
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
-COMPILED = "lora-qv"  # the variant measured with compiled blocks too
+COMPILED = "lora-qv"  # the variant measured with compiled blocks too, and profiled
+PROFILED_STEPS = 3  # steps of factft's eager loop under torch.profiler, after 3 untimed ones
 TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all": "all-linear"}
 BASELINE_EVAL_BATCH = 64
 MAX_NEW_TOKENS = 16
@@ -101,7 +110,8 @@ COLUMNS = [
     "date", "device", "device_name", "torch", "transformers", "peft", "bitsandbytes", "model",
     "stage", "variant", "path", "batch_size", "items", "real_tokens", "computed_tokens",
     "seconds", "wall_s", "cpu_s", "tokens_per_s", "questions_per_s", "forward_passes", "mfu", "peak_gb",
-    "peak_reserved_gb", "context_gb", "compile_s", "mean_loss", "agreement", "note",
+    "peak_reserved_gb", "context_gb", "compile_s", "mean_loss", "agreement",
+    "aten_calls", "launches", "device_busy_s", "note",
 ]  # fmt: skip
 
 
@@ -416,7 +426,7 @@ def _train_factft(peft_model, encoded: list[dict], settings: dict, device: str, 
     per_epoch = math.ceil(len(encoded) / settings["batch_size"])
     rows, epoch = [], 0
     if settings.get("compile"):
-        compile_blocks(peft_model)
+        compile_blocks(peft_model, graphs=settings["compile"] == "graphs")
         settings, epoch = {**settings, "epochs": 2}, 1
         with Clock(device) as untimed:
             rows = train_steps(
@@ -427,11 +437,13 @@ def _train_factft(peft_model, encoded: list[dict], settings: dict, device: str, 
             peft_model, optimizer, encoded, settings, device=device, pad_id=pad_id, step=len(rows), rows=rows
         )
     batches = epoch_batches(lengths, settings["batch_size"], settings["seed"], epoch, settings["group_by_length"])
+    multiple = GRAPH_WIDTH_MULTIPLE if settings.get("compile") == "graphs" else 1
+    widths = [batch_width([lengths[i] for i in b], multiple) for b in batches]
     stats = {
         "loss": float(np.mean([r["loss"] for r in rows[epoch * per_epoch :]])),
         "real": sum(lengths),
         "items": len(encoded),
-        "computed": sum(lengths) if settings["packing"] else sum(len(b) * max(lengths[i] for i in b) for b in batches),
+        "computed": sum(lengths) if settings["packing"] else sum(len(b) * w for b, w in zip(batches, widths)),
         "trainable": sum(p.numel() for p in trainable_parameters(peft_model).values()),
     }
     if epoch:  # what compiling added to the first epoch: a job's one-off cost
@@ -636,7 +648,7 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
 def later_rows(table, model, tokenizer, questions: pd.DataFrame, encoded: list[dict], args, naive: dict) -> None:
     """The rows no goal needs, on the loaded model (the saved one; evaluate_rows puts the same
     seeded adapter on it): answers that end (in one round and in rounds), the static
-    cache, multiple choice, then compiled blocks, which leave the model compiled."""
+    cache, multiple choice, then compiled blocks: with CUDA graphs (CUDA only), and without."""
     if args.evaluate:
         rows = [(ENDING_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
         evaluated = None
@@ -654,9 +666,13 @@ def later_rows(table, model, tokenizer, questions: pd.DataFrame, encoded: list[d
             choice_rows(table, model, tokenizer, questions, args)
         if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
             model = model.unload()
+    with recorded_failure(table, "profile", COMPILED):
+        profile_row(table, model, tokenizer, encoded, args)
     if args.compile:
-        with recorded_failure(table, "finetune", COMPILED):
-            compiled_row(table, model, tokenizer, encoded, args)
+        # CUDA graphs first: the lever a GPU step's fixed cost points to (docs/benchmarks.md).
+        for compile in ["graphs", True] if args.device == "cuda" else [True]:
+            with recorded_failure(table, "finetune", COMPILED):
+                compiled_row(table, model, tokenizer, encoded, args, compile)
 
 
 def static_cache_row(table, evaluated, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
@@ -760,21 +776,77 @@ def long_examples(tokenizer, n: int, max_length: int) -> list[dict]:
     return examples
 
 
-def compiled_row(table, model, tokenizer, encoded: list[dict], args) -> None:
-    """factft's padded path on LoRA q,v with compiled blocks (`finetune.compile`). The
-    blocks stay compiled: the in-memory model's last use (its weights may be the evaluation's
-    merged ones; random either way)."""
-    settings = settings_for(COMPILED, args.batch_size, compile=True)
-    model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-    finetune_row(table, COMPILED, "factft-compiled", args, clock, stats)
+def profile_row(table, model, tokenizer, encoded: list[dict], args) -> None:
+    """Where a step of factft's eager padded loop (LoRA q,v) spends its time: PROFILED_STEPS
+    steps under torch.profiler after 3 untimed ones, counting operator calls (aten, nested ones
+    included: each costs the CPU thread) and, on CUDA, kernel launches and the GPU's busy time
+    (its kernels' time). A GPU busy for a small part of a step's wall time waits on the CPU's
+    launches, which CUDA graphs replay at once; the profiler slows the CPU side, so the step's
+    wall time to compare with is the `factft` row's."""
+    settings = settings_for(COMPILED, args.batch_size, max_steps=3 + PROFILED_STEPS)
+    seed_everything(0)
+    peft_model = prepare_model(model, settings)
+    pad_id = tokenizer.pad_token_id
+    with unwrapped_on_failure(peft_model):
+        optimizer = make_optimizer(peft_model, settings, args.device)
+        untimed = {**settings, "max_steps": 3}
+        rows = train_steps(peft_model, optimizer, encoded, untimed, device=args.device, pad_id=pad_id)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if args.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with Clock(args.device) as clock, torch.profiler.profile(activities=activities) as profiler:
+            rows = train_steps(
+                peft_model, optimizer, encoded, settings, device=args.device, pad_id=pad_id, step=3, rows=rows
+            )
+        del optimizer
+    unwrap(peft_model)
+    calls = launches = busy_us = 0
+    for event in profiler.key_averages():
+        if event.device_type == DeviceType.CPU:
+            calls += event.count if event.key.startswith("aten::") else 0
+        else:  # what ran on the GPU (kernels, copies, fills), each launched from the CPU thread
+            launches += event.count
+            busy_us += event.self_device_time_total  # a CPU op's self time would count its kernels again
+    tokens = sum(r["tokens"] for r in rows[3:])
+    steps, busy = len(rows) - 3, busy_us / 1e6 if args.device == "cuda" else float("nan")
+    note = f"a step: {calls / steps:,.0f} aten calls, profiled wall {clock.wall / steps * 1e3:.0f} ms"
+    if args.device == "cuda":
+        note += f", {launches / steps:,.0f} launches, GPU busy {busy / steps * 1e3:.0f} ms"
+    table.add(
+        stage="profile", variant=COMPILED, path="factft", batch_size=args.batch_size, items=steps * args.batch_size,
+        real_tokens=tokens, seconds=clock.seconds, wall_s=clock.wall, cpu_s=clock.cpu, aten_calls=calls,
+        launches=launches if args.device == "cuda" else float("nan"), device_busy_s=busy, note=note,
+    )  # fmt: skip
+
+
+def compiled_row(table, model, tokenizer, encoded: list[dict], args, compile: bool | str) -> None:
+    """factft's padded path on LoRA q,v with compiled blocks (`finetune.compile`: true, or
+    graphs, CUDA graphs of them, with widths rounded up), on the loaded model (its weights may
+    be the evaluation's merged ones; random either way), left uncompiled again."""
+    settings = settings_for(COMPILED, args.batch_size, compile=compile)
+    skipped = counters["inductor"]["cudagraph_skips"]
+    if compile == "graphs":
+        torch._logging.set_logs(cudagraphs=True)  # inductor's reasons for running a graph without them
+    try:
+        model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
+        if compile == "graphs":  # inductor falls back to launching kernels where a graph cannot hold them
+            skipped = counters["inductor"]["cudagraph_skips"] - skipped
+            ran = f"{skipped} compiled graphs ran without CUDA graphs (why: the log)"
+            stats["note"] = f"{stats['note']}; {ran if skipped else 'every compiled graph ran in CUDA graphs'}"
+        finetune_row(table, COMPILED, "factft-graphs" if compile == "graphs" else "factft-compiled", args, clock, stats)
+    finally:
+        torch._logging.set_logs()
+        release_compiled(model, args.device)
 
 
 def release_compiled(model, device: str) -> None:
     """Drop what compiling left, so that no later row's peak memory holds it: the decoding step
-    transformers compiled for the static cache (kept on the model as `_compiled_call`), dynamo's
-    caches and the CUDA graphs' memory pool."""
+    transformers compiled for the static cache (kept on the model as `_compiled_call`), compiled
+    blocks (`_compiled_call_impl`, from Module.compile), dynamo's caches and the CUDA graphs'
+    memory pool."""
     for module in model.modules():
         module.__dict__.pop("_compiled_call", None)
+        module.__dict__.pop("_compiled_call_impl", None)
     torch._dynamo.reset()
     gc.collect()
     if device == "cuda":

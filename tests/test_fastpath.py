@@ -26,15 +26,19 @@ from factft.errors import FactftError
 from factft.generate import generate_texts, in_batches
 from factft.models import load_model
 from factft.train import (
+    GRAPH_WIDTH_MULTIPLE,
     batch_loss,
     check_packing,
     collate,
     collate_packed,
+    compile_blocks,
     encode_examples,
     finetune,
+    make_optimizer,
     micro_batch_weights,
     prepare_model,
     seed_everything,
+    train_steps,
     trainable_parameters,
 )
 
@@ -278,6 +282,46 @@ def test_compiled_blocks_train_the_same_adapter_with_the_same_losses(tiny_model_
     assert counters["stats"]["unique_graphs"] > graphs  # it did compile
 
 
+def test_graphs_round_widths_up_keep_gradients_apart_and_train_as_the_plain_loop(tiny_model_dir, facts):
+    """compile: graphs on a CPU: the blocks compile without CUDA graphs (those need a GPU), and
+    the rest of its path runs: widths rounded up to GRAPH_WIDTH_MULTIPLE, gradients in zeroed
+    buffers of their own (with grad_accum 2, where a graph's memory pool would overwrite
+    them), and the same losses and adapter as the plain loop."""
+    runs = {}
+    for mode in (False, "graphs"):
+        model, tokenizer = lora_model(tiny_model_dir)
+        encoded = encode_examples(facts, tokenizer, PROMPT, max_length=32)
+        run = settings(compile=mode, batch_size=2, grad_accum=2)
+        if mode:
+            compile_blocks(model, graphs=True)
+        widths = []
+        model.get_base_model().register_forward_pre_hook(
+            lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        optimizer = make_optimizer(model, run, "cpu")
+        rows = train_steps(model, optimizer, encoded, run, device="cpu", pad_id=tokenizer.pad_token_id)
+        runs[mode] = [r["loss"] for r in rows], widths, trainable_parameters(model)
+    (plain, plain_widths, plain_weights), (graphs, graph_widths, graph_weights) = runs[False], runs["graphs"]
+    assert len(graph_widths) == len(plain_widths) == 12  # 6 steps of 2 micro-batches
+    assert [-(-w // GRAPH_WIDTH_MULTIPLE) * GRAPH_WIDTH_MULTIPLE for w in plain_widths] == graph_widths
+    assert graph_widths != plain_widths  # some widths were rounded up
+    assert graphs == pytest.approx(plain, rel=1e-4) and plain[-1] < plain[0]
+    for name, weight in plain_weights.items():
+        assert torch.allclose(graph_weights[name], weight, atol=1e-4), name
+        assert weight.grad is None and not graph_weights[name].grad.any()  # kept, zeroed after the step
+
+
+def test_graphs_need_a_gpu_and_padded_batches(tiny_model_dir, facts, tmp_path):
+    with pytest.raises(FactftError, match=r"finetune.compile: graphs replays CUDA graphs and this job runs on cpu"):
+        finetune(
+            spec(tmp_path / "no-model"), facts, tmp_path / "adapter", settings(compile="graphs"), PROMPT,
+            tmp_path / "ck", device="cpu",
+        )  # fmt: skip
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(FactftError, match="graphs needs padded batches"):
+        train_steps(None, None, [], settings(compile="graphs", packing=True), device="cpu", pad_id=0)
+
+
 def test_compile_without_a_compiler_fails_before_loading_the_model(tiny_model_dir, facts, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-c++")
     with pytest.raises(FactftError, match=r"finetune.compile: .*no-such-c\+\+ is not on PATH"):
@@ -455,6 +499,12 @@ def test_cpu_benchmark_writes_its_table_with_both_paths(tmp_path, capsys):
     later = [row[1:] for row in rows[goals_end + 1 :]]
     assert ("lora-qv adapter, answers end", "factft-one-round") in later and ("multiple choice, 4", "factft") in later
     assert later.index(("lora-qv adapter", "factft-static")) < later.index(("lora-qv", "factft-compiled"))
+    # Where an eager step's time goes, before the compiled rows: operator calls (a GPU adds its
+    # launches and busy time, which a CPU has not).
+    (profiled,) = written[written["stage"] == "profile"].itertuples()
+    assert later.index(("lora-qv", "factft")) < later.index(("lora-qv", "factft-compiled"))
+    assert profiled.aten_calls > 1000 and profiled.real_tokens > 0 and profiled.items == 3 * 4
+    assert np.isnan(profiled.launches) and np.isnan(profiled.device_busy_s) and "aten calls" in profiled.note
     # Timed on the reloaded model, whose seeded adapter answers as the first naive run did.
     assert evaluated.loc[("lora-qv adapter", "factft-static"), "agreement"] == 1.0
 

@@ -57,6 +57,9 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s"]
 MEGA_BATCHES = 50
 CHECKPOINT_PREFIX = "step-"
 STATE = "state.json"  # written last inside a checkpoint: its presence marks it complete
+# compile: graphs pads each batch's width up to a multiple of this: a CUDA graph is recorded
+# for each batch shape, and QA widths (10-60 tokens) then make four or five, not fifty.
+GRAPH_WIDTH_MULTIPLE = 16
 # optimizer adamw8bit: smaller tensors (norms, small adapters) keep 32-bit moments, as in
 # bitsandbytes' default; tests lower it so that the tiny model's weights get 8-bit ones.
 MIN_8BIT_SIZE = 4096
@@ -161,15 +164,20 @@ def epoch_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(encoded: list[dict], indices: list[int], pad_id: int, device) -> dict:
-    """Right-padded tensors, padded only to this batch's longest example.
+def batch_width(lengths: list[int], multiple: int = 1) -> int:
+    """A padded batch's width: its longest example, rounded up to a multiple of `multiple`."""
+    return -(-max(lengths) // multiple) * multiple
+
+
+def collate(encoded: list[dict], indices: list[int], pad_id: int, device, width_multiple: int = 1) -> dict:
+    """Right-padded tensors, padded only to this batch's longest example (batch_width).
 
     No attention mask: the padding comes after every real token, so under causal attention
     no real token sees it, and no padding position has a label; the loss and gradients are
     those of the masked batch. Without a mask, SDPA takes its fused causal kernel and compiled
     blocks meet one kind of input, not two.
     """
-    width = max(len(encoded[i]["input_ids"]) for i in indices)
+    width = batch_width([len(encoded[i]["input_ids"]) for i in indices], width_multiple)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
     for row, i in enumerate(indices):
@@ -356,9 +364,13 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def check_compile(device) -> None:
-    """torch.compile's backend needs triton on a GPU and a C++ compiler on a CPU: say so
-    before a 7B is loaded, not at the first step."""
+def check_compile(device, graphs: bool = False) -> None:
+    """torch.compile's backend needs triton on a GPU and a C++ compiler on a CPU, CUDA graphs
+    a GPU: say so before a 7B is loaded, not at the first step."""
+    if graphs and not str(device).startswith("cuda"):
+        raise FactftError(
+            f"finetune.compile: graphs replays CUDA graphs and this job runs on {device}; use compile: true"
+        )
     if str(device).startswith("cuda"):
         if importlib.util.find_spec("triton") is None:
             raise FactftError("finetune.compile: torch.compile needs triton on a GPU (pip install triton)")
@@ -369,13 +381,17 @@ def check_compile(device) -> None:
         )
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, graphs: bool = False) -> int:
     """torch.compile each transformer block (the model's `_no_split_modules`), in place so
     weight names and checkpoints stay as they are. The blocks share their compiled code, so
     the cost is one block's compilation, not the model's: once for each kind of input (with
     LoRA, the first block's input needs no gradient and the others' do). Shapes are dynamic
     from the start: no batch width recompiles it. A packed batch's attention mask, built from
-    the data outside the blocks, stays eager."""
+    the data outside the blocks, stays eager.
+
+    `graphs` (`compile: graphs`) adds CUDA graphs (mode reduce-overhead): each block's kernels
+    are replayed with one launch, recorded once for each batch shape. On a GPU a 7B's step at
+    batch 16 is mostly launch overhead (docs/benchmarks.md). A CPU compiles without graphs."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [module for module in base.modules() if type(module).__name__ in names]
@@ -385,7 +401,7 @@ def compile_blocks(model) -> int:
             "compile; set finetune.compile: false"
         )
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, mode="reduce-overhead" if graphs else None)
     log.info("%d %s blocks compile in the first steps (torch.compile)", len(blocks), type(blocks[0]).__name__)
     return len(blocks)
 
@@ -457,10 +473,19 @@ def train_steps(
     (collate_packed): the same examples and loss, no padding tokens computed. `scaler` is
     loss_scaler(device), passed in to be checkpointed. `settings['max_grad_norm']` clips each
     step's gradients to that total norm (a row's grad_norm: theirs before). A loss of nan or
-    inf stops it (FloatingPointError): the weights it updated are lost.
+    inf stops it (FloatingPointError): the weights it updated are lost. With
+    `settings['compile'] == 'graphs'` (blocks compiled with compile_blocks(graphs=True)) widths
+    are rounded up to GRAPH_WIDTH_MULTIPLE and the gradients live in buffers of their own.
     """
     seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
+    graphs = settings.get("compile") == "graphs"
+    if graphs and packing:
+        raise FactftError(
+            "finetune.compile: graphs needs padded batches (a packed row's width changes every step); "
+            "set packing: false"
+        )
+    width_multiple = GRAPH_WIDTH_MULTIPLE if graphs else 1
     lengths = [len(e["input_ids"]) for e in encoded]
     per_epoch = math.ceil(len(encoded) / batch_size)
     total, n_micro = total_steps(len(encoded), settings), total_micro_batches(len(encoded), settings)
@@ -481,6 +506,12 @@ def train_steps(
     scaler = loss_scaler(device) if scaler is None else scaler
     clip = settings.get("max_grad_norm")
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    if graphs:
+        # A gradient first set inside a CUDA graph's backward would live in its memory pool and be
+        # overwritten by the next replay; zeroed buffers of their own are added to in place instead.
+        for parameter in trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
     model.train()
     reported: tuple[float, int] | None = None  # (time, step) of the last progress line
     while step < total:
@@ -490,7 +521,12 @@ def train_steps(
         loss_sum, tokens = 0.0, 0
         micro_batches = [micro_batch(i) for i in range(step * accum, min((step + 1) * accum, n_micro))]
         for indices, weight in zip(micro_batches, micro_batch_weights(encoded, micro_batches)):
-            batch = collate_packed(encoded, indices, device) if packing else collate(encoded, indices, pad_id, device)
+            if packing:
+                batch = collate_packed(encoded, indices, device)
+            else:
+                batch = collate(encoded, indices, pad_id, device, width_multiple)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 loss = batch_loss(model, batch)
             scaler.scale(loss * weight).backward()
@@ -502,7 +538,7 @@ def train_steps(
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphs)
         step += 1
         step_loss = float(loss_sum)  # the step's host sync: on a GPU, elapsed then holds its queued work
         if not math.isfinite(step_loss):
@@ -796,7 +832,7 @@ def finetune(
         device = device or default_device(model_spec)
         check_new_dir(out_dir)
         if settings.get("compile"):
-            check_compile(device)
+            check_compile(device, graphs=settings["compile"] == "graphs")
         if settings.get("optimizer") == "adamw8bit":
             require_bitsandbytes("finetune.optimizer adamw8bit needs bitsandbytes (8-bit moments)", "use adamw")
         # A checkpoint a killed attempt was writing when it died; its last complete one stays.
@@ -820,7 +856,7 @@ def finetune(
         print_ = fingerprint(settings, model_spec, encoded)
         model = prepare_model(model, settings)
         if settings.get("compile"):
-            compile_blocks(model)
+            compile_blocks(model, graphs=settings["compile"] == "graphs")
         parameters = trainable_parameters(model)
         n_trainable = sum(p.numel() for p in parameters.values())
         log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
