@@ -65,7 +65,6 @@ from factft.generate import answer_logprobs, choice_logprobs, generate_texts, le
 from factft.prompts import prompt_text  # noqa: E402
 from factft.tables import write_tsv  # noqa: E402
 from factft.train import (  # noqa: E402
-    GRAPH_WIDTH_MULTIPLE,
     batch_width,
     check_packing,
     compile_blocks,
@@ -77,6 +76,7 @@ from factft.train import (  # noqa: E402
     seed_everything,
     train_steps,
     trainable_parameters,
+    width_multiple,
 )
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -98,7 +98,8 @@ SIZES = {  # examples per finetune run; evaluation questions, of them with Answe
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # config/config.yaml
 COMPILED = "lora-qv"  # the variant measured with compiled blocks too, and profiled
-PROFILED_STEPS = 3  # steps of factft's eager loop under torch.profiler, after 3 untimed ones
+PROFILED_STEPS = 3  # steps of factft's eager loop under torch.profiler, after UNPROFILED_STEPS
+UNPROFILED_STEPS = 3  # first steps choose kernels and fill the allocator
 TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-all": "all-linear", "qlora-all": "all-linear"}
 BASELINE_EVAL_BATCH = 64
 MAX_NEW_TOKENS = 16
@@ -437,8 +438,7 @@ def _train_factft(peft_model, encoded: list[dict], settings: dict, device: str, 
             peft_model, optimizer, encoded, settings, device=device, pad_id=pad_id, step=len(rows), rows=rows
         )
     batches = epoch_batches(lengths, settings["batch_size"], settings["seed"], epoch, settings["group_by_length"])
-    multiple = GRAPH_WIDTH_MULTIPLE if settings.get("compile") == "graphs" else 1
-    widths = [batch_width([lengths[i] for i in b], multiple) for b in batches]
+    widths = [batch_width([lengths[i] for i in b], width_multiple(settings)) for b in batches]
     stats = {
         "loss": float(np.mean([r["loss"] for r in rows[epoch * per_epoch :]])),
         "real": sum(lengths),
@@ -666,13 +666,13 @@ def later_rows(table, model, tokenizer, questions: pd.DataFrame, encoded: list[d
             choice_rows(table, model, tokenizer, questions, args)
         if hasattr(model, "peft_config"):  # bf16 kept the evaluation's adapter beside the weights
             model = model.unload()
-    with recorded_failure(table, "profile", COMPILED):
-        profile_row(table, model, tokenizer, encoded, args)
     if args.compile:
+        with recorded_failure(table, "profile", COMPILED):
+            profile_row(table, model, tokenizer, encoded, args)
         # CUDA graphs first: the lever a GPU step's fixed cost points to (docs/benchmarks.md).
-        for compile in ["graphs", True] if args.device == "cuda" else [True]:
+        for mode in ["graphs", True] if args.device == "cuda" else [True]:
             with recorded_failure(table, "finetune", COMPILED):
-                compiled_row(table, model, tokenizer, encoded, args, compile)
+                compiled_row(table, model, tokenizer, encoded, args, mode)
 
 
 def static_cache_row(table, evaluated, tokenizer, questions: pd.DataFrame, naive: list[str], args) -> None:
@@ -778,25 +778,26 @@ def long_examples(tokenizer, n: int, max_length: int) -> list[dict]:
 
 def profile_row(table, model, tokenizer, encoded: list[dict], args) -> None:
     """Where a step of factft's eager padded loop (LoRA q,v) spends its time: PROFILED_STEPS
-    steps under torch.profiler after 3 untimed ones, counting operator calls (aten, nested ones
-    included: each costs the CPU thread) and, on CUDA, kernel launches and the GPU's busy time
-    (its kernels' time). A GPU busy for a small part of a step's wall time waits on the CPU's
-    launches, which CUDA graphs replay at once; the profiler slows the CPU side, so the step's
-    wall time to compare with is the `factft` row's."""
-    settings = settings_for(COMPILED, args.batch_size, max_steps=3 + PROFILED_STEPS)
+    steps under torch.profiler after UNPROFILED_STEPS, counting operator calls (aten, nested
+    ones included: each costs the CPU thread) and, on CUDA, what ran on the GPU (kernels,
+    copies, fills: each a launch) and its busy time. A GPU busy for a small part of a step's
+    wall time waits on the CPU's launches, which CUDA graphs replay at once; the profiler slows
+    the CPU side, so the step's wall time to compare with is the `factft` row's."""
+    total = UNPROFILED_STEPS + PROFILED_STEPS
+    settings = settings_for(COMPILED, args.batch_size, max_steps=total)
     seed_everything(0)
     peft_model = prepare_model(model, settings)
     pad_id = tokenizer.pad_token_id
     with unwrapped_on_failure(peft_model):
         optimizer = make_optimizer(peft_model, settings, args.device)
-        untimed = {**settings, "max_steps": 3}
-        rows = train_steps(peft_model, optimizer, encoded, untimed, device=args.device, pad_id=pad_id)
+        first = {**settings, "max_steps": UNPROFILED_STEPS}
+        rows = train_steps(peft_model, optimizer, encoded, first, device=args.device, pad_id=pad_id)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if args.device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with Clock(args.device) as clock, torch.profiler.profile(activities=activities) as profiler:
+        with torch.profiler.profile(activities=activities) as profiler, Clock(args.device) as clock:
             rows = train_steps(
-                peft_model, optimizer, encoded, settings, device=args.device, pad_id=pad_id, step=3, rows=rows
+                peft_model, optimizer, encoded, settings, device=args.device, pad_id=pad_id, step=len(rows), rows=rows
             )
         del optimizer
     unwrap(peft_model)
@@ -804,18 +805,19 @@ def profile_row(table, model, tokenizer, encoded: list[dict], args) -> None:
     for event in profiler.key_averages():
         if event.device_type == DeviceType.CPU:
             calls += event.count if event.key.startswith("aten::") else 0
-        else:  # what ran on the GPU (kernels, copies, fills), each launched from the CPU thread
+        elif not event.is_user_annotation:  # a record_function range (the optimizer's step) spans kernels
             launches += event.count
             busy_us += event.self_device_time_total  # a CPU op's self time would count its kernels again
-    tokens = sum(r["tokens"] for r in rows[3:])
-    steps, busy = len(rows) - 3, busy_us / 1e6 if args.device == "cuda" else float("nan")
-    note = f"a step: {calls / steps:,.0f} aten calls, profiled wall {clock.wall / steps * 1e3:.0f} ms"
+    tokens = sum(r["tokens"] for r in rows[UNPROFILED_STEPS:])
+    busy = busy_us / 1e6 if args.device == "cuda" else float("nan")
+    note = f"a step: {calls / PROFILED_STEPS:,.0f} aten calls, profiled wall {clock.wall / PROFILED_STEPS * 1e3:.0f} ms"
     if args.device == "cuda":
-        note += f", {launches / steps:,.0f} launches, GPU busy {busy / steps * 1e3:.0f} ms"
+        note += f", {launches / PROFILED_STEPS:,.0f} launches, GPU busy {busy / PROFILED_STEPS * 1e3:.0f} ms"
     table.add(
-        stage="profile", variant=COMPILED, path="factft", batch_size=args.batch_size, items=steps * args.batch_size,
-        real_tokens=tokens, seconds=clock.seconds, wall_s=clock.wall, cpu_s=clock.cpu, aten_calls=calls,
-        launches=launches if args.device == "cuda" else float("nan"), device_busy_s=busy, note=note,
+        stage="profile", variant=COMPILED, path="factft", batch_size=args.batch_size,
+        items=PROFILED_STEPS * args.batch_size, real_tokens=tokens, seconds=clock.seconds, wall_s=clock.wall,
+        cpu_s=clock.cpu, aten_calls=calls, launches=launches if args.device == "cuda" else float("nan"),
+        device_busy_s=busy, note=note,
     )  # fmt: skip
 
 
@@ -825,8 +827,10 @@ def compiled_row(table, model, tokenizer, encoded: list[dict], args, compile: bo
     be the evaluation's merged ones; random either way), left uncompiled again."""
     settings = settings_for(COMPILED, args.batch_size, compile=compile)
     skipped = counters["inductor"]["cudagraph_skips"]
-    if compile == "graphs":
-        torch._logging.set_logs(cudagraphs=True)  # inductor's reasons for running a graph without them
+    # Inductor's reasons for running a graph without CUDA graphs, into the log (unless TORCH_LOGS chose).
+    logs = compile == "graphs" and not os.environ.get("TORCH_LOGS")
+    if logs:
+        torch._logging.set_logs(cudagraphs=True)
     try:
         model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
         if compile == "graphs":  # inductor falls back to launching kernels where a graph cannot hold them
@@ -835,7 +839,8 @@ def compiled_row(table, model, tokenizer, encoded: list[dict], args, compile: bo
             stats["note"] = f"{stats['note']}; {ran if skipped else 'every compiled graph ran in CUDA graphs'}"
         finetune_row(table, COMPILED, "factft-graphs" if compile == "graphs" else "factft-compiled", args, clock, stats)
     finally:
-        torch._logging.set_logs()
+        if logs:
+            torch._logging.set_logs()
         release_compiled(model, args.device)
 
 

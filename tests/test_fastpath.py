@@ -294,14 +294,23 @@ def test_graphs_round_widths_up_keep_gradients_apart_and_train_as_the_plain_loop
         run = settings(compile=mode, batch_size=2, grad_accum=2)
         if mode:
             compile_blocks(model, graphs=True)
-        widths = []
-        model.get_base_model().register_forward_pre_hook(
-            lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
-        )
+        widths, buffers = [], {}
+        parameters = trainable_parameters(model)
+
+        def before_forward(module, args, kwargs):
+            widths.append(kwargs["input_ids"].shape[1])
+            if len(widths) == 1:  # the gradients' buffers, as the first forward finds them
+                buffers.update({n: p.grad.data_ptr() for n, p in parameters.items() if p.grad is not None})
+                assert all(not p.grad.any() for n, p in parameters.items() if n in buffers)
+
+        model.get_base_model().register_forward_pre_hook(before_forward, with_kwargs=True)
         optimizer = make_optimizer(model, run, "cpu")
         rows = train_steps(model, optimizer, encoded, run, device="cpu", pad_id=tokenizer.pad_token_id)
-        runs[mode] = [r["loss"] for r in rows], widths, trainable_parameters(model)
-    (plain, plain_widths, plain_weights), (graphs, graph_widths, graph_weights) = runs[False], runs["graphs"]
+        runs[mode] = [r["loss"] for r in rows], widths, parameters, buffers
+    (plain, plain_widths, plain_weights, _), (graphs, graph_widths, graph_weights, buffers) = runs.values()
+    # Every gradient was a zeroed buffer before the first forward, and the same buffer at the end.
+    assert buffers.keys() == graph_weights.keys()
+    assert buffers == {n: p.grad.data_ptr() for n, p in graph_weights.items()}
     assert len(graph_widths) == len(plain_widths) == 12  # 6 steps of 2 micro-batches
     assert [-(-w // GRAPH_WIDTH_MULTIPLE) * GRAPH_WIDTH_MULTIPLE for w in plain_widths] == graph_widths
     assert graph_widths != plain_widths  # some widths were rounded up
@@ -311,15 +320,16 @@ def test_graphs_round_widths_up_keep_gradients_apart_and_train_as_the_plain_loop
         assert weight.grad is None and not graph_weights[name].grad.any()  # kept, zeroed after the step
 
 
-def test_graphs_need_a_gpu_and_padded_batches(tiny_model_dir, facts, tmp_path):
+def test_graphs_need_a_gpu_padded_batches_and_no_checkpointing(tiny_model_dir, facts, tmp_path):
     with pytest.raises(FactftError, match=r"finetune.compile: graphs replays CUDA graphs and this job runs on cpu"):
         finetune(
             spec(tmp_path / "no-model"), facts, tmp_path / "adapter", settings(compile="graphs"), PROMPT,
             tmp_path / "ck", device="cpu",
         )  # fmt: skip
     assert not (tmp_path / "adapter").exists()
-    with pytest.raises(FactftError, match="graphs needs padded batches"):
-        train_steps(None, None, [], settings(compile="graphs", packing=True), device="cpu", pad_id=0)
+    for setting in ("packing", "gradient_checkpointing"):
+        with pytest.raises(FactftError, match="graphs needs padded batches .* and no gradient_checkpointing"):
+            train_steps(None, None, [], settings(compile="graphs", **{setting: True}), device="cpu", pad_id=0)
 
 
 def test_compile_without_a_compiler_fails_before_loading_the_model(tiny_model_dir, facts, tmp_path, monkeypatch):

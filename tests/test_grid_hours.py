@@ -40,6 +40,8 @@ def speed_table(path: Path, device: str = "cuda", **rates) -> Path:
         rows.append(("finetune", "lora-qv", "factft-packed", rates["packed_tps"], None, 38.0, 2000, 2000))
     if "compiled_tps" in rates:
         rows.append(("finetune", "lora-qv", "factft-compiled", rates["compiled_tps"], None, 40.0, 2000, 2100))
+    if "graphs_tps" in rates:
+        rows.append(("finetune", "lora-qv", "factft-graphs", rates["graphs_tps"], None, 40.0, 2000, 2200))
     columns = ["stage", "variant", "path", "tokens_per_s", "questions_per_s", "peak_gb", "real_tokens", "computed_tokens"]
     table = pd.DataFrame(rows, columns=columns)
     table["compile_s"] = (table["path"] == "factft-compiled") * 90.0
@@ -157,7 +159,8 @@ def test_the_jobs_that_load_a_model_are_the_gpu_jobs_of_the_workflows_plan(tmp_p
 
 
 def test_goals_missed_are_said_so(tmp_path, capsys):
-    speed = speed_table(tmp_path, factft_tps=15_000.0, factft_qps=400.0, qlora_gb=30.0)
+    # The graphs row, faster, is no config setting yet: the goal is judged on the paths a config selects.
+    speed = speed_table(tmp_path, factft_tps=15_000.0, factft_qps=400.0, qlora_gb=30.0, graphs_tps=40_000.0)
     grid_hours.main([str(speed), "--config", str(small_config(tmp_path)), "--size", "popqa=10000"])
     printed = capsys.readouterr().out
     assert "factft 15,000 real tokens/s (goal >= 17,000): MISSED; 1.88x the baseline (goal >= 2x): MISSED" in printed

@@ -169,7 +169,12 @@ def batch_width(lengths: list[int], multiple: int = 1) -> int:
     return -(-max(lengths) // multiple) * multiple
 
 
-def collate(encoded: list[dict], indices: list[int], pad_id: int, device, width_multiple: int = 1) -> dict:
+def width_multiple(settings: dict) -> int:
+    """What padded widths are rounded up to: GRAPH_WIDTH_MULTIPLE with `compile: graphs`, else 1."""
+    return GRAPH_WIDTH_MULTIPLE if settings.get("compile") == "graphs" else 1
+
+
+def collate(encoded: list[dict], indices: list[int], pad_id: int, device, multiple: int = 1) -> dict:
     """Right-padded tensors, padded only to this batch's longest example (batch_width).
 
     No attention mask: the padding comes after every real token, so under causal attention
@@ -177,7 +182,7 @@ def collate(encoded: list[dict], indices: list[int], pad_id: int, device, width_
     those of the masked batch. Without a mask, SDPA takes its fused causal kernel and compiled
     blocks meet one kind of input, not two.
     """
-    width = batch_width([len(encoded[i]["input_ids"]) for i in indices], width_multiple)
+    width = batch_width([len(encoded[i]["input_ids"]) for i in indices], multiple)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
     for row, i in enumerate(indices):
@@ -242,10 +247,13 @@ def check_packing(model, encoded: list[dict], name: str) -> None:
 
 
 def batch_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of a batch from `collate` or `collate_packed`."""
+    """Mean cross-entropy over the answer tokens of a batch from `collate` or `collate_packed`.
+
+    Without a KV cache: training never reads one, yet a model in train mode builds it (with
+    transformers 5.17, a copy of each layer's keys and values), and transformers reads packing
+    from position_ids only where there is none."""
     if "keep" not in batch:
-        return model(**batch).loss
-    # Without a cache: transformers reads packing from position_ids only when there is none.
+        return model(**batch, use_cache=False).loss
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if accepts_logits_to_keep(model):
         logits = model(**inputs, logits_to_keep=batch["keep"]).logits[0]
@@ -480,12 +488,12 @@ def train_steps(
     seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
     graphs = settings.get("compile") == "graphs"
-    if graphs and packing:
+    if graphs and (packing or settings.get("gradient_checkpointing")):
         raise FactftError(
-            "finetune.compile: graphs needs padded batches (a packed row's width changes every step); "
-            "set packing: false"
+            "finetune.compile: graphs needs padded batches (a packed row's width changes every step) and no "
+            "gradient_checkpointing (untried: it would replay graphs inside the backward); set them false"
         )
-    width_multiple = GRAPH_WIDTH_MULTIPLE if graphs else 1
+    multiple = width_multiple(settings)
     lengths = [len(e["input_ids"]) for e in encoded]
     per_epoch = math.ceil(len(encoded) / batch_size)
     total, n_micro = total_steps(len(encoded), settings), total_micro_batches(len(encoded), settings)
@@ -524,7 +532,7 @@ def train_steps(
             if packing:
                 batch = collate_packed(encoded, indices, device)
             else:
-                batch = collate(encoded, indices, pad_id, device, width_multiple)
+                batch = collate(encoded, indices, pad_id, device, multiple)
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast:
