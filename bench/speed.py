@@ -648,7 +648,8 @@ def choice_rows(table, model, tokenizer, questions: pd.DataFrame, args) -> None:
 def later_rows(table, model, tokenizer, questions: pd.DataFrame, encoded: list[dict], args, naive: dict) -> None:
     """The rows no goal needs, on the loaded model (the saved one; evaluate_rows puts the same
     seeded adapter on it): answers that end (in one round and in rounds), the static
-    cache, multiple choice, then compiled blocks: with CUDA graphs (CUDA only), and without."""
+    cache, multiple choice, then a profile of an eager finetuning step and compiled blocks:
+    with CUDA graphs (CUDA only), and without."""
     if args.evaluate:
         rows = [(ENDING_LABEL, "factft-one-round", False), (ENDING_LABEL, "factft", True)]
         evaluated = None
@@ -821,23 +822,23 @@ def profile_row(table, model, tokenizer, encoded: list[dict], args) -> None:
     )  # fmt: skip
 
 
-def compiled_row(table, model, tokenizer, encoded: list[dict], args, compile: bool | str) -> None:
+def compiled_row(table, model, tokenizer, encoded: list[dict], args, mode: bool | str) -> None:
     """factft's padded path on LoRA q,v with compiled blocks (`finetune.compile`: true, or
     graphs, CUDA graphs of them, with widths rounded up), on the loaded model (its weights may
     be the evaluation's merged ones; random either way), left uncompiled again."""
-    settings = settings_for(COMPILED, args.batch_size, compile=compile)
+    settings = settings_for(COMPILED, args.batch_size, compile=mode)
     skipped = counters["inductor"]["cudagraph_skips"]
     # Inductor's reasons for running a graph without CUDA graphs, into the log (unless TORCH_LOGS chose).
-    logs = compile == "graphs" and not os.environ.get("TORCH_LOGS")
+    logs = mode == "graphs" and not os.environ.get("TORCH_LOGS")
     if logs:
         torch._logging.set_logs(cudagraphs=True)
     try:
         model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-        if compile == "graphs":  # inductor falls back to launching kernels where a graph cannot hold them
+        if mode == "graphs":  # inductor falls back to launching kernels where a graph cannot hold them
             skipped = counters["inductor"]["cudagraph_skips"] - skipped
             ran = f"{skipped} compiled graphs ran without CUDA graphs (why: the log)"
             stats["note"] = f"{stats['note']}; {ran if skipped else 'every compiled graph ran in CUDA graphs'}"
-        finetune_row(table, COMPILED, "factft-graphs" if compile == "graphs" else "factft-compiled", args, clock, stats)
+        finetune_row(table, COMPILED, "factft-graphs" if mode == "graphs" else "factft-compiled", args, clock, stats)
     finally:
         if logs:
             torch._logging.set_logs()
@@ -910,7 +911,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help=f"also time finetuning {COMPILED} with compiled blocks (compile_s: the one-off compile time)",
+        help=f"also time finetuning {COMPILED} with compiled blocks (compile_s: the one-off compile time; on CUDA "
+        "also as CUDA graphs), after a profile of an eager step",
     )
     parser.add_argument(
         "--evaluate",
