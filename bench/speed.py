@@ -68,6 +68,7 @@ from factft.train import (  # noqa: E402
     batch_width,
     check_packing,
     compile_blocks,
+    cuda_graphs,
     encode_examples,
     epoch_batches,
     lora_config,
@@ -427,7 +428,7 @@ def _train_factft(peft_model, encoded: list[dict], settings: dict, device: str, 
     per_epoch = math.ceil(len(encoded) / settings["batch_size"])
     rows, epoch = [], 0
     if settings.get("compile"):
-        compile_blocks(peft_model, graphs=settings["compile"] == "graphs")
+        compile_blocks(peft_model, graphs=cuda_graphs(settings))
         settings, epoch = {**settings, "epochs": 2}, 1
         with Clock(device) as untimed:
             rows = train_steps(
@@ -827,18 +828,19 @@ def compiled_row(table, model, tokenizer, encoded: list[dict], args, mode: bool 
     graphs, CUDA graphs of them, with widths rounded up), on the loaded model (its weights may
     be the evaluation's merged ones; random either way), left uncompiled again."""
     settings = settings_for(COMPILED, args.batch_size, compile=mode)
+    graphs = cuda_graphs(settings)
     skipped = counters["inductor"]["cudagraph_skips"]
     # Inductor's reasons for running a graph without CUDA graphs, into the log (unless TORCH_LOGS chose).
-    logs = mode == "graphs" and not os.environ.get("TORCH_LOGS")
+    logs = graphs and not os.environ.get("TORCH_LOGS")
     if logs:
         torch._logging.set_logs(cudagraphs=True)
     try:
         model, clock, stats = train_factft(model, encoded, settings, args.device, tokenizer.pad_token_id)
-        if mode == "graphs":  # inductor falls back to launching kernels where a graph cannot hold them
+        if graphs:  # inductor falls back to launching kernels where a graph cannot hold them
             skipped = counters["inductor"]["cudagraph_skips"] - skipped
             ran = f"{skipped} compiled graphs ran without CUDA graphs (why: the log)"
             stats["note"] = f"{stats['note']}; {ran if skipped else 'every compiled graph ran in CUDA graphs'}"
-        finetune_row(table, COMPILED, "factft-graphs" if mode == "graphs" else "factft-compiled", args, clock, stats)
+        finetune_row(table, COMPILED, "factft-graphs" if graphs else "factft-compiled", args, clock, stats)
     finally:
         if logs:
             torch._logging.set_logs()

@@ -169,9 +169,14 @@ def batch_width(lengths: list[int], multiple: int = 1) -> int:
     return -(-max(lengths) // multiple) * multiple
 
 
+def cuda_graphs(settings: dict) -> bool:
+    """Whether `compile: graphs` replays the compiled blocks as CUDA graphs (compile_blocks)."""
+    return settings.get("compile") == "graphs"
+
+
 def width_multiple(settings: dict) -> int:
     """What padded widths are rounded up to: GRAPH_WIDTH_MULTIPLE with `compile: graphs`, else 1."""
-    return GRAPH_WIDTH_MULTIPLE if settings.get("compile") == "graphs" else 1
+    return GRAPH_WIDTH_MULTIPLE if cuda_graphs(settings) else 1
 
 
 def collate(encoded: list[dict], indices: list[int], pad_id: int, device, multiple: int = 1) -> dict:
@@ -487,7 +492,7 @@ def train_steps(
     """
     seed, batch_size, accum = int(settings["seed"]), settings["batch_size"], settings.get("grad_accum", 1)
     packing, grouped = settings.get("packing", False), settings.get("group_by_length", False)
-    graphs = settings.get("compile") == "graphs"
+    graphs = cuda_graphs(settings)
     if graphs and (packing or settings.get("gradient_checkpointing")):
         raise FactftError(
             "finetune.compile: graphs needs padded batches (a packed row's width changes every step) and no "
@@ -840,7 +845,7 @@ def finetune(
         device = device or default_device(model_spec)
         check_new_dir(out_dir)
         if settings.get("compile"):
-            check_compile(device, graphs=settings["compile"] == "graphs")
+            check_compile(device, graphs=cuda_graphs(settings))
         if settings.get("optimizer") == "adamw8bit":
             require_bitsandbytes("finetune.optimizer adamw8bit needs bitsandbytes (8-bit moments)", "use adamw")
         # A checkpoint a killed attempt was writing when it died; its last complete one stays.
@@ -864,7 +869,7 @@ def finetune(
         print_ = fingerprint(settings, model_spec, encoded)
         model = prepare_model(model, settings)
         if settings.get("compile"):
-            compile_blocks(model, graphs=settings["compile"] == "graphs")
+            compile_blocks(model, graphs=cuda_graphs(settings))
         parameters = trainable_parameters(model)
         n_trainable = sum(p.numel() for p in parameters.values())
         log.info("%s: %d trainable of %d weights", method, n_trainable, sum(p.numel() for p in model.parameters()))
